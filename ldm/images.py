@@ -1,0 +1,108 @@
+"""Pictures people look at: image grids, reconstruction side-by-sides, loss curves (PNG, no matplotlib)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ldm.artifacts import write_atomic
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Return (N, H, W, C) uint8 pixels of (N, C, H, W) images in [-1, 1]."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Return one PIL image per (C, H, W) image of a batch in [-1, 1]."""
+    return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in to_uint8(images)]
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
+    """Return one PIL image tiling a batch (N, C, H, W) in [-1, 1], `nrow` images per row."""
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    pixels = to_uint8(images)
+    canvas = np.full((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, np.uint8)
+    for i in range(n):  # one copy per image, not per pixel
+        r, col = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        canvas[y : y + h, x : x + w] = pixels[i]
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def save_png(image: Image.Image, path: str | Path, scale: int = 1) -> Path:
+    """Write a PIL image as PNG atomically (optionally upscaled with nearest neighbour) and return the path."""
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomic(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Write a grid PNG of a batch in [-1, 1] and return its path."""
+    return save_png(make_grid(images, nrow), path, scale)
+
+
+def save_side_by_side(inputs: torch.Tensor, recons: torch.Tensor, path: str | Path, pairs_per_row: int = 8, scale: int = 2) -> Path:
+    """Write a PNG where each input is followed by its reconstruction (input | reconstruction pairs)."""
+    n = min(len(inputs), len(recons))
+    pairs = torch.stack([inputs[:n].cpu(), recons[:n].cpu()], dim=1).flatten(0, 1)  # (2N, C, H, W)
+    return save_grid(pairs, path, nrow=2 * pairs_per_row, scale=scale)
+
+
+def save_curves(
+    curves: dict[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    title: str = "",
+    size: tuple[int, int] = (720, 420),
+    log_y: bool = False,
+) -> Path:
+    """Write a line plot PNG of named (step, value) series and return its path."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    points = {k: [(x, y) for x, y in v if math.isfinite(y) and (y > 0 or not log_y)] for k, v in curves.items()}
+    points = {k: v for k, v in points.items() if v}
+    if not points:
+        draw.text((left, top), "no data", fill="black")
+        return save_png(image, path)
+    transform = (lambda y: math.log10(y)) if log_y else (lambda y: y)
+    xs = [x for v in points.values() for x, _ in v]
+    ys = [transform(y) for v in points.values() for _, y in v]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x0) / (x1 - x0) * (width - left - right)
+        py = height - bottom - (transform(y) - y0) / (y1 - y0) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):  # axis ticks
+        fy = y0 + (y1 - y0) * i / 4
+        py = height - bottom - (fy - y0) / (y1 - y0) * (height - top - bottom)
+        label = f"{10 ** fy:.3g}" if log_y else f"{fy:.3g}"
+        draw.text((4, py - 6), label, fill="black")
+        fx = x0 + (x1 - x0) * i / 4
+        px = left + (fx - x0) / (x1 - x0) * (width - left - right)
+        draw.text((px - 10, height - bottom + 6), f"{fx:.0f}", fill="black")
+    for i, (name, series) in enumerate(points.items()):
+        color = colors[i % len(colors)]
+        draw.line([to_px(x, y) for x, y in series], fill=color, width=2)
+        draw.text((left + 10, top + 5 + 14 * i), name, fill=color)
+    if title:
+        draw.text((left, 8), title, fill="black")
+    return save_png(image, path)

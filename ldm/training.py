@@ -1,0 +1,170 @@
+"""Lightning plumbing every stage shares: the Trainer from a TrainerConfig, run folders, checkpoints, curves."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ldm.config import TrainerConfig
+from ldm.images import save_curves
+
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file, fsyncs and renames it: a crash mid-save keeps the previous one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # Lightning checkpoints stay inside our own run folders; they are loaded onto the CPU first
+        # so a resume never allocates a second copy of the model on the accelerator.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Saves `last.ckpt` every `every` optimisation steps and at the end of training."""
+
+    def __init__(self, dirpath: Path, every: int):
+        super().__init__(dirpath=dirpath, filename="step-{step}", every_n_train_steps=every, save_last=True, save_top_k=0)
+        self.CHECKPOINT_NAME_LAST = "last"
+
+
+class ProgressBar(TQDMProgressBar):
+    """The tqdm bar without the version number, which means nothing to a reader of the logs."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """Return the run's last checkpoint, or None when it has none."""
+    path = Path(run_dir) / "checkpoints" / LAST
+    return path if path.is_file() else None
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
+    """Create the run folder and return the checkpoint to resume from (None for a fresh run).
+
+    A fresh run refuses a folder that already holds a checkpoint, so that no earlier run is overwritten by accident.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = last_checkpoint(run_dir)
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / LAST}; start the run without --resume")
+    if not resume and checkpoint is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds a run (checkpoint {checkpoint}); pass --resume to continue it, "
+            f"or choose another folder with --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return checkpoint if resume else None
+
+
+def build_trainer(
+    config: TrainerConfig,
+    run_dir: Path,
+    *,
+    steps_per_batch: int = 1,
+    callbacks: Sequence[Callback] = (),
+    **overrides: Any,
+) -> L.Trainer:
+    """Return a Lightning Trainer for a stage: precision, strategy, devices and nodes come from the config.
+
+    `steps_per_batch` is the number of optimiser steps one batch takes (2 for an autoencoder with a
+    discriminator): Lightning counts every optimiser step, we count batches.
+    """
+    every = max(1, config.checkpoint_every) * steps_per_batch
+    kwargs: dict[str, Any] = dict(
+        default_root_dir=run_dir,
+        max_steps=config.max_steps * steps_per_batch,
+        max_epochs=-1,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        callbacks=[StepCheckpoint(run_dir / "checkpoints", every), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=max(1, config.log_every),
+        enable_progress_bar=config.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        benchmark=False,
+        use_distributed_sampler=True,
+    )
+    if config.progress:
+        kwargs["callbacks"].append(ProgressBar(refresh_rate=10))
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[float, float]]]:
+    """Return the logged series of a run's CSV log as {name: [(step, value), ...]}."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    series: dict[str, list[tuple[float, float]]] = {}
+    if not path.is_file():
+        return series
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = float(row.get("step") or 0)
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def save_loss_curves(run_dir: Path, names: Sequence[str], path: Path, title: str, step_divisor: int = 1) -> Path | None:
+    """Write a PNG of the named logged series of a run; return its path, or None when nothing was logged."""
+    series = read_metrics(run_dir)
+    curves = {n: [(s / step_divisor, v) for s, v in series[n]] for n in names if n in series}
+    if not curves:
+        return None
+    positive = all(v > 0 for c in curves.values() for _, v in c)
+    return save_curves(curves, path, title=title, log_y=positive)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG Lightning knows, quietly."""
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
+class Timer:
+    """Wall-clock seconds since construction."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def format_seconds(seconds: float) -> str:
+    """Return `1h02m03s`-style text."""
+    seconds = int(math.ceil(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
