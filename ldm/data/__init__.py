@@ -1,0 +1,112 @@
+"""Datasets by configuration: ``DataConfig`` -> ``build_dataset`` and ``data_fingerprint`` for lineage.
+
+Every dataset yields ``(image float32 (C, R, R) in [-1, 1], label int)``.
+
+Splits: Fashion-MNIST has 'train' and 'test'. For an image folder, split ``s`` reads
+``path/s`` when that folder exists (ImageNet's ``train/`` and ``val/``); otherwise 'train' reads
+``path`` itself and any other split is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from torch.utils.data import Dataset
+
+from ldm.data.fmnist import (
+    FMNIST_CLASSES, PAYLOAD_SHA256, SPLIT_FILES, FashionMNIST, check_split, ensure_fmnist, load_fmnist,
+)
+from ldm.data.folder import ON_ERROR_CHOICES, ImageFolderDataset, scan_image_folder
+
+DATASET_NAMES: tuple[str, ...] = ("fmnist", "folder")
+FINGERPRINT_VERSION = 1  # bump when what the fingerprint covers changes
+
+
+@dataclass
+class DataConfig:
+    """Which images a stage reads and how they are prepared."""
+
+    name: str = "fmnist"  # "fmnist" or "folder"
+    path: Optional[str] = None  # folder: the image root; fmnist: a folder with the four IDX files (else searched)
+    resolution: int = 32  # square side in pixels; Fashion-MNIST's 28 is padded to 32
+    channels: int = 1  # 1 (grayscale) or 3 (RGB); Fashion-MNIST is 1
+    hflip: bool = False  # random horizontal flip of training items
+    on_error: str = "raise"  # unreadable folder image: "raise" or "skip" (counted, warned)
+    num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
+    download: bool = True  # fmnist only: fetch from the official source when not found locally
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and its valid values if any field is out of range."""
+        if self.name not in DATASET_NAMES:
+            raise ValueError(f"data.name must be one of {list(DATASET_NAMES)}, got {self.name!r}")
+        if self.name == "folder" and not self.path:
+            raise ValueError("data.path is required when data.name is 'folder' (the image root folder)")
+        if self.path is not None and not isinstance(self.path, str):
+            raise ValueError(f"data.path must be a string or null, got {self.path!r}")
+        for field, low in (("resolution", 8), ("num_workers", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{field} must be an int >= {low}, got {value!r}")
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ValueError(f"data.channels must be 1 or 3, got {self.channels!r}")
+        if self.name == "fmnist" and self.channels != 1:
+            raise ValueError(f"Fashion-MNIST is grayscale: data.channels must be 1, got {self.channels!r}")
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"data.on_error must be one of {list(ON_ERROR_CHOICES)}, got {self.on_error!r}")
+        for field in ("hflip", "download"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"data.{field} must be true or false, got {getattr(self, field)!r}")
+
+
+def _folder_split_root(path: str, split: str) -> Path:
+    """The folder that holds ``split`` of an image-folder dataset."""
+    root = Path(path).expanduser()
+    if (root / split).is_dir():
+        return root / split
+    if split == "train":
+        return root
+    raise ValueError(f"image folder {root} has no '{split}' subfolder; only 'train' may read the root itself")
+
+
+def build_dataset(config: DataConfig, split: str) -> Dataset:
+    """Return the dataset that ``config`` describes, for ``split``."""
+    config.validate()
+    if config.name == "fmnist":
+        check_split(split)
+        return FashionMNIST(split, resolution=config.resolution, hflip=config.hflip,
+                            root=config.path, download=config.download)
+    return ImageFolderDataset(_folder_split_root(config.path, split), config.resolution,
+                              channels=config.channels, on_error=config.on_error, hflip=config.hflip)
+
+
+def data_fingerprint(config: DataConfig, split: str) -> str:
+    """Return a 16-hex-digit hash identifying the prepared data of ``split`` (not its augmentation)."""
+    config.validate()
+    if config.name == "fmnist":
+        check_split(split)
+        # Loading verifies every file against these payload hashes, so they identify the data exactly.
+        content = {"files": {stem: PAYLOAD_SHA256[stem][0] for stem in SPLIT_FILES[split]}}
+    else:
+        root = _folder_split_root(config.path, split)
+        files, labels, classes = scan_image_folder(root)
+        entries = []
+        for path, label in zip(files, labels):
+            stat = path.stat()
+            entries.append([path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns, label])
+        content = {"files": entries, "classes": classes, "channels": config.channels}
+    content.update(version=FINGERPRINT_VERSION, name=config.name, split=split, resolution=config.resolution)
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "DATASET_NAMES", "FMNIST_CLASSES", "DataConfig", "FashionMNIST", "ImageFolderDataset", "build_dataset",
+    "data_fingerprint", "ensure_fmnist", "load_fmnist",
+]
