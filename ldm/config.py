@@ -184,6 +184,8 @@ def set_key(data: dict, override: str) -> None:
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
+        if isinstance(node.get(part), str):  # a preset name: keep it and override some of its fields
+            node[part] = {"preset": node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")

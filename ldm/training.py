@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,11 +15,17 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ldm.config import TrainerConfig
 from ldm.images import save_curves
 
 LAST = "last.ckpt"
+
+# Our checkpoints save the state after each step on purpose (that is what a resume continues from).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# The latent cache is an endless iterable with no length, and every stage sets max_steps.
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -104,7 +111,8 @@ def build_trainer(
         num_nodes=config.num_nodes,
         strategy=config.strategy,
         precision=config.precision,
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        # One log folder per start of the run, so a resume never overwrites what was logged before it.
+        logger=CSVLogger(run_dir, name="logs", version=f"part{_next_log_part(run_dir):03d}"),
         callbacks=[StepCheckpoint(run_dir / "checkpoints", every), *callbacks],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=max(1, config.log_every),
@@ -121,20 +129,31 @@ def build_trainer(
     return L.Trainer(**kwargs)
 
 
+def _next_log_part(run_dir: Path) -> int:
+    return len(list((Path(run_dir) / "logs").glob("part*")))
+
+
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[float, float]]]:
-    """Return the logged series of a run's CSV log as {name: [(step, value), ...]}."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
-    series: dict[str, list[tuple[float, float]]] = {}
-    if not path.is_file():
-        return series
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
+    """Return the logged series of a run as {name: [(step, value), ...]}, across resumes.
+
+    Steps that a resumed part logged again (after the checkpoint it resumed from) replace the
+    earlier part's values.
+    """
+    series: dict[str, dict[float, float]] = {}
+    for path in sorted((Path(run_dir) / "logs").glob("part*/metrics.csv")):
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        first_step = min((float(r.get("step") or 0) for r in rows), default=0.0)
+        for values in series.values():
+            for step in [s for s in values if s >= first_step]:
+                del values[step]
+        for row in rows:
             step = float(row.get("step") or 0)
             for key, value in row.items():
                 if key in ("step", "epoch") or value in (None, ""):
                     continue
-                series.setdefault(key, []).append((step, float(value)))
-    return series
+                series.setdefault(key, {})[step] = float(value)
+    return {key: sorted(values.items()) for key, values in series.items()}
 
 
 def save_loss_curves(run_dir: Path, names: Sequence[str], path: Path, title: str, step_divisor: int = 1) -> Path | None:
@@ -145,6 +164,31 @@ def save_loss_curves(run_dir: Path, names: Sequence[str], path: Path, title: str
         return None
     positive = all(v > 0 for c in curves.values() for _, v in c)
     return save_curves(curves, path, title=title, log_y=positive)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Return the learning-rate multiplier at `step`: linear warm-up, then constant or cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def make_loader(dataset: Dataset, config: TrainerConfig, num_workers: int = 0, subset: int = 0) -> DataLoader:
+    """Return the shuffled training DataLoader of a stage (seeded order; `subset` > 0 keeps the first N items)."""
+    if subset:
+        dataset = Subset(dataset, range(min(subset, len(dataset))))
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= config.batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
 
 
 def seed_everything(seed: int) -> None:

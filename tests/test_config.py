@@ -56,6 +56,8 @@ def test_override_without_equals_sign_is_an_error():
 def test_presets_by_name_and_with_overrides():
     assert from_dict(Outer, {"inner": "wide"}).inner == Inner(width=64, mult=(1, 2, 4))
     assert from_dict(Outer, {"inner": {"preset": "wide", "width": 32}}).inner.width == 32
+    overridden = load_config(Outer, None, ["inner=wide", "inner.width=16"]).inner
+    assert overridden == Inner(width=16, mult=(1, 2, 4))
     with pytest.raises(ConfigError, match="unknown preset 'narrow'; presets: wide"):
         from_dict(Outer, {"inner": "narrow"})
 
