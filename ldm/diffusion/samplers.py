@@ -1,0 +1,344 @@
+"""Samplers as pure functions over a denoiser, each update written as its paper writes it.
+
+A network enters as a `ModelFn`, model_fn(x_t, t) -> raw output, with conditioning (and classifier-
+free guidance, `cfg_denoiser`) already closed over. `Denoiser` reads that output through the
+training parametrisation: `denoiser(x_t, t, alpha_bar)` is the x0 estimate E[x0 | x_t], and
+`denoiser.output(x_t, t)` the raw output (DDPM needs its variance channels). Every sampler takes
+the starting state, a schedule and a step grid, loops, and returns x at the end of the chain.
+States are (N, C, H, W); per-step coefficients are Python floats computed in float64 from the
+schedule, so the loop runs in the state's dtype without rounding the schedule.
+
+Discrete samplers (ddpm, ddim, dpm++2m) start from x_T in the VP scale at the first timestep of the
+grid; Karras samplers (euler, heun) run in the EDM scale x / sqrt(alpha_bar) (`run_sampler` converts);
+flow-euler starts from pure noise at t = 1. Stochastic steps draw their noise from per-sample
+generators when given, so image i depends only on its own seed, never on the batch it was drawn in.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.objectives import FLOW_TIME_SCALE, ConditionalModel, p_mean_variance, x0_from_prediction
+from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to
+
+# model_fn(x_t (N, C, H, W), t (N,) float32 network timesteps) -> (N, C or 2C, H, W)
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "euler", "heun", "flow-euler")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """A network seen through its training parametrisation: x0 = denoiser(x_t, t, alpha_bar)."""
+
+    model_fn: ModelFn
+    prediction: str = "eps"  # "eps" | "v" | "x0" for the VP chain; "velocity" for rectified flow
+    learn_sigma: bool = False  # the output carries C variance channels after the prediction (improved DDPM)
+    clip_x0: Optional[float] = None  # clamp x0 to [-clip, clip]: pixel-space models; None for latents (DiT)
+
+    @classmethod
+    def from_config(cls, model_fn: ModelFn, config: DiffusionConfig, clip_x0: Optional[float] = None) -> "Denoiser":
+        """Return the denoiser of a network trained with `config`."""
+        if config.objective == "flow":
+            return cls(model_fn, "velocity", False, clip_x0)
+        return cls(model_fn, config.prediction, config.learn_sigma, clip_x0)
+
+    def output(self, x_t: Tensor, t: float) -> Tensor:
+        """Return the raw network output at timestep t (network units, may be fractional): (N, C or 2C, H, W)."""
+        return self.model_fn(x_t, torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=torch.float32))
+
+    def __call__(self, x_t: Tensor, t: float, alpha_bar: float) -> Tensor:
+        """Return the x0 estimate at x_t, with the network queried at t and alpha_bar the noise level of x_t."""
+        out = self.output(x_t, t)
+        if self.learn_sigma:
+            out = out[:, : x_t.shape[1]]  # the variance channels do not enter x0
+        x0 = x0_from_prediction(out, x_t, alpha_bar, self.prediction)
+        return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 is not None else x0
+
+
+# ----------------------------------------------------------------------------- noise, seeds
+
+
+def per_sample_generators(seed: int, n: int, device: str = "cpu") -> list[torch.Generator]:
+    """Return n generators, the i-th seeded with seed + i: image i is a function of seed + i alone."""
+    return [torch.Generator(device).manual_seed(seed + i) for i in range(n)]
+
+
+def randn_like_per_sample(
+    shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Return standard normal noise of `shape` whose i-th slice comes from generators[i] alone."""
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}")
+    # Drawn in float32 on each generator's device, then moved and cast: with CPU generators the same
+    # seeds give the same noise whatever the dtype and device the sampler runs in.
+    slices = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.stack([s.to(device) for s in slices]).to(dtype)
+
+
+def _noise_like(x: Tensor, generators: Optional[Sequence[torch.Generator]]) -> Tensor:
+    return torch.randn_like(x) if generators is None else randn_like_per_sample(x.shape, generators, x.device, x.dtype)
+
+
+# ----------------------------------------------------------------------------- step grids
+
+
+def timestep_spacing(name: str, num_timesteps: int, num_steps: int) -> Tensor:
+    """Return `num_steps` timesteps of a T-step chain, descending, int64 (Lin et al. 2024, Table 2).
+
+    "leading": 0, T/S, 2T/S, ... (never reaches T-1: the first step starts at a noise level the
+    model never trained at as a start); "trailing": T-1, T-1-T/S, ..., ends at T/S-1; "linspace":
+    round(linspace(0, T-1, S)), includes both ends.
+    """
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps = {num_steps}; expected 1..{num_timesteps}")
+    if name == "leading":
+        steps = torch.arange(num_steps, dtype=torch.float64) * (num_timesteps // num_steps)
+    elif name == "trailing":
+        steps = (num_timesteps - torch.arange(num_steps, dtype=torch.float64) * (num_timesteps / num_steps)).round() - 1
+    elif name == "linspace":
+        steps = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round()
+    else:
+        raise ValueError(f"unknown spacing {name!r}; expected one of {SPACINGS}")
+    return steps.long().sort(descending=True).values
+
+
+def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """Return num_steps + 1 noise levels sigma_max ... sigma_min, 0 (Karras et al. 2022, eq. 5)."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    return sigmas.tolist() + [0.0]
+
+
+def flow_times(num_steps: int, shift: float = 1.0) -> list[float]:
+    """Return num_steps + 1 flow times from 1 to 0; shift > 1 spends more steps at high noise (SD3, eq. 23)."""
+    t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).tolist()
+
+
+# ----------------------------------------------------------------------------- discrete VP samplers
+
+
+def sample_ddpm(
+    denoiser: Denoiser,
+    x: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Tensor,
+    variance: str = "small",
+    generators: Optional[Sequence[torch.Generator]] = None,
+) -> Tensor:
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) on the chain respaced to `timesteps`; returns x_0.
+
+    The variance is learned when the denoiser has variance channels, else fixed "small" (beta-tilde)
+    or "large" (beta). Respacing recomputes the betas between kept steps (improved DDPM, sec. 4).
+    """
+    chain = schedule.respace(timesteps).to(x.device)
+    for i in reversed(range(chain.num_timesteps)):
+        row = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+        out = denoiser.output(x, float(chain.timestep_map[i]))  # (N, C or 2C, H, W)
+        p = p_mean_variance(out, x, row, chain, denoiser.prediction, denoiser.learn_sigma, variance, denoiser.clip_x0)
+        x = p["mean"]
+        if i > 0:  # the last step returns the mean of p(x_0 | x_1)
+            x = x + torch.exp(0.5 * p["log_variance"]) * _noise_like(x, generators)
+    return x
+
+
+def sample_ddim(
+    denoiser: Denoiser,
+    x: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Tensor,
+    eta: float = 0.0,
+    generators: Optional[Sequence[torch.Generator]] = None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) over descending rows `timesteps`; eta = 0 is the ODE, eta = 1 DDPM's posterior.
+
+    The step after the last row lands on clean data (alpha_bar = 1), where x = x0.
+    """
+    alpha_bars = schedule.alphas_cumprod.cpu()[timesteps.cpu()].tolist() + [1.0]  # the chain ends on clean data
+    for i, t in enumerate(schedule.timestep_map.cpu()[timesteps.cpu()].tolist()):
+        a, a_next = alpha_bars[i], alpha_bars[i + 1]
+        x0 = denoiser(x, t, a)
+        eps = (x - a**0.5 * x0) / (1 - a) ** 0.5  # from the (possibly clipped) x0, as improved DDPM
+        sigma = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
+        x = a_next**0.5 * x0 + max(1 - a_next - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * _noise_like(x, generators)
+    return x
+
+
+def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep on x0 in lambda = log(alpha / sigma).
+
+    One network call per timestep; the first step is first order (no history yet) and so is the
+    last, which lands on sigma = 0 where the update reduces to x = x0 (lower-order final step).
+    """
+    alpha_bars = schedule.alphas_cumprod.cpu()[timesteps.cpu()].tolist() + [1.0]
+    alphas = [a**0.5 for a in alpha_bars]
+    sigmas = [(1 - a) ** 0.5 for a in alpha_bars]
+    lambdas = [math.log(al / s) if s > 0 else math.inf for al, s in zip(alphas, sigmas)]
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(schedule.timestep_map.cpu()[timesteps.cpu()].tolist()):
+        x0 = denoiser(x, t, alpha_bars[i])
+        if sigmas[i + 1] == 0:
+            x = x0  # the limit h -> inf of the update below
+            break
+        h = lambdas[i + 1] - lambdas[i]
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+# ----------------------------------------------------------------------------- Karras (EDM) samplers
+
+
+def edm_denoise(denoiser: Denoiser, x: Tensor, sigma: float, schedule: NoiseSchedule) -> Tensor:
+    """Return D(x; sigma) (Karras et al. 2022) of a VP network, queried at x * sqrt(alpha_bar) and the t of sigma."""
+    alpha_bar = 1.0 / (1.0 + sigma**2)
+    t = schedule.sigma_to_t(sigma).item()
+    return denoiser(x * alpha_bar**0.5, t, alpha_bar)
+
+
+def sample_euler(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, sigmas: Sequence[float]) -> Tensor:
+    """Euler on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022), EDM scale."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - edm_denoise(denoiser, x, sigma, schedule)) / sigma
+        x = x + (sigma_next - sigma) * d
+    return x
+
+
+def sample_heun(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, sigmas: Sequence[float]) -> Tensor:
+    """Heun's method (Karras et al. 2022, Alg. 1, deterministic) in EDM scale; Euler on the last step to sigma = 0."""
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - edm_denoise(denoiser, x, sigma, schedule)) / sigma
+        x_euler = x + (sigma_next - sigma) * d
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            d_next = (x_euler - edm_denoise(denoiser, x_euler, sigma_next, schedule)) / sigma_next
+            x = x + (sigma_next - sigma) * (d + d_next) / 2
+    return x
+
+
+# ----------------------------------------------------------------------------- rectified flow
+
+
+def sample_flow_euler(denoiser: Denoiser, x: Tensor, times: Sequence[float]) -> Tensor:
+    """Euler on dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data), for x_t = (1 - t) x0 + t noise."""
+    if denoiser.prediction != "velocity":
+        raise ValueError(f"flow-euler needs a velocity model, got prediction {denoiser.prediction!r}")
+    for t, t_next in zip(times[:-1], times[1:]):
+        v = denoiser.output(x, t * FLOW_TIME_SCALE)  # (N, C, H, W)
+        x = x + (t_next - t) * v
+    return x
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def cfg_denoiser(
+    model: ConditionalModel,
+    y: Tensor,
+    null_label: int,
+    scale: float,
+    interval: Optional[tuple[float, float]] = None,
+    learn_sigma: bool = False,
+) -> ModelFn:
+    """Return model_fn(x_t, t) with classifier-free guidance uncond + scale (cond - uncond) (Ho & Salimans 2022).
+
+    Conditional and unconditional run as one forward of the concatenated batch (2N). Guidance acts on
+    every channel of the prediction; eps, v, x0 and velocity are affine in each other at fixed
+    (x_t, t), so guiding the raw output equals guiding x0. With `learn_sigma` the variance channels
+    are the conditional branch's (a guided log-variance has no meaning). `interval` = (t_lo, t_hi) in
+    network timestep units applies guidance only there and the conditional model elsewhere
+    (Kynkäänniemi et al. 2024). scale = 1 returns the conditional model itself: one pass, exact.
+    """
+    if scale == 1.0:
+        return lambda x, t: model(x, t, y)
+    null = torch.full_like(y, null_label)
+
+    def guided_fn(x: Tensor, t: Tensor) -> Tensor:
+        active = torch.ones_like(t, dtype=torch.bool) if interval is None else (t >= interval[0]) & (t <= interval[1])
+        if not bool(active.any()):
+            return model(x, t, y)  # outside the interval: the unconditional pass is not needed
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C or 2C, H, W)
+        cond, uncond = both.chunk(2)
+        channels = cond.shape[1] // 2 if learn_sigma else cond.shape[1]
+        guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+        guided = torch.where(expand_to(active, guided), guided, cond[:, :channels])
+        return torch.cat([guided, cond[:, channels:]], dim=1) if learn_sigma else guided
+
+    return guided_fn
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def run_sampler(
+    name: str,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: Optional[NoiseSchedule],
+    num_steps: int,
+    spacing: str = "trailing",
+    eta: float = 0.0,
+    variance: str = "small",
+    rho: float = 7.0,
+    shift: float = 1.0,
+    generators: Optional[Sequence[torch.Generator]] = None,
+) -> Tensor:
+    """Return samples x_0 (N, C, H, W) from x_T (N, C, H, W) ~ N(0, I) with the named sampler.
+
+    ddpm / ddim / dpm++2m: `num_steps` network calls on the `spacing` grid (ddim: `eta`; ddpm:
+    `variance` when not learned). euler / heun: `num_steps` Karras sigmas (rho) between the
+    schedule's smallest and largest sigma; heun calls the network 2 num_steps - 1 times.
+    flow-euler: `num_steps` Euler steps on the `shift`ed time grid; `schedule` is unused (None).
+    """
+    if name == "flow-euler":
+        return sample_flow_euler(denoiser, x_T, flow_times(num_steps, shift))
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+    if schedule is None:
+        raise ValueError(f"sampler {name!r} needs a NoiseSchedule")
+    if name in ("euler", "heun"):
+        sigma_min, sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
+        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+        x = x_T * (1 + sigma_max**2) ** 0.5  # VP state at sigma_max -> EDM scale x / sqrt(alpha_bar)
+        step = sample_euler if name == "euler" else sample_heun
+        return step(denoiser, x, schedule, sigmas)
+    timesteps = timestep_spacing(spacing, schedule.num_timesteps, num_steps)
+    if name == "ddpm":
+        return sample_ddpm(denoiser, x_T, schedule, timesteps, variance, generators)
+    if name == "ddim":
+        return sample_ddim(denoiser, x_T, schedule, timesteps, eta, generators)
+    return sample_dpmpp_2m(denoiser, x_T, schedule, timesteps)
+
+
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    shape: Sequence[int],
+    schedule: Optional[NoiseSchedule],
+    num_steps: int,
+    generators: Sequence[torch.Generator],
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
+    **sampler_kwargs,
+) -> Tensor:
+    """Return samples of `shape` (N, C, H, W) whose i-th image depends only on generators[i].
+
+    Initial noise and every stochastic step's noise come from the per-sample generators
+    (`per_sample_generators(seed, N)`), so a batch of 8 and the first 8 of a batch of 64 agree.
+    """
+    x_T = randn_like_per_sample(shape, generators, device, dtype)
+    return run_sampler(name, denoiser, x_T, schedule, num_steps, generators=generators, **sampler_kwargs)
