@@ -1,0 +1,359 @@
+"""The stage-1 KL autoencoder: images <-> latents with a diagonal Gaussian posterior.
+
+This is the KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, "High-Resolution
+Image Synthesis with Latent Diffusion Models", the `AutoencoderKL` of CompVis latent-diffusion and
+taming-transformers), written out in one file.
+
+Layout for `ch_mult = (m0, ..., mL)` (L downsamplings, f = 2**L), every arrow a GroupNorm-SiLU-conv
+ResNet stack:
+
+    encoder: conv_in -> [num_res_blocks ResnetBlocks at ch*mi, then a stride-2 Downsample
+             (not after the last level)] for each level -> mid (Resnet, Attention, Resnet)
+             -> GroupNorm, SiLU, conv_out to 2*latent_channels (mean, logvar) -> quant_conv (1x1)
+    decoder: post_quant_conv (1x1) -> conv_in -> mid (Resnet, Attention, Resnet)
+             -> [num_res_blocks + 1 ResnetBlocks, then nearest 2x Upsample + conv] per level,
+             lowest resolution first -> GroupNorm, SiLU, conv_out
+
+The decoder has one ResnetBlock more per level than the encoder, as in LDM; the module structure
+(and so the parameter count) is the same as diffusers' `AutoencoderKL` for the same channels, and
+`state_dict_from_diffusers` maps a diffusers checkpoint onto this module.
+
+Speed notes: every op keeps the input's memory format, so `model.to(memory_format=torch.channels_last)`
+with channels_last inputs runs the whole network channels_last (oneDNN's fast path on CPU, the
+tensor-core-friendly layout on GPU), and the attention's token view is then free (no transpose copy).
+The ResnetBlock's residual add runs in place on the conv output, which conv's backward does not need,
+saving one activation-sized buffer per block. (SiLU stays out of place: its backward needs its input,
+so an in-place SiLU makes autograd save a copy and costs more than it saves.)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class AutoencoderConfig:
+    """Architecture of `AutoencoderKL` (defaults: the "fmnist-f4" preset); plain types for YAML."""
+
+    in_channels: int = 1
+    out_channels: Optional[int] = None  # None: same as in_channels
+    resolution: int = 32  # training image size; the network itself runs at any multiple of f
+    ch: int = 32  # base channel count; level i has ch * ch_mult[i] channels
+    ch_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; f = 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 1  # ResnetBlocks per encoder level (the decoder has one more)
+    attn_at_lowest: bool = True  # self-attention in the middle block, at the lowest resolution
+    latent_channels: int = 4
+    dropout: float = 0.0
+    norm_groups: int = 8  # lowered to a divisor where a layer has fewer/indivisible channels
+    gradient_checkpointing: bool = False  # recompute each level in backward: less memory, more time
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(int(m) for m in self.ch_mult)  # YAML gives lists
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
+        if min(self.in_channels, self.ch, self.num_res_blocks, self.latent_channels, self.norm_groups) < 1:
+            raise ValueError(f"channel and block counts must be positive: {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.resolution % self.downsample_factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of f={self.downsample_factor}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction f between image and latent (one halving per level after the first)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def image_channels_out(self) -> int:
+        """Channels of the decoded image."""
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the latent of one `resolution` x `resolution` image."""
+        side = self.resolution // self.downsample_factor
+        return (self.latent_channels, side, side)
+
+
+AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
+    # 32x32 Fashion-MNIST -> 8x8x4 latents (4x fewer numbers than pixels). Sized for two CPU cores:
+    # ~0.42 GFLOP forward per image, so tens of thousands of training images (a couple of
+    # thousand steps) fit in half an hour; a 64-channel version costs 4x more per step and gets
+    # too few steps in that budget to be better. 8 groups keeps LDM's 4 channels per group at
+    # the narrowest layer (1 channel per group, i.e. InstanceNorm, trains worse: Wu & He 2018).
+    "fmnist-f4": AutoencoderConfig(
+        in_channels=1, resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=8
+    ),
+    # 4x cheaper again (~0.1 GFLOP per image), for a one-to-two-minute end-to-end demo.
+    "fmnist-f4-quick": AutoencoderConfig(
+        in_channels=1, resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=4
+    ),
+    # The LDM KL autoencoders for 256x256 RGB; kl-f8 is the Stable Diffusion v1 VAE's shape
+    # (83.7M parameters). LDM's kl-f16 also has attention inside its 16x16 level; ours has the
+    # middle-block attention only.
+    "kl-f4": AutoencoderConfig(
+        in_channels=3, resolution=256, ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, latent_channels=3,
+        attn_at_lowest=True, norm_groups=32,
+    ),
+    "kl-f8": AutoencoderConfig(
+        in_channels=3, resolution=256, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
+        attn_at_lowest=True, norm_groups=32,
+    ),
+    "kl-f16": AutoencoderConfig(
+        in_channels=3, resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, latent_channels=16,
+        attn_at_lowest=True, norm_groups=32,
+    ),
+}
+
+
+def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= max_groups that divides `channels` (LDM's eps)."""
+    groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) x 2, 1x1 shortcut if C changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm_groups: int) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h.add_(self.shortcut(x))  # (N, C_out, H, W)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, channels: int, norm_groups: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels, norm_groups)
+        self.qkv = nn.Linear(channels, 3 * channels)  # one matmul for q, k and v
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C); a view when x is channels_last
+        q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (N, 1, HW, C)
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, HW, C), softmax(q k^T / sqrt(C)) v
+        out = self.proj(out).transpose(1, 2).reshape(n, c, h, w)  # a view with channels_last strides
+        return x + out  # (N, C, H, W) in x's memory format
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # LDM's asymmetric padding (right and bottom only): output pixel i sees input rows
+        # 2i..2i+2, so the latent grid is aligned with the top-left of the image.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (N, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour upsampling then a 3x3 conv (no checkerboard artifacts)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, C, 2H, 2W)
+
+
+def middle_block(channels: int, config: AutoencoderConfig) -> nn.Sequential:
+    """Resnet, (Attention), Resnet at the lowest resolution: the only place with a global view."""
+    layers = [ResnetBlock(channels, channels, config.dropout, config.norm_groups)]
+    if config.attn_at_lowest:
+        layers.append(AttentionBlock(channels, config.norm_groups))
+    layers.append(ResnetBlock(channels, channels, config.dropout, config.norm_groups))
+    return nn.Sequential(*layers)
+
+
+def run_stages(stages: list[nn.Module], h: Tensor, gradient_checkpointing: bool) -> Tensor:
+    """Apply `stages` in order, recomputing each in backward when checkpointing is on."""
+    for stage in stages:
+        if gradient_checkpointing and torch.is_grad_enabled():
+            h = checkpoint(stage, h, use_reentrant=False)
+        else:
+            h = stage(h)
+    return h
+
+
+class Encoder(nn.Module):
+    """Image (N, C_in, H, W) -> posterior moments (N, 2 * latent_channels, H/f, W/f)."""
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        self.gradient_checkpointing = config.gradient_checkpointing
+        widths = [config.ch * m for m in config.ch_mult]
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        self.down = nn.ModuleList()  # one nn.Sequential per level, highest resolution first
+        in_width = widths[0]
+        for level, width in enumerate(widths):
+            layers: list[nn.Module] = []
+            for _ in range(config.num_res_blocks):
+                layers.append(ResnetBlock(in_width, width, config.dropout, config.norm_groups))
+                in_width = width
+            if level < len(widths) - 1:
+                layers.append(Downsample(width))
+            self.down.append(nn.Sequential(*layers))
+        self.mid = middle_block(widths[-1], config)
+        self.norm_out = group_norm(widths[-1], config.norm_groups)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)  # (N, ch, H, W)
+        h = run_stages([*self.down, self.mid], h, self.gradient_checkpointing)  # (N, ch*m[-1], H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (N, 2 * latent, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """Latent (N, latent_channels, h, w) -> image (N, C_out, h*f, w*f)."""
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__()
+        self.gradient_checkpointing = config.gradient_checkpointing
+        widths = [config.ch * m for m in config.ch_mult]
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.mid = middle_block(widths[-1], config)
+        self.up = nn.ModuleList()  # one nn.Sequential per level, lowest resolution first
+        in_width = widths[-1]
+        for level in reversed(range(len(widths))):
+            layers: list[nn.Module] = []
+            for _ in range(config.num_res_blocks + 1):
+                layers.append(ResnetBlock(in_width, widths[level], config.dropout, config.norm_groups))
+                in_width = widths[level]
+            if level > 0:
+                layers.append(Upsample(in_width))
+            self.up.append(nn.Sequential(*layers))
+        self.norm_out = group_norm(widths[0], config.norm_groups)
+        self.conv_out = nn.Conv2d(widths[0], config.image_channels_out, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.conv_in(z)  # (N, ch*m[-1], h, w)
+        h = run_stages([self.mid, *self.up], h, self.gradient_checkpointing)  # (N, ch*m[0], h*f, w*f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (N, C_out, h*f, w*f)
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x) = N(mean, diag(exp(logvar))), one per batch element."""
+
+    def __init__(self, mean: Tensor, logvar: Tensor) -> None:
+        self.mean = mean
+        # Bounds from LDM: exp(-30) ~ 1e-13 keeps log/division finite, exp(20) stops overflow early in training.
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    @classmethod
+    def from_moments(cls, moments: Tensor) -> DiagonalGaussian:
+        """Split (N, 2C, h, w) encoder moments into mean and log-variance along channels."""
+        mean, logvar = moments.chunk(2, dim=1)
+        return cls(mean, logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """A reparameterised draw mean + std * eps (differentiable in mean and logvar)."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> Tensor:
+        """The most likely latent, i.e. the mean."""
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) per batch element, summed over latent dims; shape (N,)."""
+        # Summed in float32: under bf16 autocast a sum of thousands of terms would lose precision.
+        mean, var, logvar = self.mean.float(), self.var.float(), self.logvar.float()
+        return 0.5 * (mean.square() + var - 1.0 - logvar).sum(dim=tuple(range(1, mean.ndim)))
+
+    def nll(self, sample: Tensor) -> Tensor:
+        """-log q(sample) per batch element, summed over latent dims; shape (N,)."""
+        mean, var, logvar = self.mean.float(), self.var.float(), self.logvar.float()
+        log_two_pi = 1.8378770664093453  # log(2 * pi)
+        terms = log_two_pi + logvar + (sample.float() - mean).square() / var
+        return 0.5 * terms.sum(dim=tuple(range(1, mean.ndim)))
+
+
+class AutoencoderKL(nn.Module):
+    """KL-regularised autoencoder: `encode` images to a posterior, `decode` latents to images."""
+
+    def __init__(self, config: Optional[AutoencoderConfig] = None) -> None:
+        super().__init__()
+        self.config = config = config or AutoencoderConfig()
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # 1x1 convs between the networks and the latent, kept from LDM so its (and diffusers')
+        # checkpoints map one to one onto this module.
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        """Posterior over latents (N, latent_channels, H/f, W/f) for images x (N, C, H, W) in [-1, 1]."""
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images (N, C_out, h*f, w*f), roughly in [-1, 1], for latents z (N, latent_channels, h, w)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(
+        self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+    ) -> tuple[Tensor, DiagonalGaussian]:
+        """Reconstruction of x through a posterior sample (or its mean), and the posterior."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """Weight of the decoder's output conv: the adaptive GAN weight compares gradients here."""
+        return self.decoder.conv_out.weight
+
+
+def state_dict_from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers `AutoencoderKL` state dict with this module's key names (same tensors)."""
+    resnet_ids = {k.split(".")[4] for k in state_dict if k.startswith("encoder.down_blocks.0.resnets.")}
+    num_res_blocks = len(resnet_ids)
+    second_mid_resnet = 2 if any(".mid_block.attentions." in k for k in state_dict) else 1
+    rules = [
+        (r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.", r"\1.\2.\3.\4."),
+        # A level's down/upsampler comes right after its resnets in our nn.Sequential.
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", rf"encoder.down.\1.{num_res_blocks}."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", rf"decoder.up.\1.{num_res_blocks + 1}."),
+        (r"\.mid_block\.resnets\.0\.", ".mid.0."),
+        (r"\.mid_block\.attentions\.0\.", ".mid.1."),
+        (r"\.mid_block\.resnets\.1\.", f".mid.{second_mid_resnet}."),
+        (r"\.conv_norm_out\.", ".norm_out."),
+        (r"\.conv_shortcut\.", ".shortcut."),
+        (r"\.group_norm\.", ".norm."),
+        (r"\.to_out\.0\.", ".proj."),
+    ]
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = tensor
+    # diffusers keeps q, k and v apart; ours is one projection with output rows [q; k; v].
+    for prefix in [k.removesuffix(".to_q.weight") for k in renamed if k.endswith(".to_q.weight")]:
+        for param in ("weight", "bias"):
+            parts = [renamed.pop(f"{prefix}.to_{name}.{param}") for name in ("q", "k", "v")]
+            renamed[f"{prefix}.qkv.{param}"] = torch.cat(parts)
+    return renamed

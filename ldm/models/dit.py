@@ -1,0 +1,435 @@
+"""Diffusion Transformer (DiT) with adaLN-Zero conditioning.
+
+Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv:2212.09748).
+A latent (N, C, H, W) is cut into p x p patches, each patch becomes a token, the tokens pass
+through `depth` transformer blocks whose LayerNorms are modulated by the timestep + class
+embedding (adaptive LayerNorm with zero-initialised gates), and a final layer maps each token
+back to a p x p patch of `out_channels` (the noise prediction, plus the variance interpolation
+when `learn_sigma`).
+
+The whole model lives in this file, together with its size presets (`DIT_PRESETS`) and an
+analytic FLOP count (`dit_forward_flops`) that the benchmark and training logs use for MFU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Width of the sinusoidal timestep features fed to the timestep MLP (as in DiT and ADM).
+TIMESTEP_FREQUENCY_DIM = 256
+
+
+@dataclass
+class DiTConfig:
+    """Architecture of a DiT; the defaults are DiT-XL/2 on 32x32x4 latents of 256 px ImageNet."""
+
+    input_size: int = 32  # latent height = width
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
+    num_classes: int = 1000
+    learn_sigma: bool = True  # also predict the variance interpolation (Nichol & Dhariwal 2021)
+    qk_norm: bool = False  # RMSNorm on queries and keys per head
+    grad_checkpointing: bool = False  # recompute block activations in backward (training only)
+
+    def __post_init__(self) -> None:
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            # The 2D sin-cos position embedding splits the width into 4 equal sin/cos parts.
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the output: the mean prediction, doubled when the variance is learned too."""
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per side of the latent."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Sequence length T."""
+        return self.grid_size**2
+
+    @property
+    def null_class(self) -> int:
+        """Label index of the learned 'no class' embedding used for classifier-free guidance."""
+        return self.num_classes
+
+
+# --------------------------------------------------------------------------------------------
+# Pure tensor functions: patches, position and timestep embeddings, modulation
+# --------------------------------------------------------------------------------------------
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Return the non-overlapping p x p patches of x (N, C, H, W) as tokens (N, T, p*p*C), row-major."""
+    n, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(n, c, h // p, p, w // p, p)  # (N, C, h, p, w, q)
+    x = torch.einsum("nchpwq->nhwpqc", x)  # (N, h, w, p, q, C)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)  # (N, T, p*p*C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Return the image (N, C, h*p, w*p) whose patches are the tokens x (N, h*w, p*p*C); inverse of `patchify`."""
+    n, t, d = x.shape
+    h, w = grid
+    p = patch_size
+    c = d // (p * p)
+    assert t == h * w and d == p * p * c, f"tokens {tuple(x.shape)} do not tile a {h}x{w} grid of {p}x{p} patches"
+    x = x.reshape(n, h, w, p, p, c)  # (N, h, w, p, q, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, q)
+    return x.reshape(n, c, h * p, w * p)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Return the fixed 2D sin-cos position embedding (grid_size**2, embed_dim), tokens in row-major order.
+
+    The first half of the channels encodes the column (x) coordinate and the second half the
+    row (y) coordinate, each as [sin(pos * omega), cos(pos * omega)] with
+    omega_i = 10000^(-i / (embed_dim / 4)), the MAE / DiT convention. Computed in float64 so that
+    the large arguments keep their precision, then cast to float32.
+    """
+    assert embed_dim % 4 == 0, "embed_dim must be a multiple of 4"
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each; token k = row * G + col
+
+    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega  # (G*G, D/4)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (G*G, D/2)
+
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # (G*G, D)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Return sinusoidal features (N, dim) of (possibly fractional) timesteps t (N,), always in float32.
+
+    Frequencies are f_i = max_period^(-i / (dim/2)) for i < dim/2; the features are
+    [cos(t f), sin(t f)] (the ADM / DiT layout). float32 even under autocast: t * f reaches 1000
+    radians and bf16 would keep only ~3 significant digits of it.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )  # (dim/2,)
+    args = t.to(torch.float32)[:, None] * freqs[None]  # (N, dim/2)
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*(dim/2))
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Return x * (1 + scale) + shift for tokens x (N, T, D) and per-sample shift, scale (N, 1, D)."""
+    # One fused kernel instead of a multiply and an add over the (N, T, D) activations.
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Linear embedding of p x p patches, written as a convolution with kernel = stride = p."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return tokens (N, T, D) for latents x (N, C, H, W)."""
+        x = self.proj(x)  # (N, D, H/p, W/p)
+        # One copy to token-major memory here; left as a transposed view, every LayerNorm of
+        # every block would copy the residual stream again and elementwise ops would run strided.
+        return x.flatten(2).transpose(1, 2).contiguous()  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep -> sinusoidal features -> 2-layer SiLU MLP -> (N, hidden_size)."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = TIMESTEP_FREQUENCY_DIM):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Return the embedding (N, D) of timesteps t (N,)."""
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> learned embedding, with an extra 'null' row (index num_classes) for CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        # Row num_classes is the unconditional embedding; it exists even without dropout so
+        # that every checkpoint has the same shape and samplers can always name the null class.
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def drop_labels(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Return labels with a random fraction dropout_prob (or exactly where force_drop_ids == 1) set to the null class."""
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids.to(device=labels.device) == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Return embeddings (N, D) of labels (N,); labels are dropped only in training (or when forced)."""
+        # Label dropout trains the unconditional model used by classifier-free guidance (Ho & Salimans 2022).
+        if (self.training and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.drop_labels(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernel."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        # QK-norm bounds the attention logits, which keeps large models and bf16 runs from
+        # saturating the softmax (Dehghani et al. 2023; used by SD3 and LightningDiT).
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return softmax(q k^T / sqrt(d)) v for tokens x (N, T, D), projected back to (N, T, D)."""
+        n, t, d = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, d), views of one buffer
+        if self.qk_norm:
+            # In (at least) float32, so that under bf16 autocast the norm keeps its precision and
+            # its fused kernel (bf16 q against a float32 weight would take the unfused path).
+            norm_dtype = torch.promote_types(q.dtype, torch.float32)
+            q = self.q_norm(q.to(norm_dtype)).to(v.dtype)
+            k = self.k_norm(k.to(norm_dtype)).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d)
+        x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, H*d)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """Position-wise feed-forward network: Linear -> GELU(tanh) -> Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the MLP applied to every token of x (N, T, D)."""
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose pre-norms are modulated by the conditioning (adaLN-Zero)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        # No affine parameters: the per-sample shift and scale from adaLN take their place.
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # Applied to SiLU(c), which the DiT computes once for all blocks.
+        self.adaLN_modulation = nn.Linear(hidden_size, 6 * hidden_size)
+
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+        """Return the block applied to tokens x (N, T, D) under activated conditioning c_act = SiLU(c) (N, D)."""
+        # All six modulations of the block come from one matmul; chunk gives six (N, 1, D) views.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
+        )
+        # Gated residuals, x + gate * f(x), as single addcmul kernels.
+        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map from each token to its p x p x C_out patch."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Linear(hidden_size, 2 * hidden_size)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+        """Return per-token patches (N, T, p*p*C_out) for tokens x (N, T, D) and c_act = SiLU(c) (N, D)."""
+        shift, scale = self.adaLN_modulation(c_act).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Class-conditional Diffusion Transformer: (x_t, t, y) -> model output of shape (N, C_out, H, W)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        # Fixed, not learned (as in DiT); not saved either, since the config determines it.
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(d, config.grid_size).unsqueeze(0), persistent=False
+        )  # (1, T, D)
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
+        self.initialize_weights()
+
+    @property
+    def null_class(self) -> int:
+        """Label that selects the unconditional embedding (classifier-free guidance)."""
+        return self.config.null_class
+
+    def initialize_weights(self) -> None:
+        """Initialise as DiT: xavier linears, N(0, 0.02) embedders, zeroed modulations and output layer."""
+
+        def init_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(init_linear)
+        # The patch embedding is a linear map of flattened patches, so it is initialised like one.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            # adaLN-Zero, Peebles & Xie 2023: zero gates make every block start as the identity.
+            nn.init.zeros_(block.adaLN_modulation.weight)
+            nn.init.zeros_(block.adaLN_modulation.bias)
+        # Zero output layer: a fresh model predicts exactly 0 (adaLN-Zero, Peebles & Xie 2023).
+        nn.init.zeros_(self.final_layer.adaLN_modulation.weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return the prediction (N, C_out, H, W) for noisy latents x (N, C, H, W), timesteps t (N,), labels y (N,).
+
+        With learn_sigma the first C output channels are the mean prediction (e.g. eps) and the
+        last C the variance interpolation v. Label index `null_class` requests the unconditional
+        prediction; in training mode labels are also dropped at random with class_dropout_prob.
+        """
+        cfg = self.config
+        if x.shape[-2:] != (cfg.input_size, cfg.input_size):
+            raise ValueError(f"expected latents of size {cfg.input_size}x{cfg.input_size}, got {tuple(x.shape)}")
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        # Every consumer of c (each block's and the final layer's adaLN) applies SiLU first; do it once.
+        c_act = F.silu(c)
+        use_checkpoint = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_checkpoint:
+                x = checkpoint(block, x, c_act, use_reentrant=False)
+            else:
+                x = block(x, c_act)
+        x = self.final_layer(x, c_act)  # (N, T, p*p*C_out)
+        return unpatchify(x, cfg.patch_size, (cfg.grid_size, cfg.grid_size))  # (N, C_out, H, W)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and cost model
+# --------------------------------------------------------------------------------------------
+
+# Paper sizes (Peebles & Xie 2023, Table 1): S 12/384/6, B 12/768/12, L 24/1024/16, XL 28/1152/16,
+# each with patch 2, 4, 8, on 32x32x4 latents (256 px ImageNet, 1000 classes). The small sizes
+# are for 8x8x4 Fashion-MNIST latents (16 tokens at patch 2, 10 classes) on a 2-core CPU:
+#   DiT-T/2 (tiny, 4.2M parameters, 0.27 GFLOP per training image): smoke runs and demos.
+#   DiT-F/2 (7.4M, 0.47 GFLOP): the quality preset, sized for a ~1 h run: ~40 training images/s
+#     on one core of a busy machine, so an hour sees 150k-300k images (3-5 epochs).
+# Small presets predict only the mean (learn_sigma=False); their training objective fixes the variance.
+_PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+_FMNIST_LATENTS = dict(input_size=8, in_channels=4, num_classes=10, learn_sigma=False)
+
+DIT_PRESETS: dict[str, DiTConfig] = {
+    **{
+        f"DiT-{size}/{patch}": DiTConfig(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+        for size, (depth, hidden, heads) in _PAPER_SIZES.items()
+        for patch in (2, 4, 8)
+    },
+    "DiT-T/2": DiTConfig(depth=6, hidden_size=192, num_heads=4, patch_size=2, **_FMNIST_LATENTS),
+    "DiT-F/2": DiTConfig(depth=6, hidden_size=256, num_heads=4, patch_size=2, **_FMNIST_LATENTS),
+}
+
+
+def dit_config(name: str, **overrides) -> DiTConfig:
+    """Return the DiTConfig of preset `name` (a key of DIT_PRESETS) with fields replaced by overrides."""
+    if name not in DIT_PRESETS:
+        raise KeyError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
+    valid = {f.name for f in fields(DiTConfig)}
+    unknown = set(overrides) - valid
+    if unknown:
+        raise TypeError(f"unknown DiTConfig fields {sorted(unknown)}; valid fields are {sorted(valid)}")
+    return replace(DIT_PRESETS[name], **overrides)
+
+
+def dit_forward_flops(config: DiTConfig) -> int:
+    """Return the matmul FLOPs (2 per multiply-add) of one forward pass for one image.
+
+    Counts the patch embedding, timestep MLP, per-block adaLN, qkv and output projections,
+    attention scores q k^T and the weighted sum A v, the MLP, and the final layer; elementwise
+    work (norms, softmax, GELU) is left out as in the paper's count. Half of this number is the
+    paper's "Gflops" (which counts multiply-adds), e.g. 118.6 G for DiT-XL/2. A training step
+    costs about 3x the forward (backward = 2x).
+    """
+    d, t = config.hidden_size, config.num_patches
+    p2 = config.patch_size**2
+    mlp_hidden = int(d * config.mlp_ratio)
+    macs_per_block = (
+        d * 6 * d  # adaLN modulation, once per image
+        + t * d * 3 * d  # qkv
+        + t * t * d  # q k^T over all heads
+        + t * t * d  # A v
+        + t * d * d  # attention output projection
+        + 2 * t * d * mlp_hidden  # MLP
+    )
+    macs = (
+        t * p2 * config.in_channels * d  # patch embedding
+        + TIMESTEP_FREQUENCY_DIM * d + d * d  # timestep MLP
+        + config.depth * macs_per_block
+        + d * 2 * d  # final adaLN
+        + t * d * p2 * config.out_channels  # final linear
+    )
+    return 2 * macs

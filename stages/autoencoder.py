@@ -1,0 +1,208 @@
+"""Stage 1: train the KL autoencoder (reconstruction + LPIPS + KL, optional PatchGAN) and store it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ldm.artifacts import Artifact, ArtifactStore
+from ldm.config import TrainerConfig, dump_yaml, register_presets, to_dict
+from ldm.data import DataConfig, build_dataset, data_fingerprint
+from ldm.images import save_side_by_side
+from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
+from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL
+from ldm.training import (
+    Timer,
+    build_trainer,
+    format_seconds,
+    lr_factor,
+    make_loader,
+    prepare_run_dir,
+    save_loss_curves,
+    seed_everything,
+)
+
+register_presets(AutoencoderConfig, AUTOENCODER_PRESETS)
+
+
+@dataclass
+class AutoencoderStageConfig:
+    """Everything that defines an autoencoder run; saved into the run folder and the artifact."""
+
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam betas of both optimisers, as in the LDM autoencoders
+    lr_schedule: str = "constant"  # constant | cosine (after trainer.warmup_steps of linear warm-up)
+    train_subset: int = 0  # train on the first N images only (0: all); for smoke runs
+    preview_images: int = 16
+    run_dir: str = "runs/autoencoder"
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+
+
+class AutoencoderModule(L.LightningModule):
+    """The autoencoder and its loss; generator and discriminator steps side by side (manual optimisation)."""
+
+    def __init__(self, config: AutoencoderStageConfig):
+        super().__init__()
+        self.config = config
+        self.automatic_optimization = False
+        self.autoencoder = AutoencoderKL(config.model)
+        self.loss = AutoencoderLoss(config.loss)
+        self.steps_per_batch = 2 if config.loss.disc_enabled else 1
+        self.register_buffer("preview", torch.empty(0), persistent=False)
+        self.run_dir: Path | None = None
+
+    @property
+    def step(self) -> int:
+        """Batches trained so far (Lightning's global_step counts each optimiser's steps)."""
+        return self.global_step // self.steps_per_batch
+
+    def configure_optimizers(self):
+        cfg = self.config
+        generator_params = list(self.autoencoder.parameters()) + [p for p in self.loss.generator_parameters()]
+        opt_ae = torch.optim.Adam(generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay)
+        optimizers = [opt_ae]
+        if cfg.loss.disc_enabled:
+            optimizers.append(torch.optim.Adam(self.loss.discriminator.parameters(), lr=cfg.trainer.lr, betas=cfg.betas))
+        schedule = lambda step: lr_factor(step, cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.lr_schedule)  # noqa: E731
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
+        return optimizers, schedulers
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, _ = batch
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        step = self.step
+        recon, posterior = self.autoencoder(images)
+
+        # Generator (autoencoder) step.
+        g_loss, logs = self.loss.generator_loss(images, recon, posterior, step, self.autoencoder.last_layer)
+        self._check_finite(g_loss, "autoencoder loss")
+        optimizers[0].zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        self.clip_gradients(optimizers[0], gradient_clip_val=self.config.trainer.grad_clip or None)
+        optimizers[0].step()
+
+        # Discriminator step, on detached reconstructions (inside discriminator_loss).
+        if self.config.loss.disc_enabled:
+            d_loss, d_logs = self.loss.discriminator_loss(images, recon, step)
+            optimizers[1].zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            optimizers[1].step()
+            logs.update(d_logs)
+        for scheduler in schedulers:
+            scheduler.step()
+        logs = {f"train/{k}": v.detach().float().mean() for k, v in logs.items()}
+        logs["train/lr"] = torch.tensor(optimizers[0].param_groups[0]["lr"])
+        self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
+        self.log("loss", logs["train/total"], prog_bar=True, on_step=True, logger=False)
+        self.log("rec", logs["train/rec"], prog_bar=True, on_step=True, logger=False)
+
+    def _check_finite(self, loss: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{what} became {loss.item()} at step {self.step}; stopping. The last good checkpoint is in "
+                f"{self.run_dir}/checkpoints (resume with --resume after lowering the learning rate or using "
+                f"trainer.precision=32-true)"
+            )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.config.trainer.image_every
+        if every > 0 and self.step % every == 0 and self.trainer.is_global_zero:
+            self.save_preview(f"recon-step{self.step:07d}.png")
+
+    @torch.no_grad()
+    def save_preview(self, name: str) -> Path | None:
+        """Write an input | reconstruction PNG of the fixed preview images (posterior mode) into the run folder."""
+        if self.run_dir is None or self.preview.numel() == 0:
+            return None
+        was_training = self.autoencoder.training
+        self.autoencoder.eval()
+        recon = self.autoencoder.decode(self.autoencoder.encode(self.preview).mode())
+        self.autoencoder.train(was_training)
+        return save_side_by_side(self.preview, recon, self.run_dir / "images" / name)
+
+
+def preview_images(config: AutoencoderStageConfig) -> torch.Tensor:
+    """Return a fixed batch of held-out images to reconstruct during training."""
+    split = "test" if config.data.name == "fmnist" else "train"
+    dataset = build_dataset(config.data, split)
+    count = min(config.preview_images, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(count)])
+
+
+def run(
+    config: AutoencoderStageConfig,
+    store: ArtifactStore | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> Artifact | None:
+    """Train the autoencoder and return its stored artifact (None on the non-zero ranks or when interrupted)."""
+    store = store or ArtifactStore()
+    run_dir = Path(config.run_dir)
+    checkpoint = prepare_run_dir(run_dir, resume)
+    seed_everything(config.trainer.seed)
+    (run_dir / "config.yaml").write_text(dump_yaml(config))
+
+    loader = make_loader(build_dataset(config.data, "train"), config.trainer, config.data.num_workers, config.train_subset)
+    fingerprint = data_fingerprint(config.data, "train")
+    module = AutoencoderModule(config)
+    module.run_dir = run_dir
+    module.preview = preview_images(config)
+    perceptual = module.loss.perceptual_description()
+    print(f"autoencoder: {sum(p.numel() for p in module.autoencoder.parameters()) / 1e6:.2f}M parameters, "
+          f"f={config.model.downsample_factor}, latent channels {config.model.latent_channels}")
+    print(f"perceptual loss: {perceptual}")
+    trainer = build_trainer(config.trainer, run_dir, steps_per_batch=module.steps_per_batch, callbacks=callbacks)
+    timer = Timer()
+    trainer.fit(module, loader, ckpt_path=checkpoint)
+    if trainer.interrupted:
+        print(f"interrupted at step {module.step}; continue with --resume (run folder {run_dir})")
+        return None
+    if not trainer.is_global_zero:
+        return None
+
+    seconds = timer()
+    final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    preview = module.save_preview("recon-final.png")
+    curves = save_loss_curves(
+        run_dir, ["train/rec", "train/nll", "train/kl", "train/total"], run_dir / "loss.png",
+        "autoencoder losses", step_divisor=module.steps_per_batch,
+    )
+    latent = config.model.resolution // config.model.downsample_factor
+    artifact = store.save(
+        "autoencoder",
+        tensors={"weights.safetensors": module.autoencoder.state_dict()},
+        config=to_dict(config),
+        data_fingerprint=fingerprint,
+        metadata={
+            "latent_shape": [config.model.latent_channels, latent, latent],
+            "image_shape": [config.model.in_channels, config.model.resolution, config.model.resolution],
+            "perceptual": perceptual,
+            "training": {
+                "steps": module.step,
+                "batch_size": config.trainer.batch_size,
+                "seconds_this_run": round(seconds, 1),
+                "resumed": checkpoint is not None,
+                "final": final,
+                "run_dir": str(run_dir),
+            },
+        },
+    )
+    print(f"\nwrote {artifact.ref}  ({artifact.path})")
+    print(f"  steps {module.step}, {format_seconds(seconds)} this run, final rec loss {final.get('rec', float('nan')):.4f}")
+    print(f"  perceptual loss: {perceptual}")
+    print(f"  reconstructions: {preview}   loss curves: {curves}")
+    return artifact

@@ -1,0 +1,229 @@
+"""The `ldm` command: staged training, encoding, evaluation and the artifact store.
+
+It lives in `stages/` because it composes the stages; the library `ldm/` never imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.config import ConfigError, load_config
+
+
+def _store(ctx: click.Context) -> ArtifactStore:
+    return ArtifactStore(ctx.obj["store"])
+
+
+def _fail(err: Exception) -> None:
+    raise click.ClickException(str(err)) from err
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    help="YAML preset (see configs/); without it the dataclass defaults are used.",
+)
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set trainer.max_steps=500 --set model.ch=32 (repeatable).",
+)
+resume_option = click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (optimizer, step and all state).")
+run_dir_option = click.option("--run-dir", default=None, help="Run folder for checkpoints, logs and pictures (default: the config's run_dir).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--store", envvar="LDM_HOME", default="artifacts", show_default=True,
+    help="Artifact store folder (also LDM_HOME).",
+)
+@click.pass_context
+def main(ctx: click.Context, store: str) -> None:
+    """Staged latent diffusion: train an autoencoder, encode a latent cache, train a DiT, sample."""
+    ctx.ensure_object(dict)
+    ctx.obj["store"] = store
+
+
+@main.group()
+def train() -> None:
+    """Train one stage and store its artifact."""
+
+
+@train.command("autoencoder")
+@config_option
+@set_option
+@resume_option
+@run_dir_option
+@click.pass_context
+def train_autoencoder(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool, run_dir: str | None) -> None:
+    """Stage 1: train the KL autoencoder (L1/L2 + LPIPS + KL, optional PatchGAN) and store an `autoencoder` artifact."""
+    from stages.autoencoder import AutoencoderStageConfig, run
+
+    try:
+        config = load_config(AutoencoderStageConfig, config_path, overrides)
+        if run_dir:
+            config.run_dir = run_dir
+        run(config, store=_store(ctx), resume=resume)
+    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as err:
+        _fail(err)
+
+
+@train.command("classifier")
+@config_option
+@set_option
+@resume_option
+@run_dir_option
+@click.pass_context
+def train_classifier(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool, run_dir: str | None) -> None:
+    """Train the Fashion-MNIST classifier whose features measure Frechet distances; store a `classifier` artifact."""
+    from stages.classifier import ClassifierStageConfig, run
+
+    try:
+        config = load_config(ClassifierStageConfig, config_path, overrides)
+        if run_dir:
+            config.run_dir = run_dir
+        run(config, store=_store(ctx), resume=resume)
+    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, ValueError) as err:
+        _fail(err)
+
+
+@train.command("diffusion")
+@config_option
+@set_option
+@click.option("--latents", default=None, help="Latent cache reference (default: the config's `latents`, latents@latest).")
+@resume_option
+@run_dir_option
+@click.pass_context
+def train_diffusion(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], latents: str | None, resume: bool, run_dir: str | None) -> None:
+    """Stage 2: train a DiT on a latent cache; store a `diffusion` artifact that names its cache and autoencoder."""
+    from stages.diffusion import DiffusionStageConfig, run
+
+    try:
+        config = load_config(DiffusionStageConfig, config_path, overrides)
+        if latents:
+            config.latents = latents
+        if run_dir:
+            config.run_dir = run_dir
+        run(config, store=_store(ctx), resume=resume)
+    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as err:
+        _fail(err)
+
+
+@main.command("encode")
+@click.option("--autoencoder", "autoencoder_ref", default="autoencoder@latest", show_default=True, help="Autoencoder artifact reference.")
+@click.option("--data", default=None, help="fmnist, or an image folder path (default: the data the autoencoder was trained on).")
+@click.option("--split", default="train", show_default=True)
+@set_option
+@click.pass_context
+def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, split: str, overrides: tuple[str, ...]) -> None:
+    """Encode a data set once into a `latents` artifact (posterior mean/std, flips, latent statistics).
+
+    Settings (--set key=value): flips, stats (channel|global), batch_size, shard_size, dtype,
+    autocast_bf16, limit, device. A re-run with the same inputs returns the stored cache.
+    """
+    from dataclasses import replace
+
+    from ldm.config import from_dict
+    from ldm.data import DataConfig
+    from stages.encode import EncodeConfig, encode
+
+    try:
+        config = load_config(EncodeConfig, None, [*overrides, f"split={split}"])
+        store = _store(ctx)
+        data_config = None
+        if data is not None:
+            base = from_dict(DataConfig, store.load(autoencoder_ref, stage="autoencoder", verify=False).config()["data"], "data")
+            data_config = replace(base, name="fmnist", path=None) if data == "fmnist" else replace(base, name="folder", path=data)
+        encode(store, autoencoder_ref, config, data_config)
+    except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+
+
+@main.group("eval")
+def evaluate() -> None:
+    """Evaluate stored artifacts."""
+
+
+@evaluate.command("recon")
+@click.option("--autoencoder", "autoencoder_ref", default="autoencoder@latest", show_default=True, help="Autoencoder artifact reference.")
+@click.option("--data", default=None, help="fmnist, or an image folder path (default: the data the autoencoder was trained on).")
+@click.option("--split", default="test", show_default=True, help="Data split (fmnist: train or test; folders: a subfolder).")
+@click.option("--n", "limit", default=0, show_default=True, help="Evaluate only the first N images (0: all).")
+@click.option("--batch-size", default=250, show_default=True)
+@click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True, help="Classifier artifact for the Frechet distance when Inception weights are absent.")
+@click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True, help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")
+@click.option("--lpips", type=click.Choice(["auto", "pretrained", "random"]), default="auto", show_default=True, help="LPIPS backbone; auto uses the pretrained one when its weights are present and says so.")
+@click.option("--out", "out_dir", default=None, help="Folder for report.json and reconstructions.png (default runs/eval/recon-<version>-<split>).")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def eval_recon(ctx: click.Context, **kwargs) -> None:
+    """Reconstruction quality (PSNR, SSIM, LPIPS, rFID) and encode/decode throughput; numbers go into the manifest."""
+    from stages.evaluate import evaluate_reconstruction
+
+    try:
+        evaluate_reconstruction(_store(ctx), **kwargs)
+    except (ArtifactError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+
+
+@main.command()
+@click.option("--out", default="out/demo", show_default=True, help="Folder for the demo's store, runs and pictures (replaced on each run).")
+def demo(out: str) -> None:
+    """Run the quick preset of every stage on Fashion-MNIST and print where everything is."""
+    from stages.demo import run_demo
+
+    try:
+        run_demo(Path(out))
+    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, ValueError) as err:
+        _fail(err)
+
+
+@main.group()
+def artifacts() -> None:
+    """Inspect the artifact store."""
+
+
+@artifacts.command("list")
+@click.option("--stage", default=None, help="Only this stage (autoencoder, classifier, latents, diffusion).")
+@click.pass_context
+def artifacts_list(ctx: click.Context, stage: str | None) -> None:
+    """List stored artifacts, oldest first, with their parents and key numbers."""
+    store = _store(ctx)
+    found = store.list(stage)
+    if not found:
+        click.echo(f"no artifacts in {store.root}")
+        return
+    for artifact in found:
+        parents = ", ".join(artifact.parents.values()) or "-"
+        metrics = artifact.manifest.get("metrics", {})
+        summary = "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+            for name, values in metrics.items() if isinstance(values, dict)
+        )
+        click.echo(f"{artifact.ref:<28} {artifact.manifest.get('created', ''):<21} parents: {parents}  {summary}")
+
+
+@artifacts.command("show")
+@click.argument("ref")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check the files' sha256 against the manifest.")
+@click.pass_context
+def artifacts_show(ctx: click.Context, ref: str, verify: bool) -> None:
+    """Print an artifact's manifest (lineage, metrics, files) and its config."""
+    store = _store(ctx)
+    try:
+        artifact = store.load(ref, verify=verify)
+        lineage = " <- ".join(a.ref for a in store.lineage(artifact))
+    except ArtifactError as err:
+        _fail(err)
+    click.echo(f"{artifact.ref}  ({artifact.path})")
+    click.echo(f"lineage: {lineage}")
+    click.echo(json.dumps(artifact.manifest, indent=2))
+    click.echo("config:")
+    click.echo((artifact.path / "config.yaml").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Stage 2: train a Diffusion Transformer on a latent cache and store it with its latent statistics and lineage."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
+from ldm.config import TrainerConfig, dump_yaml, register_presets, to_dict
+from ldm.data.latents import LatentBatches, LatentCache
+from ldm.diffusion.objectives import training_losses
+from ldm.diffusion.schedules import DiffusionConfig, make_schedule
+from ldm.generation import sample_latents
+from ldm.images import save_grid
+from ldm.loading import load_autoencoder
+from ldm.models.dit import DIT_PRESETS, DiT, DiTConfig
+from ldm.training import Timer, build_trainer, format_seconds, lr_factor, prepare_run_dir, save_loss_curves, seed_everything
+
+register_presets(DiTConfig, DIT_PRESETS)
+
+
+def _trainer_defaults() -> TrainerConfig:
+    return TrainerConfig(max_steps=10_000, batch_size=256, lr=1e-4, warmup_steps=0, grad_clip=0.0)
+
+
+@dataclass
+class PreviewConfig:
+    """Sample grids written during training: EMA weights, decoded through the cache's autoencoder."""
+
+    per_class: int = 2
+    max_classes: int = 10
+    sampler: str = ""  # "" picks dpm++2m (ddpm objective) or flow-euler (flow)
+    steps: int = 20
+    guidance_scale: float = 2.0
+    seed: int = 0
+
+
+@dataclass
+class DiffusionStageConfig:
+    """Everything that defines a diffusion run."""
+
+    model: DiTConfig = field(default_factory=DiTConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    trainer: TrainerConfig = field(default_factory=_trainer_defaults)
+    latents: str = "latents@latest"  # the latent cache to train on
+    autoencoder: Optional[str] = None  # when given, the cache must come from this autoencoder
+    ema_decay: float = 0.9999
+    lr_schedule: str = "constant"  # constant | cosine
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    run_dir: str = "runs/diffusion"
+
+    def __post_init__(self) -> None:
+        if self.model.learn_sigma != self.diffusion.learn_sigma:
+            raise ValueError(
+                f"model.learn_sigma ({self.model.learn_sigma}) and diffusion.learn_sigma ({self.diffusion.learn_sigma}) "
+                f"must agree: the network's output channels and the loss are two sides of the same choice"
+            )
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+
+
+class DiffusionModule(L.LightningModule):
+    """DiT training: AdamW, warm-up, EMA, label dropout (inside the DiT), NaN/inf guard."""
+
+    def __init__(self, config: DiffusionStageConfig, lineage: dict[str, str]):
+        super().__init__()
+        self.config = config
+        self.model = DiT(config.model)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.schedule = None if config.diffusion.objective == "flow" else make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+        self.lineage = lineage  # {"latents": ref, "autoencoder": ref}; checked again on resume
+        self.run_dir: Path | None = None
+        self.batches: LatentBatches | None = None
+        self.decoder = None  # (autoencoder, stats) for preview grids, set by run()
+        self.start_step = 0
+
+    def configure_optimizers(self):
+        cfg = self.config.trainer
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps, self.config.lr_schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        if self.schedule is not None:
+            self.schedule = self.schedule.to(self.device)
+        self.start_step = self.global_step
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        z, y = batch  # z (B, C, h, w) normalised latents, y (B,)
+        # Timesteps, noise and label dropout depend on (seed, step, rank) alone, so a resumed run
+        # draws exactly what the uninterrupted run would have drawn.
+        torch.manual_seed((self.config.trainer.seed * 1_000_003 + self.global_step) * self.trainer.world_size + self.global_rank)
+        losses = training_losses(self.model, z, y, self.config.diffusion, self.schedule)
+        loss = losses["loss"].mean()
+        if not torch.isfinite(loss):
+            self._stop_non_finite(f"loss is {loss.item()}")
+        logs = {f"train/{k}": v.float().mean() for k, v in losses.items() if k != "t"}
+        self.log_dict(logs, on_step=True, prog_bar=False)
+        self.log("loss", loss, prog_bar=True, on_step=True, logger=False)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if not torch.isfinite(grad_norm):
+            self._stop_non_finite(f"gradient norm is {grad_norm.item()}")
+        self.log("train/grad_norm", grad_norm, on_step=True)
+
+    def _stop_non_finite(self, what: str) -> None:
+        raise FloatingPointError(
+            f"{what} at step {self.global_step}; training stopped before the update, so the weights are intact. "
+            f"The last good checkpoint is {self.run_dir}/checkpoints/last.ckpt: resume with --resume after lowering "
+            f"trainer.lr, setting trainer.grad_clip, or using trainer.precision=32-true"
+        )
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: Lightning runs the checkpoint callback before the module's
+        # own batch-end hook, so an EMA updated there would be saved one step behind the weights.
+        self.update_ema()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        every = self.config.trainer.image_every
+        if every > 0 and self.global_step % every == 0 and self.trainer.is_global_zero:
+            self.save_preview(f"samples-step{self.global_step:07d}.png")
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * model, for every parameter (buffers are copied)."""
+        ema_params = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - self.config.ema_decay)
+        for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lineage"] = dict(self.lineage)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Called before the data loader is first iterated: a resumed run continues the same data order.
+        if self.batches is not None:
+            self.batches.start_step = checkpoint["global_step"]
+        saved = checkpoint.get("lineage", {})
+        if saved and saved != self.lineage:
+            raise ArtifactError(
+                f"this run was trained on {saved.get('latents')} (from {saved.get('autoencoder')}), but "
+                f"{self.lineage.get('latents')} (from {self.lineage.get('autoencoder')}) was given; "
+                f"resume with the same latent cache, or start a new run"
+            )
+
+    @torch.no_grad()
+    def save_preview(self, name: str) -> Path | None:
+        """Write a grid of EMA samples (rows: classes) decoded through the autoencoder into the run folder."""
+        if self.run_dir is None or self.decoder is None:
+            return None
+        autoencoder, stats = self.decoder
+        cfg = self.config.preview
+        classes = min(cfg.max_classes, self.config.model.num_classes)
+        labels = torch.arange(classes).repeat_interleave(cfg.per_class)
+        z = sample_latents(
+            self.ema, self.config.diffusion, labels, cfg.steps, cfg.sampler or None, cfg.guidance_scale, seed=cfg.seed
+        )
+        images = autoencoder.to(z.device).decode(stats.denormalize(z))
+        return save_grid(images, self.run_dir / "images" / name, nrow=cfg.per_class * 2 if classes > 5 else cfg.per_class, scale=2)
+
+
+def check_model_fits_cache(model: DiTConfig, cache: LatentCache) -> None:
+    """Raise ValueError when the DiT's input does not match the cache's latents or classes."""
+    channels, height, width = cache.latent_shape
+    if (model.in_channels, model.input_size, model.input_size) != (channels, height, width):
+        raise ValueError(
+            f"the latent cache holds {channels}x{height}x{width} latents but the model expects "
+            f"{model.in_channels}x{model.input_size}x{model.input_size}; set model.in_channels={channels} "
+            f"model.input_size={height}"
+        )
+    if cache.num_classes > model.num_classes:
+        raise ValueError(f"the cache has {cache.num_classes} classes but model.num_classes is {model.num_classes}")
+
+
+def open_cache(store: ArtifactStore, config: DiffusionStageConfig) -> LatentCache:
+    """Load the latent cache the config names and check it comes from the expected autoencoder."""
+    artifact = store.load(config.latents, stage="latents")
+    cache = LatentCache(artifact)
+    if config.autoencoder is not None:
+        expected = store.load(config.autoencoder, stage="autoencoder", verify=False)
+        if expected.ref != cache.autoencoder_ref:
+            raise ArtifactError(
+                f"latent cache {artifact.ref} was encoded by {cache.autoencoder_ref}, not by {expected.ref}: "
+                f"encode the data with that autoencoder (ldm encode --autoencoder {expected.ref}) or drop the autoencoder setting"
+            )
+    return cache
+
+
+def run(
+    config: DiffusionStageConfig,
+    store: ArtifactStore | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> Artifact | None:
+    """Train the DiT on the latent cache and return the stored `diffusion` artifact."""
+    store = store or ArtifactStore()
+    cache = open_cache(store, config)
+    check_model_fits_cache(config.model, cache)
+    run_dir = Path(config.run_dir)
+    checkpoint = prepare_run_dir(run_dir, resume)
+    seed_everything(config.trainer.seed)
+    (run_dir / "config.yaml").write_text(dump_yaml(config))
+
+    lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref}
+    module = DiffusionModule(config, lineage)
+    module.run_dir = run_dir
+    module.batches = LatentBatches(cache, config.trainer.batch_size, seed=config.trainer.seed)
+    autoencoder = load_autoencoder(store.load(cache.autoencoder_ref, stage="autoencoder"))
+    module.decoder = (autoencoder, cache.stats)
+    loader = DataLoader(module.batches, batch_size=None, num_workers=0)
+    params = sum(p.numel() for p in module.model.parameters())
+    print(f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, objective {config.diffusion.objective} "
+          f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
+          f"{len(cache)} cached images from {cache.artifact.ref}")
+    trainer = build_trainer(
+        config.trainer, run_dir, callbacks=callbacks,
+        gradient_clip_val=config.trainer.grad_clip or None,
+    )
+    timer = Timer()
+    trainer.fit(module, loader, ckpt_path=checkpoint)
+    if trainer.interrupted:
+        print(f"interrupted at step {trainer.global_step}; continue with --resume (run folder {run_dir})")
+        return None
+    if not trainer.is_global_zero:
+        return None
+
+    seconds = timer()
+    steps_this_run = trainer.global_step - module.start_step
+    final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    grid = module.save_preview("samples-final.png")
+    curves = save_loss_curves(run_dir, ["train/loss", "train/mse"], run_dir / "loss.png", "diffusion loss")
+    images_per_s = steps_this_run * config.trainer.batch_size / seconds if steps_this_run else 0.0
+    artifact = store.save(
+        "diffusion",
+        tensors={"weights.safetensors": module.ema.state_dict(), "raw.safetensors": module.model.state_dict()},
+        config=to_dict(config),
+        parents={"latents": cache.artifact.ref},
+        data_fingerprint=cache.artifact.manifest.get("data_fingerprint"),
+        metadata={
+            "autoencoder": cache.autoencoder_ref,
+            "latent_stats": cache.stats.to_dict(),
+            "latent_shape": list(cache.latent_shape),
+            "num_classes": config.model.num_classes,
+            "weights": "weights.safetensors holds the EMA weights (for sampling); raw.safetensors the trained ones",
+            "training": {
+                "steps": trainer.global_step,
+                "batch_size": config.trainer.batch_size,
+                "seconds_this_run": round(seconds, 1),
+                "latent_images_per_s": round(images_per_s, 1),
+                "final": final,
+                "run_dir": str(run_dir),
+            },
+        },
+    )
+    print(f"\nwrote {artifact.ref}  ({artifact.path})")
+    print(f"  {trainer.global_step} steps, {format_seconds(seconds)} this run, {images_per_s:.0f} latents/s, "
+          f"final loss {final.get('loss', float('nan')):.4f}")
+    print(f"  samples: {grid}   loss curve: {curves}")
+    return artifact

@@ -1,0 +1,144 @@
+"""Reconstruction evaluation of an autoencoder artifact: PSNR, SSIM, LPIPS, rFID and throughput."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, write_atomic
+from ldm.config import from_dict
+from ldm.data import DataConfig, build_dataset, data_fingerprint
+from ldm.images import save_side_by_side
+from ldm.loading import iterate_images, load_autoencoder, load_classifier
+from ldm.losses.lpips import MissingWeightsError, PerceptualConfig, build_lpips, resolve_backbone_file
+from ldm.metrics import ClassifierFeatures, FeatureStats, InceptionFeatures, frechet_distance, inception_available, psnr, ssim
+
+
+def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, device: torch.device):
+    """Return the feature extractor for a Frechet distance: Inception when asked or available, else our classifier."""
+    if choice in ("auto", "inception"):
+        available, reason = inception_available()
+        if available:
+            return InceptionFeatures().to(device)
+        if choice == "inception":
+            raise FileNotFoundError(reason)
+        print(f"Inception FID unavailable ({reason}); using the project's classifier features instead")
+    try:
+        artifact = store.load(classifier_ref, stage="classifier")
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}\nThe Frechet distance needs a feature classifier: run `ldm train classifier` first") from None
+    return ClassifierFeatures(load_classifier(artifact, device), artifact.ref)
+
+
+def perceptual_metric(choice: str, net: str = "vgg"):
+    """Return the LPIPS module for evaluation: pretrained when asked or available, random only when asked or offline."""
+    if choice == "auto":
+        try:
+            resolve_backbone_file(PerceptualConfig(net=net))
+            choice = "pretrained"
+        except MissingWeightsError:
+            choice = "random"
+            print("LPIPS backbone weights not found; reporting LPIPS with a RANDOM backbone (not the standard LPIPS)")
+    return build_lpips(PerceptualConfig(net=net, backbone=choice))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    store: ArtifactStore,
+    autoencoder_ref: str,
+    data: str | None = None,
+    split: str = "test",
+    limit: int = 0,
+    batch_size: int = 250,
+    classifier_ref: str = "classifier@latest",
+    features: str = "auto",
+    lpips: str = "auto",
+    out_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Measure reconstructions of `split` through the autoencoder's posterior mode; write a JSON report and a PNG."""
+    device = torch.device(device)
+    artifact = store.load(autoencoder_ref, stage="autoencoder")
+    model = load_autoencoder(artifact, device)
+    data_config = from_dict(DataConfig, artifact.config()["data"], "data")
+    if data is not None:
+        data_config = replace(data_config, name="fmnist", path=None) if data == "fmnist" else replace(data_config, name="folder", path=data)
+    data_config = replace(data_config, hflip=False)
+    dataset = build_dataset(data_config, split)
+    extractor = feature_extractor(store, features, classifier_ref, device)
+    perceptual = perceptual_metric(lpips).to(device)
+    real_stats, recon_stats = FeatureStats(), FeatureStats()
+    totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    count, encode_seconds, decode_seconds = 0, 0.0, 0.0
+    first_inputs = first_recons = None
+    total = min(limit, len(dataset)) if limit else len(dataset)
+    print(f"evaluating {artifact.ref} on {total} {split} images ...")
+    for images, _ in iterate_images(dataset, batch_size, limit):
+        images = images.to(device)
+        _sync(device)
+        start = time.perf_counter()
+        latents = model.encode(images).mode()
+        _sync(device)
+        middle = time.perf_counter()
+        recons = model.decode(latents).clamp(-1, 1)
+        _sync(device)
+        encode_seconds += middle - start
+        decode_seconds += time.perf_counter() - middle
+        n = len(images)
+        totals["psnr"] += float(psnr(recons, images).sum())
+        totals["ssim"] += float(ssim(recons, images).sum())
+        totals["lpips"] += float(perceptual(recons, images).sum())
+        real_stats.update(extractor(images))
+        recon_stats.update(extractor(recons))
+        count += n
+        if first_inputs is None:
+            first_inputs, first_recons = images[:32].cpu(), recons[:32].cpu()
+        print(f"  {count}/{total}", end="\r", flush=True)
+    print()
+    rfid = frechet_distance(real_stats.mean(), real_stats.cov(), recon_stats.mean(), recon_stats.cov())
+    report = {
+        "autoencoder": artifact.ref,
+        "data": {"name": data_config.name, "split": split, "images": count, "fingerprint": data_fingerprint(data_config, split)},
+        "latent_shape": artifact.manifest.get("latent_shape"),
+        "psnr_db": totals["psnr"] / count,
+        "ssim": totals["ssim"] / count,
+        "lpips": totals["lpips"] / count,
+        "lpips_backbone": perceptual.describe(),
+        "rfid": rfid,
+        "rfid_features": extractor.name,
+        "rfid_is_standard_fid": bool(extractor.is_standard),
+        "encode_images_per_s": count / encode_seconds,
+        "decode_images_per_s": count / decode_seconds,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    out_dir = Path(out_dir or Path("runs") / "eval" / f"recon-{artifact.version}-{split}")
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
+    picture = save_side_by_side(first_inputs, first_recons, out_dir / "reconstructions.png")
+    metrics = {k: report[k] for k in ("psnr_db", "ssim", "lpips", "rfid", "encode_images_per_s", "decode_images_per_s")}
+    metrics.update(images=count, lpips_backbone=report["lpips_backbone"], rfid_features=report["rfid_features"])
+    store.update_manifest(artifact, metrics={f"recon_{split}": metrics})
+    print_report(report, out_dir, picture)
+    return report
+
+
+def print_report(report: dict, out_dir: Path, picture: Path) -> None:
+    """Print the reconstruction numbers as a short table."""
+    fid_name = "rFID" if report["rfid_is_standard_fid"] else "rFD (not Inception FID)"
+    print(f"reconstruction of {report['data']['images']} {report['data']['split']} images by {report['autoencoder']}")
+    print(f"  PSNR      {report['psnr_db']:8.3f} dB")
+    print(f"  SSIM      {report['ssim']:8.4f}")
+    print(f"  LPIPS     {report['lpips']:8.4f}   [{report['lpips_backbone']}]")
+    print(f"  {fid_name:<9} {report['rfid']:8.4f}   [{report['rfid_features']}]")
+    print(f"  encode    {report['encode_images_per_s']:8.1f} images/s, decode {report['decode_images_per_s']:.1f} images/s "
+          f"({report['device']}, {report['threads']} threads)")
+    print(f"  report {out_dir / 'report.json'}   side-by-side {picture}")

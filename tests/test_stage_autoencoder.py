@@ -1,0 +1,191 @@
+"""Stage 1 end to end: training, a killed-and-resumed run, the KL-f8 preset, evaluation, the CLI."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+
+from conftest import needs_fmnist
+from ldm.artifacts import ArtifactStore
+from ldm.config import load_config
+from ldm.training import read_metrics
+from stages import autoencoder, classifier
+from stages.cli import main
+from stages.evaluate import evaluate_reconstruction
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.ch=8",
+    "model.num_res_blocks=1",
+    "loss.perceptual.net=squeeze",
+    "loss.perceptual.backbone=random",
+    "train_subset=256",
+    "trainer.batch_size=16",
+    "trainer.log_every=1",
+    "trainer.image_every=0",
+    "trainer.progress=false",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(
+        autoencoder.AutoencoderStageConfig,
+        ROOT / "configs/fmnist/autoencoder-quick.yaml",
+        [*TINY, f"run_dir={tmp_path / 'run'}", *extra],
+    )
+
+
+class RecordStart(Callback):
+    """Records the step and optimiser state a run starts from."""
+
+    def on_train_start(self, trainer, module):
+        self.step = module.step
+        # state_dict() returns the live tensors, which the next steps update in place: copy them.
+        self.optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers]
+
+
+@needs_fmnist
+def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state(tmp_path):
+    store = tmp_path / "store"
+    command = [
+        sys.executable, "-m", "stages.cli", "--store", str(store), "train", "autoencoder",
+        "--config", str(ROOT / "configs/fmnist/autoencoder-quick.yaml"),
+        *[arg for item in TINY for arg in ("--set", item)],
+        "--set", "trainer.max_steps=100000", "--set", "trainer.checkpoint_every=3",
+        "--set", "loss.disc_enabled=true", "--set", "loss.disc_start=0",
+        "--set", "loss.discriminator.in_channels=1", "--run-dir", str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    saved = None
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if checkpoint.exists():
+                try:
+                    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+                except Exception:  # being replaced right now
+                    saved = None
+                if saved is not None and saved["global_step"] >= 6:
+                    break
+            time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert saved is not None, f"no checkpoint appeared: {process.stderr.read().decode()[-2000:]}"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # the one on disk after the kill
+    saved_batches = saved["global_step"] // 2  # two optimiser steps (autoencoder, discriminator) per batch
+    assert saved_batches >= 3 and saved_batches % 3 == 0
+
+    config = tiny_config(
+        tmp_path, f"trainer.max_steps={saved_batches + 2}", "trainer.checkpoint_every=3",
+        "loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.in_channels=1",
+    )
+    probe = RecordStart()
+    artifact = autoencoder.run(config, ArtifactStore(store), resume=True, callbacks=[probe])
+
+    assert probe.step == saved_batches
+    for restored, stored in zip(probe.optimizer_states, saved["optimizer_states"]):
+        assert restored["state"].keys() == stored["state"].keys()
+        first = next(iter(stored["state"]))
+        assert torch.equal(restored["state"][first]["exp_avg"], stored["state"][first]["exp_avg"])
+        assert float(restored["state"][first]["step"]) == float(stored["state"][first]["step"]) > 0
+    final = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 2 * (saved_batches + 2)
+    assert artifact.manifest["training"]["steps"] == saved_batches + 2
+    assert artifact.manifest["training"]["resumed"] is True
+
+
+def test_fresh_run_refuses_a_folder_with_a_checkpoint_and_resume_needs_one(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        autoencoder.run(tiny_config(tmp_path), ArtifactStore(tmp_path / "s"), resume=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="--resume"):
+        autoencoder.run(tiny_config(tmp_path), ArtifactStore(tmp_path / "s"))
+
+
+def test_kl_f8_preset_trains_a_step_with_the_gan_on_small_random_rgb_images(tmp_path):
+    folder = tmp_path / "images" / "train" / "only"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    config = load_config(
+        autoencoder.AutoencoderStageConfig,
+        ROOT / "configs/imagenet256/autoencoder-kl-f8.yaml",
+        [
+            f"data.path={tmp_path / 'images'}", "data.resolution=64", "data.num_workers=0",
+            "loss.perceptual.backbone=random", "loss.perceptual.net=squeeze", "loss.disc_start=0",
+            "trainer.max_steps=1", "trainer.batch_size=2", "trainer.precision=32-true", "trainer.progress=false",
+            "trainer.image_every=0", "preview_images=1", f"run_dir={tmp_path / 'run'}",
+        ],
+    )
+    assert (config.model.ch, config.model.ch_mult, config.model.latent_channels) == (128, (1, 2, 4, 4), 4)
+    artifact = autoencoder.run(config, ArtifactStore(tmp_path / "store"))
+    assert artifact.manifest["latent_shape"] == [4, 32, 32]  # at the preset's 256 px
+    assert artifact.manifest["training"]["final"]["d_weight"] > 0  # the adaptive GAN weight was computed
+    weights = artifact.load_tensors()
+    assert sum(v.numel() for v in weights.values()) > 80e6
+
+
+@needs_fmnist
+def test_short_training_lowers_the_loss_and_evaluation_reports_named_metrics(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    config = tiny_config(tmp_path, "trainer.max_steps=60", "trainer.lr=2e-3", "trainer.checkpoint_every=60")
+    artifact = autoencoder.run(config, store)
+    rec = [value for _, value in read_metrics(tmp_path / "run")["train/rec"]]
+    assert np.mean(rec[-10:]) < 0.7 * np.mean(rec[:5])
+
+    clf_config = load_config(
+        classifier.ClassifierStageConfig, ROOT / "configs/fmnist/classifier-quick.yaml",
+        ["trainer.max_steps=20", "trainer.progress=false", f"run_dir={tmp_path / 'clf'}"],
+    )
+    feature_classifier = classifier.run(clf_config, store)
+    report = evaluate_reconstruction(
+        store, artifact.ref, limit=100, batch_size=50, classifier_ref=feature_classifier.ref,
+        lpips="random", out_dir=tmp_path / "eval",
+    )
+    assert report["data"]["images"] == 100
+    assert 5 < report["psnr_db"] < 60 and 0 < report["ssim"] <= 1 and report["rfid"] >= 0
+    assert "RANDOM" in report["lpips_backbone"]
+    assert feature_classifier.ref in report["rfid_features"] and report["rfid_is_standard_fid"] is False
+    assert report["encode_images_per_s"] > 0 and report["decode_images_per_s"] > 0
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["psnr_db"] == report["psnr_db"]
+    assert (tmp_path / "eval" / "reconstructions.png").is_file()
+    stored = store.load(artifact.ref).manifest["metrics"]["recon_test"]
+    assert stored["psnr_db"] == pytest.approx(report["psnr_db"])
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    result = CliRunner().invoke(
+        main, ["--store", str(tmp_path), "train", "autoencoder", "--config",
+               str(ROOT / "configs/fmnist/autoencoder-quick.yaml"), "--set", "loss.kl_wieght=1"],
+    )
+    assert result.exit_code != 0
+    assert "loss.kl_wieght" in result.output and "kl_weight" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_artifacts_list_and_show(tmp_path):
+    store = ArtifactStore(tmp_path)
+    saved = store.save("autoencoder", tensors={"weights.safetensors": {"w": torch.ones(2)}}, config={"a": 1})
+    runner = CliRunner()
+    listed = runner.invoke(main, ["--store", str(tmp_path), "artifacts", "list"])
+    assert listed.exit_code == 0 and saved.ref in listed.output
+    shown = runner.invoke(main, ["--store", str(tmp_path), "artifacts", "show", "autoencoder@latest"])
+    assert shown.exit_code == 0 and saved.version in shown.output and '"sha256"' in shown.output
+    missing = runner.invoke(main, ["--store", str(tmp_path), "artifacts", "show", "diffusion@latest"])
+    assert missing.exit_code != 0 and "no diffusion artifacts" in missing.output

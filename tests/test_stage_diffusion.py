@@ -1,0 +1,213 @@
+"""Stage 2 end to end: the latent cache, DiT training, exact resume, lineage checks, 2-process DDP."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import needs_fmnist
+from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.config import load_config
+from ldm.data.latents import LatentBatches, LatentCache, measure_stats
+from ldm.loading import load_autoencoder
+from ldm.training import read_metrics
+from stages import autoencoder, diffusion
+from stages.encode import EncodeConfig, encode
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_DIT = [
+    "model=DiT-T/2",
+    "model.depth=2",
+    "model.hidden_size=64",
+    "model.num_heads=2",
+    "trainer.batch_size=32",
+    "trainer.lr=1e-3",
+    "trainer.log_every=1",
+    "trainer.image_every=0",
+    "trainer.progress=false",
+    "ema_decay=0.9",
+    "preview.per_class=1",
+    "preview.steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def store_with_cache(tmp_path_factory):
+    """A store holding a briefly trained tiny autoencoder and a cache of 2,000 encoded training images."""
+    root = tmp_path_factory.mktemp("stage2")
+    store = ArtifactStore(root / "store")
+    config = load_config(
+        autoencoder.AutoencoderStageConfig,
+        ROOT / "configs/fmnist/autoencoder-quick.yaml",
+        ["model.ch=8", "loss.perceptual.net=squeeze", "train_subset=1024", "trainer.max_steps=40",
+         "trainer.lr=2e-3", "trainer.progress=false", "trainer.image_every=0", f"run_dir={root / 'ae'}"],
+    )
+    ae = autoencoder.run(config, store)
+    cache = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=500, shard_size=768))
+    return store, ae, cache
+
+
+def dit_config(tmp_path, store_with_cache, *extra):
+    _, _, cache = store_with_cache
+    return load_config(
+        diffusion.DiffusionStageConfig, ROOT / "configs/fmnist/diffusion-quick.yaml",
+        [*TINY_DIT, f"latents={cache.ref}", f"run_dir={tmp_path / 'run'}", *extra],
+    )
+
+
+@needs_fmnist
+def test_cache_holds_posterior_of_images_and_flips_with_measured_stats(store_with_cache):
+    store, ae, artifact = store_with_cache
+    assert artifact.parents == {"autoencoder": ae.ref}
+    assert sorted(n for n in artifact.manifest["files"] if n.startswith("shard-")) == [
+        "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"
+    ]
+    cache = LatentCache(artifact)
+    assert cache.mean.shape == (2000, 2, 4, 8, 8) and cache.labels.shape == (2000,)
+    assert cache.labels[:5].tolist() == [9, 0, 0, 3, 0]
+
+    model = load_autoencoder(ae)
+    from ldm.data.fmnist import FashionMNIST
+
+    images = FashionMNIST("train").images[:4]
+    with torch.no_grad():
+        posterior = model.encode(images)
+        flipped = model.encode(images.flip(-1))
+    torch.testing.assert_close(cache.mean[:4, 0], posterior.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.std[:4, 0], posterior.std, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.mean[:4, 1], flipped.mean, atol=1e-5, rtol=1e-5)
+
+    stats = measure_stats(cache.mean, cache.std, "channel")
+    samples = cache.mean + cache.std * torch.randn_like(cache.mean)  # (N, V, C, h, w)
+    per_channel = samples.transpose(0, 2).reshape(4, -1)
+    np.testing.assert_allclose(stats.mean, per_channel.mean(1).numpy(), atol=0.02 * max(stats.std))
+    np.testing.assert_allclose(stats.std, per_channel.std(1).numpy(), rtol=0.02)
+    assert artifact.manifest["latent_stats"] == stats.to_dict()
+
+
+@needs_fmnist
+def test_encoding_again_with_the_same_inputs_returns_the_stored_cache(store_with_cache, capsys):
+    store, ae, artifact = store_with_cache
+    again = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=250, shard_size=768))
+    assert again.ref == artifact.ref
+    assert "nothing to encode" in capsys.readouterr().out
+    assert len(store.list("latents")) == 1
+
+
+@needs_fmnist
+def test_latent_batches_are_a_function_of_the_step_and_ranks_split_the_global_batch(store_with_cache):
+    cache = LatentCache(store_with_cache[2])
+    batches = LatentBatches(cache, batch_size=8, seed=3)
+    z, y = batches.batch(5)
+    z_again, y_again = LatentBatches(cache, batch_size=8, seed=3).batch(5)
+    assert torch.equal(z, z_again) and torch.equal(y, y_again)
+    z0, y0 = batches.batch(5, rank=0, world=2)
+    z1, y1 = batches.batch(5, rank=1, world=2)
+    assert torch.equal(torch.stack([z0, z1], 1).flatten(0, 1), z) and torch.equal(torch.stack([y0, y1], 1).flatten(), y)
+    # one epoch visits every item once
+    seen = torch.cat([batches.batch_indices(step) for step in range(250)])
+    assert sorted(seen.tolist()) == list(range(2000))
+
+
+@needs_fmnist
+def test_training_loss_drops_over_200_steps_on_fmnist_latents(tmp_path, store_with_cache):
+    store = store_with_cache[0]
+    artifact = diffusion.run(dit_config(tmp_path, store_with_cache, "trainer.max_steps=200", "trainer.checkpoint_every=200"), store)
+    losses = [v for _, v in read_metrics(tmp_path / "run")["train/loss"]]
+    assert len(losses) == 200
+    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10])
+    assert artifact.parents == {"latents": store_with_cache[2].ref}
+    assert artifact.manifest["autoencoder"] == store_with_cache[1].ref
+    assert artifact.manifest["latent_stats"] == store_with_cache[2].manifest["latent_stats"]
+    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "images" / "samples-final.png").is_file()
+
+
+class CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+@needs_fmnist
+def test_crashed_and_resumed_run_ends_with_the_same_ema_weights_and_step_as_an_uninterrupted_one(tmp_path, store_with_cache):
+    store = store_with_cache[0]
+    common = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "model.class_dropout_prob=0.5"]
+    straight = diffusion.run(dit_config(tmp_path / "a", store_with_cache, *common), store)
+
+    config = dit_config(tmp_path / "b", store_with_cache, *common)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        diffusion.run(config, store, callbacks=[CrashAt(6)])
+    assert torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    resumed = diffusion.run(config, store, resume=True)
+
+    assert resumed.manifest["training"]["steps"] == 8
+    for name in ("weights.safetensors", "raw.safetensors"):
+        a, b = straight.load_tensors(name), resumed.load_tensors(name)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+
+
+@needs_fmnist
+def test_a_cache_from_another_autoencoder_is_refused(tmp_path, store_with_cache):
+    store = store_with_cache[0]
+    other = store.save("autoencoder", tensors={"weights.safetensors": {"w": torch.zeros(1)}}, config={"model": {}})
+    config = dit_config(tmp_path, store_with_cache, f"autoencoder={other.ref}")
+    with pytest.raises(ArtifactError, match=f"encoded by {store_with_cache[1].ref}, not by {other.ref}"):
+        diffusion.run(config, store)
+
+
+@needs_fmnist
+def test_a_model_that_does_not_fit_the_cache_is_refused(tmp_path, store_with_cache):
+    config = dit_config(tmp_path, store_with_cache, "model.input_size=16")
+    with pytest.raises(ValueError, match="8x8 latents but the model expects 4x16x16"):
+        diffusion.run(config, store_with_cache[0])
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from lightning.pytorch.callbacks import Callback
+    from ldm.artifacts import ArtifactStore
+    from ldm.config import load_config
+    from stages import diffusion
+
+    store, cache, out, config_path = sys.argv[1:5]
+    torch.set_num_threads(1)
+
+    class DumpWeights(Callback):
+        def on_train_end(self, trainer, module):
+            torch.save({k: v.clone() for k, v in module.model.state_dict().items()}, f"{out}/rank{trainer.global_rank}.pt")
+
+    config = load_config(diffusion.DiffusionStageConfig, config_path, sys.argv[5:] + [f"latents={cache}"])
+    diffusion.run(config, ArtifactStore(store), callbacks=[DumpWeights()])
+    """
+)
+
+
+@needs_fmnist
+def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path, store_with_cache):
+    store, _, cache = store_with_cache
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = [*TINY_DIT, "trainer.max_steps=2", "trainer.strategy=ddp", "trainer.devices=2",
+                 "trainer.accelerator=cpu", f"run_dir={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, str(script), str(store.root), cache.ref, str(tmp_path), str(ROOT / "configs/fmnist/diffusion-quick.yaml"), *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    trained = [a for a in store.list("diffusion") if a.manifest["training"]["run_dir"] == str(tmp_path / "run")]
+    assert len(trained) == 1 and trained[0].manifest["training"]["steps"] == 2
