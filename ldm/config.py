@@ -35,6 +35,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | fsdp | ...
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     compile: bool = False
+    channels_last: bool = False  # NHWC activations for convolutional models (faster with oneDNN and cuDNN)
     num_workers: int = 0
     seed: int = 0
     log_every: int = 50

@@ -8,7 +8,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -189,6 +189,15 @@ def make_loader(dataset: Dataset, config: TrainerConfig, num_workers: int = 0, s
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(config.seed),
     )
+
+
+def compiled(model: torch.nn.Module, enabled: bool) -> Callable[..., Any]:
+    """Return `torch.compile(model)` when enabled, else the model itself.
+
+    Callers keep the result outside the module tree, so checkpoints and artifacts hold the plain
+    model's parameter names either way.
+    """
+    return torch.compile(model) if enabled else model
 
 
 def seed_everything(seed: int) -> None:

@@ -19,6 +19,7 @@ from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, Autoe
 from ldm.training import (
     Timer,
     build_trainer,
+    compiled,
     format_seconds,
     lr_factor,
     make_loader,
@@ -58,6 +59,7 @@ class AutoencoderModule(L.LightningModule):
         self.automatic_optimization = False
         self.autoencoder = AutoencoderKL(config.model)
         self.loss = AutoencoderLoss(config.loss)
+        self.__dict__["train_forward"] = compiled(self.autoencoder, config.trainer.compile)  # not a submodule
         self.steps_per_batch = 2 if config.loss.disc_enabled else 1
         self.register_buffer("preview", torch.empty(0), persistent=False)
         self.run_dir: Path | None = None
@@ -78,14 +80,20 @@ class AutoencoderModule(L.LightningModule):
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
 
+    def on_fit_start(self) -> None:
+        if self.config.trainer.channels_last:
+            self.to(memory_format=torch.channels_last)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, _ = batch
+        if self.config.trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         step = self.step
-        recon, posterior = self.autoencoder(images)
+        recon, posterior = self.train_forward(images)
 
         # Generator (autoencoder) step.
         g_loss, logs = self.loss.generator_loss(images, recon, posterior, step, self.autoencoder.last_layer)

@@ -9,7 +9,8 @@ from ldm.artifacts import ArtifactStore
 from ldm.config import load_config
 from ldm.data.fmnist import ensure_fmnist
 from ldm.training import Timer, format_seconds
-from stages import autoencoder, classifier
+from stages import autoencoder, classifier, diffusion
+from stages.encode import EncodeConfig, encode
 from stages.evaluate import evaluate_reconstruction
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist"
@@ -38,10 +39,22 @@ def run_demo(out: Path) -> dict[str, object]:
         store, ae.ref, split="test", limit=2000, classifier_ref=feature_classifier.ref, out_dir=out / "eval-recon"
     )
 
+    print("\n== encode: the latent cache ==")
+    cache = encode(store, ae.ref, EncodeConfig(split="train"))
+
+    print("\n== stage 2: diffusion transformer ==")
+    dit_config = load_config(
+        diffusion.DiffusionStageConfig, CONFIGS / "diffusion-quick.yaml", [f"latents={cache.ref}", f"run_dir={runs / 'diffusion'}"]
+    )
+    model = diffusion.run(dit_config, store)
+
     print(f"\ndemo finished in {format_seconds(timer())}")
     print(f"  artifacts:        {store.root}   (ldm --store {store.root} artifacts list)")
     print(f"  classifier:       {feature_classifier.ref}  test accuracy {feature_classifier.manifest['metrics']['test']['accuracy']:.4f}")
     print(f"  autoencoder:      {ae.ref}  PSNR {recon['psnr_db']:.2f} dB, SSIM {recon['ssim']:.4f}")
     print(f"  reconstructions:  {out / 'eval-recon' / 'reconstructions.png'}")
-    print(f"  training curves:  {runs / 'autoencoder' / 'loss.png'}")
-    return {"classifier": feature_classifier, "autoencoder": ae, "recon": recon}
+    print(f"  latent cache:     {cache.ref}  ({cache.manifest['images']} images x {cache.manifest['views']} views)")
+    print(f"  diffusion:        {model.ref}  final loss {model.manifest['training']['final'].get('loss', float('nan')):.4f}")
+    print(f"  sample grid:      {runs / 'diffusion' / 'images' / 'samples-final.png'} (EMA, DPM-Solver++ 20 steps, CFG 2.0)")
+    print(f"  training curves:  {runs / 'autoencoder' / 'loss.png'}, {runs / 'diffusion' / 'loss.png'}")
+    return {"classifier": feature_classifier, "autoencoder": ae, "recon": recon, "latents": cache, "diffusion": model}

@@ -21,7 +21,16 @@ from ldm.generation import sample_latents
 from ldm.images import save_grid
 from ldm.loading import load_autoencoder
 from ldm.models.dit import DIT_PRESETS, DiT, DiTConfig
-from ldm.training import Timer, build_trainer, format_seconds, lr_factor, prepare_run_dir, save_loss_curves, seed_everything
+from ldm.training import (
+    Timer,
+    build_trainer,
+    compiled,
+    format_seconds,
+    lr_factor,
+    prepare_run_dir,
+    save_loss_curves,
+    seed_everything,
+)
 
 register_presets(DiTConfig, DIT_PRESETS)
 
@@ -74,6 +83,7 @@ class DiffusionModule(L.LightningModule):
         self.config = config
         self.model = DiT(config.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.__dict__["train_forward"] = compiled(self.model, config.trainer.compile)  # not a submodule
         self.schedule = None if config.diffusion.objective == "flow" else make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
         self.lineage = lineage  # {"latents": ref, "autoencoder": ref}; checked again on resume
         self.run_dir: Path | None = None
@@ -99,7 +109,7 @@ class DiffusionModule(L.LightningModule):
         # Timesteps, noise and label dropout depend on (seed, step, rank) alone, so a resumed run
         # draws exactly what the uninterrupted run would have drawn.
         torch.manual_seed((self.config.trainer.seed * 1_000_003 + self.global_step) * self.trainer.world_size + self.global_rank)
-        losses = training_losses(self.model, z, y, self.config.diffusion, self.schedule)
+        losses = training_losses(self.train_forward, z, y, self.config.diffusion, self.schedule)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             self._stop_non_finite(f"loss is {loss.item()}")
