@@ -9,10 +9,16 @@ processes on the machine hits both alike, it times
   forward: encode + decode (posterior mean) under inference_mode,           images/s
   train:   encode, sample, decode, L1 loss, backward, AdamW step,           images/s
 
-and prints the median of each over --repeats runs, and the ratio ours / diffusers.
+and prints the median throughput of each over --repeats runs and the median of the per-repeat
+ratios ours / diffusers (by wall clock and by process CPU time). The networks compute the same
+function; ours differs only in how: a fused q/k/v projection, in-place residual adds, no
+divisions by an output scale of 1, and the upsampling conv folded into a transposed conv.
 
-    python -m bench.autoencoder --preset fmnist-f4 --batch 64 --repeats 7 --threads 2
-    python -m bench.autoencoder --preset kl-f8 --resolution 64 --batch 4 --memory-format channels_last
+Run from the repository root:
+
+    python -m bench.autoencoder --preset fmnist-f4 --batch 64 --repeats 9 --threads 2
+    python -m bench.autoencoder --preset fmnist-f4 --batch 64 --repeats 9 --threads 2 --memory-format channels_last
+    python -m bench.autoencoder --preset kl-f8 --resolution 64 --batch 2 --repeats 5 --warmup 1
 """
 
 from __future__ import annotations
@@ -85,11 +91,16 @@ def make_train_step(
     return step
 
 
-def time_call(fn: Callable[[], object]) -> float:
-    """Seconds one call of fn takes."""
-    start = time.perf_counter()
+def num_parameters(model: nn.Module) -> int:
+    """Number of scalars in the model's parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def time_call(fn: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds one call of fn takes."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -123,16 +134,15 @@ def main() -> None:
 
     with torch.inference_mode():
         difference = (ours_forward(ours, x[:2]) - diffusers_forward(theirs, x[:2])).abs().max().item()
-    if difference > 1e-4:
+    if difference > 1e-3:  # float32 rounding is ~1e-5; a wrong layer gives O(1)
         raise RuntimeError(f"ours and diffusers disagree on the same weights: max |diff| = {difference:.2e}")
 
-    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     print(f"preset {args.preset}: {config}")
     print(
         f"input {tuple(x.shape)} {args.memory_format}, threads {torch.get_num_threads()}, "
         f"torch {torch.__version__}"
     )
-    print(f"parameters: ours {count(ours):,}  diffusers {count(theirs):,}")
+    print(f"parameters: ours {num_parameters(ours):,}  diffusers {num_parameters(theirs):,}")
     print(f"same weights, same output: max |ours - diffusers| = {difference:.1e}")
 
     def forward_task(model: nn.Module, forward: Callable[[nn.Module, Tensor], Tensor]) -> Callable[[], object]:
@@ -154,7 +164,7 @@ def main() -> None:
     for _ in range(args.warmup):
         for task in tasks.values():
             task()
-    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in tasks}
+    seconds: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in tasks}
     for repeat in range(args.repeats):
         # Alternate which model goes first, so neither always runs right after the other.
         models = ("ours", "diffusers") if repeat % 2 == 0 else ("diffusers", "ours")
@@ -162,13 +172,18 @@ def main() -> None:
             for model in models:
                 seconds[(task, model)].append(time_call(tasks[(task, model)]))
 
+    # On a shared machine the load drifts: each ratio is taken within a repeat, where the two
+    # runs were back to back, and the median of those is reported. CPU time is steadier than
+    # wall time when other processes take the cores away, but counts spin-waiting threads.
     print(f"\nmedian of {args.repeats} runs after {args.warmup} warm-up, batch {args.batch}")
-    print(f"{'task':<10}{'ours img/s':>12}{'diffusers img/s':>17}{'ours/diffusers':>16}")
+    print(f"{'task':<10}{'ours img/s':>12}{'diffusers img/s':>17}{'ours/diffusers':>16}{'(CPU time)':>12}")
     for task in ("forward", "train"):
-        ours_rate = args.batch / statistics.median(seconds[(task, "ours")])
-        theirs_rate = args.batch / statistics.median(seconds[(task, "diffusers")])
-        print(f"{task:<10}{ours_rate:>12.1f}{theirs_rate:>17.1f}{ours_rate / theirs_rate:>16.3f}")
-
+        ours_times, theirs_times = seconds[(task, "ours")], seconds[(task, "diffusers")]
+        ours_rate = args.batch / statistics.median(wall for wall, _ in ours_times)
+        theirs_rate = args.batch / statistics.median(wall for wall, _ in theirs_times)
+        wall_ratio = statistics.median(t[0] / o[0] for o, t in zip(ours_times, theirs_times))
+        cpu_ratio = statistics.median(t[1] / o[1] for o, t in zip(ours_times, theirs_times))
+        print(f"{task:<10}{ours_rate:>12.2f}{theirs_rate:>17.2f}{wall_ratio:>16.3f}{cpu_ratio:>12.3f}")
 
 if __name__ == "__main__":
     main()

@@ -1,20 +1,22 @@
 """Throughput of our DiT against diffusers' DiTTransformer2DModel at an identical configuration.
 
 Both models get the same depth, width, heads, patch size, latent size, in/out channels
-(learn_sigma -> 2C outputs) and number of classes. One run measures, interleaved call by call
-so that a shared machine's load hits both alike:
+(learn_sigma -> 2C outputs), LayerNorm eps and number of classes; before timing, the run loads
+our weights into diffusers' model and checks that both compute the same function. It then
+measures, interleaved call by call so that a shared machine's load hits both alike:
 
-  forward   images/s of a no-grad forward in eval mode (sampling),
+  forward   images/s of a no-grad forward in eval mode (what a sampler runs),
   train     images/s of forward + MSE loss + backward + AdamW step (train mode),
 
-in float32 and under bf16 autocast, and reports medians, the ratio ours/diffusers, and the
+in float32 and under bf16 autocast (where the hardware has bf16 matmuls, or when asked), and
+reports median images/s, the paired speedup (diffusers' time / ours, round by round), and the
 model FLOP utilisation (MFU) against a matmul peak measured in the same run. Model FLOPs are the
 analytic matmul count of `dit_forward_flops` (training = 3x forward), the same number for both
 models; diffusers' extra per-block conditioning embedders are not credited to it.
 
     python bench/dit.py                                   # DiT-F/2 on 8x8x4 latents, CPU
-    python bench/dit.py --preset DiT-S/2 --batch 32
-    python bench/dit.py --preset DiT-XL/2 --device cuda --batch 32 --input-size 32
+    python bench/dit.py --preset DiT-S/2 --input-size 8 --batch 32
+    python bench/dit.py --preset DiT-XL/2 --device cuda --batch 32
     python bench/dit.py --profile                         # also print the top operators
 """
 
@@ -202,15 +204,19 @@ def interleaved_timings(
     return times
 
 
-def profile_train_step(label: str, step: Callable[[], None], rows: int) -> None:
-    from torch.profiler import profile
+def profile_train_step(label: str, step: Callable[[], None], device: torch.device, rows: int) -> None:
+    """Print the operators that take the most time in three training steps."""
+    from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()
-    with profile() as prof:
+    with profile(activities=activities) as prof:
         for _ in range(3):
             step()
-    print(f"\n--- {label}: one training step x3, top operators by self time ---")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n--- {label}: three training steps, top operators by self time ---")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
 def main() -> None:
@@ -301,7 +307,7 @@ def main() -> None:
             rows.append((precision, "train" if train else "forward", times, peak))
             if args.profile and train:
                 for name, step in steps.items():
-                    profile_train_step(f"{name} {precision}", step, rows=25)
+                    profile_train_step(f"{name} {precision}", step, device, rows=25)
 
     print(f"\nmedians of {args.repeats} interleaved calls per model after {args.warmup} warm-up calls; "
           f"load average now {os.getloadavg()[0]:.1f}")

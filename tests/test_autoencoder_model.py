@@ -15,6 +15,7 @@ from ldm.models.autoencoder import (
     AutoencoderConfig,
     AutoencoderKL,
     DiagonalGaussian,
+    Upsample,
     state_dict_from_diffusers,
 )
 
@@ -149,6 +150,14 @@ def test_attention_block_matches_softmax_attention_written_out():
     torch.testing.assert_close(block(x), expected)
 
 
+def test_upsample_equals_nearest_upsampling_followed_by_its_3x3_conv():
+    torch.manual_seed(0)
+    upsample = Upsample(channels=5).double()
+    x = torch.randn(2, 5, 4, 7, dtype=torch.float64)
+    expected = upsample.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(upsample(x), expected)
+
+
 def test_channels_last_gives_the_same_result_and_stays_channels_last():
     torch.manual_seed(0)
     model = AutoencoderKL(tiny_config())
@@ -207,7 +216,8 @@ def test_same_function_as_diffusers_autoencoder_with_the_same_weights(attn_at_lo
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     config = tiny_config(
-        in_channels=3, ch=32, ch_mult=(1, 1, 2), num_res_blocks=num_res_blocks, attn_at_lowest=attn_at_lowest
+        in_channels=3, ch=32, ch_mult=(1, 1, 2), num_res_blocks=num_res_blocks, attn_at_lowest=attn_at_lowest,
+        norm_groups=32,
     )
     theirs = diffusers.AutoencoderKL(
         in_channels=3,

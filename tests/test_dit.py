@@ -63,9 +63,9 @@ def test_paper_presets_have_the_paper_depth_width_and_heads():
     assert len(PAPER_PRESETS) == 12
     for size, (depth, hidden, heads) in sizes.items():
         for patch in (2, 4, 8):
-            config = dit_config(f"DiT-{size}/{patch}")
-            assert (config.depth, config.hidden_size, config.num_heads, config.patch_size) == (depth, hidden, heads, patch)
-            assert (config.input_size, config.in_channels, config.num_classes, config.learn_sigma) == (32, 4, 1000, True)
+            c = dit_config(f"DiT-{size}/{patch}")
+            assert (c.depth, c.hidden_size, c.num_heads, c.patch_size) == (depth, hidden, heads, patch)
+            assert (c.input_size, c.in_channels, c.num_classes, c.learn_sigma) == (32, 4, 1000, True)
 
 
 @pytest.mark.parametrize("name", sorted(DIT_PRESETS))
@@ -218,7 +218,8 @@ def test_label_dropout_uses_the_null_class_and_only_in_training():
 def test_forced_label_drop_works_in_eval_and_no_dropout_means_no_drops():
     embedder = LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=0.0).train()
     labels = torch.tensor([1, 2, 3, 4])
-    assert torch.equal(embedder.drop_labels(labels, force_drop_ids=torch.tensor([1, 0, 1, 0])), torch.tensor([10, 2, 10, 4]))
+    dropped = embedder.drop_labels(labels, force_drop_ids=torch.tensor([1, 0, 1, 0]))
+    assert torch.equal(dropped, torch.tensor([10, 2, 10, 4]))
     assert torch.equal(embedder(labels), embedder.embedding_table.weight[labels])
     embedder.eval()
     out = embedder(labels, force_drop_ids=torch.tensor([0, 0, 0, 1]))

@@ -11,7 +11,7 @@ ResNet stack:
              (not after the last level)] for each level -> mid (Resnet, Attention, Resnet)
              -> GroupNorm, SiLU, conv_out to 2*latent_channels (mean, logvar) -> quant_conv (1x1)
     decoder: post_quant_conv (1x1) -> conv_in -> mid (Resnet, Attention, Resnet)
-             -> [num_res_blocks + 1 ResnetBlocks, then nearest 2x Upsample + conv] per level,
+             -> [num_res_blocks + 1 ResnetBlocks, then nearest 2x Upsample + 3x3 conv] per level,
              lowest resolution first -> GroupNorm, SiLU, conv_out
 
 The decoder has one ResnetBlock more per level than the encoder, as in LDM; the module structure
@@ -23,7 +23,8 @@ with channels_last inputs runs the whole network channels_last (oneDNN's fast pa
 tensor-core-friendly layout on GPU), and the attention's token view is then free (no transpose copy).
 The ResnetBlock's residual add runs in place on the conv output, which conv's backward does not need,
 saving one activation-sized buffer per block. (SiLU stays out of place: its backward needs its input,
-so an in-place SiLU makes autograd save a copy and costs more than it saves.)
+so an in-place SiLU makes autograd save a copy and costs more than it saves.) Upsample computes
+"nearest 2x, then 3x3 conv" exactly, as one transposed conv with 2.25x fewer multiply-adds.
 """
 
 from __future__ import annotations
@@ -173,10 +174,18 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)  # the 3x3 conv on the upsampled grid
+        # Along one axis, output pixel 2i sees inputs (i-1, i, i) through taps (w0, w1, w2) and
+        # pixel 2i+1 sees (i, i, i+1): upsample-then-conv is a stride-2 transposed conv whose
+        # 4-tap kernel is [w2, w1 + w2, w0 + w1, w0] = fold @ w. That is 16 instead of 36
+        # multiply-adds per input pixel and channel pair, and no 4x-sized upsampled tensor.
+        fold = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+        self.register_buffer("fold", fold, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (N, C, 2H, 2W)
+        # (C_out, C_in, 3, 3) -> (C_in, C_out, 4, 4), the layout conv_transpose2d wants.
+        weight = torch.einsum("yp,xq,oipq->ioyx", self.fold, self.fold, self.conv.weight)
+        return F.conv_transpose2d(x, weight, self.conv.bias, stride=2, padding=1)  # (N, C, 2H, 2W)
 
 
 def middle_block(channels: int, config: AutoencoderConfig) -> nn.Sequential:

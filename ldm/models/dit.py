@@ -194,7 +194,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def drop_labels(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Return labels with a random fraction dropout_prob (or exactly where force_drop_ids == 1) set to the null class."""
+        """Return labels with the null class put where force_drop_ids == 1, or at random with dropout_prob."""
         if force_drop_ids is None:
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
@@ -377,8 +377,8 @@ class DiT(nn.Module):
 # each with patch 2, 4, 8, on 32x32x4 latents (256 px ImageNet, 1000 classes). The small sizes
 # are for 8x8x4 Fashion-MNIST latents (16 tokens at patch 2, 10 classes) on a 2-core CPU:
 #   DiT-T/2 (tiny, 4.2M parameters, 0.27 GFLOP per training image): smoke runs and demos.
-#   DiT-F/2 (7.4M, 0.47 GFLOP): the quality preset, sized for a ~1 h run: ~40 training images/s
-#     on one core of a busy machine, so an hour sees 150k-300k images (3-5 epochs).
+#   DiT-F/2 (7.4M, 0.47 GFLOP): the quality preset, sized for a ~1 h run: 40-100 training
+#     images/s on one core (busy to quiet machine), so an hour sees 150k-350k images (3-6 epochs).
 # Small presets predict only the mean (learn_sigma=False); their training objective fixes the variance.
 _PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 _FMNIST_LATENTS = dict(input_size=8, in_channels=4, num_classes=10, learn_sigma=False)
