@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, write_atomic
+from ldm.artifacts import ArtifactError, ArtifactStore, write_atomic
 from ldm.config import from_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.images import save_side_by_side
