@@ -15,8 +15,9 @@ import importlib.metadata
 import importlib.util
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -97,7 +98,8 @@ def frechet_distance(
         raise ValueError(f"means must be equal-length vectors, got {tuple(mu1.shape)} and {tuple(mu2.shape)}")
     d = mu1.shape[0]
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"covariances must be ({d}, {d}), got {tuple(sigma1.shape)} and {tuple(sigma2.shape)}")
+        shapes = f"{tuple(sigma1.shape)} and {tuple(sigma2.shape)}"
+        raise ValueError(f"covariances must be ({d}, {d}), got {shapes}")
 
     # S1 S2 is not symmetric, so its square root needs a general eig or sqrtm (the TTUR
     # reference uses scipy's sqrtm), which turns complex or fails on the near-singular
@@ -234,7 +236,7 @@ def _find_inception_weights(path: str | Path | None) -> Path | None:
 
 
 def inception_available(path: str | Path | None = None) -> tuple[bool, str]:
-    """(True, what will be used) if Inception FID can run offline, else (False, everything that is missing)."""
+    """(True, what will be used) if Inception FID can run offline, else (False, all that is missing)."""
     problems = []
     if importlib.util.find_spec("torch_fidelity") is None:
         problems.append(
@@ -288,11 +290,14 @@ class InceptionFeatures:
         available, reason = inception_available(weights_path)
         if not available:
             raise InceptionUnavailableError(reason)
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
 
         # A weights path is always given, so torch-fidelity never reaches for the network.
+        weights = str(_find_inception_weights(weights_path))
         self.model = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(_find_inception_weights(weights_path))
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=weights
         )
         self.model.to(device).eval()
         self.device = torch.device(device)
@@ -306,7 +311,7 @@ class InceptionFeatures:
 
 # --------------------------------------------------------------------------- conveniences
 
-Batches = Iterable[Union[Tensor, tuple, list]]
+Batches = Iterable[Tensor | tuple | list]
 
 
 def feature_stats(extractor: FeatureExtractor, batches: Batches) -> FeatureStats:

@@ -109,7 +109,8 @@ def test_frechet_distance_matches_general_eig_reference_on_random_spd():
 
 def test_frechet_distance_is_symmetric():
     rng = np.random.default_rng(3)
-    mu1, mu2, s1, s2 = rng.standard_normal(12), rng.standard_normal(12), random_spd(12, rng), random_spd(12, rng)
+    mu1, mu2 = rng.standard_normal(12), rng.standard_normal(12)
+    s1, s2 = random_spd(12, rng), random_spd(12, rng)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-10)
 
 
@@ -147,7 +148,8 @@ def test_feature_stats_from_features_matches_update():
     features = torch.randn(50, 4, generator=torch.Generator().manual_seed(6))
     one_shot = FeatureStats.from_features(features)
     assert one_shot.dim == 4 and one_shot.mean().dtype == torch.float64
-    torch.testing.assert_close(one_shot.cov(), torch.from_numpy(np.cov(features.double().numpy(), rowvar=False)))
+    expected_cov = np.cov(features.double().numpy(), rowvar=False)
+    torch.testing.assert_close(one_shot.cov(), torch.from_numpy(expected_cov))
 
 
 def test_feature_stats_needs_two_vectors_for_a_covariance():
@@ -229,9 +231,10 @@ def test_inception_unavailable_names_a_missing_explicit_path(tmp_path):
 
 def test_inception_unavailable_names_the_missing_package(monkeypatch):
     real_find_spec = metrics.importlib.util.find_spec
-    monkeypatch.setattr(
-        metrics.importlib.util, "find_spec", lambda name: None if name == "torch_fidelity" else real_find_spec(name)
-    )
+    def find_spec_without_torch_fidelity(name):
+        return None if name == "torch_fidelity" else real_find_spec(name)
+
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", find_spec_without_torch_fidelity)
     available, reason = inception_available()
     assert not available and "torch-fidelity is not installed" in reason
 
