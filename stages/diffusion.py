@@ -75,6 +75,15 @@ class DiffusionStageConfig:
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
 
 
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """Return the EMA decay after `step` updates: (1 + step) / (10 + step), capped at `max_decay`.
+
+    Without the warm-up, a short run's EMA stays close to the initial weights, whose adaLN-Zero
+    output layer is zero: the EMA model then under-predicts the noise and sampling diverges.
+    """
+    return min(max_decay, (1 + step) / (10 + step))
+
+
 class DiffusionModule(L.LightningModule):
     """DiT training: AdamW, warm-up, EMA, label dropout (inside the DiT), NaN/inf guard."""
 
@@ -147,7 +156,8 @@ class DiffusionModule(L.LightningModule):
     def update_ema(self) -> None:
         """ema <- decay * ema + (1 - decay) * model, for every parameter (buffers are copied)."""
         ema_params = list(self.ema.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - self.config.ema_decay)
+        decay = ema_decay_at(self.global_step, self.config.ema_decay)
+        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - decay)
         for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers()):
             ema_buffer.copy_(buffer)
 

@@ -127,6 +127,31 @@ def test_training_loss_drops_over_200_steps_on_fmnist_latents(tmp_path, store_wi
     assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "images" / "samples-final.png").is_file()
 
 
+def test_ema_decay_warms_up_so_a_short_run_does_not_keep_the_zero_initialised_output():
+    assert diffusion.ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert diffusion.ema_decay_at(90, 0.9999) == pytest.approx(0.91)
+    assert diffusion.ema_decay_at(10**6, 0.9999) == 0.9999
+    # after 500 updates the initial weights keep a small share (the fixed decay 0.999 kept 61%)
+    share = np.prod([diffusion.ema_decay_at(s, 0.999) for s in range(500)])
+    assert share < 0.01
+
+
+@needs_fmnist
+def test_ema_samples_of_a_short_run_stay_on_the_data_scale(tmp_path, store_with_cache):
+    store = store_with_cache[0]
+    artifact = diffusion.run(dit_config(tmp_path, store_with_cache, "trainer.max_steps=100", "ema_decay=0.999"), store)
+    from ldm.diffusion.schedules import DiffusionConfig
+    from ldm.generation import sample_latents
+
+    spread = {}
+    for name in ("weights.safetensors", "raw.safetensors"):  # EMA and trained weights
+        model = diffusion.DiT(dit_config(tmp_path, store_with_cache).model)
+        model.load_state_dict(artifact.load_tensors(name))
+        z = sample_latents(model.eval(), DiffusionConfig(learn_sigma=False), torch.arange(8), 20, "dpm++2m")
+        spread[name] = z.std().item()
+    assert spread["weights.safetensors"] < 2 * spread["raw.safetensors"]
+
+
 class CrashAt(Callback):
     def __init__(self, step):
         self.step = step
