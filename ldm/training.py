@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ldm.config import TrainerConfig
+from ldm.config import TrainerConfig, dump_yaml
 from ldm.images import save_curves
 
 LAST = "last.ckpt"
@@ -86,6 +86,18 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return checkpoint if resume else None
+
+
+def start_run(config: Any, resume: bool) -> tuple[Path, Path | None]:
+    """Open a stage's run folder (`config.run_dir`), seed every RNG and save the config there.
+
+    Returns the folder and the checkpoint to resume from (None for a fresh run).
+    """
+    run_dir = Path(config.run_dir)
+    checkpoint = prepare_run_dir(run_dir, resume)
+    seed_everything(config.trainer.seed)
+    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    return run_dir, checkpoint
 
 
 def build_trainer(

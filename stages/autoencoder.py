@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ldm.artifacts import Artifact, ArtifactStore
-from ldm.config import TrainerConfig, dump_yaml, register_presets, to_dict
+from ldm.config import TrainerConfig, register_presets, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.images import save_side_by_side
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
@@ -23,9 +23,8 @@ from ldm.training import (
     format_seconds,
     lr_factor,
     make_loader,
-    prepare_run_dir,
     save_loss_curves,
-    seed_everything,
+    start_run,
 )
 
 register_presets(AutoencoderConfig, AUTOENCODER_PRESETS)
@@ -159,10 +158,7 @@ def run(
 ) -> Artifact | None:
     """Train the autoencoder and return its stored artifact (None on the non-zero ranks or when interrupted)."""
     store = store or ArtifactStore()
-    run_dir = Path(config.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    seed_everything(config.trainer.seed)
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    run_dir, checkpoint = start_run(config, resume)
 
     loader = make_loader(build_dataset(config.data, "train"), config.trainer, config.data.num_workers, config.train_subset)
     fingerprint = data_fingerprint(config.data, "train")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -12,11 +11,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from ldm.artifacts import Artifact, ArtifactStore
-from ldm.config import TrainerConfig, dump_yaml, to_dict
+from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.loading import classifier_accuracy
 from ldm.models.classifier import Classifier, ClassifierConfig
-from ldm.training import Timer, build_trainer, format_seconds, lr_factor, make_loader, prepare_run_dir, seed_everything
+from ldm.training import Timer, build_trainer, format_seconds, lr_factor, make_loader, start_run
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -80,10 +79,7 @@ def run(
 ) -> Artifact | None:
     """Train the classifier, measure its test accuracy and return its stored artifact."""
     store = store or ArtifactStore()
-    run_dir = Path(config.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    seed_everything(config.trainer.seed)
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    run_dir, checkpoint = start_run(config, resume)
     loader = make_loader(build_dataset(config.data, "train"), config.trainer, config.data.num_workers)
     module = ClassifierModule(config)
     trainer = build_trainer(config.trainer, run_dir, callbacks=callbacks)

@@ -52,6 +52,22 @@ def train() -> None:
     """Train one stage and store its artifact."""
 
 
+# Errors a user can fix (bad config, missing artifact or checkpoint, diverged run): a message, no traceback.
+USER_ERRORS = (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError)
+
+
+def _train(ctx: click.Context, config_class: type, run, config_path: str | None, overrides: tuple[str, ...], resume: bool, **fields: str | None) -> None:
+    """Load a stage's config (fields given as options win over the file and --set) and run the stage."""
+    try:
+        config = load_config(config_class, config_path, overrides)
+        for key, value in fields.items():
+            if value:  # set as given, not parsed as YAML: a version prefix like 0123 stays a string
+                setattr(config, key, value)
+        run(config, store=_store(ctx), resume=resume)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
 @train.command("autoencoder")
 @config_option
 @set_option
@@ -62,13 +78,7 @@ def train_autoencoder(ctx: click.Context, config_path: str | None, overrides: tu
     """Stage 1: train the KL autoencoder (L1/L2 + LPIPS + KL, optional PatchGAN) and store an `autoencoder` artifact."""
     from stages.autoencoder import AutoencoderStageConfig, run
 
-    try:
-        config = load_config(AutoencoderStageConfig, config_path, overrides)
-        if run_dir:
-            config.run_dir = run_dir
-        run(config, store=_store(ctx), resume=resume)
-    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as err:
-        _fail(err)
+    _train(ctx, AutoencoderStageConfig, run, config_path, overrides, resume, run_dir=run_dir)
 
 
 @train.command("classifier")
@@ -81,13 +91,7 @@ def train_classifier(ctx: click.Context, config_path: str | None, overrides: tup
     """Train the Fashion-MNIST classifier whose features measure Frechet distances; store a `classifier` artifact."""
     from stages.classifier import ClassifierStageConfig, run
 
-    try:
-        config = load_config(ClassifierStageConfig, config_path, overrides)
-        if run_dir:
-            config.run_dir = run_dir
-        run(config, store=_store(ctx), resume=resume)
-    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, ValueError) as err:
-        _fail(err)
+    _train(ctx, ClassifierStageConfig, run, config_path, overrides, resume, run_dir=run_dir)
 
 
 @train.command("diffusion")
@@ -101,15 +105,7 @@ def train_diffusion(ctx: click.Context, config_path: str | None, overrides: tupl
     """Stage 2: train a DiT on a latent cache; store a `diffusion` artifact that names its cache and autoencoder."""
     from stages.diffusion import DiffusionStageConfig, run
 
-    try:
-        config = load_config(DiffusionStageConfig, config_path, overrides)
-        if latents:
-            config.latents = latents
-        if run_dir:
-            config.run_dir = run_dir
-        run(config, store=_store(ctx), resume=resume)
-    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError) as err:
-        _fail(err)
+    _train(ctx, DiffusionStageConfig, run, config_path, overrides, resume, latents=latents, run_dir=run_dir)
 
 
 @main.command("encode")
@@ -138,7 +134,7 @@ def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, s
             base = from_dict(DataConfig, store.load(autoencoder_ref, stage="autoencoder", verify=False).config()["data"], "data")
             data_config = replace(base, name="fmnist", path=None) if data == "fmnist" else replace(base, name="folder", path=data)
         encode(store, autoencoder_ref, config, data_config)
-    except (ConfigError, ArtifactError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         _fail(err)
 
 
@@ -177,7 +173,7 @@ def demo(out: str) -> None:
 
     try:
         run_demo(Path(out))
-    except (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except USER_ERRORS as err:
         _fail(err)
 
 

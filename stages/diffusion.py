@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
-from ldm.config import TrainerConfig, dump_yaml, register_presets, to_dict
+from ldm.config import TrainerConfig, register_presets, to_dict
 from ldm.data.latents import LatentBatches, LatentCache
 from ldm.diffusion.objectives import training_losses
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
@@ -27,9 +27,8 @@ from ldm.training import (
     compiled,
     format_seconds,
     lr_factor,
-    prepare_run_dir,
     save_loss_curves,
-    seed_everything,
+    start_run,
 )
 
 register_presets(DiTConfig, DIT_PRESETS)
@@ -229,10 +228,7 @@ def run(
     store = store or ArtifactStore()
     cache = open_cache(store, config)
     check_model_fits_cache(config.model, cache)
-    run_dir = Path(config.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    seed_everything(config.trainer.seed)
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    run_dir, checkpoint = start_run(config, resume)
 
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref}
     module = DiffusionModule(config, lineage)
