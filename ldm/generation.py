@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from ldm.diffusion.samplers import Denoiser, cfg_denoiser, per_sample_generators, sample
+from ldm.diffusion.samplers import Denoiser, InpaintDenoiser, cfg_denoiser, per_sample_generators, randn_like_per_sample, run_sampler
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
+
+X0_SAMPLERS = ("ddim", "dpm++2m", "euler", "heun")  # samplers that step on the x0 estimate (inpainting needs one)
+
+
+def default_sampler(diffusion: DiffusionConfig) -> str:
+    """DPM-Solver++ 2M for the discrete chain, Euler for rectified flow."""
+    return "flow-euler" if diffusion.objective == "flow" else "dpm++2m"
 
 
 @torch.no_grad()
@@ -21,21 +28,50 @@ def sample_latents(
     guidance_scale: float = 1.0,
     guidance_interval: Optional[tuple[float, float]] = None,
     seed: int = 0,
+    x0: Optional[torch.Tensor] = None,
+    strength: float = 1.0,
+    regenerate: Optional[torch.Tensor] = None,
+    on_model_call: Optional[Callable[[], None]] = None,
     **sampler_kwargs,
 ) -> torch.Tensor:
     """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on seed + i.
 
-    The sampler defaults to DPM-Solver++ 2M for the discrete chain and Euler for rectified flow.
+    x0 (N, C, h, w) with strength < 1: start from x0 noised part of the way (SDEdit). x0 with
+    `regenerate` (N, 1, h, w): keep x0 where regenerate is 0 and sample the rest (inpainting).
+    `on_model_call` is called after every network forward (progress bars).
     """
     config = model.config
     device = next(model.parameters()).device
-    sampler = sampler or ("flow-euler" if diffusion.objective == "flow" else "dpm++2m")
+    sampler = sampler or default_sampler(diffusion)
     if (sampler == "flow-euler") != (diffusion.objective == "flow"):
         raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
     labels = labels.to(device)
     model_fn = cfg_denoiser(model, labels, model.null_class, guidance_scale, guidance_interval, config.learn_sigma)
+    if on_model_call is not None:
+        guided = model_fn
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = guided(x, t)
+            on_model_call()
+            return out
+
     denoiser = Denoiser.from_config(model_fn, diffusion)
+    if regenerate is not None:
+        if sampler not in X0_SAMPLERS:
+            raise ValueError(f"inpainting needs a sampler that steps on the x0 estimate, one of {X0_SAMPLERS}; got {sampler!r}")
+        if x0 is None:
+            raise ValueError("inpainting needs the known latents x0")
+        denoiser = InpaintDenoiser(denoiser.model_fn, denoiser.prediction, denoiser.learn_sigma, denoiser.clip_x0,
+                                   known=x0.to(device), regenerate=regenerate.to(device))
     schedule = None if diffusion.objective == "flow" else make_schedule(diffusion.schedule, diffusion.num_timesteps)
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
     generators = per_sample_generators(seed, len(labels))
-    return sample(sampler, denoiser, shape, schedule, num_steps, generators, device=device, **sampler_kwargs)
+    noise = randn_like_per_sample(shape, generators, device, torch.float32)
+    x0 = None if x0 is None else x0.to(device, torch.float32)
+    return run_sampler(sampler, denoiser, noise, schedule, num_steps, generators=generators, strength=strength, x0=x0, **sampler_kwargs)
+
+
+def model_calls(sampler: str, num_steps: int, strength: float = 1.0) -> int:
+    """Network forwards one sampling run makes (heun evaluates twice per step but the last)."""
+    kept = num_steps if strength >= 1.0 else min(num_steps, int(num_steps * strength + 0.5))
+    return 2 * kept - 1 if sampler == "heun" and kept else kept

@@ -165,6 +165,56 @@ def eval_recon(ctx: click.Context, **kwargs) -> None:
         _fail(err)
 
 
+SAMPLERS = click.Choice(["ddpm", "ddim", "dpm++2m", "euler", "heun", "flow-euler"])
+
+
+@main.command("sample")
+@click.option("--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference.")
+@click.option("--n", default=64, show_default=True, help="Number of images.")
+@click.option("--classes", default=None, help="Class indices, e.g. 3 or 0,2,5 (cycled); default: every class in turn.")
+@click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun makes 2 per step).")
+@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
+@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1: no guidance).")
+@click.option("--seed", default=0, show_default=True, help="Image i uses seed + i, whatever the batch size.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--out", "out_dir", default="out/samples", show_default=True, help="Folder for grid.png, images/ and samples.json.")
+@click.option("--no-images", is_flag=True, help="Write only the grid, not one PNG per image.")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, steps: int, sampler: str | None,
+                   cfg: float, seed: int, batch_size: int, out_dir: str, no_images: bool, device: str) -> None:
+    """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder."""
+    from stages.sample import write_samples
+
+    try:
+        write_samples(_store(ctx), model_ref, n, classes, steps, sampler, cfg, seed, batch_size, out_dir, device, not no_images)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@evaluate.command("samples")
+@click.option("--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference.")
+@click.option("--n", default=10_000, show_default=True, help="Samples (class-balanced); also the number of real images compared.")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
+@click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=250, show_default=True)
+@click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True, help="Classifier for class accuracy (and the Frechet features without Inception).")
+@click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True, help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")
+@click.option("--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...).")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def eval_samples(ctx: click.Context, **kwargs) -> None:
+    """Sample quality: Frechet distance to the test split, class accuracy, time per image; numbers go into the manifest."""
+    from stages.sample import evaluate_samples
+
+    try:
+        evaluate_samples(_store(ctx), **kwargs)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
 @main.command()
 @click.option("--out", default="out/demo", show_default=True, help="Folder for the demo's store, runs and pictures (replaced on each run).")
 def demo(out: str) -> None:

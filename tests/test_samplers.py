@@ -14,6 +14,7 @@ import torch
 from ldm.diffusion.objectives import FLOW_TIME_SCALE, prediction_from_x0
 from ldm.diffusion.samplers import (
     Denoiser,
+    InpaintDenoiser,
     cfg_denoiser,
     flow_times,
     karras_sigmas,
@@ -296,3 +297,51 @@ def test_run_sampler_rejects_unknown_names_and_missing_schedules():
         run_sampler("ddim", Denoiser(exact_vp_model()), x, None, 10)
     with pytest.raises(ValueError, match="velocity"):
         run_sampler("flow-euler", Denoiser(exact_vp_model()), x, None, 10)
+
+
+# ----------------------------------------------------------------------------- partial chains (img2img) and inpainting
+
+
+def data_draw(n, seed):
+    return MU + S * stratified_normal(n, seed)
+
+
+@pytest.mark.parametrize("name, steps", [("ddim", 200), ("dpm++2m", 20), ("heun", 40), ("flow-euler", 200)])
+def test_a_partial_chain_from_noised_data_keeps_the_data_distribution(name, steps):
+    """SDEdit from real data: noising to the kept step's level and running the rest of the exact ODE maps
+    q(x_t) to q(x_0), so data in gives the data's mean and std out (Meng et al. 2022)."""
+    x0, noise = data_draw(10_000, 3), stratified_normal(10_000, 4)
+    if name == "flow-euler":
+        x = run_sampler(name, Denoiser(exact_flow_model, "velocity"), noise, None, steps, strength=0.5, x0=x0)
+    else:
+        x = run_sampler(name, Denoiser(exact_vp_model("eps")), noise, SCHEDULE, steps, strength=0.5, x0=x0)
+    assert not torch.allclose(x, x0, atol=1e-2)  # it did move
+    assert ((x.mean(dim=0).flatten() - MU.flatten()).abs() < 5 * S.flatten() / 100).all()
+    assert ((x.std(dim=0).flatten() / S.flatten() - 1).abs() < 0.025).all()
+
+
+def test_strength_zero_returns_the_input_and_strength_one_ignores_it():
+    x0, noise = data_draw(16, 5), standard_normal(16, 6)
+    denoiser = Denoiser(exact_vp_model("eps"))
+    assert torch.equal(run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10, strength=0.0, x0=x0), x0)
+    assert torch.equal(run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10, strength=0.04, x0=x0), x0)  # keeps 0 of 10 steps
+    full = run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10)
+    assert torch.equal(run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10, strength=1.0, x0=x0), full)
+    with pytest.raises(ValueError, match="x0"):
+        run_sampler("ddim", denoiser, noise, SCHEDULE, 10, strength=0.5)
+    with pytest.raises(ValueError, match="strength"):
+        run_sampler("ddim", denoiser, noise, SCHEDULE, 10, strength=1.5, x0=x0)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm++2m", "euler", "heun"])
+def test_inpainting_keeps_the_known_latents_and_samples_the_rest(name):
+    x0, noise = data_draw(512, 7), standard_normal(512, 8)
+    regenerate = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64).view(1, 4, 1, 1).expand(512, 4, 1, 1)
+    # channels 0 and 2 regenerated: the known values are far from the data mean, the model must ignore them there
+    known = torch.where(regenerate > 0, torch.full_like(x0, 9.0), x0)
+    base = Denoiser(exact_vp_model("eps"))
+    denoiser = InpaintDenoiser(base.model_fn, known=known, regenerate=regenerate)
+    x = run_sampler(name, denoiser, prior_draw(noise), SCHEDULE, 30)
+    assert torch.allclose(x[:, [1, 3]], x0[:, [1, 3]], atol=1e-9)  # known region: exactly the input
+    free = run_sampler(name, base, prior_draw(noise), SCHEDULE, 30)
+    assert torch.allclose(x[:, [0, 2]], free[:, [0, 2]], atol=1e-9)  # independent channels: the free sample

@@ -60,6 +60,24 @@ class Denoiser:
         return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 is not None else x0
 
 
+@dataclass(frozen=True)
+class InpaintDenoiser(Denoiser):
+    """A denoiser whose x0 estimate is the known latents `known` wherever `regenerate` is 0.
+
+    Every x0-based sampler (ddim, dpm++2m, euler, heun) then carries the known region exactly along
+    its own noising path, x_t = sqrt(alpha_bar) known + sqrt(1 - alpha_bar) eps, while the network,
+    which sees that region at every step, fills in the rest. ddpm and flow-euler step on the raw
+    output and are not supported.
+    """
+
+    known: Optional[Tensor] = None  # (N, C, h, w) clean latents
+    regenerate: Optional[Tensor] = None  # (N, 1, h, w) 1 where new content is sampled, 0 where known is kept
+
+    def __call__(self, x_t: Tensor, t: float, alpha_bar: float) -> Tensor:
+        x0 = super().__call__(x_t, t, alpha_bar)
+        return torch.lerp(self.known.to(x0.dtype), x0, self.regenerate.to(x0.dtype))
+
+
 # ----------------------------------------------------------------------------- noise, seeds
 
 
@@ -296,6 +314,8 @@ def run_sampler(
     rho: float = 7.0,
     shift: float = 1.0,
     generators: Optional[Sequence[torch.Generator]] = None,
+    strength: float = 1.0,
+    x0: Optional[Tensor] = None,
 ) -> Tensor:
     """Return samples x_0 (N, C, H, W) from x_T (N, C, H, W) ~ N(0, I) with the named sampler.
 
@@ -303,25 +323,44 @@ def run_sampler(
     `variance` when not learned). euler / heun: `num_steps` Karras sigmas (rho) between the
     schedule's smallest and largest sigma; heun calls the network 2 num_steps - 1 times.
     flow-euler: `num_steps` Euler steps on the `shift`ed time grid; `schedule` is unused (None).
+
+    strength < 1 runs only the last round(strength * num_steps) steps of that grid, starting from
+    `x0` noised with x_T to the level of the first kept step (SDEdit, Meng et al. 2022); a strength
+    that keeps no step returns x0 unchanged.
     """
-    if name == "flow-euler":
-        return sample_flow_euler(denoiser, x_T, flow_times(num_steps, shift))
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if strength < 1.0 and x0 is None:
+        raise ValueError("strength < 1 starts from clean latents: pass x0")
+    kept = num_steps if strength >= 1.0 else min(num_steps, int(num_steps * strength + 0.5))
+    if kept == 0:
+        return x0.clone()
+    partial = kept < num_steps
+    if name == "flow-euler":
+        times = flow_times(num_steps, shift)[-(kept + 1):]
+        x = (1 - times[0]) * x0 + times[0] * x_T if partial else x_T
+        return sample_flow_euler(denoiser, x, times)
     if schedule is None:
         raise ValueError(f"sampler {name!r} needs a NoiseSchedule")
     if name in ("euler", "heun"):
         sigma_min, sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
-        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-        x = x_T * (1 + sigma_max**2) ** 0.5  # VP state at sigma_max -> EDM scale x / sqrt(alpha_bar)
+        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)[-(kept + 1):]
+        # EDM scale x / sqrt(alpha_bar): from pure noise, the VP state at sigma_max scaled up
+        x = x0 + sigmas[0] * x_T if partial else x_T * (1 + sigma_max**2) ** 0.5
         step = sample_euler if name == "euler" else sample_heun
         return step(denoiser, x, schedule, sigmas)
-    timesteps = timestep_spacing(spacing, schedule.num_timesteps, num_steps)
+    timesteps = timestep_spacing(spacing, schedule.num_timesteps, num_steps)[-kept:]
+    x = x_T
+    if partial:
+        alpha_bar = schedule.alphas_cumprod[timesteps[0]].item()
+        x = alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * x_T
     if name == "ddpm":
-        return sample_ddpm(denoiser, x_T, schedule, timesteps, variance, generators)
+        return sample_ddpm(denoiser, x, schedule, timesteps, variance, generators)
     if name == "ddim":
-        return sample_ddim(denoiser, x_T, schedule, timesteps, eta, generators)
-    return sample_dpmpp_2m(denoiser, x_T, schedule, timesteps)
+        return sample_ddim(denoiser, x, schedule, timesteps, eta, generators)
+    return sample_dpmpp_2m(denoiser, x, schedule, timesteps)
 
 
 def sample(

@@ -1,0 +1,287 @@
+"""The latent sampling API: a trained DiT and the autoencoder its latents came from, as one object.
+
+    from pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_artifacts("diffusion@latest")
+    images = pipe.sample(class_labels=[0, 1, 2, 3], num_steps=20, guidance_scale=2.0, seed=0)  # (4, C, H, W) in [-1, 1]
+    pils = pipe.sample([7] * 8, output="pil")
+    edited = pipe.img2img(images, strength=0.5, class_labels=[3, 3, 3, 3])
+    filled = pipe.inpaint(images, mask, class_labels=[0, 1, 2, 3])  # mask (N, 1, H, W): 1 = paint anew
+
+The diffusion artifact names the autoencoder its latent cache was encoded with and the latent
+statistics it was trained on; `from_artifacts` loads exactly that autoencoder (checksums verified)
+and applies the statistics here and nowhere else, so the scale can never be mismatched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.config import from_dict
+from ldm.data.latents import LatentStats
+from ldm.diffusion.schedules import DiffusionConfig
+from ldm.generation import default_sampler, model_calls, sample_latents
+from ldm.images import to_pil
+from ldm.loading import load_autoencoder
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.dit import DiT, DiTConfig
+
+Labels = Union[int, Sequence[int], torch.Tensor]
+
+
+@dataclass
+class Provenance:
+    """Which artifacts a pipeline was built from."""
+
+    diffusion: str
+    autoencoder: str
+    latents: Optional[str] = None
+    autoencoder_override: bool = False  # True when the caller forced an autoencoder other than the lineage's
+
+
+class LatentDiffusionPipeline:
+    """Sample, encode, decode, img2img and inpaint with a DiT and its autoencoder.
+
+    Images are float tensors (N, C, H, W) in [-1, 1] (the autoencoder's range); latents passed to or
+    returned from this class are normalised with the training statistics (what the DiT sees).
+    """
+
+    def __init__(
+        self,
+        model: DiT,
+        autoencoder: AutoencoderKL,
+        diffusion: DiffusionConfig,
+        stats: LatentStats,
+        provenance: Optional[Provenance] = None,
+    ) -> None:
+        if tuple(autoencoder.config.latent_shape) != (model.config.in_channels, model.config.input_size, model.config.input_size):
+            raise ValueError(
+                f"the autoencoder makes {tuple(autoencoder.config.latent_shape)} latents but the DiT expects "
+                f"{(model.config.in_channels, model.config.input_size, model.config.input_size)}"
+            )
+        if len(stats.mean) not in (1, model.config.in_channels):
+            raise ValueError(f"latent statistics for {len(stats.mean)} channels, the DiT has {model.config.in_channels}")
+        self.model = model.eval().requires_grad_(False)
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        self.diffusion = diffusion
+        self.stats = stats
+        self.provenance = provenance
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        model: str = "diffusion@latest",
+        store: Union[ArtifactStore, str, None] = None,
+        autoencoder: Optional[str] = None,
+        allow_autoencoder_mismatch: bool = False,
+        weights: str = "ema",
+        device: Union[str, torch.device] = "cpu",
+    ) -> "LatentDiffusionPipeline":
+        """Load a `diffusion` artifact and the autoencoder of its lineage (files checksum-verified).
+
+        `autoencoder`: an autoencoder reference that must be the one the latents were encoded with;
+        another one is refused unless `allow_autoencoder_mismatch` (its latents would decode wrongly).
+        `weights`: "ema" (for sampling) or "raw" (the trained weights).
+        """
+        store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
+        artifact = store.load(model, stage="diffusion")
+        lineage_ref = artifact.manifest.get("autoencoder")
+        if lineage_ref is None:
+            raise ArtifactError(f"{artifact.ref} does not name the autoencoder its latents came from; it cannot be decoded safely")
+        chosen = store.load(autoencoder or lineage_ref, stage="autoencoder")
+        override = chosen.ref != lineage_ref
+        if override and not allow_autoencoder_mismatch:
+            raise ArtifactError(
+                f"{artifact.ref} was trained on latents of {lineage_ref}, not of {chosen.ref}: its samples would decode "
+                f"with the wrong latent space. Use autoencoder={lineage_ref!r} (or leave it out), or pass "
+                f"allow_autoencoder_mismatch=True if you mean it"
+            )
+        config = artifact.config()
+        dit_config = from_dict(DiTConfig, config["model"], "model")
+        diffusion = from_dict(DiffusionConfig, config["diffusion"], "diffusion")
+        files = {"ema": "weights.safetensors", "raw": "raw.safetensors"}
+        if weights not in files:
+            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+        dit = DiT(dit_config)
+        dit.load_state_dict(artifact.load_tensors(files[weights]))
+        stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
+        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override)
+        return cls(dit.to(device), load_autoencoder(chosen, device), diffusion, stats, provenance)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    # ------------------------------------------------------------------ latents <-> images
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Normalised latents (N, C, h, w) of images (N, C_img, H, W) in [-1, 1]: posterior mode, or a sample."""
+        self._check_images(images)
+        posterior = self.autoencoder.encode(images.to(self.device, torch.float32))
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return self.stats.normalize(z)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (N, C_img, H, W) in [-1, 1] of normalised latents (N, C, h, w)."""
+        return self.autoencoder.decode(self.stats.denormalize(latents.to(self.device, torch.float32))).clamp(-1, 1)
+
+    # ------------------------------------------------------------------ generation
+
+    def sample(
+        self,
+        class_labels: Labels,
+        num_steps: int = 25,
+        sampler: Optional[str] = None,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 64,
+        output: str = "tensor",
+        guidance_interval: Optional[tuple[float, float]] = None,
+        return_latents: bool = False,
+        progress: bool = False,
+        **sampler_kwargs,
+    ):
+        """Class-conditional images (N, C, H, W) in [-1, 1], or a list of PIL images with output="pil".
+
+        Image i depends on seed + i alone, so splitting into batches of any size gives the same images.
+        sampler: ddpm | ddim | dpm++2m | euler | heun | flow-euler (default: dpm++2m, or flow-euler
+        for a rectified-flow model); sampler_kwargs go to `run_sampler` (spacing, eta, variance, ...).
+        """
+        labels = self._labels(class_labels)
+        latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval,
+                                 progress, sampler_kwargs)
+        images = self._decode_batched(latents, batch_size)
+        return self._output(images, output, latents if return_latents else None)
+
+    def img2img(
+        self,
+        images: torch.Tensor,
+        strength: float,
+        class_labels: Labels,
+        num_steps: int = 25,
+        sampler: Optional[str] = None,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 64,
+        output: str = "tensor",
+        progress: bool = False,
+        **sampler_kwargs,
+    ):
+        """SDEdit in latent space: noise the images' latents to `strength` of the chain and denoise.
+
+        strength 0 returns the autoencoder's reconstruction of the input; strength 1 ignores it.
+        """
+        labels = self._labels(class_labels, len(images))
+        x0 = self.encode(images)
+        latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, None, progress,
+                                 sampler_kwargs, x0=x0, strength=strength)
+        return self._output(self._decode_batched(latents, batch_size), output)
+
+    def inpaint(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        class_labels: Labels,
+        num_steps: int = 25,
+        sampler: Optional[str] = None,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 64,
+        output: str = "tensor",
+        keep_known_pixels: bool = True,
+        progress: bool = False,
+        **sampler_kwargs,
+    ):
+        """Repaint where mask (N or 1, 1, H, W) is 1, keep the images where it is 0 (masked resampling in latent space).
+
+        A latent is regenerated when any pixel of its f x f patch is masked. At every step the known
+        latents replace the model's x0 estimate outside the mask, so they follow their own noising
+        path and the model fills the hole around them (samplers ddim, dpm++2m, euler, heun).
+        keep_known_pixels pastes the input back outside the mask after decoding.
+        """
+        self._check_images(images)
+        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, len(images)):
+            raise ValueError(f"mask must be (N or 1, 1, H, W) matching images {tuple(images.shape)}, got {tuple(mask.shape)}")
+        mask = (mask.to(self.device, torch.float32) > 0.5).float().expand(len(images), -1, -1, -1)
+        size = self.model.config.input_size
+        regenerate = F.adaptive_max_pool2d(mask, (size, size))  # (N, 1, h, w)
+        labels = self._labels(class_labels, len(images))
+        x0 = self.encode(images)
+        latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, None, progress,
+                                 sampler_kwargs, x0=x0, regenerate=regenerate)
+        result = self._decode_batched(latents, batch_size)
+        if keep_known_pixels:
+            result = torch.lerp(images.to(result), result, mask)
+        return self._output(result, output)
+
+    # ------------------------------------------------------------------ internals
+
+    def _labels(self, class_labels: Labels, n: Optional[int] = None) -> torch.Tensor:
+        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels, dtype=torch.long).flatten()
+        if n is not None and len(labels) == 1:
+            labels = labels.expand(n)
+        if n is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} class labels for {n} images")
+        if len(labels) == 0:
+            raise ValueError("no class labels given: pass one label per image")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
+        return labels
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        config = self.autoencoder.config
+        f = config.downsample_factor
+        if images.ndim != 4 or images.shape[1] != config.in_channels:
+            raise ValueError(f"images must be (N, {config.in_channels}, H, W) in [-1, 1], got {tuple(images.shape)}")
+        if images.shape[-2] != self.model.config.input_size * f or images.shape[-1] != self.model.config.input_size * f:
+            side = self.model.config.input_size * f
+            raise ValueError(f"images must be {side}x{side} for this model, got {tuple(images.shape[-2:])}")
+
+    def _generate(self, labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval, progress,
+                  sampler_kwargs, x0=None, strength=1.0, regenerate=None) -> torch.Tensor:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sampler = sampler or default_sampler(self.diffusion)
+        batches = math.ceil(len(labels) / batch_size)
+        bar = tqdm(total=batches * model_calls(sampler, num_steps, strength), desc=f"{sampler} x{num_steps}",
+                   unit="step", disable=not progress, leave=False)
+        out = []
+        with bar:
+            for start in range(0, len(labels), batch_size):
+                part = slice(start, start + batch_size)
+                out.append(sample_latents(
+                    self.model, self.diffusion, labels[part], num_steps, sampler, guidance_scale, guidance_interval,
+                    seed=seed + start,  # image i always draws from seed + i
+                    x0=None if x0 is None else x0[part],
+                    strength=strength,
+                    regenerate=None if regenerate is None else regenerate[part],
+                    on_model_call=bar.update if progress else None,
+                    **sampler_kwargs,
+                ))
+        return torch.cat(out)
+
+    def _decode_batched(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return torch.cat([self.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
+
+    @staticmethod
+    def _output(images: torch.Tensor, output: str, latents: Optional[torch.Tensor] = None):
+        if output not in ("tensor", "pil"):
+            raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
+        result: Union[torch.Tensor, list[Image.Image]] = to_pil(images) if output == "pil" else images
+        return (result, latents) if latents is not None else result

@@ -1,0 +1,191 @@
+"""Stage 3: sample a trained DiT, decode through its autoencoder, and measure the samples.
+
+`write_samples` is `ldm sample` (a grid PNG and the single images); `evaluate_samples` is
+`ldm eval samples` (Frechet distance to real images over named features, class accuracy under the
+project's classifier, time per image; a JSON report and a grid).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.artifacts import ArtifactStore, write_atomic
+from ldm.config import from_dict
+from ldm.data import DataConfig, build_dataset, data_fingerprint
+from ldm.generation import default_sampler
+from ldm.images import save_grid, save_png, to_pil
+from ldm.loading import iterate_images, load_classifier
+from ldm.metrics import FeatureStats, frechet_distance
+from pipeline import LatentDiffusionPipeline
+from stages.evaluate import feature_extractor
+
+
+def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor:
+    """Labels for n images: "3" (all class 3), "0,2,5" (cycled), or None/"all" (every class in turn)."""
+    if spec is None or spec == "all":
+        choices = list(range(num_classes))
+    else:
+        try:
+            choices = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--classes must be comma-separated class indices or 'all', got {spec!r}") from None
+    if not choices or min(choices) < 0 or max(choices) >= num_classes:
+        raise ValueError(f"--classes must name classes in 0..{num_classes - 1}, got {spec!r}")
+    return torch.tensor(choices).repeat((n + len(choices) - 1) // len(choices))[:n]
+
+
+def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: float, seed: int) -> dict:
+    return {
+        "model": pipe.provenance.diffusion if pipe.provenance else None,
+        "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
+        "sampler": sampler, "steps": steps, "guidance_scale": cfg, "seed": seed,
+    }
+
+
+def write_samples(
+    store: ArtifactStore,
+    model_ref: str,
+    n: int = 64,
+    classes: Optional[str] = None,
+    steps: int = 25,
+    sampler: Optional[str] = None,
+    cfg: float = 2.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    out_dir: str | Path = "out/samples",
+    device: str = "cpu",
+    single_images: bool = True,
+) -> dict:
+    """Sample n class-conditional images; write grid.png, images/NNNNNN-class-C.png and samples.json."""
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, device=device)
+    sampler = sampler or default_sampler(pipe.diffusion)
+    labels = parse_classes(classes, n, pipe.num_classes)
+    out_dir = Path(out_dir)
+    start = time.perf_counter()
+    images = pipe.sample(labels, steps, sampler, cfg, seed, batch_size, progress=True)
+    seconds = time.perf_counter() - start
+    distinct = len(set(labels.tolist()))
+    balanced = n % distinct == 0
+    order = torch.argsort(labels, stable=True) if balanced else torch.arange(n)  # balanced: one row per class
+    grid = save_grid(images[order], out_dir / "grid.png", nrow=n // distinct if balanced and distinct > 1 else None, scale=2)
+    if single_images:
+        for i, (image, label) in enumerate(zip(to_pil(images), labels.tolist())):
+            save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
+    report = {**_settings(pipe, sampler, steps, cfg, seed), "n": n, "labels": labels.tolist(), "seconds": round(seconds, 2),
+              "seconds_per_image": seconds / n}
+    write_atomic(out_dir / "samples.json", json.dumps(report, indent=2).encode())
+    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, cfg {cfg}, seed {seed}) in {seconds:.1f}s "
+          f"({1000 * seconds / n:.1f} ms/image)")
+    print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
+    return report
+
+
+@torch.no_grad()
+def real_statistics(extractor, dataset, limit: int, batch_size: int, device: torch.device) -> FeatureStats:
+    """Feature statistics of the first `limit` images of a dataset."""
+    stats = FeatureStats()
+    for images, _ in iterate_images(dataset, batch_size, limit):
+        stats.update(extractor(images.to(device)))
+    return stats
+
+
+@torch.no_grad()
+def evaluate_samples(
+    store: ArtifactStore,
+    model_ref: str,
+    n: int = 10_000,
+    steps: int = 20,
+    sampler: Optional[str] = None,
+    cfg: float = 1.5,
+    seed: int = 0,
+    batch_size: int = 250,
+    classifier_ref: str = "classifier@latest",
+    features: str = "auto",
+    out_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> dict:
+    """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
+
+    Also measures the same distance between n training and n test images, the floor a perfect
+    model would reach with this many images and these features.
+    """
+    device_ = torch.device(device)
+    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, device=device_)
+    sampler = sampler or default_sampler(pipe.diffusion)
+    extractor = feature_extractor(store, features, classifier_ref, device_)
+    classifier_artifact = store.load(classifier_ref, stage="classifier")
+    classifier = load_classifier(classifier_artifact, device_)
+
+    autoencoder = store.load(pipe.provenance.autoencoder, stage="autoencoder", verify=False)
+    data_config = replace(from_dict(DataConfig, autoencoder.config()["data"], "data"), hflip=False)
+    test, train = build_dataset(data_config, "test"), build_dataset(data_config, "train")
+    n_real = min(n, len(test), len(train))
+    test_stats = real_statistics(extractor, test, n_real, batch_size, device_)
+    train_stats = real_statistics(extractor, train, n_real, batch_size, device_)
+    reference = frechet_distance(train_stats.mean(), train_stats.cov(), test_stats.mean(), test_stats.cov())
+
+    labels = torch.arange(n) % pipe.num_classes
+    sample_stats = FeatureStats()
+    correct, seconds, grid_images = 0, 0.0, []
+    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps, cfg {cfg})", unit="img")
+    with bar:
+        for start in range(0, n, batch_size):
+            batch_labels = labels[start : start + batch_size]
+            began = time.perf_counter()
+            images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size)
+            if device_.type == "cuda":
+                torch.cuda.synchronize(device_)
+            seconds += time.perf_counter() - began
+            sample_stats.update(extractor(images))
+            correct += int((classifier(images).argmax(1).cpu() == batch_labels).sum())
+            if sum(len(g) for g in grid_images) < 100:
+                grid_images.append(images[: 100 - sum(len(g) for g in grid_images)].cpu())
+            bar.update(len(batch_labels))
+    distance = frechet_distance(test_stats.mean(), test_stats.cov(), sample_stats.mean(), sample_stats.cov())
+    report = {
+        **_settings(pipe, sampler, steps, cfg, seed),
+        "n": n,
+        "frechet_distance": distance,
+        "features": extractor.name,
+        "is_standard_fid": bool(extractor.is_standard),
+        "real_reference_distance": reference,
+        "real_reference": f"{n_real} train vs {n_real} test images, same features",
+        "ratio_to_reference": distance / reference if reference > 0 else float("inf"),
+        "class_accuracy": correct / n,
+        "class_accuracy_classifier": classifier_artifact.ref,
+        "seconds_per_image": seconds / n,
+        "test_data": {"images": n_real, "fingerprint": data_fingerprint(data_config, "test")},
+        "device": str(device_),
+        "threads": torch.get_num_threads(),
+    }
+    name = f"samples-{sampler}-{steps}-cfg{cfg:g}-n{n}"
+    out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
+    first = torch.cat(grid_images)
+    grid = save_grid(first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2)
+    metrics = {k: report[k] for k in ("frechet_distance", "real_reference_distance", "class_accuracy", "seconds_per_image")}
+    metrics.update(features=report["features"], n=n)
+    store.update_manifest(store.load(model_ref, stage="diffusion", verify=False), metrics={name: metrics})
+    print_sample_report(report, out_dir, grid)
+    return report
+
+
+def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
+    kind = "FID" if report["is_standard_fid"] else "FD (not Inception FID)"
+    print(f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps, cfg {report['guidance_scale']}")
+    print(f"  {kind:<22} {report['frechet_distance']:9.4f}   [{report['features']}]")
+    print(f"  real train vs test     {report['real_reference_distance']:9.4f}   ({report['real_reference']}; "
+          f"samples are {report['ratio_to_reference']:.2f}x that)")
+    print(f"  class accuracy         {report['class_accuracy']:9.4f}   [{report['class_accuracy_classifier']}]")
+    print(f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads)")
+    print(f"  report {out_dir / 'report.json'}   grid {grid}")
+

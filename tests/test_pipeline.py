@@ -1,0 +1,153 @@
+"""The latent sampling API over artifacts: lineage checks, seeds, img2img, inpainting, the sample command."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.config import to_dict
+from ldm.data import DataConfig
+from ldm.data.latents import LatentStats
+from ldm.diffusion.schedules import DiffusionConfig
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.dit import DiT, DiTConfig
+from pipeline import LatentDiffusionPipeline
+from stages.cli import main
+
+AE = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)
+DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False)
+DIFFUSION = DiffusionConfig(objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False)
+STATS = LatentStats(mean=[0.1, -0.2, 0.0, 0.3], std=[2.0, 1.5, 1.0, 0.5])
+
+
+def save_autoencoder(store, seed):
+    torch.manual_seed(seed)
+    model = AutoencoderKL(AE)
+    return store.save("autoencoder", tensors={"weights.safetensors": model.state_dict()},
+                      config={"model": to_dict(AE), "data": to_dict(DataConfig())}, metadata={"seed": seed})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with two random autoencoders and a random DiT whose lineage names the first one."""
+    store = ArtifactStore(tmp_path_factory.mktemp("pipeline") / "store")
+    ae = save_autoencoder(store, 0)
+    save_autoencoder(store, 1)
+    torch.manual_seed(2)
+    dit = DiT(DIT)
+    with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0: give it a non-trivial function
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    store.save("diffusion", tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
+               config={"model": to_dict(DIT), "diffusion": to_dict(DIFFUSION)},
+               metadata={"autoencoder": ae.ref, "latent_stats": STATS.to_dict()})
+    return store
+
+
+@pytest.fixture(scope="module")
+def pipe(store):
+    return LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store)
+
+
+def test_from_artifacts_loads_the_lineage_autoencoder_and_its_statistics(store, pipe):
+    first = store.list("autoencoder")[0]
+    assert pipe.provenance.autoencoder == first.ref and not pipe.provenance.autoencoder_override
+    assert pipe.stats == STATS
+    z = torch.randn(2, 4, 8, 8)
+    assert torch.allclose(pipe.encode(pipe.decode(z)), pipe.encode(pipe.decode(z)))
+    raw = AutoencoderKL(AE)
+    raw.load_state_dict(first.load_tensors())
+    # decode applies the stored statistics before the decoder: the scale lives in one place
+    expected = raw.eval().decode(z * torch.tensor(STATS.std).view(1, 4, 1, 1) + torch.tensor(STATS.mean).view(1, 4, 1, 1))
+    assert torch.allclose(pipe.decode(z), expected.clamp(-1, 1), atol=1e-6)
+
+
+def test_from_artifacts_refuses_an_autoencoder_other_than_the_lineage(store):
+    other = store.list("autoencoder")[1]
+    with pytest.raises(ArtifactError, match="trained on latents of autoencoder@"):
+        LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store, autoencoder=other.ref)
+    forced = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store, autoencoder=other.ref,
+                                                    allow_autoencoder_mismatch=True)
+    assert forced.provenance.autoencoder == other.ref and forced.provenance.autoencoder_override
+
+
+def test_from_artifacts_refuses_a_corrupted_weights_file(tmp_path, store):
+    import shutil
+
+    copy = ArtifactStore(tmp_path / "copy")
+    shutil.copytree(store.root, copy.root)
+    weights = copy.resolve("diffusion@latest") / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256|checksum"):
+        LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=copy)
+
+
+def test_sample_is_seeded_per_image_whatever_the_batch_size(pipe):
+    images = pipe.sample([0, 1, 2, 3, 4], num_steps=4, guidance_scale=2.0, seed=11, batch_size=5)
+    assert images.shape == (5, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    split = pipe.sample([0, 1, 2, 3, 4], num_steps=4, guidance_scale=2.0, seed=11, batch_size=2)
+    assert torch.allclose(images, split, atol=1e-5)
+    later = pipe.sample([2, 3, 4], num_steps=4, guidance_scale=2.0, seed=13, batch_size=3)
+    assert torch.allclose(images[2:], later, atol=1e-5)  # image i depends on seed + i alone
+    other = pipe.sample([0, 1, 2, 3, 4], num_steps=4, guidance_scale=2.0, seed=12, batch_size=5)
+    assert not torch.allclose(images, other, atol=1e-3)
+    pils = pipe.sample([1, 2], num_steps=2, output="pil")
+    assert len(pils) == 2 and isinstance(pils[0], Image.Image) and pils[0].size == (32, 32)
+
+
+def test_sample_rejects_bad_labels(pipe):
+    with pytest.raises(ValueError, match="0..9"):
+        pipe.sample([10], num_steps=2)
+    with pytest.raises(ValueError, match="no class labels"):
+        pipe.sample([], num_steps=2)
+
+
+def test_img2img_strength_zero_is_the_reconstruction_and_one_is_a_fresh_sample(pipe):
+    torch.manual_seed(3)
+    images = torch.rand(3, 1, 32, 32) * 2 - 1
+    reconstruction = pipe.decode(pipe.encode(images))
+    assert torch.equal(pipe.img2img(images, strength=0.0, class_labels=[1, 2, 3], num_steps=10), reconstruction)
+    fresh = pipe.sample([1, 2, 3], num_steps=10, guidance_scale=1.5, seed=5)
+    assert torch.allclose(pipe.img2img(images, 1.0, [1, 2, 3], num_steps=10, guidance_scale=1.5, seed=5), fresh, atol=1e-6)
+    halfway = pipe.img2img(images, 0.5, 4, num_steps=10, seed=5)  # one label for all images
+    assert halfway.shape == images.shape
+    assert not torch.allclose(halfway, reconstruction, atol=1e-3) and not torch.allclose(halfway, fresh, atol=1e-3)
+
+
+def test_inpaint_keeps_the_unmasked_region(pipe):
+    torch.manual_seed(4)
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :, 16:] = 1  # repaint the right half
+    out = pipe.inpaint(images, mask, [5, 6], num_steps=6, seed=1, keep_known_pixels=False)
+    reconstruction = pipe.decode(pipe.encode(images))
+    assert not torch.allclose(out[..., 20:], reconstruction[..., 20:], atol=1e-2)  # new content on the right
+    kept = pipe.inpaint(images, mask, [5, 6], num_steps=6, seed=1)
+    assert torch.equal(kept[..., :16], images[..., :16]) and torch.equal(kept[..., 16:], out[..., 16:])
+    nothing = pipe.inpaint(images, torch.zeros(1, 1, 32, 32), [5, 6], num_steps=6, seed=1, keep_known_pixels=False)
+    assert torch.allclose(nothing, reconstruction, atol=1e-5)  # no mask: the known latents come back exactly
+    everything = pipe.inpaint(images, torch.ones(1, 1, 32, 32), [5, 6], num_steps=6, seed=1, keep_known_pixels=False)
+    assert torch.allclose(everything, pipe.sample([5, 6], num_steps=6, seed=1), atol=1e-5)
+    with pytest.raises(ValueError, match="mask must be"):
+        pipe.inpaint(images, torch.ones(1, 1, 16, 16), [5, 6])
+    with pytest.raises(ValueError, match="x0 estimate"):
+        pipe.inpaint(images, mask, [5, 6], sampler="ddpm")
+
+
+def test_sample_command_writes_a_grid_and_the_single_images(tmp_path, store):
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--n", "6", "--classes", "1,7", "--steps", "3",
+                                       "--cfg", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "samples.json").read_text())
+    assert report["labels"] == [1, 7, 1, 7, 1, 7] and report["sampler"] == "dpm++2m" and report["steps"] == 3
+    assert sorted(p.name for p in (out / "images").iterdir())[:2] == ["000000-class1.png", "000001-class7.png"]
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * (3 * 34 + 2), 2 * (2 * 34 + 2))  # 2 rows (classes) of 3, 2x upscaled
+    bad = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--classes", "12", "--out", str(out)])
+    assert bad.exit_code != 0 and "0..9" in bad.output
