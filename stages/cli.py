@@ -271,5 +271,112 @@ def artifacts_show(ctx: click.Context, ref: str, verify: bool) -> None:
     click.echo((artifact.path / "config.yaml").read_text())
 
 
+import_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    help="Override a config field of the import, e.g. --set model.resolution=512 (repeatable).",
+)
+
+
+@main.group("import")
+def import_group() -> None:
+    """Import pretrained weights (diffusers, CompVis latent-diffusion, facebookresearch/DiT) as artifacts."""
+
+
+@import_group.command("autoencoder")
+@click.option("--from-diffusers", type=click.Path(), default=None,
+              help="diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin), or a pipeline folder with vae/.")
+@click.option("--from-compvis", type=click.Path(), default=None,
+              help="CompVis latent-diffusion / taming AutoencoderKL checkpoint (.ckpt, .pt or .safetensors); its shape is the kl-f8 one unless --set model.* says otherwise.")
+@click.option("--data", default=None,
+              help="Default data of `ldm encode` / `ldm eval recon` for this autoencoder: fmnist or an image folder (default: fmnist for 1 channel, none for RGB).")
+@import_set_option
+@click.pass_context
+def import_autoencoder_command(ctx: click.Context, from_diffusers: str | None, from_compvis: str | None, data: str | None,
+                               overrides: tuple[str, ...]) -> None:
+    """Store a pretrained KL autoencoder as an `autoencoder` artifact (weights checked key by key and shape by shape).
+
+    --set takes model.* (AutoencoderConfig: e.g. model.resolution, or for CompVis model.ch, model.ch_mult,
+    model.num_res_blocks, model.latent_channels, model.in_channels) and data.* fields. A diffusers
+    scaling_factor / shift_factor (or latents_mean / latents_std) is kept as the artifact's latent_stats.
+    """
+    from stages.interop import import_autoencoder
+
+    try:
+        import_autoencoder(_store(ctx), from_diffusers, from_compvis, overrides, data)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@import_group.command("diffusion")
+@click.option("--from-dit", type=click.Path(), default=None,
+              help="facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt, or .safetensors): a state dict, or one under \"ema\" / \"model\".")
+@click.option("--from-diffusers", type=click.Path(), default=None,
+              help="diffusers DiTTransformer2DModel folder (config.json + weights), or a DiT pipeline folder with transformer/.")
+@click.option("--autoencoder", "autoencoder_ref", required=True,
+              help="The autoencoder artifact whose latents the DiT was trained on (e.g. an imported SD VAE).")
+@click.option("--num-heads", type=int, default=None,
+              help="Attention heads (not readable from the weights; default: the DiT paper's for its depth and width).")
+@click.option("--scaling-factor", type=float, default=None,
+              help="Latent scale the DiT was trained with, (z - shift) * scale (default: the autoencoder's source latent stats).")
+@click.option("--shift-factor", type=float, default=None, help="Latent shift, with --scaling-factor (default 0).")
+@import_set_option
+@click.pass_context
+def import_diffusion_command(ctx: click.Context, from_dit: str | None, from_diffusers: str | None, autoencoder_ref: str,
+                             num_heads: int | None, scaling_factor: float | None, shift_factor: float | None,
+                             overrides: tuple[str, ...]) -> None:
+    """Store a pretrained DiT as a `diffusion` artifact that `ldm sample` and the pipeline can use.
+
+    The architecture is read from the weights (original DiT) or config.json (diffusers); --set takes
+    model.* (DiTConfig) and diffusion.* (DiffusionConfig; default DiT's linear-schedule DDPM, eps).
+    """
+    from stages.interop import import_diffusion
+
+    try:
+        import_diffusion(_store(ctx), autoencoder_ref, from_dit, from_diffusers, overrides, num_heads, scaling_factor,
+                         shift_factor)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@main.group("export")
+def export_group() -> None:
+    """Export artifacts as diffusers model folders."""
+
+
+@export_group.command("autoencoder")
+@click.argument("ref")
+@click.option("--to-diffusers", "out_dir", required=True, type=click.Path(), help="New folder for config.json + diffusion_pytorch_model.safetensors.")
+@click.option("--latents", "latents_ref", default=None,
+              help="Latent cache whose statistics become scaling_factor (default: the source's, else the newest cache of this autoencoder).")
+@click.pass_context
+def export_autoencoder_command(ctx: click.Context, ref: str, out_dir: str, latents_ref: str | None) -> None:
+    """Write an autoencoder artifact as a diffusers AutoencoderKL folder, loaded back and compared when diffusers is installed."""
+    from stages.interop import export_autoencoder
+
+    try:
+        export_autoencoder(_store(ctx), ref, out_dir, latents_ref)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@export_group.command("diffusion")
+@click.argument("ref")
+@click.option("--to-diffusers", "out_dir", required=True, type=click.Path(), help="New folder for config.json + diffusion_pytorch_model.safetensors.")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True, help="EMA (sampling) or raw weights.")
+@click.pass_context
+def export_diffusion_command(ctx: click.Context, ref: str, out_dir: str, weights: str) -> None:
+    """Write a diffusion artifact's DiT as a diffusers DiTTransformer2DModel folder and print how closely diffusers reproduces it.
+
+    diffusers' DiT has fixed timestep frequencies; a DiT trained here (timestep_freq_shift 0, as the
+    original DiT) is then not exact, and the printed relative output difference says by how much.
+    """
+    from stages.interop import export_diffusion
+
+    try:
+        export_diffusion(_store(ctx), ref, out_dir, weights)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ from ldm.training import Timer, format_seconds
 from stages import autoencoder, classifier, diffusion
 from stages.encode import EncodeConfig, encode
 from stages.evaluate import evaluate_reconstruction
+from stages.sample import evaluate_samples, write_samples
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist"
 
@@ -48,6 +49,14 @@ def run_demo(out: Path) -> dict[str, object]:
     )
     model = diffusion.run(dit_config, store)
 
+    print("\n== stage 3: sample and decode ==")
+    samples = write_samples(store, model.ref, n=100, steps=20, sampler="dpm++2m", cfg=2.0, out_dir=out / "samples",
+                            single_images=False)
+
+    print("\n== sample evaluation ==")
+    sample_report = evaluate_samples(store, model.ref, n=1000, steps=20, sampler="dpm++2m", cfg=1.5,
+                                     classifier_ref=feature_classifier.ref, out_dir=out / "eval-samples")
+
     print(f"\ndemo finished in {format_seconds(timer())}")
     print(f"  artifacts:        {store.root}   (ldm --store {store.root} artifacts list)")
     print(f"  classifier:       {feature_classifier.ref}  test accuracy {feature_classifier.manifest['metrics']['test']['accuracy']:.4f}")
@@ -55,6 +64,10 @@ def run_demo(out: Path) -> dict[str, object]:
     print(f"  reconstructions:  {out / 'eval-recon' / 'reconstructions.png'}")
     print(f"  latent cache:     {cache.ref}  ({cache.manifest['images']} images x {cache.manifest['views']} views)")
     print(f"  diffusion:        {model.ref}  final loss {model.manifest['training']['final'].get('loss', float('nan')):.4f}")
-    print(f"  sample grid:      {runs / 'diffusion' / 'images' / 'samples-final.png'} (EMA, DPM-Solver++ 20 steps, CFG 2.0)")
+    print(f"  samples:          FD {sample_report['frechet_distance']:.3f} (real train vs test {sample_report['real_reference_distance']:.3f}), "
+          f"class accuracy {sample_report['class_accuracy']:.3f}, {1000 * sample_report['seconds_per_image']:.1f} ms/image "
+          f"({sample_report['n']} samples, {sample_report['features'].split(' ')[0]} features)")
+    print(f"  sample grid:      {out / 'samples' / 'grid.png'} (one row per class, DPM-Solver++ 20 steps, CFG {samples['guidance_scale']})")
     print(f"  training curves:  {runs / 'autoencoder' / 'loss.png'}, {runs / 'diffusion' / 'loss.png'}")
-    return {"classifier": feature_classifier, "autoencoder": ae, "recon": recon, "latents": cache, "diffusion": model}
+    return {"classifier": feature_classifier, "autoencoder": ae, "recon": recon, "latents": cache, "diffusion": model,
+            "samples": sample_report}

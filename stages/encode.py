@@ -12,7 +12,7 @@ import torch
 from ldm.artifacts import Artifact, ArtifactStore
 from ldm.config import from_dict, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
-from ldm.data.latents import measure_stats
+from ldm.data.latents import LatentStats, measure_stats
 from ldm.loading import iterate_images, load_autoencoder
 from ldm.training import Timer, format_seconds
 
@@ -25,7 +25,7 @@ class EncodeConfig:
 
     split: str = "train"
     flips: bool = True  # also cache each image's horizontal flip (V = 2 views)
-    stats: str = "channel"  # channel | global normalisation statistics
+    stats: str = "channel"  # channel | global normalisation statistics | source (an imported autoencoder's own)
     batch_size: int = 500
     shard_size: int = 16384  # images per shard file
     dtype: str = "float32"  # storage dtype of mean and std: float32 | float16 | bfloat16
@@ -36,8 +36,8 @@ class EncodeConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.stats not in ("channel", "global"):
-            raise ValueError(f"stats must be channel or global, got {self.stats!r}")
+        if self.stats not in ("channel", "global", "source"):
+            raise ValueError(f"stats must be channel, global or source, got {self.stats!r}")
 
 
 def cache_key(autoencoder: Artifact, fingerprint: str, config: EncodeConfig) -> str:
@@ -61,6 +61,11 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
     An identical cache already in the store (same autoencoder, data and settings) is returned instead.
     """
     autoencoder = store.load(autoencoder_ref, stage="autoencoder")
+    if config.stats == "source" and "latent_stats" not in autoencoder.manifest:
+        raise ValueError(
+            f"{autoencoder.ref} has no source latent statistics (only imported autoencoders whose source "
+            f"gives a scaling_factor have them); use stats=channel or stats=global"
+        )
     data_config = data or from_dict(DataConfig, autoencoder.config()["data"], "data")
     data_config = replace(data_config, hflip=False)
     fingerprint = data_fingerprint(data_config, config.split)
@@ -93,7 +98,12 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
         print(f"  {done}/{total}  {done / timer():.0f} images/s", end="\r", flush=True)
     print()
     mean, std, label = torch.cat(means), torch.cat(stds), torch.cat(labels)
-    stats = measure_stats(mean, std, config.stats)
+    if config.stats == "source":
+        # The statistics an imported autoencoder prescribes (e.g. diffusers' scaling_factor), which
+        # pretrained diffusion models of that autoencoder were trained with.
+        stats = LatentStats.from_dict(autoencoder.manifest["latent_stats"])
+    else:
+        stats = measure_stats(mean, std, config.stats)
     shards = {
         f"shard-{i // config.shard_size:05d}.safetensors": {
             "mean": mean[i : i + config.shard_size],

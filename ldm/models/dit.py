@@ -40,6 +40,12 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True  # also predict the variance interpolation (Nichol & Dhariwal 2021)
     qk_norm: bool = False  # RMSNorm on queries and keys per head
+    # Timestep frequencies max_period^(-i / (half - shift)), half = 128: 0 is DiT's and ADM's,
+    # 1 is diffusers' DiTTransformer2DModel (Timesteps with downscale_freq_shift=1), for imports.
+    timestep_freq_shift: int = 0
+    # eps of the LayerNorm before each block's MLP: 1e-6 in DiT; diffusers' DiT uses its norm_eps
+    # (default 1e-5) there, so a diffusers import sets it to compute exactly diffusers' function.
+    mlp_norm_eps: float = 1e-6
     grad_checkpointing: bool = False  # recompute block activations in backward (training only)
 
     def __post_init__(self) -> None:
@@ -52,6 +58,12 @@ class DiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
+        if self.timestep_freq_shift not in (0, 1):
+            raise ValueError(
+                f"timestep_freq_shift must be 0 (DiT) or 1 (diffusers), got {self.timestep_freq_shift}"
+            )
+        if not self.mlp_norm_eps > 0:
+            raise ValueError(f"mlp_norm_eps must be positive, got {self.mlp_norm_eps}")
 
     @property
     def out_channels(self) -> int:
@@ -121,16 +133,20 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # (G*G, D)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0
+) -> torch.Tensor:
     """Return sinusoidal features (N, dim) of (possibly fractional) timesteps t (N,), always in float32.
 
-    Frequencies are f_i = max_period^(-i / (dim/2)) for i < dim/2; the features are
-    [cos(t f), sin(t f)] (the ADM / DiT layout). float32 even under autocast: t * f reaches 1000
-    radians and bf16 would keep only ~3 significant digits of it.
+    Frequencies are f_i = max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; the features are
+    [cos(t f), sin(t f)] (the ADM / DiT layout). freq_shift 0 is DiT's spacing; 1 is diffusers'
+    (its Timesteps with downscale_freq_shift=1 and flip_sin_to_cos=True, the same cos-first order).
+    float32 even under autocast: t * f reaches 1000 radians and bf16 would keep only ~3
+    significant digits of it.
     """
     half = dim // 2
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
     )  # (dim/2,)
     args = t.to(torch.float32)[:, None] * freqs[None]  # (N, dim/2)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2*(dim/2))
@@ -168,9 +184,10 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Timestep -> sinusoidal features -> 2-layer SiLU MLP -> (N, hidden_size)."""
 
-    def __init__(self, hidden_size: int, frequency_dim: int = TIMESTEP_FREQUENCY_DIM):
+    def __init__(self, hidden_size: int, frequency_dim: int = TIMESTEP_FREQUENCY_DIM, freq_shift: int = 0):
         super().__init__()
         self.frequency_dim = frequency_dim
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_dim, hidden_size),
             nn.SiLU(),
@@ -179,7 +196,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """Return the embedding (N, D) of timesteps t (N,)."""
-        return self.mlp(timestep_embedding(t, self.frequency_dim))
+        return self.mlp(timestep_embedding(t, self.frequency_dim, freq_shift=self.freq_shift))
 
 
 class LabelEmbedder(nn.Module):
@@ -257,12 +274,14 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block whose pre-norms are modulated by the conditioning (adaLN-Zero)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, mlp_norm_eps: float = 1e-6
+    ):
         super().__init__()
         # No affine parameters: the per-sample shift and scale from adaLN take their place.
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         # Applied to SiLU(c), which the DiT computes once for all blocks.
         self.adaLN_modulation = nn.Linear(hidden_size, 6 * hidden_size)
@@ -302,14 +321,15 @@ class DiT(nn.Module):
         self.config = config
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         # Fixed, not learned (as in DiT); not saved either, since the config determines it.
         self.register_buffer(
             "pos_embed", sincos_pos_embed_2d(d, config.grid_size).unsqueeze(0), persistent=False
         )  # (1, T, D)
         self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)
+            DiTBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm, config.mlp_norm_eps)
+            for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
         self.initialize_weights()
