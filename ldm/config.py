@@ -34,6 +34,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp | ...
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    tf32: bool = True  # on CUDA, float32 matmuls and convolutions on TF32 tensor cores (as the DiT paper ran)
     compile: bool = False
     channels_last: bool = False  # NHWC activations for convolutional models (faster with oneDNN and cuDNN)
     num_workers: int = 0

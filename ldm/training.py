@@ -114,6 +114,8 @@ def build_trainer(
     discriminator): Lightning counts every optimiser step, we count batches.
     """
     every = max(1, config.checkpoint_every) * steps_per_batch
+    if torch.cuda.is_available():  # no effect on CPUs; 32-true stays exact fp32 there
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     kwargs: dict[str, Any] = dict(
         default_root_dir=run_dir,
         max_steps=config.max_steps * steps_per_batch,

@@ -41,7 +41,7 @@ def run_demo(out: Path) -> dict[str, object]:
     )
 
     print("\n== encode: the latent cache ==")
-    cache = encode(store, ae.ref, EncodeConfig(split="train"))
+    cache = encode(store, ae.ref, EncodeConfig(split="train", limit=20_000))  # the quick DiT sees 32k latents
 
     print("\n== stage 2: diffusion transformer ==")
     dit_config = load_config(
