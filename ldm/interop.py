@@ -907,12 +907,17 @@ def export_autoencoder_to_diffusers(
         "mid_block_add_attention": config.attn_at_lowest,
     }
     path = _write_diffusers_folder(out_dir, config_json, autoencoder_state_dict_to_diffusers(model.state_dict(), config))
-    difference = None
-    if verify and _diffusers_version() is not None:
-        difference = _compare_autoencoder(model, path)
-    elif verify:
+    return ExportReport(path, _load_back_and_compare(verify, notes, lambda: _compare_autoencoder(model, path)), notes)
+
+
+def _load_back_and_compare(verify: bool, notes: list[str], compare) -> float | None:
+    """The relative output difference `compare()` measures, or None (with a note) when diffusers is missing."""
+    if not verify:
+        return None
+    if _diffusers_version() is None:
         notes.append("diffusers is not installed: the export was not loaded back and compared")
-    return ExportReport(path, difference, notes)
+        return None
+    return compare()
 
 
 @torch.no_grad()
@@ -966,12 +971,7 @@ def export_dit_to_diffusers(model: DiT, out_dir: PathLike, verify: bool = True) 
             "not exact: diffusers' DiT embeds timesteps with frequencies 10000^(-i/127), this model was trained with "
             "DiT's 10000^(-i/128); the relative output difference is the measured consequence"
         )
-    difference = None
-    if verify and _diffusers_version() is not None:
-        difference = _compare_dit(model, path)
-    elif verify:
-        notes.append("diffusers is not installed: the export was not loaded back and compared")
-    return ExportReport(path, difference, notes)
+    return ExportReport(path, _load_back_and_compare(verify, notes, lambda: _compare_dit(model, path)), notes)
 
 
 @torch.no_grad()

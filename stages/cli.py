@@ -117,7 +117,7 @@ def train_diffusion(ctx: click.Context, config_path: str | None, overrides: tupl
 def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, split: str, overrides: tuple[str, ...]) -> None:
     """Encode a data set once into a `latents` artifact (posterior mean/std, flips, latent statistics).
 
-    Settings (--set key=value): flips, stats (channel|global), batch_size, shard_size, dtype,
+    Settings (--set key=value): flips, stats (channel|global|source: an imported autoencoder's own), batch_size, shard_size, dtype,
     autocast_bf16, limit, device. A re-run with the same inputs returns the stored cache.
     """
     from dataclasses import replace
