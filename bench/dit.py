@@ -116,6 +116,25 @@ def check_same_function(config: DiTConfig, device: torch.device) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
+def randomize_(model: torch.nn.Module) -> torch.nn.Module:
+    """N(0, 0.02) weights: a fresh adaLN-Zero DiT outputs zeros, and both models should do nontrivial work."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def random_batch(config: DiTConfig, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Latents x, timesteps t, labels y and a regression target for n images (seeded: the same every run)."""
+    torch.manual_seed(0)
+    return {
+        "x": torch.randn(n, config.in_channels, config.input_size, config.input_size, device=device),
+        "t": torch.randint(0, 1000, (n,), device=device),
+        "y": torch.randint(0, config.num_classes, (n,), device=device),
+        "target": torch.randn(n, config.out_channels, config.input_size, config.input_size, device=device),
+    }
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -247,20 +266,9 @@ def main() -> None:
     config = dit_config(args.preset, **overrides)
     flops_forward = dit_forward_flops(config)
 
-    torch.manual_seed(0)
     n = args.batch
-    batch = {
-        "x": torch.randn(n, config.in_channels, config.input_size, config.input_size, device=device),
-        "t": torch.randint(0, 1000, (n,), device=device),
-        "y": torch.randint(0, config.num_classes, (n,), device=device),
-        "target": torch.randn(n, config.out_channels, config.input_size, config.input_size, device=device),
-    }
-    models = {"ours": DiT(config).to(device), "diffusers": build_diffusers_dit(config).to(device)}
-    # A fresh DiT outputs zeros (adaLN-Zero); random weights make both do the same nontrivial work.
-    for model in models.values():
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02)
+    batch = random_batch(config, n, device)
+    models = {"ours": randomize_(DiT(config).to(device)), "diffusers": randomize_(build_diffusers_dit(config).to(device))}
 
     def count(model: torch.nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())

@@ -40,6 +40,8 @@ from bench.dit import (  # noqa: E402
     interleaved_timings,
     make_steps,
     matmul_peak_flops,
+    random_batch,
+    randomize_,
     synchronize,
 )
 from ldm.models.dit import DIT_PRESETS, DiT, dit_config, dit_forward_flops  # noqa: E402
@@ -74,14 +76,6 @@ def step_memory_gib(step, device: torch.device) -> float | None:
     step()
     synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**30
-
-
-def randomize_(model: torch.nn.Module) -> torch.nn.Module:
-    """N(0, 0.02) weights: a fresh adaLN-Zero DiT outputs zeros, and both models should do nontrivial work."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model
 
 
 def main() -> None:
@@ -129,14 +123,8 @@ def main() -> None:
     if difference > 1e-4:
         raise SystemExit("the two models do not compute the same function; the comparison would be meaningless")
 
-    torch.manual_seed(0)
     n = args.batch
-    batch = {
-        "x": torch.randn(n, config.in_channels, config.input_size, config.input_size, device=device),
-        "t": torch.randint(0, 1000, (n,), device=device),
-        "y": torch.randint(0, config.num_classes, (n,), device=device),
-        "target": torch.randn(n, config.out_channels, config.input_size, config.input_size, device=device),
-    }
+    batch = random_batch(config, n, device)
     models = {"ours": randomize_(DiT(config).to(device)).train(),
               "diffusers": randomize_(build_diffusers_dit(config).to(device)).train()}
     runnable = {key: torch.compile(m) if args.compile else m for key, m in models.items()}

@@ -29,7 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.dit import build_diffusers_dit, copy_weights_to_diffusers, synchronize  # noqa: E402
+from bench.dit import (  # noqa: E402
+    build_diffusers_dit,
+    copy_weights_to_diffusers,
+    randomize_,
+    synchronize,
+)
 from ldm.diffusion.schedules import DiffusionConfig  # noqa: E402
 from ldm.generation import sample_latents  # noqa: E402
 from ldm.models.dit import DIT_PRESETS, DiT, dit_config  # noqa: E402
@@ -83,10 +88,7 @@ def main() -> None:
     diffusion = DiffusionConfig(objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False)
 
     torch.manual_seed(0)
-    ours = DiT(config).to(device).eval()
-    with torch.no_grad():  # a fresh DiT predicts zero noise (adaLN-Zero); give it real work
-        for p in ours.parameters():
-            p.normal_(0, 0.02)
+    ours = randomize_(DiT(config).to(device)).eval()  # a fresh DiT predicts zero noise (adaLN-Zero)
     theirs = build_diffusers_dit(config).to(device).eval()
     copy_weights_to_diffusers(ours, theirs)
     scheduler = diffusers_scheduler(diffusion.num_timesteps)
