@@ -49,12 +49,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def plain_mode(directory: bool = False) -> int:
+    """Permissions that open() or mkdir() would give under the process umask (0644 / 0755 with 022).
+
+    mkstemp and mkdtemp create private 0600 / 0700 entries; an artifact renamed from one would
+    stay unreadable to the rest of a group sharing the store, so they are opened up to this.
+    """
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, plain_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -115,6 +127,18 @@ class Artifact:
             raise ArtifactError(f"{self.ref} has no file {name}; it has {', '.join(self.manifest['files'])}")
         return load_file(self.path / name, device=str(device))
 
+    def map_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Return the tensors of one safetensors file as read-only views of a memory map of it.
+
+        Nothing is read until it is indexed, and the pages come from the OS page cache, so
+        processes on one machine (DDP ranks) share one copy of a large latent cache instead of
+        each holding its own, and a cache larger than RAM still opens. Do not write to the
+        tensors: the map is private, a write would copy the page and change nothing on disk.
+        """
+        if name not in self.manifest["files"]:
+            raise ArtifactError(f"{self.ref} has no file {name}; it has {', '.join(self.manifest['files'])}")
+        return map_safetensors(self.path / name)
+
     def verify(self) -> None:
         """Check every file against the manifest's sha256; raise ArtifactError on any mismatch."""
         for name, expected in self.manifest["files"].items():
@@ -128,6 +152,48 @@ class Artifact:
                     f"got {actual[:16]}...). The file is corrupted or was changed after saving; "
                     f"re-create the artifact or restore the file."
                 )
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Return the tensors of a safetensors file as views of one private read-only memory map of it.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and [begin, end) byte range in the data that follows, then the raw data.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ArtifactError(f"{path} is not a safetensors file: {size} bytes is shorter than its header")
+        header_len = int.from_bytes(prefix, "little")
+        if 8 + header_len > size:
+            raise ArtifactError(f"{path} is truncated: its header says {header_len} bytes, the file has {size}")
+        header = json.loads(handle.read(header_len))
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)  # MAP_PRIVATE: no copy
+    tensors = {}
+    for key, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ArtifactError(f"{path}: tensor {key} has dtype {info['dtype']}, which this reader does not map")
+        begin, end = (data_start + offset for offset in info["data_offsets"])
+        if end > size:
+            raise ArtifactError(f"{path} is truncated: tensor {key} ends at byte {end} of {size}")
+        chunk = raw[begin:end]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if begin % itemsize:
+            chunk = chunk.clone()  # misaligned for its dtype: the one case that is read into memory
+        tensors[key] = chunk.view(dtype).reshape(info["shape"])
+    return tensors
 
 
 class ArtifactStore:
@@ -171,6 +237,7 @@ class ArtifactStore:
                 (tmp / name).write_bytes(data)
             files = {}
             for file in sorted(tmp.iterdir()):
+                os.chmod(file, plain_mode())  # safetensors writes 0600 files
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
                 files[file.name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
@@ -196,6 +263,7 @@ class ArtifactStore:
             with open(tmp / MANIFEST, "rb") as handle:
                 os.fsync(handle.fileno())
             _fsync_dir(tmp)
+            os.chmod(tmp, plain_mode(directory=True))
             os.rename(tmp, final)
             _fsync_dir(stage_dir)
         except BaseException:

@@ -101,7 +101,11 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.config.trainer
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        params = list(self.model.parameters())
+        # The fused AdamW updates every parameter in one kernel per step instead of a dozen small
+        # ops per tensor: ~6% of a DiT-F/2 step on the CPU (bench/dit.py --optimizer), more on GPUs.
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps, self.config.lr_schedule)
         )
@@ -127,8 +131,9 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.norm() for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else [torch.zeros(())]  # one call, not one per tensor
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms))
         if not torch.isfinite(grad_norm):
             self._stop_non_finite(f"gradient norm is {grad_norm.item()}")
         self.log("train/grad_norm", grad_norm, on_step=True)

@@ -1,9 +1,11 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
 
-from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.artifacts import ArtifactError, ArtifactStore, map_safetensors, write_atomic
 
 
 def save_one(store, value=1.0, stage="autoencoder", parents=None):
@@ -99,3 +101,54 @@ def test_update_manifest_merges_metrics(tmp_path):
     updated = store.update_manifest(store.load(saved.ref), metrics={"recon_train": {"psnr": 31.0}})
     assert updated.manifest["metrics"] == {"recon_test": {"psnr": 30.0}, "recon_train": {"psnr": 31.0}}
     assert store.load(saved.ref).manifest["metrics"]["recon_test"]["psnr"] == 30.0
+
+
+def test_stored_files_and_folders_get_the_umask_modes_not_private_temp_modes(tmp_path):
+    # A store shared by a group: mkstemp/mkdtemp make 0600/0700 entries, which the rename kept.
+    previous = os.umask(0o022)
+    try:
+        store = ArtifactStore(tmp_path)
+        saved = save_one(store)
+        assert stat.S_IMODE(saved.path.stat().st_mode) == 0o755
+        for file in saved.path.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o644, file.name
+        store.update_manifest(saved, metrics={"psnr": 30.0})  # rewritten through write_atomic
+        assert stat.S_IMODE((saved.path / "manifest.json").stat().st_mode) == 0o644
+        os.umask(0o027)
+        write_atomic(tmp_path / "note.json", b"{}")
+        assert stat.S_IMODE((tmp_path / "note.json").stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)
+
+
+def test_mapped_safetensors_equal_the_loaded_ones_for_every_dtype(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {
+        "f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
+        "i64": torch.arange(9).reshape(3, 3), "u8": torch.arange(5, dtype=torch.uint8),
+        "flag": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+    }
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    mapped = map_safetensors(tmp_path / "t.safetensors")
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    assert mapped.keys() == loaded.keys()
+    for key, value in loaded.items():
+        assert mapped[key].dtype == value.dtype and torch.equal(mapped[key], value), key
+
+
+def test_mapped_safetensors_handle_misaligned_data_and_refuse_truncation(tmp_path):
+    # Hand-made file: 3 bytes of u8 put the float32 tensor at an offset that is not a multiple of 4.
+    header = json.dumps({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}).encode()
+    data = bytes([1, 2, 3]) + torch.tensor([1.5, -2.0]).numpy().tobytes()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    mapped = map_safetensors(path)
+    assert mapped["a"].tolist() == [1, 2, 3] and mapped["b"].tolist() == [1.5, -2.0]
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(ArtifactError, match=r"odd.safetensors is truncated: tensor b ends at byte"):
+        map_safetensors(path)
+    path.write_bytes(b"\x05\x00")
+    with pytest.raises(ArtifactError, match="is not a safetensors file"):
+        map_safetensors(path)

@@ -6,6 +6,7 @@ import functools
 import gzip
 import http.server
 import os
+import stat
 import subprocess
 import threading
 import urllib.error
@@ -261,6 +262,10 @@ def test_download_lands_verified_files_in_the_user_cache(local_mirror, tmp_path,
     folder = ensure_fmnist(download=True)
     assert folder == tmp_path / "xdg-cache" / "ldm" / "fashion-mnist"
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.gz" for s in FILE_STEMS)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in folder.iterdir():  # readable as a plain file would be, not mkstemp's private 0600
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
     assert "100.0%" in capsys.readouterr().err
     assert load_fmnist("test")[1][:5].tolist() == [9, 2, 1, 1, 6]
 

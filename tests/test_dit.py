@@ -365,3 +365,40 @@ def test_bf16_autocast_forward_and_backward_stay_close_to_float32():
     assert relative_error < 0.05
     out.float().square().mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_no_grad_forward_in_place_computes_the_autograd_function_and_leaves_inputs_alone(autocast):
+    config = tiny_config(qk_norm=True)
+    model = randomize_(DiT(config)).eval()
+    x, t, y = inputs(config)
+    x_before = x.clone()
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with context:
+        with_grad = model(x, t, y)  # grad enabled: the out-of-place blocks
+        with torch.no_grad():
+            in_place = model(x, t, y)  # the in-place inference blocks
+        with torch.inference_mode():
+            in_inference_mode = model(x, t, y)
+    assert torch.equal(x, x_before)
+    assert in_place.dtype == with_grad.dtype
+    torch.testing.assert_close(in_place, with_grad.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(in_inference_mode, with_grad.detach(), rtol=0, atol=0)
+
+
+def test_chunked_cpu_inference_mlp_equals_the_whole_batch_mlp(monkeypatch):
+    import ldm.models.dit as dit
+
+    config = tiny_config()  # MLP hidden width 256; 3 images x 16 tokens = 48 token rows
+    model = randomize_(DiT(config)).eval()
+    x, t, y = inputs(config)
+    with torch.no_grad():
+        whole = model(x, t, y)
+        monkeypatch.setattr(dit, "CPU_HIDDEN_CHUNK_ELEMENTS", 5 * 256)  # chunks of 5 rows, the last of 3
+        calls = []
+        fc1 = model.blocks[0].mlp.fc1
+        handle = fc1.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        chunked = model(x, t, y)
+        handle.remove()
+    assert calls == [5] * 9 + [3]
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)

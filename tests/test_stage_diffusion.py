@@ -91,6 +91,27 @@ def test_cache_holds_posterior_of_images_and_flips_with_measured_stats(store_wit
 
 
 @needs_fmnist
+def test_cache_is_memory_mapped_and_gathers_items_across_shards(store_with_cache, monkeypatch):
+    import ldm.artifacts
+
+    def no_full_loads(*args, **kwargs):
+        raise AssertionError("the latent cache must map its shards, not read them whole")
+
+    monkeypatch.setattr(ldm.artifacts, "load_file", no_full_loads)
+    cache = LatentCache(store_with_cache[2])  # shards of 768, 768, 464 items
+    assert [len(m) for m in cache.shard_means] == [768, 768, 464] and cache.shard_starts.tolist() == [0, 768, 1536]
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the shards are mapped files of this process, not copies on its heap
+        mapped = maps.read_text()
+        assert all(str(cache.artifact.path / f"shard-0000{i}.safetensors") in mapped for i in range(3))
+    indices = torch.tensor([1999, 0, 767, 768, 1535, 1536, 5, 1200])
+    views = torch.tensor([1, 0, 1, 0, 1, 0, 1, 1])
+    mean, std = cache.gather(indices, views)
+    torch.testing.assert_close(mean, cache.mean[indices, views], rtol=0, atol=0)
+    torch.testing.assert_close(std, cache.std[indices, views], rtol=0, atol=0)
+
+
+@needs_fmnist
 def test_encoding_again_with_the_same_inputs_returns_the_stored_cache(store_with_cache, capsys):
     store, ae, artifact = store_with_cache
     again = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=250, shard_size=768))

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ldm.artifacts import plain_mode
+
 FMNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -206,6 +208,7 @@ def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, plain_mode())
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0)
             done, last_shown = 0, 0.0

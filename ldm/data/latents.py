@@ -70,7 +70,13 @@ def measure_stats(mean: torch.Tensor, std: torch.Tensor, mode: str = "channel") 
 
 
 class LatentCache:
-    """All shards of a `latents` artifact, held in memory (checksums were verified when the artifact loaded)."""
+    """All shards of a `latents` artifact (checksums were verified when the artifact loaded).
+
+    The posterior means and stds stay memory-mapped, shard by shard: a training batch reads only
+    its own items, the OS page cache holds one copy for every process of the machine (DDP ranks
+    share it instead of each loading the whole cache), and a cache larger than RAM still trains,
+    read from disk. Only the labels are read into memory.
+    """
 
     def __init__(self, artifact: Artifact):
         if artifact.stage != "latents":
@@ -78,11 +84,13 @@ class LatentCache:
         shards = sorted(name for name in artifact.manifest["files"] if name.startswith("shard-"))
         if not shards:
             raise ArtifactError(f"{artifact.ref} holds no shards")
-        parts = [artifact.load_tensors(name) for name in shards]
+        parts = [artifact.map_tensors(name) for name in shards]
         self.artifact = artifact
-        self.mean = torch.cat([p["mean"] for p in parts])  # (N, V, C, h, w)
-        self.std = torch.cat([p["std"] for p in parts])
+        self.shard_means = [p["mean"] for p in parts]  # each (n_s, V, C, h, w)
+        self.shard_stds = [p["std"] for p in parts]
         self.labels = torch.cat([p["labels"] for p in parts]).long()  # (N,)
+        sizes = torch.tensor([len(m) for m in self.shard_means])
+        self.shard_starts = torch.cumsum(sizes, 0) - sizes  # first global index of each shard (S,)
         self.stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
         self.autoencoder_ref = artifact.parents["autoencoder"]
 
@@ -90,12 +98,40 @@ class LatentCache:
         return len(self.labels)
 
     @property
+    def num_views(self) -> int:
+        """1, or 2 when each item's horizontal flip is cached too."""
+        return self.shard_means[0].shape[1]
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.mean.shape[2:])
+        return tuple(self.shard_means[0].shape[2:])
 
     @property
     def num_classes(self) -> int:
         return int(self.artifact.manifest.get("num_classes", int(self.labels.max()) + 1))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """All posterior means (N, V, C, h, w), read into memory: for inspection, not for training."""
+        return torch.cat(self.shard_means)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """All posterior stds (N, V, C, h, w), read into memory."""
+        return torch.cat(self.shard_stds)
+
+    def gather(self, indices: torch.Tensor, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return float32 means and stds (B, C, h, w) of items `indices` (B,) in views `views` (B,)."""
+        indices = indices.contiguous()  # a rank's strided slice of the global batch
+        shard = torch.searchsorted(self.shard_starts, indices, right=True) - 1  # (B,)
+        mean = torch.empty((len(indices), *self.latent_shape))
+        std = torch.empty_like(mean)
+        for s in shard.unique().tolist():  # one gather per shard the batch touches
+            rows = (shard == s).nonzero().squeeze(1)
+            local = indices[rows] - self.shard_starts[s]
+            mean[rows] = self.shard_means[s][local, views[rows]].float()
+            std[rows] = self.shard_stds[s][local, views[rows]].float()
+        return mean, std
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -119,6 +155,7 @@ class LatentBatches(IterableDataset):
         self.seed = seed
         self.normalize = normalize
         self.start_step = 0
+        self._order: tuple[int, torch.Tensor] | None = None
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Return the global batch's item indices (B,) for a step."""
@@ -127,20 +164,25 @@ class LatentBatches(IterableDataset):
         epoch, offset = divmod(first, n)
         indices = []
         while len(indices) < b:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            indices.extend(order[offset : offset + b - len(indices)].tolist())
+            indices.extend(self.epoch_order(epoch)[offset : offset + b - len(indices)].tolist())
             epoch, offset = epoch + 1, 0
         return torch.tensor(indices)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation (N,) of an epoch; kept while the epoch lasts (a 1.3M-item randperm per step adds up)."""
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.cache), generator=generator))
+        return self._order[1]
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Return this rank's (z, y) of a step: z (B/world, C, h, w) sampled from the posterior."""
         generator = torch.Generator().manual_seed(self.seed * 7_919 + step + 1)
         indices = self.batch_indices(step)
-        views = torch.randint(0, self.cache.mean.shape[1], (len(indices),), generator=generator)
+        views = torch.randint(0, self.cache.num_views, (len(indices),), generator=generator)
         noise = torch.randn((len(indices), *self.cache.latent_shape), generator=generator)
         indices, views, noise = indices[rank::world], views[rank::world], noise[rank::world]
-        mean = self.cache.mean[indices, views].float()  # (b, C, h, w)
-        std = self.cache.std[indices, views].float()
+        mean, std = self.cache.gather(indices, views)  # (b, C, h, w) each
         z = mean + std * noise
         if self.normalize:
             z = self.cache.stats.normalize(z)
