@@ -115,8 +115,10 @@ def evaluate_samples(
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
-    Also measures the same distance between n training and n test images, the floor a perfect
-    model would reach with this many images and these features.
+    Also measures two floors with the same features and number of images: n training images
+    against the test images (what a perfect model would reach), and the same training images
+    encoded and decoded by the autoencoder against the test images (what a perfect diffusion
+    model would reach through this autoencoder; when samples sit near it, stage 1 limits them).
     """
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, device=device_)
@@ -132,6 +134,12 @@ def evaluate_samples(
     test_stats = real_statistics(extractor, test, n_real, batch_size, device_)
     train_stats = real_statistics(extractor, train, n_real, batch_size, device_)
     reference = frechet_distance(train_stats.mean(), train_stats.cov(), test_stats.mean(), test_stats.cov())
+    reconstruction_stats = FeatureStats()
+    for images, _ in iterate_images(train, batch_size, n_real):
+        reconstruction_stats.update(extractor(pipe.decode(pipe.encode(images))))
+    autoencoder_floor = frechet_distance(
+        reconstruction_stats.mean(), reconstruction_stats.cov(), test_stats.mean(), test_stats.cov()
+    )
 
     labels = torch.arange(n) % pipe.num_classes
     sample_stats = FeatureStats()
@@ -160,6 +168,8 @@ def evaluate_samples(
         "real_reference_distance": reference,
         "real_reference": f"{n_real} train vs {n_real} test images, same features",
         "ratio_to_reference": distance / reference if reference > 0 else float("inf"),
+        "autoencoder_reference_distance": autoencoder_floor,
+        "autoencoder_reference": f"{n_real} train images encoded and decoded by {pipe.provenance.autoencoder} vs {n_real} test images",
         "class_accuracy": correct / n,
         "class_accuracy_classifier": classifier_artifact.ref,
         "seconds_per_image": seconds / n,
@@ -172,7 +182,8 @@ def evaluate_samples(
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     first = torch.cat(grid_images)
     grid = save_grid(first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2)
-    metrics = {k: report[k] for k in ("frechet_distance", "real_reference_distance", "class_accuracy", "seconds_per_image")}
+    metrics = {k: report[k] for k in ("frechet_distance", "real_reference_distance", "autoencoder_reference_distance",
+                                      "class_accuracy", "seconds_per_image")}
     metrics.update(features=report["features"], n=n)
     store.update_manifest(store.load(model_ref, stage="diffusion", verify=False), metrics={name: metrics})
     print_sample_report(report, out_dir, grid)
@@ -185,6 +196,8 @@ def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     print(f"  {kind:<22} {report['frechet_distance']:9.4f}   [{report['features']}]")
     print(f"  real train vs test     {report['real_reference_distance']:9.4f}   ({report['real_reference']}; "
           f"samples are {report['ratio_to_reference']:.2f}x that)")
+    print(f"  reconstructions        {report['autoencoder_reference_distance']:9.4f}   ({report['autoencoder_reference']}: "
+          f"the floor for samples decoded by this autoencoder)")
     print(f"  class accuracy         {report['class_accuracy']:9.4f}   [{report['class_accuracy_classifier']}]")
     print(f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads)")
     print(f"  report {out_dir / 'report.json'}   grid {grid}")

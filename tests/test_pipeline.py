@@ -7,12 +7,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import needs_fmnist
+
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import to_dict
 from ldm.data import DataConfig
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.classifier import Classifier, ClassifierConfig
 from ldm.models.dit import DiT, DiTConfig
 from pipeline import LatentDiffusionPipeline
 from stages.cli import main
@@ -151,3 +154,24 @@ def test_sample_command_writes_a_grid_and_the_single_images(tmp_path, store):
     assert grid.size == (2 * (3 * 34 + 2), 2 * (2 * 34 + 2))  # 2 rows (classes) of 3, 2x upscaled
     bad = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--classes", "12", "--out", str(out)])
     assert bad.exit_code != 0 and "0..9" in bad.output
+
+
+@needs_fmnist
+def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp_path, store):
+    from stages.sample import evaluate_samples
+
+    torch.manual_seed(3)
+    classifier = Classifier(ClassifierConfig(width=8, feature_dim=16))
+    store.save("classifier", tensors={"weights.safetensors": classifier.eval().state_dict()},
+               config={"model": to_dict(ClassifierConfig(width=8, feature_dim=16))})
+    report = evaluate_samples(store, "diffusion@latest", n=40, steps=2, cfg=1.5, batch_size=20,
+                              features="classifier", out_dir=tmp_path / "eval")
+    assert report["n"] == 40 and report["features"].startswith("classifier@") and not report["is_standard_fid"]
+    assert 0.0 <= report["class_accuracy"] <= 1.0 and report["seconds_per_image"] > 0
+    # The random autoencoder's reconstructions are far from real images; two real sets are close.
+    assert 0 < report["real_reference_distance"] < report["autoencoder_reference_distance"]
+    assert report["autoencoder_reference"].startswith(f"40 train images encoded and decoded by {store.list('autoencoder')[0].ref}")
+    assert report["ratio_to_reference"] == pytest.approx(report["frechet_distance"] / report["real_reference_distance"])
+    assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
+    recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-n40"]
+    assert recorded["autoencoder_reference_distance"] == report["autoencoder_reference_distance"]
