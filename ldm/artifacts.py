@@ -189,8 +189,7 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if end > size:
             raise ArtifactError(f"{path} is truncated: tensor {key} ends at byte {end} of {size}")
         chunk = raw[begin:end]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if begin % itemsize:
+        if begin % dtype.itemsize:
             chunk = chunk.clone()  # misaligned for its dtype: the one case that is read into memory
         tensors[key] = chunk.view(dtype).reshape(info["shape"])
     return tensors
@@ -235,9 +234,9 @@ class ArtifactStore:
                 save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(tmp / name))
             for name, data in (extra_files or {}).items():
                 (tmp / name).write_bytes(data)
-            files = {}
+            files, file_mode = {}, plain_mode()
             for file in sorted(tmp.iterdir()):
-                os.chmod(file, plain_mode())  # safetensors writes 0600 files
+                os.chmod(file, file_mode)  # safetensors writes 0600 files
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
                 files[file.name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}

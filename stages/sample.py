@@ -132,11 +132,12 @@ def evaluate_samples(
     test, train = build_dataset(data_config, "test"), build_dataset(data_config, "train")
     n_real = min(n, len(test), len(train))
     test_stats = real_statistics(extractor, test, n_real, batch_size, device_)
-    train_stats = real_statistics(extractor, train, n_real, batch_size, device_)
-    reference = frechet_distance(train_stats.mean(), train_stats.cov(), test_stats.mean(), test_stats.cov())
-    reconstruction_stats = FeatureStats()
-    for images, _ in iterate_images(train, batch_size, n_real):
+    train_stats, reconstruction_stats = FeatureStats(), FeatureStats()
+    for images, _ in iterate_images(train, batch_size, n_real):  # one pass: each image as is and reconstructed
+        images = images.to(device_)
+        train_stats.update(extractor(images))
         reconstruction_stats.update(extractor(pipe.decode(pipe.encode(images))))
+    reference = frechet_distance(train_stats.mean(), train_stats.cov(), test_stats.mean(), test_stats.cov())
     autoencoder_floor = frechet_distance(
         reconstruction_stats.mean(), reconstruction_stats.cov(), test_stats.mean(), test_stats.cov()
     )

@@ -283,11 +283,12 @@ class Mlp(nn.Module):
         allocator and take the whole batch at once.
         """
         rows = x.reshape(-1, x.shape[-1])  # (N*T, D)
-        chunk = max(1, CPU_HIDDEN_CHUNK_ELEMENTS // self.fc1.out_features)
-        if x.device.type != "cpu" or rows.shape[0] <= chunk:
-            return self.fc2(torch.ops.aten.gelu_(self.fc1(x), approximate="tanh"))
+        if x.device.type == "cpu":
+            chunk = max(1, CPU_HIDDEN_CHUNK_ELEMENTS // self.fc1.out_features)
+        else:
+            chunk = max(1, rows.shape[0])
         parts = [self.fc2(torch.ops.aten.gelu_(self.fc1(part), approximate="tanh")) for part in rows.split(chunk)]
-        return torch.cat(parts).view(*x.shape[:-1], -1)
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], -1)
 
 
 class DiTBlock(nn.Module):
@@ -305,12 +306,13 @@ class DiTBlock(nn.Module):
         # Applied to SiLU(c), which the DiT computes once for all blocks.
         self.adaLN_modulation = nn.Linear(hidden_size, 6 * hidden_size)
 
+    def modulations(self, c_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """shift, scale, gate of the attention and of the MLP: six (N, 1, D) views of one matmul's output."""
+        return self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
+
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         """Return the block applied to tokens x (N, T, D) under activated conditioning c_act = SiLU(c) (N, D)."""
-        # All six modulations of the block come from one matmul; chunk gives six (N, 1, D) views.
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c_act)
         # Gated residuals, x + gate * f(x), as single addcmul kernels.
         x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
@@ -323,9 +325,7 @@ class DiTBlock(nn.Module):
         place, GELU overwrites the MLP's hidden activations, the gated residuals add into x), so a
         sampling step allocates and streams through fewer (N, T, D) buffers; the arithmetic is the same.
         """
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c_act)
         h = self.norm1(x)
         torch.addcmul(shift_msa, h, 1 + scale_msa, out=h)
         x.addcmul_(gate_msa, self.attn(h))
