@@ -41,12 +41,28 @@ def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor
     return torch.tensor(choices).repeat((n + len(choices) - 1) // len(choices))[:n]
 
 
-def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: float, seed: int) -> dict:
+def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: float, seed: int,
+              cfg_interval: Optional[tuple[float, float]]) -> dict:
     return {
         "model": pipe.provenance.diffusion if pipe.provenance else None,
         "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
-        "sampler": sampler, "steps": steps, "guidance_scale": cfg, "seed": seed,
+        "sampler": sampler, "steps": steps, "guidance_scale": cfg,
+        "guidance_interval": list(cfg_interval) if cfg_interval else None, "seed": seed,
     }
+
+
+def check_cfg_interval(cfg_interval: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+    """Return the guidance interval (lo, hi) in network timesteps, or None; raise ValueError when lo > hi."""
+    if not cfg_interval:
+        return None
+    lo, hi = cfg_interval
+    if lo > hi:
+        raise ValueError(f"--cfg-interval {lo:g} {hi:g}: the lower timestep must come first, e.g. --cfg-interval {hi:g} {lo:g}")
+    return float(lo), float(hi)
+
+
+def _interval_text(cfg_interval: Optional[tuple[float, float]]) -> str:
+    return f" on t in [{cfg_interval[0]:g}, {cfg_interval[1]:g}]" if cfg_interval else ""
 
 
 def write_samples(
@@ -62,16 +78,18 @@ def write_samples(
     out_dir: str | Path = "out/samples",
     device: str = "cpu",
     single_images: bool = True,
+    cfg_interval: Optional[tuple[float, float]] = None,
 ) -> dict:
     """Sample n class-conditional images; write grid.png, images/NNNNNN-class-C.png and samples.json."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    cfg_interval = check_cfg_interval(cfg_interval)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, device=device)
     sampler = sampler or default_sampler(pipe.diffusion)
     labels = parse_classes(classes, n, pipe.num_classes)
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    images = pipe.sample(labels, steps, sampler, cfg, seed, batch_size, progress=True)
+    images = pipe.sample(labels, steps, sampler, cfg, seed, batch_size, guidance_interval=cfg_interval, progress=True)
     seconds = time.perf_counter() - start
     distinct = len(set(labels.tolist()))
     balanced = n % distinct == 0
@@ -80,10 +98,10 @@ def write_samples(
     if single_images:
         for i, (image, label) in enumerate(zip(to_pil(images), labels.tolist())):
             save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
-    report = {**_settings(pipe, sampler, steps, cfg, seed), "n": n, "labels": labels.tolist(), "seconds": round(seconds, 2),
+    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval), "n": n, "labels": labels.tolist(), "seconds": round(seconds, 2),
               "seconds_per_image": seconds / n}
     write_atomic(out_dir / "samples.json", json.dumps(report, indent=2).encode())
-    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, cfg {cfg}, seed {seed}) in {seconds:.1f}s "
+    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, cfg {cfg}{_interval_text(cfg_interval)}, seed {seed}) in {seconds:.1f}s "
           f"({1000 * seconds / n:.1f} ms/image)")
     print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
     return report
@@ -112,6 +130,7 @@ def evaluate_samples(
     features: str = "auto",
     out_dir: str | Path | None = None,
     device: str = "cpu",
+    cfg_interval: Optional[tuple[float, float]] = None,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -120,6 +139,7 @@ def evaluate_samples(
     encoded and decoded by the autoencoder against the test images (what a perfect diffusion
     model would reach through this autoencoder; when samples sit near it, stage 1 limits them).
     """
+    cfg_interval = check_cfg_interval(cfg_interval)
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, device=device_)
     sampler = sampler or default_sampler(pipe.diffusion)
@@ -145,12 +165,12 @@ def evaluate_samples(
     labels = torch.arange(n) % pipe.num_classes
     sample_stats = FeatureStats()
     correct, seconds, grid_images = 0, 0.0, []
-    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps, cfg {cfg})", unit="img")
+    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps, cfg {cfg}{_interval_text(cfg_interval)})", unit="img")
     with bar:
         for start in range(0, n, batch_size):
             batch_labels = labels[start : start + batch_size]
             began = time.perf_counter()
-            images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size)
+            images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size, guidance_interval=cfg_interval)
             if device_.type == "cuda":
                 torch.cuda.synchronize(device_)
             seconds += time.perf_counter() - began
@@ -161,7 +181,7 @@ def evaluate_samples(
             bar.update(len(batch_labels))
     distance = frechet_distance(test_stats.mean(), test_stats.cov(), sample_stats.mean(), sample_stats.cov())
     report = {
-        **_settings(pipe, sampler, steps, cfg, seed),
+        **_settings(pipe, sampler, steps, cfg, seed, cfg_interval),
         "n": n,
         "frechet_distance": distance,
         "features": extractor.name,
@@ -178,7 +198,8 @@ def evaluate_samples(
         "device": str(device_),
         "threads": torch.get_num_threads(),
     }
-    name = f"samples-{sampler}-{steps}-cfg{cfg:g}-n{n}"
+    interval = f"-t{cfg_interval[0]:g}-{cfg_interval[1]:g}" if cfg_interval else ""
+    name = f"samples-{sampler}-{steps}-cfg{cfg:g}{interval}-n{n}"
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     first = torch.cat(grid_images)
@@ -193,7 +214,9 @@ def evaluate_samples(
 
 def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     kind = "FID" if report["is_standard_fid"] else "FD (not Inception FID)"
-    print(f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps, cfg {report['guidance_scale']}")
+    interval = report["guidance_interval"]
+    print(f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps, "
+          f"cfg {report['guidance_scale']}{_interval_text(interval)}")
     print(f"  {kind:<22} {report['frechet_distance']:9.4f}   [{report['features']}]")
     print(f"  real train vs test     {report['real_reference_distance']:9.4f}   ({report['real_reference']}; "
           f"samples are {report['ratio_to_reference']:.2f}x that)")

@@ -149,7 +149,8 @@ def test_sigma_to_t_inverts_t_to_sigma(schedule):
 @pytest.mark.parametrize(
     "kwargs",
     [{"objective": "score"}, {"schedule": "quadratic"}, {"prediction": "noise"}, {"time_sampling": "beta"},
-     {"objective": "flow", "learn_sigma": True}, {"num_timesteps": 1}],
+     {"objective": "flow", "learn_sigma": True}, {"num_timesteps": 1}, {"loss_weighting": "snr"},
+     {"min_snr_gamma": 0.0}, {"objective": "flow", "learn_sigma": False, "loss_weighting": "min-snr"}],
 )
 def test_diffusion_config_rejects_invalid_values(kwargs):
     with pytest.raises(ValueError):
@@ -304,6 +305,26 @@ def test_loss_is_zero_when_the_network_outputs_its_target(schedule, prediction):
     assert set(losses) == {"loss", "mse"}
     wrong = diffusion_loss(target + 0.5, x0, t, noise, config, schedule)
     torch.testing.assert_close(wrong["mse"], torch.full((6,), 0.25, dtype=F64))
+
+
+def test_min_snr_weighting_is_one_x0_space_loss_for_every_prediction(schedule):
+    # The same x0 error, expressed as an eps, v or x0 prediction, gets the same weighted loss:
+    # min(SNR_t, gamma) times the x0 MSE (Hang et al. 2023); the logged mse stays unweighted.
+    x0, noise = _batch()
+    t = torch.tensor([0, 1, 50, 400, 800, 999])
+    ab = gather(schedule.alphas_cumprod, t, x0)
+    x_t = q_sample(x0, t, noise, schedule.alphas_cumprod)
+    delta = 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+    expected = snr.clamp(max=2.0) * (delta**2).flatten(1).mean(1)
+    assert (snr > 2.0).any() and (snr < 2.0).any()  # both sides of the clip are exercised
+    for prediction in ("eps", "v", "x0"):
+        output = prediction_from_x0(x0 + delta, x_t, ab, prediction)
+        config = DiffusionConfig(prediction=prediction, learn_sigma=False, loss_weighting="min-snr", min_snr_gamma=2.0)
+        losses = diffusion_loss(output, x0, t, noise, config, schedule)
+        torch.testing.assert_close(losses["loss"], expected, rtol=1e-9, atol=1e-12)
+        plain = diffusion_loss(output, x0, t, noise, DiffusionConfig(prediction=prediction, learn_sigma=False), schedule)
+        torch.testing.assert_close(losses["mse"], plain["loss"])
 
 
 def test_hybrid_loss_vb_gradient_reaches_only_the_variance_channels(schedule):

@@ -156,6 +156,24 @@ def test_sample_command_writes_a_grid_and_the_single_images(tmp_path, store):
     assert bad.exit_code != 0 and "0..9" in bad.output
 
 
+def test_sample_command_guidance_interval(tmp_path, store):
+    def grid(*args):
+        out = tmp_path / "-".join(args).replace(" ", "")
+        result = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--n", "4", "--steps", "3", "--no-images",
+                                           "--out", str(out), *args])
+        assert result.exit_code == 0, result.output
+        return (out / "grid.png").read_bytes(), json.loads((out / "samples.json").read_text())
+
+    guided, _ = grid("--cfg", "3")
+    everywhere, report = grid("--cfg", "3", "--cfg-interval", "0", "999")  # every step is inside: plain guidance
+    nowhere, _ = grid("--cfg", "3", "--cfg-interval", "2000", "3000")  # no step is inside: the conditional model
+    conditional, _ = grid("--cfg", "1")
+    assert everywhere == guided and nowhere == conditional and guided != conditional
+    assert report["guidance_interval"] == [0.0, 999.0]
+    bad = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--cfg-interval", "500", "100", "--out", str(tmp_path)])
+    assert bad.exit_code != 0 and "--cfg-interval 100 500" in bad.output
+
+
 @needs_fmnist
 def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp_path, store):
     from stages.sample import evaluate_samples
@@ -165,7 +183,7 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     store.save("classifier", tensors={"weights.safetensors": classifier.eval().state_dict()},
                config={"model": to_dict(ClassifierConfig(width=8, feature_dim=16))})
     report = evaluate_samples(store, "diffusion@latest", n=40, steps=2, cfg=1.5, batch_size=20,
-                              features="classifier", out_dir=tmp_path / "eval")
+                              features="classifier", out_dir=tmp_path / "eval", cfg_interval=(100, 800))
     assert report["n"] == 40 and report["features"].startswith("classifier@") and not report["is_standard_fid"]
     assert 0.0 <= report["class_accuracy"] <= 1.0 and report["seconds_per_image"] > 0
     # The random autoencoder's reconstructions are far from real images; two real sets are close.
@@ -173,5 +191,6 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     assert report["autoencoder_reference"].startswith(f"40 train images encoded and decoded by {store.list('autoencoder')[0].ref}")
     assert report["ratio_to_reference"] == pytest.approx(report["frechet_distance"] / report["real_reference_distance"])
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
-    recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-n40"]
+    assert report["guidance_interval"] == [100.0, 800.0]
+    recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-t100-800-n40"]
     assert recorded["autoencoder_reference_distance"] == report["autoencoder_reference_distance"]

@@ -210,6 +210,24 @@ def vlb_terms(
 # ----------------------------------------------------------------------------- DDPM loss
 
 
+def min_snr_weight(alpha_bar: Tensor, prediction: str, gamma: float) -> Tensor:
+    """Return the Min-SNR-gamma weight of an MSE on `prediction` at alpha_bar (Hang et al. 2023).
+
+    In x0 space the weight is min(SNR, gamma), SNR = alpha_bar / (1 - alpha_bar). An eps error is an x0
+    error scaled by sqrt(SNR), and a v error by sqrt(SNR + 1), so the same weighting of an eps MSE is
+    min(SNR, gamma) / SNR and of a v MSE min(SNR, gamma) / (SNR + 1).
+    """
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "v":
+        return clipped / (snr + 1)
+    if prediction == "x0":
+        return clipped
+    raise ValueError(f"unknown prediction {prediction!r}; expected 'eps', 'v' or 'x0'")
+
+
 def diffusion_loss(
     model_output: Tensor,
     x0: Tensor,
@@ -220,7 +238,8 @@ def diffusion_loss(
 ) -> dict[str, Tensor]:
     """Return per-sample losses (N,): dict(loss, mse) plus vb when config.learn_sigma.
 
-    mse regresses the `config.prediction` target. With learned variance the loss is improved DDPM's
+    mse regresses the `config.prediction` target; the loss weighs it per timestep when
+    `config.loss_weighting` is "min-snr" (mse is logged unweighted). With learned variance the loss is improved DDPM's
     hybrid L_simple + L_vlb, where L_vlb sees the prediction detached: it trains only the variance
     channels and the mean learns from the MSE alone (Nichol & Dhariwal 2021, sec. 3.1).
     """
@@ -234,14 +253,19 @@ def diffusion_loss(
     else:
         target = x0
     mse = mean_flat((target - output) ** 2)
+    weighted = mse
+    if config.loss_weighting == "min-snr":
+        # The weight from the float64 table, cast only at the end: SNR spans ~1e-5 to ~1e4.
+        weight = min_snr_weight(schedule.alphas_cumprod[t], config.prediction, config.min_snr_gamma)
+        weighted = mse * weight.to(mse.dtype)
     if not config.learn_sigma:
-        return {"loss": mse, "mse": mse}
+        return {"loss": weighted, "mse": mse}
     frozen = torch.cat([output.detach(), var_values], dim=1)  # gradient to the variance channels only
     vb = vlb_terms(frozen, x0, x_t, t, schedule, config.prediction, learn_sigma=True)
     # L_hybrid = L_simple + lambda L_vlb, lambda = 1/1000 (Nichol & Dhariwal 2021, sec. 3.1), and
     # L_vlb = T E_t[L_t]: the sampled L_t weighs T / 1000 (RESCALED_MSE there; 1 at T = 1000, as DiT).
     vb = vb * (config.num_timesteps / 1000.0)
-    return {"loss": mse + vb, "mse": mse, "vb": vb}
+    return {"loss": weighted + vb, "mse": mse, "vb": vb}
 
 
 # ----------------------------------------------------------------------------- rectified flow

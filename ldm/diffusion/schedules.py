@@ -22,6 +22,7 @@ OBJECTIVES = ("ddpm", "flow")
 SCHEDULES = ("linear", "cosine", "continuous-cosine")
 PREDICTIONS = ("eps", "v", "x0")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
+LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
 
 @dataclass
@@ -44,6 +45,11 @@ class DiffusionConfig:
     time_sampling: str = "uniform"  # flow: "uniform" | "logit-normal" (SD3, LightningDiT)
     logit_normal_mean: float = 0.0  # flow, logit-normal: t = sigmoid(mean + std * n), n ~ N(0, 1)
     logit_normal_std: float = 1.0
+    # ddpm: "min-snr" weighs each timestep's MSE as min(SNR_t, gamma) would weigh it in x0 space
+    # (Hang et al. 2023, Min-SNR-gamma, gamma = 5): low-noise steps, where the loss is easy and
+    # their gradients conflict with the high-noise ones, stop dominating the update.
+    loss_weighting: str = "uniform"  # "uniform" | "min-snr"
+    min_snr_gamma: float = 5.0
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -51,6 +57,7 @@ class DiffusionConfig:
             ("schedule", SCHEDULES),
             ("prediction", PREDICTIONS),
             ("time_sampling", TIME_SAMPLINGS),
+            ("loss_weighting", LOSS_WEIGHTINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"diffusion.{name} = {getattr(self, name)!r}; expected one of {allowed}")
@@ -58,6 +65,10 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.num_timesteps = {self.num_timesteps}; need at least 2")
         if self.objective == "flow" and self.learn_sigma:
             raise ValueError("diffusion.learn_sigma must be false for objective 'flow' (a velocity has no variance)")
+        if self.objective == "flow" and self.loss_weighting != "uniform":
+            raise ValueError("diffusion.loss_weighting must be 'uniform' for objective 'flow' (use time_sampling instead)")
+        if self.min_snr_gamma <= 0:
+            raise ValueError(f"diffusion.min_snr_gamma = {self.min_snr_gamma}; must be positive")
         if self.logit_normal_std <= 0:
             raise ValueError(f"diffusion.logit_normal_std = {self.logit_normal_std}; must be positive")
 
