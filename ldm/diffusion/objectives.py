@@ -239,9 +239,9 @@ def diffusion_loss(
     """Return per-sample losses (N,): dict(loss, mse) plus vb when config.learn_sigma.
 
     mse regresses the `config.prediction` target; the loss weighs it per timestep when
-    `config.loss_weighting` is "min-snr" (mse is logged unweighted). With learned variance the loss is improved DDPM's
-    hybrid L_simple + L_vlb, where L_vlb sees the prediction detached: it trains only the variance
-    channels and the mean learns from the MSE alone (Nichol & Dhariwal 2021, sec. 3.1).
+    `config.loss_weighting` is "min-snr" (mse is logged unweighted). With learned variance the loss
+    is improved DDPM's hybrid L_simple + L_vlb, where L_vlb sees the prediction detached: it trains
+    only the variance channels and the mean learns from the MSE alone (Nichol & Dhariwal 2021, sec. 3.1).
     """
     model_output = model_output.to(x0.dtype)  # the loss in the data's precision even under autocast
     x_t = q_sample(x0, t, noise, schedule.alphas_cumprod)
