@@ -175,6 +175,8 @@ SAMPLERS = click.Choice(["ddpm", "ddim", "dpm++2m", "euler", "heun", "flow-euler
 @click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun makes 2 per step).")
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
 @click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1: no guidance).")
+@click.option("--spacing", type=click.Choice(["trailing", "leading", "linspace"]), default="trailing", show_default=True,
+              help="Timestep grid of ddpm, ddim and dpm++2m (euler and heun use Karras sigmas).")
 @click.option("--cfg-interval", nargs=2, type=float, default=None, metavar="T_LO T_HI",
               help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.")
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed + i, whatever the batch size.")
@@ -184,14 +186,14 @@ SAMPLERS = click.Choice(["ddpm", "ddim", "dpm++2m", "euler", "heun", "flow-euler
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, steps: int, sampler: str | None,
-                   cfg: float, cfg_interval: tuple[float, float] | None, seed: int, batch_size: int, out_dir: str,
-                   no_images: bool, device: str) -> None:
+                   cfg: float, spacing: str, cfg_interval: tuple[float, float] | None, seed: int, batch_size: int,
+                   out_dir: str, no_images: bool, device: str) -> None:
     """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder."""
     from stages.sample import write_samples
 
     try:
         write_samples(_store(ctx), model_ref, n, classes, steps, sampler, cfg, seed, batch_size, out_dir, device, not no_images,
-                      cfg_interval)
+                      cfg_interval, spacing)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -202,6 +204,8 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
 @click.option("--steps", default=20, show_default=True)
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
 @click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
+@click.option("--spacing", type=click.Choice(["trailing", "leading", "linspace"]), default="trailing", show_default=True,
+              help="Timestep grid of ddpm, ddim and dpm++2m (euler and heun use Karras sigmas).")
 @click.option("--cfg-interval", nargs=2, type=float, default=None, metavar="T_LO T_HI",
               help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.")
 @click.option("--seed", default=0, show_default=True)

@@ -42,11 +42,11 @@ def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor
 
 
 def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: float, seed: int,
-              cfg_interval: Optional[tuple[float, float]]) -> dict:
+              cfg_interval: Optional[tuple[float, float]], spacing: str) -> dict:
     return {
         "model": pipe.provenance.diffusion if pipe.provenance else None,
         "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
-        "sampler": sampler, "steps": steps, "guidance_scale": cfg,
+        "sampler": sampler, "steps": steps, "spacing": spacing, "guidance_scale": cfg,
         "guidance_interval": list(cfg_interval) if cfg_interval else None, "seed": seed,
     }
 
@@ -79,6 +79,7 @@ def write_samples(
     device: str = "cpu",
     single_images: bool = True,
     cfg_interval: Optional[tuple[float, float]] = None,
+    spacing: str = "trailing",
 ) -> dict:
     """Sample n class-conditional images; write grid.png, images/NNNNNN-class-C.png and samples.json."""
     if n < 1:
@@ -89,7 +90,8 @@ def write_samples(
     labels = parse_classes(classes, n, pipe.num_classes)
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    images = pipe.sample(labels, steps, sampler, cfg, seed, batch_size, guidance_interval=cfg_interval, progress=True)
+    images = pipe.sample(labels, steps, sampler, cfg, seed, batch_size, guidance_interval=cfg_interval, progress=True,
+                         spacing=spacing)
     seconds = time.perf_counter() - start
     distinct = len(set(labels.tolist()))
     balanced = n % distinct == 0
@@ -98,7 +100,7 @@ def write_samples(
     if single_images:
         for i, (image, label) in enumerate(zip(to_pil(images), labels.tolist())):
             save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
-    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval), "n": n, "labels": labels.tolist(), "seconds": round(seconds, 2),
+    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing), "n": n, "labels": labels.tolist(), "seconds": round(seconds, 2),
               "seconds_per_image": seconds / n}
     write_atomic(out_dir / "samples.json", json.dumps(report, indent=2).encode())
     print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, cfg {cfg}{_interval_text(cfg_interval)}, seed {seed}) in {seconds:.1f}s "
@@ -131,6 +133,7 @@ def evaluate_samples(
     out_dir: str | Path | None = None,
     device: str = "cpu",
     cfg_interval: Optional[tuple[float, float]] = None,
+    spacing: str = "trailing",
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -170,7 +173,8 @@ def evaluate_samples(
         for start in range(0, n, batch_size):
             batch_labels = labels[start : start + batch_size]
             began = time.perf_counter()
-            images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size, guidance_interval=cfg_interval)
+            images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size, guidance_interval=cfg_interval,
+                                 spacing=spacing)
             if device_.type == "cuda":
                 torch.cuda.synchronize(device_)
             seconds += time.perf_counter() - began
@@ -181,7 +185,7 @@ def evaluate_samples(
             bar.update(len(batch_labels))
     distance = frechet_distance(test_stats.mean(), test_stats.cov(), sample_stats.mean(), sample_stats.cov())
     report = {
-        **_settings(pipe, sampler, steps, cfg, seed, cfg_interval),
+        **_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing),
         "n": n,
         "frechet_distance": distance,
         "features": extractor.name,
@@ -199,7 +203,8 @@ def evaluate_samples(
         "threads": torch.get_num_threads(),
     }
     interval = f"-t{cfg_interval[0]:g}-{cfg_interval[1]:g}" if cfg_interval else ""
-    name = f"samples-{sampler}-{steps}-cfg{cfg:g}{interval}-n{n}"
+    spaced = "" if spacing == "trailing" else f"-{spacing}"
+    name = f"samples-{sampler}-{steps}{spaced}-cfg{cfg:g}{interval}-n{n}"
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     first = torch.cat(grid_images)
@@ -215,7 +220,7 @@ def evaluate_samples(
 def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     kind = "FID" if report["is_standard_fid"] else "FD (not Inception FID)"
     interval = report["guidance_interval"]
-    print(f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps, "
+    print(f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps ({report['spacing']}), "
           f"cfg {report['guidance_scale']}{_interval_text(interval)}")
     print(f"  {kind:<22} {report['frechet_distance']:9.4f}   [{report['features']}]")
     print(f"  real train vs test     {report['real_reference_distance']:9.4f}   ({report['real_reference']}; "

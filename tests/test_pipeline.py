@@ -156,7 +156,7 @@ def test_sample_command_writes_a_grid_and_the_single_images(tmp_path, store):
     assert bad.exit_code != 0 and "0..9" in bad.output
 
 
-def test_sample_command_guidance_interval(tmp_path, store):
+def test_sample_command_guidance_interval_and_spacing(tmp_path, store):
     def grid(*args):
         out = tmp_path / "-".join(args).replace(" ", "")
         result = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--n", "4", "--steps", "3", "--no-images",
@@ -168,8 +168,10 @@ def test_sample_command_guidance_interval(tmp_path, store):
     everywhere, report = grid("--cfg", "3", "--cfg-interval", "0", "999")  # every step is inside: plain guidance
     nowhere, _ = grid("--cfg", "3", "--cfg-interval", "2000", "3000")  # no step is inside: the conditional model
     conditional, _ = grid("--cfg", "1")
-    assert everywhere == guided and nowhere == conditional and guided != conditional
-    assert report["guidance_interval"] == [0.0, 999.0]
+    leading, leading_report = grid("--cfg", "3", "--spacing", "leading")
+    assert everywhere == guided and nowhere == conditional and guided != conditional and leading != guided
+    assert report["guidance_interval"] == [0.0, 999.0] and report["spacing"] == "trailing"
+    assert leading_report["spacing"] == "leading"
     bad = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--cfg-interval", "500", "100", "--out", str(tmp_path)])
     assert bad.exit_code != 0 and "--cfg-interval 100 500" in bad.output
 
@@ -191,6 +193,6 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     assert report["autoencoder_reference"].startswith(f"40 train images encoded and decoded by {store.list('autoencoder')[0].ref}")
     assert report["ratio_to_reference"] == pytest.approx(report["frechet_distance"] / report["real_reference_distance"])
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
-    assert report["guidance_interval"] == [100.0, 800.0]
+    assert report["guidance_interval"] == [100.0, 800.0] and report["spacing"] == "trailing"
     recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-t100-800-n40"]
     assert recorded["autoencoder_reference_distance"] == report["autoencoder_reference_distance"]
