@@ -100,11 +100,11 @@ def write_samples(
     if single_images:
         for i, (image, label) in enumerate(zip(to_pil(images), labels.tolist())):
             save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
-    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing), "n": n, "labels": labels.tolist(), "seconds": round(seconds, 2),
-              "seconds_per_image": seconds / n}
+    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing), "n": n, "labels": labels.tolist(),
+              "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
     write_atomic(out_dir / "samples.json", json.dumps(report, indent=2).encode())
-    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, cfg {cfg}{_interval_text(cfg_interval)}, seed {seed}) in {seconds:.1f}s "
-          f"({1000 * seconds / n:.1f} ms/image)")
+    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, cfg {cfg}{_interval_text(cfg_interval)}, seed {seed}) "
+          f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
     print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
     return report
 
