@@ -13,6 +13,7 @@ import click
 
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import ConfigError, load_config
+from ldm.diffusion import samplers
 
 
 def _store(ctx: click.Context) -> ArtifactStore:
@@ -165,7 +166,14 @@ def eval_recon(ctx: click.Context, **kwargs) -> None:
         _fail(err)
 
 
-SAMPLERS = click.Choice(["ddpm", "ddim", "dpm++2m", "euler", "heun", "flow-euler"])
+SAMPLERS = click.Choice(samplers.SAMPLERS)
+# Options shared by `ldm sample` and `ldm eval samples`.
+SPACING_OPTION = click.option("--spacing", type=click.Choice(samplers.SPACINGS), default="trailing", show_default=True,
+                              help="Timestep grid of ddpm, ddim and dpm++2m (euler and heun use Karras sigmas).")
+CFG_INTERVAL_OPTION = click.option(
+    "--cfg-interval", nargs=2, type=float, default=None, metavar="T_LO T_HI",
+    help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.",
+)
 
 
 @main.command("sample")
@@ -175,10 +183,8 @@ SAMPLERS = click.Choice(["ddpm", "ddim", "dpm++2m", "euler", "heun", "flow-euler
 @click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun makes 2 per step).")
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
 @click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1: no guidance).")
-@click.option("--spacing", type=click.Choice(["trailing", "leading", "linspace"]), default="trailing", show_default=True,
-              help="Timestep grid of ddpm, ddim and dpm++2m (euler and heun use Karras sigmas).")
-@click.option("--cfg-interval", nargs=2, type=float, default=None, metavar="T_LO T_HI",
-              help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.")
+@SPACING_OPTION
+@CFG_INTERVAL_OPTION
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed + i, whatever the batch size.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--out", "out_dir", default="out/samples", show_default=True, help="Folder for grid.png, images/ and samples.json.")
@@ -204,10 +210,8 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
 @click.option("--steps", default=20, show_default=True)
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
 @click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
-@click.option("--spacing", type=click.Choice(["trailing", "leading", "linspace"]), default="trailing", show_default=True,
-              help="Timestep grid of ddpm, ddim and dpm++2m (euler and heun use Karras sigmas).")
-@click.option("--cfg-interval", nargs=2, type=float, default=None, metavar="T_LO T_HI",
-              help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.")
+@SPACING_OPTION
+@CFG_INTERVAL_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=250, show_default=True)
 @click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True, help="Classifier for class accuracy (and the Frechet features without Inception).")
