@@ -31,7 +31,7 @@ from ldm.diffusion.schedules import DiffusionConfig
 from ldm.generation import default_sampler, model_calls, sample_latents
 from ldm.images import to_pil
 from ldm.loading import load_autoencoder
-from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.autoencoder import AutoencoderKL, encoder_fingerprint
 from ldm.models.dit import DiT, DiTConfig
 
 Labels = Union[int, Sequence[int], torch.Tensor]
@@ -44,7 +44,8 @@ class Provenance:
     diffusion: str
     autoencoder: str
     latents: Optional[str] = None
-    autoencoder_override: bool = False  # True when the caller forced an autoencoder other than the lineage's
+    autoencoder_override: bool = False  # True when the caller forced an autoencoder with another encoder than the lineage's
+    lineage_autoencoder: Optional[str] = None  # the autoencoder the latents came from (`autoencoder` may share only its encoder)
 
 
 class LatentDiffusionPipeline:
@@ -89,8 +90,9 @@ class LatentDiffusionPipeline:
     ) -> "LatentDiffusionPipeline":
         """Load a `diffusion` artifact and the autoencoder of its lineage (files checksum-verified).
 
-        `autoencoder`: an autoencoder reference that must be the one the latents were encoded with;
-        another one is refused unless `allow_autoencoder_mismatch` (its latents would decode wrongly).
+        `autoencoder`: the autoencoder the latents were encoded with, or one with the very same encoder
+        weights (a decoder fine-tuned from it, `train_parts: decoder`); any other is refused unless
+        `allow_autoencoder_mismatch` (its latents would decode wrongly).
         `weights`: "ema" (for sampling) or "raw" (the trained weights).
         """
         store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
@@ -99,13 +101,20 @@ class LatentDiffusionPipeline:
         if lineage_ref is None:
             raise ArtifactError(f"{artifact.ref} does not name the autoencoder its latents came from; it cannot be decoded safely")
         chosen = store.load(autoencoder or lineage_ref, stage="autoencoder")
-        override = chosen.ref != lineage_ref
-        if override and not allow_autoencoder_mismatch:
-            raise ArtifactError(
-                f"{artifact.ref} was trained on latents of {lineage_ref}, not of {chosen.ref}: its samples would decode "
-                f"with the wrong latent space. Use autoencoder={lineage_ref!r} (or leave it out), or pass "
-                f"allow_autoencoder_mismatch=True if you mean it"
-            )
+        decoder = load_autoencoder(chosen, device)
+        override = False
+        if chosen.ref != lineage_ref:
+            # Another autoencoder decodes these latents only if it makes the same ones: the same
+            # encoder weights (a decoder-only fine-tune of the lineage's autoencoder).
+            lineage = load_autoencoder(store.load(lineage_ref, stage="autoencoder"))
+            override = encoder_fingerprint(decoder.state_dict()) != encoder_fingerprint(lineage.state_dict())
+            if override and not allow_autoencoder_mismatch:
+                raise ArtifactError(
+                    f"{artifact.ref} was trained on latents of {lineage_ref}, and {chosen.ref} has another encoder: "
+                    f"its samples would decode with the wrong latent space. Use autoencoder={lineage_ref!r} (or leave "
+                    f"it out), a decoder fine-tuned from it (train_parts: decoder, init_from: {lineage_ref}), or pass "
+                    f"allow_autoencoder_mismatch=True if you mean it"
+                )
         config = artifact.config()
         dit_config = from_dict(DiTConfig, config["model"], "model")
         diffusion = from_dict(DiffusionConfig, config["diffusion"], "diffusion")
@@ -115,8 +124,8 @@ class LatentDiffusionPipeline:
         dit = DiT(dit_config)
         dit.load_state_dict(artifact.load_tensors(files[weights]))
         stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
-        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override)
-        return cls(dit.to(device), load_autoencoder(chosen, device), diffusion, stats, provenance)
+        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override, lineage_ref)
+        return cls(dit.to(device), decoder, diffusion, stats, provenance)
 
     @property
     def device(self) -> torch.device:

@@ -15,7 +15,8 @@ from ldm.config import TrainerConfig, register_presets, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.images import save_side_by_side
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
-from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL
+from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL, encoder_fingerprint
+from ldm.models.discriminator import DISCRIMINATOR_PRESETS, DiscriminatorConfig
 from ldm.training import (
     Timer,
     build_trainer,
@@ -28,6 +29,7 @@ from ldm.training import (
 )
 
 register_presets(AutoencoderConfig, AUTOENCODER_PRESETS)
+register_presets(DiscriminatorConfig, DISCRIMINATOR_PRESETS)
 
 
 @dataclass
@@ -42,11 +44,22 @@ class AutoencoderStageConfig:
     lr_schedule: str = "constant"  # constant | cosine (after trainer.warmup_steps of linear warm-up)
     train_subset: int = 0  # train on the first N images only (0: all); for smoke runs
     preview_images: int = 16
+    # Fine-tuning: start from the weights of this autoencoder artifact (its model config must match).
+    init_from: str = ""
+    # "all", or "decoder": encoder and quant_conv stay frozen, so the new artifact makes exactly the
+    # latents of `init_from` and decodes them for any DiT trained on those (a decoder-only fine-tune,
+    # e.g. a GAN-sharpened decoder for an existing latent space).
+    train_parts: str = "all"
     run_dir: str = "runs/autoencoder"
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.train_parts not in ("all", "decoder"):
+            raise ValueError(f"train_parts must be 'all' or 'decoder', got {self.train_parts!r}")
+        if self.train_parts == "decoder" and not self.init_from:
+            raise ValueError("train_parts: decoder keeps the encoder frozen, which only makes sense from trained weights: "
+                             "set init_from to an autoencoder reference (e.g. --set init_from=autoencoder@latest)")
 
 
 class AutoencoderModule(L.LightningModule):
@@ -57,6 +70,9 @@ class AutoencoderModule(L.LightningModule):
         self.config = config
         self.automatic_optimization = False
         self.autoencoder = AutoencoderKL(config.model)
+        if config.train_parts == "decoder":
+            self.autoencoder.encoder.requires_grad_(False)
+            self.autoencoder.quant_conv.requires_grad_(False)
         self.loss = AutoencoderLoss(config.loss)
         self.__dict__["train_forward"] = compiled(self.autoencoder, config.trainer.compile)  # not a submodule
         self.steps_per_batch = 2 if config.loss.disc_enabled else 1
@@ -70,7 +86,8 @@ class AutoencoderModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.config
-        generator_params = list(self.autoencoder.parameters()) + [p for p in self.loss.generator_parameters()]
+        trainable = [p for p in self.autoencoder.parameters() if p.requires_grad]
+        generator_params = trainable + [p for p in self.loss.generator_parameters()]
         opt_ae = torch.optim.Adam(generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay)
         optimizers = [opt_ae]
         if cfg.loss.disc_enabled:
@@ -163,6 +180,15 @@ def run(
     loader = make_loader(build_dataset(config.data, "train"), config.trainer, config.data.num_workers, config.train_subset)
     fingerprint = data_fingerprint(config.data, "train")
     module = AutoencoderModule(config)
+    parents = {}
+    if config.init_from:
+        start = store.load(config.init_from, stage="autoencoder")
+        if start.config()["model"] != to_dict(config)["model"]:
+            raise ValueError(f"init_from {start.ref} has model config {start.config()['model']}, this run "
+                             f"{to_dict(config)['model']}: fine-tune with the same model settings")
+        module.autoencoder.load_state_dict(start.load_tensors(device="cpu"))
+        parents["autoencoder"] = start.ref
+        print(f"starting from {start.ref} (training {config.train_parts})")
     module.run_dir = run_dir
     module.preview = preview_images(config)
     perceptual = module.loss.perceptual_description()
@@ -186,12 +212,15 @@ def run(
         "autoencoder losses", step_divisor=module.steps_per_batch,
     )
     latent = config.model.resolution // config.model.downsample_factor
+    state = module.autoencoder.state_dict()
     artifact = store.save(
         "autoencoder",
-        tensors={"weights.safetensors": module.autoencoder.state_dict()},
+        tensors={"weights.safetensors": state},
         config=to_dict(config),
+        parents=parents,
         data_fingerprint=fingerprint,
         metadata={
+            "encoder_sha256": encoder_fingerprint(state),
             "latent_shape": [config.model.latent_channels, latent, latent],
             "image_shape": [config.model.in_channels, config.model.resolution, config.model.resolution],
             "perceptual": perceptual,

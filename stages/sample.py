@@ -80,12 +80,13 @@ def write_samples(
     single_images: bool = True,
     cfg_interval: Optional[tuple[float, float]] = None,
     spacing: str = "trailing",
+    autoencoder_ref: Optional[str] = None,
 ) -> dict:
     """Sample n class-conditional images; write grid.png, images/NNNNNN-class-C.png and samples.json."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     cfg_interval = check_cfg_interval(cfg_interval)
-    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, device=device)
+    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device)
     sampler = sampler or default_sampler(pipe.diffusion)
     labels = parse_classes(classes, n, pipe.num_classes)
     out_dir = Path(out_dir)
@@ -134,6 +135,7 @@ def evaluate_samples(
     device: str = "cpu",
     cfg_interval: Optional[tuple[float, float]] = None,
     spacing: str = "trailing",
+    autoencoder_ref: Optional[str] = None,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -144,7 +146,7 @@ def evaluate_samples(
     """
     cfg_interval = check_cfg_interval(cfg_interval)
     device_ = torch.device(device)
-    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, device=device_)
+    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_)
     sampler = sampler or default_sampler(pipe.diffusion)
     extractor = feature_extractor(store, features, classifier_ref, device_)
     classifier_artifact = store.load(classifier_ref, stage="classifier")
@@ -204,7 +206,8 @@ def evaluate_samples(
     }
     interval = f"-t{cfg_interval[0]:g}-{cfg_interval[1]:g}" if cfg_interval else ""
     spaced = "" if spacing == "trailing" else f"-{spacing}"
-    name = f"samples-{sampler}-{steps}{spaced}-cfg{cfg:g}{interval}-n{n}"
+    decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
+    name = f"samples-{sampler}-{steps}{spaced}-cfg{cfg:g}{interval}{decoder}-n{n}"
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     first = torch.cat(grid_images)

@@ -77,6 +77,35 @@ def test_from_artifacts_refuses_an_autoencoder_other_than_the_lineage(store):
     assert forced.provenance.autoencoder == other.ref and forced.provenance.autoencoder_override
 
 
+def test_a_decoder_fine_tune_of_the_lineage_autoencoder_is_accepted_and_any_encoder_change_refused(tmp_path, store):
+    import shutil
+
+    copy = ArtifactStore(tmp_path / "copy")
+    shutil.copytree(store.root, copy.root)
+    lineage = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=copy)
+    weights = copy.load(lineage.provenance.autoencoder).load_tensors()
+    config = {"model": to_dict(AE), "data": to_dict(DataConfig())}
+    tuned_weights = {k: v + 0.01 if k.startswith("decoder.") else v for k, v in weights.items()}
+    tuned = copy.save("autoencoder", tensors={"weights.safetensors": tuned_weights}, config=config)
+    pipe = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=copy, autoencoder=tuned.ref)
+    assert pipe.provenance.autoencoder == tuned.ref and not pipe.provenance.autoencoder_override
+    assert pipe.provenance.lineage_autoencoder == lineage.provenance.autoencoder
+    images, z = torch.rand(2, 1, 32, 32) * 2 - 1, torch.randn(2, 4, 8, 8)
+    assert torch.equal(pipe.encode(images), lineage.encode(images))  # the same latents ...
+    assert not torch.allclose(pipe.decode(z), lineage.decode(z), atol=1e-3)  # ... through the new decoder
+
+    result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--n", "2", "--steps", "2", "--no-images",
+                                       "--autoencoder", tuned.ref, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "samples.json").read_text())["autoencoder"] == tuned.ref
+
+    for name in ("encoder.conv_in.bias", "quant_conv.bias"):  # one changed encoder-side tensor is enough to refuse
+        moved = {**tuned_weights, name: tuned_weights[name] + 1e-4}
+        other = copy.save("autoencoder", tensors={"weights.safetensors": moved}, config=config)
+        with pytest.raises(ArtifactError, match="has another encoder"):
+            LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=copy, autoencoder=other.ref)
+
+
 def test_from_artifacts_refuses_a_corrupted_weights_file(tmp_path, store):
     import shutil
 

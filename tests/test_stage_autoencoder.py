@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import needs_fmnist
 from ldm.artifacts import ArtifactStore
 from ldm.config import load_config
+from ldm.models.autoencoder import encoder_fingerprint
 from ldm.training import read_metrics
 from stages import autoencoder, classifier
 from stages.cli import main
@@ -139,6 +140,28 @@ def test_kl_f8_preset_trains_a_step_with_the_gan_on_small_random_rgb_images(tmp_
     assert artifact.manifest["training"]["final"]["d_weight"] > 0  # the adaptive GAN weight was computed
     weights = artifact.load_tensors()
     assert sum(v.numel() for v in weights.values()) > 80e6
+
+
+@needs_fmnist
+def test_decoder_fine_tune_with_the_gan_keeps_the_encoder_bit_exact_and_names_its_start(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    start = autoencoder.run(tiny_config(tmp_path, "trainer.max_steps=2", f"run_dir={tmp_path / 'start'}"), store)
+    tuned = autoencoder.run(tiny_config(
+        tmp_path, "trainer.max_steps=3", f"init_from={start.ref}", "train_parts=decoder", "loss.disc_enabled=true",
+        "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small", f"run_dir={tmp_path / 'tuned'}",
+    ), store)
+    before, after = start.load_tensors(), tuned.load_tensors()
+    encoder_side = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder_side and all(torch.equal(before[k], after[k]) for k in encoder_side)
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+    assert tuned.parents == {"autoencoder": start.ref}
+    assert tuned.manifest["encoder_sha256"] == start.manifest["encoder_sha256"] == encoder_fingerprint(before)
+    assert tuned.manifest["training"]["final"]["d_weight"] > 0  # the GAN term was on
+
+    with pytest.raises(ValueError, match="init_from"):
+        tiny_config(tmp_path, "train_parts=decoder")
+    with pytest.raises(ValueError, match="same model settings"):
+        autoencoder.run(tiny_config(tmp_path, f"init_from={start.ref}", "model.ch=16", f"run_dir={tmp_path / 'x'}"), store)
 
 
 @needs_fmnist

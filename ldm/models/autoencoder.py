@@ -29,6 +29,7 @@ so an in-place SiLU makes autograd save a copy and costs more than it saves.) Up
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -335,6 +336,25 @@ class AutoencoderKL(nn.Module):
     def last_layer(self) -> nn.Parameter:
         """Weight of the decoder's output conv: the adaptive GAN weight compares gradients here."""
         return self.decoder.conv_out.weight
+
+
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # everything that maps images to the latent posterior
+
+
+def encoder_fingerprint(state_dict: dict[str, Tensor]) -> str:
+    """Return a sha256 over the encoder side's tensors (names, dtypes, shapes, bytes).
+
+    Two autoencoders with the same fingerprint make the same latents, whatever their decoders: a
+    DiT trained on one's latents decodes with either.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state_dict if k.startswith(ENCODER_PREFIXES)):
+        tensor = state_dict[name].detach().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        # bytes in logical order, whatever the memory format (channels_last weights included)
+        flat = tensor.clone(memory_format=torch.contiguous_format).reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def state_dict_from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
