@@ -10,7 +10,7 @@ from ldm.diffusion.samplers import Denoiser, InpaintDenoiser, cfg_denoiser, per_
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
 
-X0_SAMPLERS = ("ddim", "dpm++2m", "euler", "heun")  # samplers that step on the x0 estimate (inpainting needs one)
+X0_SAMPLERS = ("ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun")  # samplers that step on the x0 estimate (inpainting needs one)
 
 
 def default_sampler(diffusion: DiffusionConfig) -> str:

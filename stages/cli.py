@@ -169,7 +169,7 @@ def eval_recon(ctx: click.Context, **kwargs) -> None:
 SAMPLERS = click.Choice(samplers.SAMPLERS)
 # Options shared by `ldm sample` and `ldm eval samples`.
 SPACING_OPTION = click.option("--spacing", type=click.Choice(samplers.SPACINGS), default="trailing", show_default=True,
-                              help="Timestep grid of ddpm, ddim and dpm++2m (euler and heun use Karras sigmas).")
+                              help="Timestep grid of ddpm, ddim and dpm++2m(-sde) (euler and heun use Karras sigmas).")
 DECODER_OPTION = click.option(
     "--autoencoder", "autoencoder_ref", default=None,
     help="Decode with this autoencoder instead of the lineage's; it must share the lineage's encoder (a decoder fine-tune).",

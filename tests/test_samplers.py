@@ -112,28 +112,31 @@ def stratified_normal(n, seed=0):
 
 
 @pytest.mark.parametrize(
-    "name, steps, kwargs",
+    "name, steps, kwargs, std_tol",
     [
-        ("ddpm", 500, {}),
-        ("ddim", 300, {}),
-        ("dpm++2m", 25, {}),
-        ("euler", 300, {}),
-        ("heun", 50, {}),
-        ("flow-euler", 150, {}),
+        ("ddpm", 500, {}, 0.025),
+        ("ddim", 300, {}, 0.025),
+        ("dpm++2m", 25, {}, 0.025),
+        ("dpm++2m-sde", 20, {}, 0.05),
+        ("euler", 300, {}, 0.025),
+        ("heun", 50, {}, 0.025),
+        ("flow-euler", 150, {}, 0.025),
     ],
 )
-def test_each_sampler_recovers_the_data_mean_and_std(name, steps, kwargs):
-    """10,000 samples per channel: mean within 5 standard errors, std within 2.5%.
+def test_each_sampler_recovers_the_data_mean_and_std(name, steps, kwargs, std_tol):
+    """10,000 samples per channel: mean within 5 standard errors, std within `std_tol` (2.5%).
 
     Budget: sampling error of the std ~0.7% (DDPM's step noise only), discretisation bias <= 1.5%
-    at these step counts (DDPM's fixed beta-tilde variance is what costs it 500 steps).
-    DDIM with eta = 1 is DDPM step for step (test below), hence the same distribution.
+    at these step counts (DDPM's fixed beta-tilde variance is what costs it 500 steps; at 20 steps
+    it is 14-20% too narrow). DDIM with eta = 1 is DDPM step for step (test below), hence the same
+    distribution. SDE-DPM-Solver++(2M) at 20 steps: measured 0.1-3.8% too wide (its multistep
+    extrapolation carries injected noise), 0.1-0.8% at 500 steps.
     """
-    torch.manual_seed(0)  # DDPM's step noise
+    torch.manual_seed(0)  # the stochastic samplers' step noise
     x = run(name, stratified_normal(10_000), steps, **kwargs)
     mean, std = x.mean(dim=0).flatten(), x.std(dim=0).flatten()
     assert ((mean - MU.flatten()).abs() < 5 * S.flatten() / 100).all(), mean
-    assert ((std / S.flatten() - 1).abs() < 0.025).all(), std
+    assert ((std / S.flatten() - 1).abs() < std_tol).all(), std
 
 
 @pytest.mark.parametrize(
@@ -190,6 +193,19 @@ def test_ddim_with_eta_one_is_ddpm_step_for_step():
     ddpm = sample_ddpm(denoiser, x_T, SCHEDULE, timesteps, "small", per_sample_generators(0, 64))
     ddim = sample_ddim(denoiser, x_T, SCHEDULE, timesteps, 1.0, per_sample_generators(0, 64))
     torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+
+
+def test_sde_dpm_solver_in_its_first_order_form_is_the_ddpm_posterior_step():
+    """Two steps: a first-order SDE step (no history yet) T-1 -> T/2-1, then the jump to x0, is DDPM
+    (beta-tilde variance) on the same grid with the same noise; 2M then departs from it."""
+    x_T = prior_draw(standard_normal(64, seed=3))
+    denoiser = Denoiser(exact_vp_model("eps"))
+    ddpm = run_sampler("ddpm", denoiser, x_T, SCHEDULE, 2, generators=per_sample_generators(0, 64))
+    sde = run_sampler("dpm++2m-sde", denoiser, x_T, SCHEDULE, 2, generators=per_sample_generators(0, 64))
+    torch.testing.assert_close(sde, ddpm, rtol=1e-9, atol=1e-9)
+    ddpm_3 = run_sampler("ddpm", denoiser, x_T, SCHEDULE, 3, generators=per_sample_generators(0, 64))
+    sde_3 = run_sampler("dpm++2m-sde", denoiser, x_T, SCHEDULE, 3, generators=per_sample_generators(0, 64))
+    assert not torch.allclose(sde_3, ddpm_3, atol=1e-3)  # the second step uses the multistep estimate
 
 
 @pytest.mark.parametrize("var_value, fixed", [(-1.0, "small"), (1.0, "large")])
@@ -278,7 +294,9 @@ def test_randn_like_per_sample_draws_each_slice_from_its_own_generator():
     assert torch.equal(as_bf16, noise.to(torch.bfloat16))  # same draws whatever the dtype
 
 
-@pytest.mark.parametrize("name, kwargs", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpm++2m", {}), ("flow-euler", {})])
+@pytest.mark.parametrize(
+    "name, kwargs", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpm++2m", {}), ("dpm++2m-sde", {}), ("flow-euler", {})]
+)
 def test_first_images_do_not_depend_on_batch_size(name, kwargs):
     denoiser = Denoiser(exact_flow_model, "velocity") if name == "flow-euler" else Denoiser(exact_vp_model("eps"))
     schedule = None if name == "flow-euler" else SCHEDULE
@@ -333,7 +351,7 @@ def test_strength_zero_returns_the_input_and_strength_one_ignores_it():
         run_sampler("ddim", denoiser, noise, SCHEDULE, 10, strength=1.5, x0=x0)
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm++2m", "euler", "heun"])
+@pytest.mark.parametrize("name", ["ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun"])
 def test_inpainting_keeps_the_known_latents_and_samples_the_rest(name):
     x0, noise = data_draw(512, 7), standard_normal(512, 8)
     regenerate = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=F64).view(1, 4, 1, 1).expand(512, 4, 1, 1)
@@ -341,7 +359,7 @@ def test_inpainting_keeps_the_known_latents_and_samples_the_rest(name):
     known = torch.where(regenerate > 0, torch.full_like(x0, 9.0), x0)
     base = Denoiser(exact_vp_model("eps"))
     denoiser = InpaintDenoiser(base.model_fn, known=known, regenerate=regenerate)
-    x = run_sampler(name, denoiser, prior_draw(noise), SCHEDULE, 30)
+    x = run_sampler(name, denoiser, prior_draw(noise), SCHEDULE, 30, generators=per_sample_generators(0, 512))
     assert torch.allclose(x[:, [1, 3]], x0[:, [1, 3]], atol=1e-9)  # known region: exactly the input
-    free = run_sampler(name, base, prior_draw(noise), SCHEDULE, 30)
+    free = run_sampler(name, base, prior_draw(noise), SCHEDULE, 30, generators=per_sample_generators(0, 512))
     assert torch.allclose(x[:, [0, 2]], free[:, [0, 2]], atol=1e-9)  # independent channels: the free sample

@@ -8,7 +8,7 @@ the starting state, a schedule and a step grid, loops, and returns x at the end 
 States are (N, C, H, W); per-step coefficients are Python floats computed in float64 from the
 schedule, so the loop runs in the state's dtype without rounding the schedule.
 
-Discrete samplers (ddpm, ddim, dpm++2m) start from x_T in the VP scale at the first timestep of the
+Discrete samplers (ddpm, ddim, dpm++2m, dpm++2m-sde) start from x_T in the VP scale at the first timestep of the
 grid; Karras samplers (euler, heun) run in the EDM scale x / sqrt(alpha_bar) (`run_sampler` converts);
 flow-euler starts from pure noise at t = 1. Stochastic steps draw their noise from per-sample
 generators when given, so image i depends only on its own seed, never on the batch it was drawn in.
@@ -27,7 +27,7 @@ from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to
 # model_fn(x_t (N, C, H, W), t (N,) float32 network timesteps) -> (N, C or 2C, H, W)
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "euler", "heun", "flow-euler")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun", "flow-euler")
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -190,11 +190,24 @@ def sample_ddim(
     return x
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
+def sample_dpmpp_2m(
+    denoiser: Denoiser,
+    x: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Tensor,
+    sde: bool = False,
+    generators: Optional[Sequence[torch.Generator]] = None,
+) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep on x0 in lambda = log(alpha / sigma).
 
     One network call per timestep; the first step is first order (no history yet) and so is the
     last, which lands on sigma = 0 where the update reduces to x = x0 (lower-order final step).
+
+    sde=True is the same multistep estimate d of x0 in the solver of the reverse diffusion SDE
+    (SDE-DPM-Solver++(2M), same paper's data-prediction SDE): with h = lambda_next - lambda,
+    x_next = (sigma_next / sigma) e^-h x + alpha_next (1 - e^-2h) d + sigma_next sqrt(1 - e^-2h) z.
+    Its first-order form (d = x0) is DDPM's posterior step, so it injects fresh noise each step
+    as DDPM does, at the ODE solver's cost.
     """
     alpha_bars = schedule.alphas_cumprod.cpu()[timesteps.cpu()].tolist() + [1.0]
     alphas = [a**0.5 for a in alpha_bars]
@@ -204,7 +217,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, time
     for i, t in enumerate(schedule.timestep_map.cpu()[timesteps.cpu()].tolist()):
         x0 = denoiser(x, t, alpha_bars[i])
         if sigmas[i + 1] == 0:
-            x = x0  # the limit h -> inf of the update below
+            x = x0  # the limit h -> inf of the updates below
             break
         h = lambdas[i + 1] - lambdas[i]
         if x0_prev is None:
@@ -212,7 +225,12 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, time
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * math.expm1(-h) * d
+        if sde:
+            kept = -math.expm1(-2 * h)  # 1 - e^-2h
+            x = (sigmas[i + 1] / sigmas[i] * math.exp(-h)) * x + (alphas[i + 1] * kept) * d
+            x = x + (sigmas[i + 1] * kept**0.5) * _noise_like(x, generators)
+        else:
+            x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x
 
@@ -319,7 +337,7 @@ def run_sampler(
 ) -> Tensor:
     """Return samples x_0 (N, C, H, W) from x_T (N, C, H, W) ~ N(0, I) with the named sampler.
 
-    ddpm / ddim / dpm++2m: `num_steps` network calls on the `spacing` grid (ddim: `eta`; ddpm:
+    ddpm / ddim / dpm++2m(-sde): `num_steps` network calls on the `spacing` grid (ddim: `eta`; ddpm:
     `variance` when not learned). euler / heun: `num_steps` Karras sigmas (rho) between the
     schedule's smallest and largest sigma; heun calls the network 2 num_steps - 1 times.
     flow-euler: `num_steps` Euler steps on the `shift`ed time grid; `schedule` is unused (None).
@@ -360,7 +378,7 @@ def run_sampler(
         return sample_ddpm(denoiser, x, schedule, timesteps, variance, generators)
     if name == "ddim":
         return sample_ddim(denoiser, x, schedule, timesteps, eta, generators)
-    return sample_dpmpp_2m(denoiser, x, schedule, timesteps)
+    return sample_dpmpp_2m(denoiser, x, schedule, timesteps, name == "dpm++2m-sde", generators)
 
 
 def sample(
