@@ -281,6 +281,8 @@ def test_cfg_interval_guides_only_inside_the_interval():
     mixed = fn(x, torch.tensor([300.0, 800.0]))  # per-sample timesteps: guided where inside only
     torch.testing.assert_close(mixed[0], inside[0])
     torch.testing.assert_close(mixed[1], model(x, torch.tensor([300.0, 800.0]), torch.tensor([1, 2]))[1])
+    with pytest.raises(ValueError, match=r"reversed.*\(100, 500\)"):  # was silently "never guide"
+        cfg_denoiser(model, torch.tensor([1, 2]), null_label=10, scale=3.0, interval=(500.0, 100.0))
 
 
 # ----------------------------------------------------------------------------- seeds

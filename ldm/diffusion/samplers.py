@@ -299,6 +299,10 @@ def cfg_denoiser(
     network timestep units applies guidance only there and the conditional model elsewhere
     (Kynkäänniemi et al. 2024). scale = 1 returns the conditional model itself: one pass, exact.
     """
+    if interval is not None and interval[0] > interval[1]:
+        lo, hi = interval
+        raise ValueError(f"guidance interval ({lo:g}, {hi:g}) is reversed, so no step would be guided: "
+                         f"give (t_lo, t_hi) = ({hi:g}, {lo:g})")
     if scale == 1.0:
         return lambda x, t: model(x, t, y)
     null = torch.full_like(y, null_label)
