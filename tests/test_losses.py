@@ -377,6 +377,21 @@ def test_gan_terms_are_zero_before_disc_start():
     assert loss.discriminator_loss(x, recon, global_step=10)[0].item() > 0
 
 
+def test_discriminator_pretrains_alone_before_the_gan_term_reaches_the_autoencoder():
+    loss = small_loss(disc_start=10, disc_pretrain_steps=5)
+    decoder, z, recon, posterior = decoder_batch()
+    x = images()
+    assert loss.discriminator_loss(x, recon, global_step=10)[0].item() > 0  # D learns from disc_start ...
+    for step in (10, 14):  # ... while the autoencoder's loss has no GAN term yet
+        total, logs = loss.generator_loss(x, recon, posterior, global_step=step, last_layer=decoder.out.weight)
+        assert logs["disc_factor"].item() == 0 and logs["g"].item() == 0
+        torch.testing.assert_close(total.detach(), logs["nll"] + loss.config.kl_weight * logs["kl"])
+    _, logs = loss.generator_loss(x, recon, posterior, global_step=15, last_layer=decoder.out.weight)
+    assert logs["disc_factor"].item() == 1.0 and logs["d_weight"].item() > 0
+    with pytest.raises(ValueError, match="disc_pretrain_steps"):
+        AutoencoderLossConfig(disc_pretrain_steps=-1)
+
+
 def test_generator_loss_sums_pixels_and_broadcast_lpips_per_sample_and_averages_over_the_batch():
     loss = small_loss(disc_enabled=False, kl_weight=1e-3)
     decoder, z, recon, posterior = decoder_batch()

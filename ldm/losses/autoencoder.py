@@ -45,6 +45,11 @@ class AutoencoderLossConfig:
     learn_logvar: bool = False  # LDM's learned scalar output log-variance in the NLL
     disc_enabled: bool = False
     disc_start: int = 50001  # global step from which the GAN terms count (LDM's KL-f8 config)
+    # Steps after disc_start in which only the discriminator learns: the GAN term reaches the
+    # autoencoder from disc_start + disc_pretrain_steps on. From a converged autoencoder, an untrained
+    # D's near-zero logits scaled by the adaptive weight (up to 1e4) only add noise, and the decoder
+    # then keeps D at chance; a D trained first gives the decoder a signal (0: LDM's schedule).
+    disc_pretrain_steps: int = 0
     disc_weight: float = 0.5  # multiplies the adaptive weight
     disc_factor: float = 1.0  # multiplies both GAN losses once active
     disc_loss: str = "hinge"  # hinge | vanilla (discriminator side; the generator uses -mean(D))
@@ -55,8 +60,8 @@ class AutoencoderLossConfig:
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {self.rec_loss!r}")
         if self.disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
-        if min(self.kl_weight, self.disc_weight, self.disc_factor, self.disc_start) < 0:
-            raise ValueError(f"loss weights and disc_start must be >= 0: {self}")
+        if min(self.kl_weight, self.disc_weight, self.disc_factor, self.disc_start, self.disc_pretrain_steps) < 0:
+            raise ValueError(f"loss weights, disc_start and disc_pretrain_steps must be >= 0: {self}")
 
 
 class Posterior(Protocol):
@@ -137,8 +142,12 @@ class AutoencoderLoss(nn.Module):
         return self.discriminator is not None and global_step >= self.config.disc_start
 
     def disc_factor(self, global_step: int) -> float:
-        """`disc_factor` from `disc_start` on, 0 before (and when the GAN is disabled)."""
+        """`disc_factor` from `disc_start` on, 0 before (and when the GAN is disabled): the discriminator's weight."""
         return self.config.disc_factor if self.disc_active(global_step) else 0.0
+
+    def gan_factor(self, global_step: int) -> float:
+        """The GAN term's weight in the autoencoder's loss: `disc_factor` once the discriminator has pretrained."""
+        return self.disc_factor(global_step - self.config.disc_pretrain_steps)
 
     def pixel_loss(self, inputs: Tensor, recon: Tensor) -> Tensor:
         """Per-element L1 or L2 reconstruction error, shape (N, C, H, W)."""
@@ -177,7 +186,7 @@ class AutoencoderLoss(nn.Module):
         loss = nll_loss + self.config.kl_weight * kl_loss
         g_loss = torch.zeros((), device=inputs.device)
         d_weight = torch.zeros((), device=inputs.device)
-        factor = self.disc_factor(global_step)
+        factor = self.gan_factor(global_step)
         if factor > 0:
             assert self.discriminator is not None
             # D's weights are constants here: this loss trains the autoencoder only, and D's grads
