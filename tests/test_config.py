@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -73,3 +74,22 @@ def test_round_trip_through_yaml(tmp_path):
 def test_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+FMNIST_PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "fmnist").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", FMNIST_PRESETS, ids=lambda path: path.name)
+def test_every_fmnist_preset_loads_into_its_stage_config(path):
+    from stages import autoencoder, classifier, diffusion
+
+    stage_configs = {
+        "autoencoder": autoencoder.AutoencoderStageConfig,
+        "classifier": classifier.ClassifierStageConfig,
+        "diffusion": diffusion.DiffusionStageConfig,
+    }
+    # the decoder fine-tune names its starting autoencoder on the command line, as its header says
+    overrides = ["init_from=autoencoder@latest"] if path.stem == "autoencoder-gan" else []
+    config = load_config(stage_configs[path.stem.split("-")[0]], path, overrides)
+    assert config.trainer.max_steps > 0
+    assert str(config.run_dir).startswith("runs/fmnist/")
