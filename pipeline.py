@@ -169,7 +169,7 @@ class LatentDiffusionPipeline:
         """Class-conditional images (N, C, H, W) in [-1, 1], or a list of PIL images with output="pil".
 
         Image i depends on seed + i alone, so splitting into batches of any size gives the same images.
-        sampler: ddpm | ddim | dpm++2m | euler | heun | flow-euler (default: dpm++2m, or flow-euler
+        sampler: ddpm | ddim | dpm++2m | dpm++2m-sde | euler | heun | flow-euler | flow-heun (default: dpm++2m, or flow-euler
         for a rectified-flow model); sampler_kwargs go to `run_sampler` (spacing, eta, variance, ...).
         """
         labels = self._labels(class_labels)

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ldm.diffusion.samplers import Denoiser, InpaintDenoiser, cfg_denoiser, per_sample_generators, randn_like_per_sample, run_sampler
+from ldm.diffusion.samplers import FLOW_SAMPLERS, Denoiser, InpaintDenoiser, cfg_denoiser, per_sample_generators, randn_like_per_sample, run_sampler
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
 
@@ -43,7 +43,7 @@ def sample_latents(
     config = model.config
     device = next(model.parameters()).device
     sampler = sampler or default_sampler(diffusion)
-    if (sampler == "flow-euler") != (diffusion.objective == "flow"):
+    if (sampler in FLOW_SAMPLERS) != (diffusion.objective == "flow"):
         raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
     labels = labels.to(device)
     model_fn = cfg_denoiser(model, labels, model.null_class, guidance_scale, guidance_interval, config.learn_sigma)
@@ -72,6 +72,6 @@ def sample_latents(
 
 
 def model_calls(sampler: str, num_steps: int, strength: float = 1.0) -> int:
-    """Network forwards one sampling run makes (heun evaluates twice per step but the last)."""
+    """Network forwards one sampling run makes (heun and flow-heun evaluate twice per step but the last)."""
     kept = num_steps if strength >= 1.0 else min(num_steps, int(num_steps * strength + 0.5))
-    return 2 * kept - 1 if sampler == "heun" and kept else kept
+    return 2 * kept - 1 if sampler in ("heun", "flow-heun") and kept else kept

@@ -184,7 +184,7 @@ CFG_INTERVAL_OPTION = click.option(
 @click.option("--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference.")
 @click.option("--n", default=64, show_default=True, help="Number of images.")
 @click.option("--classes", default=None, help="Class indices, e.g. 3 or 0,2,5 (cycled); default: every class in turn.")
-@click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun makes 2 per step).")
+@click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun and flow-heun make 2 per step).")
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
 @click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1: no guidance).")
 @SPACING_OPTION
