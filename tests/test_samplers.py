@@ -15,6 +15,7 @@ import torch
 
 from ldm.diffusion.objectives import FLOW_TIME_SCALE, prediction_from_x0
 from ldm.diffusion.samplers import (
+    FLOW_SAMPLERS,
     Denoiser,
     InpaintDenoiser,
     cfg_denoiser,
@@ -67,7 +68,7 @@ def standard_normal(n, seed=0):
 
 
 def run(name, z, steps, **kwargs):
-    if name.startswith("flow-"):
+    if name in FLOW_SAMPLERS:
         return run_sampler(name, Denoiser(exact_flow_model, "velocity"), z, None, steps, **kwargs)
     return run_sampler(name, Denoiser(exact_vp_model("eps")), prior_draw(z), SCHEDULE, steps, **kwargs)
 
@@ -345,7 +346,7 @@ def test_a_partial_chain_from_noised_data_keeps_the_data_distribution(name, step
     """SDEdit from real data: noising to the kept step's level and running the rest of the exact ODE maps
     q(x_t) to q(x_0), so data in gives the data's mean and std out (Meng et al. 2022)."""
     x0, noise = data_draw(10_000, 3), stratified_normal(10_000, 4)
-    if name.startswith("flow-"):
+    if name in FLOW_SAMPLERS:
         x = run_sampler(name, Denoiser(exact_flow_model, "velocity"), noise, None, steps, strength=0.5, x0=x0)
     else:
         x = run_sampler(name, Denoiser(exact_vp_model("eps")), noise, SCHEDULE, steps, strength=0.5, x0=x0)
@@ -387,7 +388,7 @@ def test_sample_latents_counts_every_network_call_and_matches_sampler_to_objecti
     from ldm.generation import model_calls, sample_latents
     from ldm.models.dit import DiT, DiTConfig
 
-    objective = "flow" if sampler.startswith("flow-") else "ddpm"
+    objective = "flow" if sampler in FLOW_SAMPLERS else "ddpm"
     torch.manual_seed(0)
     model = DiT(DiTConfig(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False)).eval()
     diffusion = DiffusionConfig(objective=objective, learn_sigma=False)
