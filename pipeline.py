@@ -46,6 +46,7 @@ class Provenance:
     latents: Optional[str] = None
     autoencoder_override: bool = False  # True when the caller forced an autoencoder with another encoder than the lineage's
     lineage_autoencoder: Optional[str] = None  # the autoencoder the latents came from (`autoencoder` may share only its encoder)
+    guide: Optional[str] = None  # the weaker DiT that guides this one (autoguidance), if any
 
 
 class LatentDiffusionPipeline:
@@ -62,6 +63,7 @@ class LatentDiffusionPipeline:
         diffusion: DiffusionConfig,
         stats: LatentStats,
         provenance: Optional[Provenance] = None,
+        guide: Optional[DiT] = None,
     ) -> None:
         if tuple(autoencoder.config.latent_shape) != (model.config.in_channels, model.config.input_size, model.config.input_size):
             raise ValueError(
@@ -75,6 +77,7 @@ class LatentDiffusionPipeline:
         self.diffusion = diffusion
         self.stats = stats
         self.provenance = provenance
+        self.guide = None if guide is None else guide.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ loading
 
@@ -87,6 +90,7 @@ class LatentDiffusionPipeline:
         allow_autoencoder_mismatch: bool = False,
         weights: str = "ema",
         device: Union[str, torch.device] = "cpu",
+        guide: Optional[str] = None,
     ) -> "LatentDiffusionPipeline":
         """Load a `diffusion` artifact and the autoencoder of its lineage (files checksum-verified).
 
@@ -94,6 +98,9 @@ class LatentDiffusionPipeline:
         weights (a decoder fine-tuned from it, `train_parts: decoder`); any other is refused unless
         `allow_autoencoder_mismatch` (its latents would decode wrongly).
         `weights`: "ema" (for sampling) or "raw" (the trained weights).
+        `guide`: a weaker `diffusion` artifact (smaller, or trained for less) of the same latents and
+        parametrisation; `guidance_scale` then guides with it instead of the unconditional pass
+        (autoguidance, Karras et al. 2024). Any other is refused (see `check_guide`).
         """
         store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         artifact = store.load(model, stage="diffusion")
@@ -124,8 +131,19 @@ class LatentDiffusionPipeline:
         dit = DiT(dit_config)
         dit.load_state_dict(artifact.load_tensors(files[weights]))
         stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
-        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override, lineage_ref)
-        return cls(dit.to(device), decoder, diffusion, stats, provenance)
+        guide_model = None
+        if guide is not None:
+            guide_artifact = store.load(guide, stage="diffusion")
+            guide_config = guide_artifact.config()
+            guide_dit = from_dict(DiTConfig, guide_config["model"], "model")
+            check_guide(artifact, dit_config, diffusion, guide_artifact, guide_dit,
+                        from_dict(DiffusionConfig, guide_config["diffusion"], "diffusion"))
+            guide_model = DiT(guide_dit)
+            guide_model.load_state_dict(guide_artifact.load_tensors(files[weights]))
+            guide_model = guide_model.to(device)
+            guide = guide_artifact.ref
+        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override, lineage_ref, guide)
+        return cls(dit.to(device), decoder, diffusion, stats, provenance, guide_model)
 
     @property
     def device(self) -> torch.device:
@@ -281,6 +299,7 @@ class LatentDiffusionPipeline:
                     strength=strength,
                     regenerate=None if regenerate is None else regenerate[part],
                     on_model_call=bar.update if progress else None,
+                    guide=self.guide,
                     **sampler_kwargs,
                 ))
         return torch.cat(out)
@@ -294,3 +313,26 @@ class LatentDiffusionPipeline:
             raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
         result: Union[torch.Tensor, list[Image.Image]] = to_pil(images) if output == "pil" else images
         return (result, latents) if latents is not None else result
+
+
+def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, guide_config: DiTConfig,
+                guide_diffusion: DiffusionConfig) -> None:
+    """Raise ArtifactError unless `guide` can guide `artifact`: the same latent space and statistics, the
+    same latent shape and classes, and a network output that means the same thing at the same timestep."""
+    problems = []
+    if guide.manifest.get("autoencoder") != artifact.manifest.get("autoencoder"):
+        problems.append(f"its latents come from {guide.manifest.get('autoencoder')}, not {artifact.manifest.get('autoencoder')}")
+    elif guide.manifest.get("latent_stats") != artifact.manifest.get("latent_stats"):
+        problems.append("its latents were normalised with other statistics")
+    for name in ("in_channels", "input_size", "num_classes"):
+        if getattr(guide_config, name) != getattr(config, name):
+            problems.append(f"model.{name} is {getattr(guide_config, name)}, not {getattr(config, name)}")
+    meaning = ("objective",) if diffusion.objective == "flow" else ("objective", "schedule", "num_timesteps", "prediction")
+    for name in meaning:
+        if getattr(guide_diffusion, name) != getattr(diffusion, name):
+            problems.append(f"diffusion.{name} is {getattr(guide_diffusion, name)!r}, not {getattr(diffusion, name)!r}")
+    if problems:
+        raise ArtifactError(
+            f"{guide.ref} cannot guide {artifact.ref}: " + "; ".join(problems) + ". A guide must be trained on the "
+            f"same latent cache with the same objective (e.g. a smaller DiT, or fewer steps, of the same preset)"
+        )

@@ -48,6 +48,7 @@ def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: floa
         "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
         "sampler": sampler, "steps": steps, "spacing": spacing, "guidance_scale": cfg,
         "guidance_interval": list(cfg_interval) if cfg_interval else None, "seed": seed,
+        "guide": pipe.provenance.guide if pipe.provenance else None,  # autoguidance: the weaker DiT that guides
     }
 
 
@@ -61,8 +62,11 @@ def check_cfg_interval(cfg_interval: Optional[tuple[float, float]]) -> Optional[
     return float(lo), float(hi)
 
 
-def _interval_text(cfg_interval: Optional[tuple[float, float]]) -> str:
-    return f" on t in [{cfg_interval[0]:g}, {cfg_interval[1]:g}]" if cfg_interval else ""
+def _guidance_text(settings: dict) -> str:
+    """"cfg 2.0", "cfg 2.0 on t in [100, 600]" or "autoguidance 2.0 by diffusion@..." for a report's settings."""
+    interval = settings["guidance_interval"]
+    kind = f"autoguidance {settings['guidance_scale']} by {settings['guide']}" if settings.get("guide") else f"cfg {settings['guidance_scale']}"
+    return kind + (f" on t in [{interval[0]:g}, {interval[1]:g}]" if interval else "")
 
 
 def write_samples(
@@ -81,12 +85,14 @@ def write_samples(
     cfg_interval: Optional[tuple[float, float]] = None,
     spacing: str = "trailing",
     autoencoder_ref: Optional[str] = None,
+    guide_ref: Optional[str] = None,
 ) -> dict:
     """Sample n class-conditional images; write grid.png, images/NNNNNN-class-C.png and samples.json."""
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     cfg_interval = check_cfg_interval(cfg_interval)
-    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device)
+    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
+                                                  guide=guide_ref)
     sampler = sampler or default_sampler(pipe.diffusion)
     labels = parse_classes(classes, n, pipe.num_classes)
     out_dir = Path(out_dir)
@@ -104,7 +110,7 @@ def write_samples(
     report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing), "n": n, "labels": labels.tolist(),
               "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
     write_atomic(out_dir / "samples.json", json.dumps(report, indent=2).encode())
-    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, cfg {cfg}{_interval_text(cfg_interval)}, seed {seed}) "
+    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, {_guidance_text(report)}, seed {seed}) "
           f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
     print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
     return report
@@ -136,6 +142,7 @@ def evaluate_samples(
     cfg_interval: Optional[tuple[float, float]] = None,
     spacing: str = "trailing",
     autoencoder_ref: Optional[str] = None,
+    guide_ref: Optional[str] = None,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -146,7 +153,8 @@ def evaluate_samples(
     """
     cfg_interval = check_cfg_interval(cfg_interval)
     device_ = torch.device(device)
-    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_)
+    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
+                                                  guide=guide_ref)
     sampler = sampler or default_sampler(pipe.diffusion)
     extractor = feature_extractor(store, features, classifier_ref, device_)
     classifier_artifact = store.load(classifier_ref, stage="classifier")
@@ -170,7 +178,8 @@ def evaluate_samples(
     labels = torch.arange(n) % pipe.num_classes
     sample_stats = FeatureStats()
     correct, seconds, grid_images = 0, 0.0, []
-    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps, cfg {cfg}{_interval_text(cfg_interval)})", unit="img")
+    settings = _settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing)
+    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps, {_guidance_text(settings)})", unit="img")
     with bar:
         for start in range(0, n, batch_size):
             batch_labels = labels[start : start + batch_size]
@@ -187,7 +196,7 @@ def evaluate_samples(
             bar.update(len(batch_labels))
     distance = frechet_distance(test_stats.mean(), test_stats.cov(), sample_stats.mean(), sample_stats.cov())
     report = {
-        **_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing),
+        **settings,
         "n": n,
         "frechet_distance": distance,
         "features": extractor.name,
@@ -207,7 +216,8 @@ def evaluate_samples(
     interval = f"-t{cfg_interval[0]:g}-{cfg_interval[1]:g}" if cfg_interval else ""
     spaced = "" if spacing == "trailing" else f"-{spacing}"
     decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
-    name = f"samples-{sampler}-{steps}{spaced}-cfg{cfg:g}{interval}{decoder}-n{n}"
+    guided = f"-guide-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
+    name = f"samples-{sampler}-{steps}{spaced}-cfg{cfg:g}{interval}{guided}{decoder}-n{n}"
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     first = torch.cat(grid_images)
@@ -222,9 +232,8 @@ def evaluate_samples(
 
 def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     kind = "FID" if report["is_standard_fid"] else "FD (not Inception FID)"
-    interval = report["guidance_interval"]
     print(f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps ({report['spacing']}), "
-          f"cfg {report['guidance_scale']}{_interval_text(interval)}")
+          f"{_guidance_text(report)}")
     print(f"  {kind:<22} {report['frechet_distance']:9.4f}   [{report['features']}]")
     print(f"  real train vs test     {report['real_reference_distance']:9.4f}   ({report['real_reference']}; "
           f"samples are {report['ratio_to_reference']:.2f}x that)")

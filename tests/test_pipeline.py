@@ -33,20 +33,24 @@ def save_autoencoder(store, seed):
                       config={"model": to_dict(AE), "data": to_dict(DataConfig())}, metadata={"seed": seed})
 
 
+def save_dit(store, config, diffusion, seed, autoencoder_ref, stats=STATS):
+    torch.manual_seed(seed)
+    dit = DiT(config)
+    with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0: give it a non-trivial function
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return store.save("diffusion", tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
+                      config={"model": to_dict(config), "diffusion": to_dict(diffusion)},
+                      metadata={"autoencoder": autoencoder_ref, "latent_stats": stats.to_dict()})
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A store with two random autoencoders and a random DiT whose lineage names the first one."""
     store = ArtifactStore(tmp_path_factory.mktemp("pipeline") / "store")
     ae = save_autoencoder(store, 0)
     save_autoencoder(store, 1)
-    torch.manual_seed(2)
-    dit = DiT(DIT)
-    with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0: give it a non-trivial function
-        for p in dit.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    store.save("diffusion", tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
-               config={"model": to_dict(DIT), "diffusion": to_dict(DIFFUSION)},
-               metadata={"autoencoder": ae.ref, "latent_stats": STATS.to_dict()})
+    save_dit(store, DIT, DIFFUSION, 2, ae.ref)
     return store
 
 
@@ -104,6 +108,49 @@ def test_a_decoder_fine_tune_of_the_lineage_autoencoder_is_accepted_and_any_enco
         other = copy.save("autoencoder", tensors={"weights.safetensors": moved}, config=config)
         with pytest.raises(ArtifactError, match="has another encoder"):
             LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=copy, autoencoder=other.ref)
+
+
+def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_other(tmp_path, store):
+    import shutil
+    from dataclasses import replace
+
+    copy = ArtifactStore(tmp_path / "copy")
+    shutil.copytree(store.root, copy.root)
+    model = copy.load("diffusion@latest")
+    lineage = model.manifest["autoencoder"]
+    small = save_dit(copy, replace(DIT, hidden_size=16, depth=1), replace(DIFFUSION, learn_sigma=False), 5, lineage)
+    plain = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy)
+    guided = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=small.ref)
+    assert guided.provenance.guide == small.ref and plain.provenance.guide is None
+    labels = [0, 3, 7]
+    assert torch.equal(guided.sample(labels, 3, guidance_scale=1.0), plain.sample(labels, 3, guidance_scale=1.0))
+    by_guide = guided.sample(labels, 3, guidance_scale=2.0)
+    assert not torch.allclose(by_guide, plain.sample(labels, 3, guidance_scale=2.0), atol=1e-3)  # not CFG
+    assert not torch.allclose(by_guide, plain.sample(labels, 3, guidance_scale=1.0), atol=1e-3)
+    # A model guiding itself cancels: guide + s (cond - guide) is the conditional model at any scale.
+    itself = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=model.ref)
+    torch.testing.assert_close(itself.sample(labels, 3, guidance_scale=3.0), plain.sample(labels, 3, guidance_scale=1.0),
+                               atol=1e-5, rtol=0)
+
+    other_autoencoder = copy.list("autoencoder")[1].ref
+    refused = {
+        "latents come from": save_dit(copy, DIT, DIFFUSION, 6, other_autoencoder),
+        "other statistics": save_dit(copy, DIT, DIFFUSION, 7, lineage, LatentStats(mean=[0.0] * 4, std=[1.0] * 4)),
+        "objective is 'flow'": save_dit(copy, DIT, DiffusionConfig(objective="flow", learn_sigma=False), 8, lineage),
+        "prediction is 'v'": save_dit(copy, DIT, replace(DIFFUSION, prediction="v"), 9, lineage),
+        "num_classes is 5": save_dit(copy, replace(DIT, num_classes=5), DIFFUSION, 10, lineage),
+    }
+    for reason, artifact in refused.items():
+        with pytest.raises(ArtifactError, match=f"cannot guide {model.ref}.*{reason}"):
+            LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=artifact.ref)
+
+    result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--model", model.ref, "--n", "2", "--steps", "2",
+                                       "--no-images", "--guide", small.ref, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and f"autoguidance 2.0 by {small.ref}" in result.output, result.output
+    assert json.loads((tmp_path / "out" / "samples.json").read_text())["guide"] == small.ref
+    result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--model", model.ref, "--guide",
+                                       refused["objective is 'flow'"].ref, "--out", str(tmp_path / "out2")])
+    assert result.exit_code != 0 and "cannot guide" in result.output
 
 
 def test_from_artifacts_refuses_a_corrupted_weights_file(tmp_path, store):

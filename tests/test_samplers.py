@@ -283,6 +283,23 @@ def test_cfg_keeps_the_conditional_variance_channels_for_learned_sigma():
     torch.testing.assert_close(out[:, 3:], cond[:, 3:])
 
 
+def test_autoguidance_replaces_the_unconditional_pass_with_the_weaker_model():
+    model, weak = CountingModel(), CountingModel(out_channels_factor=2)  # the guide may carry variance channels
+
+    def guide(x, t, y):
+        return 0.5 * weak(x, t, y)
+
+    x, t, y = torch.randn(4, 3, 2, 2, dtype=F64), torch.full((4,), 10.0), torch.tensor([0, 1, 2, 3])
+    out = cfg_denoiser(model, y, null_label=10, scale=2.5, guide=guide)(x, t)
+    assert model.batch_sizes == [4] and weak.batch_sizes == [4]  # one conditional pass per network, no null labels
+    torch.testing.assert_close(out, guide(x, t, y)[:, :3] + 2.5 * (model(x, t, y) - guide(x, t, y)[:, :3]))
+    model.batch_sizes.clear(), weak.batch_sizes.clear()
+    assert torch.equal(cfg_denoiser(model, y, null_label=10, scale=1.0, guide=guide)(x, t), model(x, t, y))
+    assert weak.batch_sizes == []  # scale 1: the guide is never run
+    inside_only = cfg_denoiser(model, y, null_label=10, scale=2.5, interval=(100.0, 500.0), guide=guide)
+    assert torch.equal(inside_only(x, torch.full((4,), 800.0)), model(x, torch.full((4,), 800.0), y)) and weak.batch_sizes == []
+
+
 def test_cfg_interval_guides_only_inside_the_interval():
     model = CountingModel()
     fn = cfg_denoiser(model, torch.tensor([1, 2]), null_label=10, scale=3.0, interval=(100.0, 500.0))
