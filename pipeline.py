@@ -77,6 +77,10 @@ class LatentDiffusionPipeline:
         self.diffusion = diffusion
         self.stats = stats
         self.provenance = provenance
+        if guide is not None:
+            ours, theirs = ((c.in_channels, c.input_size, c.num_classes) for c in (model.config, guide.config))
+            if theirs != ours:
+                raise ValueError(f"the guide DiT takes (channels, size, classes) {theirs}, the DiT {ours}")
         self.guide = None if guide is None else guide.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ loading
