@@ -103,8 +103,8 @@ class LatentDiffusionPipeline:
         `allow_autoencoder_mismatch` (its latents would decode wrongly).
         `weights`: "ema" (for sampling) or "raw" (the trained weights).
         `guide`: a weaker `diffusion` artifact (smaller, or trained for less) of the same latents and
-        parametrisation; `guidance_scale` then guides with it instead of the unconditional pass
-        (autoguidance, Karras et al. 2024). Any other is refused (see `check_guide`).
+        parametrisation, for autoguidance (Karras et al. 2024) by `sample(..., guide_scale=...)`. Any
+        other is refused (see `check_guide`).
         """
         store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         artifact = store.load(model, stage="diffusion")
@@ -186,6 +186,7 @@ class LatentDiffusionPipeline:
         guidance_interval: Optional[tuple[float, float]] = None,
         return_latents: bool = False,
         progress: bool = False,
+        guide_scale: float = 1.0,
         **sampler_kwargs,
     ):
         """Class-conditional images (N, C, H, W) in [-1, 1], or a list of PIL images with output="pil".
@@ -193,10 +194,13 @@ class LatentDiffusionPipeline:
         Image i depends on seed + i alone, so splitting into batches of any size gives the same images.
         sampler: ddpm | ddim | dpm++2m | dpm++2m-sde | euler | heun | flow-euler | flow-heun (default: dpm++2m, or flow-euler
         for a rectified-flow model); sampler_kwargs go to `run_sampler` (spacing, eta, variance, ...).
+        guidance_scale: classifier-free guidance; guide_scale: autoguidance by the pipeline's guide
+        (`from_artifacts(..., guide=...)`); guide_scale alone (guidance_scale 1) is the paper's form,
+        both above 1 add the two terms.
         """
         labels = self._labels(class_labels)
         latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval,
-                                 progress, sampler_kwargs)
+                                 progress, sampler_kwargs, guide_scale=guide_scale)
         images = self._decode_batched(latents, batch_size)
         return self._output(images, output, latents if return_latents else None)
 
@@ -285,9 +289,12 @@ class LatentDiffusionPipeline:
             raise ValueError(f"images must be {side}x{side} for this model, got {tuple(images.shape[-2:])}")
 
     def _generate(self, labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval, progress,
-                  sampler_kwargs, x0=None, strength=1.0, regenerate=None) -> torch.Tensor:
+                  sampler_kwargs, x0=None, strength=1.0, regenerate=None, guide_scale=1.0) -> torch.Tensor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if guide_scale != 1.0 and self.guide is None:
+            raise ValueError(f"guide_scale {guide_scale:g} needs a guide DiT: load the pipeline with "
+                             f"from_artifacts(..., guide='diffusion@<weaker model>')")
         sampler = sampler or default_sampler(self.diffusion)
         batches = math.ceil(len(labels) / batch_size)
         bar = tqdm(total=batches * model_calls(sampler, num_steps, strength), desc=f"{sampler} x{num_steps}",
@@ -304,6 +311,7 @@ class LatentDiffusionPipeline:
                     regenerate=None if regenerate is None else regenerate[part],
                     on_model_call=bar.update if progress else None,
                     guide=self.guide,
+                    guide_scale=guide_scale,
                     **sampler_kwargs,
                 ))
         return torch.cat(out)

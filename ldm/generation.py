@@ -33,15 +33,16 @@ def sample_latents(
     regenerate: Optional[torch.Tensor] = None,
     on_model_call: Optional[Callable[[], None]] = None,
     guide: Optional[DiT] = None,
+    guide_scale: float = 1.0,
     **sampler_kwargs,
 ) -> torch.Tensor:
     """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on seed + i.
 
     x0 (N, C, h, w) with strength < 1: start from x0 noised part of the way (SDEdit). x0 with
     `regenerate` (N, 1, h, w): keep x0 where regenerate is 0 and sample the rest (inpainting).
-    `on_model_call` is called after every sampler evaluation (progress bars). `guide`: a weaker DiT of
-    the same latents and parametrisation that replaces the unconditional pass (autoguidance, see
-    `cfg_denoiser`); the caller checks that it fits.
+    `on_model_call` is called after every sampler evaluation (progress bars). `guide`, `guide_scale`: a
+    weaker DiT of the same latents and parametrisation, for autoguidance (see `cfg_denoiser`); the
+    caller checks that it fits.
     """
     config = model.config
     device = next(model.parameters()).device
@@ -49,7 +50,8 @@ def sample_latents(
     if (sampler in FLOW_SAMPLERS) != (diffusion.objective == "flow"):
         raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
     labels = labels.to(device)
-    model_fn = cfg_denoiser(model, labels, model.null_class, guidance_scale, guidance_interval, config.learn_sigma, guide)
+    model_fn = cfg_denoiser(model, labels, model.null_class, guidance_scale, guidance_interval, config.learn_sigma,
+                            guide, guide_scale)
     if on_model_call is not None:
         guided = model_fn
 

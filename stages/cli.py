@@ -176,9 +176,10 @@ DECODER_OPTION = click.option(
 )
 GUIDE_OPTION = click.option(
     "--guide", "guide_ref", default=None,
-    help="Autoguidance: guide with this weaker DiT (same latent cache and objective; smaller or trained less) "
-         "instead of the unconditional pass; --cfg is then its scale.",
+    help="Autoguidance by this weaker DiT (same latent cache and objective; smaller or trained less), at --guide-scale; "
+         "--cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
 )
+GUIDE_SCALE_OPTION = click.option("--guide-scale", default=2.0, show_default=True, help="Autoguidance scale (with --guide).")
 CFG_INTERVAL_OPTION = click.option(
     "--cfg-interval", nargs=2, type=float, default=None, metavar="T_LO T_HI",
     help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.",
@@ -195,6 +196,7 @@ CFG_INTERVAL_OPTION = click.option(
 @SPACING_OPTION
 @CFG_INTERVAL_OPTION
 @GUIDE_OPTION
+@GUIDE_SCALE_OPTION
 @DECODER_OPTION
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed + i, whatever the batch size.")
 @click.option("--batch-size", default=64, show_default=True)
@@ -204,13 +206,13 @@ CFG_INTERVAL_OPTION = click.option(
 @click.pass_context
 def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, steps: int, sampler: str | None,
                    cfg: float, spacing: str, cfg_interval: tuple[float, float] | None, guide_ref: str | None,
-                   autoencoder_ref: str | None, seed: int, batch_size: int, out_dir: str, no_images: bool, device: str) -> None:
+                   guide_scale: float, autoencoder_ref: str | None, seed: int, batch_size: int, out_dir: str, no_images: bool, device: str) -> None:
     """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder."""
     from stages.sample import write_samples
 
     try:
         write_samples(_store(ctx), model_ref, n, classes, steps, sampler, cfg, seed, batch_size, out_dir, device, not no_images,
-                      cfg_interval, spacing, autoencoder_ref, guide_ref)
+                      cfg_interval, spacing, autoencoder_ref, guide_ref, guide_scale)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -224,6 +226,7 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
 @SPACING_OPTION
 @CFG_INTERVAL_OPTION
 @GUIDE_OPTION
+@GUIDE_SCALE_OPTION
 @DECODER_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=250, show_default=True)

@@ -42,13 +42,14 @@ def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor
 
 
 def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: float, seed: int,
-              cfg_interval: Optional[tuple[float, float]], spacing: str) -> dict:
+              cfg_interval: Optional[tuple[float, float]], spacing: str, guide_scale: float) -> dict:
     return {
         "model": pipe.provenance.diffusion if pipe.provenance else None,
         "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
         "sampler": sampler, "steps": steps, "spacing": spacing, "guidance_scale": cfg,
         "guidance_interval": list(cfg_interval) if cfg_interval else None, "seed": seed,
         "guide": pipe.provenance.guide if pipe.provenance else None,  # autoguidance: the weaker DiT that guides
+        "guide_scale": guide_scale if pipe.guide is not None else None,
     }
 
 
@@ -63,10 +64,12 @@ def check_cfg_interval(cfg_interval: Optional[tuple[float, float]]) -> Optional[
 
 
 def _guidance_text(settings: dict) -> str:
-    """"cfg 2.0", "cfg 2.0 on t in [100, 600]" or "autoguidance 2.0 by diffusion@..." for a report's settings."""
+    """"cfg 2.0", "cfg 2.0 on t in [100, 600]", "cfg 1.0 + autoguidance 2.0 by diffusion@..." for a report."""
     interval = settings["guidance_interval"]
-    kind = f"autoguidance {settings['guidance_scale']} by {settings['guide']}" if settings.get("guide") else f"cfg {settings['guidance_scale']}"
-    return kind + (f" on t in [{interval[0]:g}, {interval[1]:g}]" if interval else "")
+    text = f"cfg {settings['guidance_scale']}"
+    if settings.get("guide"):
+        text += f" + autoguidance {settings['guide_scale']} by {settings['guide']}"
+    return text + (f" on t in [{interval[0]:g}, {interval[1]:g}]" if interval else "")
 
 
 def write_samples(
@@ -86,6 +89,7 @@ def write_samples(
     spacing: str = "trailing",
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
+    guide_scale: float = 2.0,
 ) -> dict:
     """Sample n class-conditional images; write grid.png, images/NNNNNN-class-C.png and samples.json."""
     if n < 1:
@@ -94,11 +98,12 @@ def write_samples(
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
                                                   guide=guide_ref)
     sampler = sampler or default_sampler(pipe.diffusion)
+    guide_scale = guide_scale if guide_ref else 1.0  # the autoguidance scale means nothing without a guide
     labels = parse_classes(classes, n, pipe.num_classes)
     out_dir = Path(out_dir)
     start = time.perf_counter()
     images = pipe.sample(labels, steps, sampler, cfg, seed, batch_size, guidance_interval=cfg_interval, progress=True,
-                         spacing=spacing)
+                         guide_scale=guide_scale, spacing=spacing)
     seconds = time.perf_counter() - start
     distinct = len(set(labels.tolist()))
     balanced = n % distinct == 0
@@ -107,7 +112,7 @@ def write_samples(
     if single_images:
         for i, (image, label) in enumerate(zip(to_pil(images), labels.tolist())):
             save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
-    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing), "n": n, "labels": labels.tolist(),
+    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing, guide_scale), "n": n, "labels": labels.tolist(),
               "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
     write_atomic(out_dir / "samples.json", json.dumps(report, indent=2).encode())
     print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, {_guidance_text(report)}, seed {seed}) "
@@ -143,6 +148,7 @@ def evaluate_samples(
     spacing: str = "trailing",
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
+    guide_scale: float = 2.0,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -156,6 +162,7 @@ def evaluate_samples(
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
                                                   guide=guide_ref)
     sampler = sampler or default_sampler(pipe.diffusion)
+    guide_scale = guide_scale if guide_ref else 1.0
     extractor = feature_extractor(store, features, classifier_ref, device_)
     classifier_artifact = store.load(classifier_ref, stage="classifier")
     classifier = load_classifier(classifier_artifact, device_)
@@ -178,13 +185,14 @@ def evaluate_samples(
     labels = torch.arange(n) % pipe.num_classes
     sample_stats = FeatureStats()
     correct, seconds, grid_images = 0, 0.0, []
-    settings = _settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing)
+    settings = _settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing, guide_scale)
     bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps, {_guidance_text(settings)})", unit="img")
     with bar:
         for start in range(0, n, batch_size):
             batch_labels = labels[start : start + batch_size]
             began = time.perf_counter()
             images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size, guidance_interval=cfg_interval,
+                                 guide_scale=guide_scale,
                                  spacing=spacing)
             if device_.type == "cuda":
                 torch.cuda.synchronize(device_)
@@ -216,7 +224,7 @@ def evaluate_samples(
     interval = f"-t{cfg_interval[0]:g}-{cfg_interval[1]:g}" if cfg_interval else ""
     spaced = "" if spacing == "trailing" else f"-{spacing}"
     decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
-    guided = f"-guide-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
+    guided = f"-guide{guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
     name = f"samples-{sampler}-{steps}{spaced}-cfg{cfg:g}{interval}{guided}{decoder}-n{n}"
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())

@@ -123,14 +123,17 @@ def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_oth
     guided = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=small.ref)
     assert guided.provenance.guide == small.ref and plain.provenance.guide is None
     labels = [0, 3, 7]
-    assert torch.equal(guided.sample(labels, 3, guidance_scale=1.0), plain.sample(labels, 3, guidance_scale=1.0))
-    by_guide = guided.sample(labels, 3, guidance_scale=2.0)
+    assert torch.equal(guided.sample(labels, 3, guidance_scale=2.0), plain.sample(labels, 3, guidance_scale=2.0))
+    by_guide = guided.sample(labels, 3, guide_scale=2.0)
     assert not torch.allclose(by_guide, plain.sample(labels, 3, guidance_scale=2.0), atol=1e-3)  # not CFG
-    assert not torch.allclose(by_guide, plain.sample(labels, 3, guidance_scale=1.0), atol=1e-3)
-    # A model guiding itself cancels: guide + s (cond - guide) is the conditional model at any scale.
+    assert not torch.allclose(by_guide, plain.sample(labels, 3), atol=1e-3)
+    with pytest.raises(ValueError, match="needs a guide DiT"):
+        plain.sample(labels, 3, guide_scale=2.0)
+    # A model guiding itself cancels: cond + (s - 1) (cond - guide) is the conditional model at any scale.
     itself = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=model.ref)
-    torch.testing.assert_close(itself.sample(labels, 3, guidance_scale=3.0), plain.sample(labels, 3, guidance_scale=1.0),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(itself.sample(labels, 3, guide_scale=3.0), plain.sample(labels, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(itself.sample(labels, 3, guidance_scale=2.0, guide_scale=3.0),
+                               plain.sample(labels, 3, guidance_scale=2.0), atol=1e-5, rtol=0)
 
     other_autoencoder = copy.list("autoencoder")[1].ref
     refused = {
@@ -148,9 +151,10 @@ def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_oth
             LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=artifact.ref)
 
     result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--model", model.ref, "--n", "2", "--steps", "2",
-                                       "--no-images", "--guide", small.ref, "--out", str(tmp_path / "out")])
-    assert result.exit_code == 0 and f"autoguidance 2.0 by {small.ref}" in result.output, result.output
-    assert json.loads((tmp_path / "out" / "samples.json").read_text())["guide"] == small.ref
+                                       "--no-images", "--cfg", "1", "--guide", small.ref, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and f"cfg 1.0 + autoguidance 2.0 by {small.ref}" in result.output, result.output
+    written = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert written["guide"] == small.ref and written["guide_scale"] == 2.0 and written["guidance_scale"] == 1.0
     result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--model", model.ref, "--guide",
                                        refused["objective is 'flow'"].ref, "--out", str(tmp_path / "out2")])
     assert result.exit_code != 0 and "cannot guide" in result.output

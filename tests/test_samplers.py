@@ -283,21 +283,27 @@ def test_cfg_keeps_the_conditional_variance_channels_for_learned_sigma():
     torch.testing.assert_close(out[:, 3:], cond[:, 3:])
 
 
-def test_autoguidance_replaces_the_unconditional_pass_with_the_weaker_model():
+def test_autoguidance_guides_by_the_weaker_model_alone_or_added_to_cfg():
     model, weak = CountingModel(), CountingModel(out_channels_factor=2)  # the guide may carry variance channels
 
     def guide(x, t, y):
         return 0.5 * weak(x, t, y)
 
     x, t, y = torch.randn(4, 3, 2, 2, dtype=F64), torch.full((4,), 10.0), torch.tensor([0, 1, 2, 3])
-    out = cfg_denoiser(model, y, null_label=10, scale=2.5, guide=guide)(x, t)
-    assert model.batch_sizes == [4] and weak.batch_sizes == [4]  # one conditional pass per network, no null labels
-    torch.testing.assert_close(out, guide(x, t, y)[:, :3] + 2.5 * (model(x, t, y) - guide(x, t, y)[:, :3]))
+    cond, uncond, bad = model(x, t, y), model(x, t, torch.full_like(y, 10)), guide(x, t, y)[:, :3]
     model.batch_sizes.clear(), weak.batch_sizes.clear()
-    assert torch.equal(cfg_denoiser(model, y, null_label=10, scale=1.0, guide=guide)(x, t), model(x, t, y))
-    assert weak.batch_sizes == []  # scale 1: the guide is never run
-    inside_only = cfg_denoiser(model, y, null_label=10, scale=2.5, interval=(100.0, 500.0), guide=guide)
+    out = cfg_denoiser(model, y, null_label=10, scale=1.0, guide=guide, guide_scale=2.5)(x, t)
+    assert model.batch_sizes == [4] and weak.batch_sizes == [4]  # one conditional pass per network, no null labels
+    torch.testing.assert_close(out, bad + 2.5 * (cond - bad))  # the paper's form
+    both = cfg_denoiser(model, y, null_label=10, scale=1.5, guide=guide, guide_scale=2.0)(x, t)
+    torch.testing.assert_close(both, uncond + 1.5 * (cond - uncond) + 1.0 * (cond - bad))
+    model.batch_sizes.clear(), weak.batch_sizes.clear()
+    assert torch.equal(cfg_denoiser(model, y, null_label=10, scale=1.0, guide=guide, guide_scale=1.0)(x, t), cond)
+    assert weak.batch_sizes == []  # guide_scale 1: the guide is never run
+    inside_only = cfg_denoiser(model, y, null_label=10, scale=1.0, interval=(100.0, 500.0), guide=guide, guide_scale=2.5)
     assert torch.equal(inside_only(x, torch.full((4,), 800.0)), model(x, torch.full((4,), 800.0), y)) and weak.batch_sizes == []
+    with pytest.raises(ValueError, match="guide_scale 2 needs a guide model"):
+        cfg_denoiser(model, y, null_label=10, scale=1.0, guide_scale=2.0)
 
 
 def test_cfg_interval_guides_only_inside_the_interval():

@@ -313,6 +313,7 @@ def cfg_denoiser(
     interval: Optional[tuple[float, float]] = None,
     learn_sigma: bool = False,
     guide: Optional[ConditionalModel] = None,
+    guide_scale: float = 1.0,
 ) -> ModelFn:
     """Return model_fn(x_t, t) with classifier-free guidance uncond + scale (cond - uncond) (Ho & Salimans 2022).
 
@@ -323,33 +324,39 @@ def cfg_denoiser(
     network timestep units applies guidance only there and the conditional model elsewhere
     (Kynkäänniemi et al. 2024). scale = 1 returns the conditional model itself: one pass, exact.
 
-    `guide`: autoguidance (Karras et al. 2024). A weaker model of the same data and parametrisation
-    (smaller, or trained for less), given the same labels, takes the unconditional pass's place:
-    guide + scale (cond - guide). It pushes samples away from the errors the weaker model makes
-    rather than away from the class-free distribution, so it sharpens without the loss of variety
-    that classifier-free guidance costs. One forward per network; the variance channels, if any,
-    are the conditional model's.
+    `guide`, `guide_scale`: autoguidance (Karras et al. 2024). A weaker model of the same data and
+    parametrisation (smaller, or trained for less), given the same labels, adds
+    (guide_scale - 1) (cond - guide): samples move away from the errors the weaker model makes
+    rather than away from the class-free distribution, which sharpens them with less loss of variety
+    than classifier-free guidance. With scale = 1 this is guide + guide_scale (cond - guide), the
+    paper's form; with both scales above 1 the two terms add (one more forward, of the guide).
     """
     if interval is not None and interval[0] > interval[1]:
         lo, hi = interval
         raise ValueError(f"guidance interval ({lo:g}, {hi:g}) is reversed, so no step would be guided: "
                          f"give (t_lo, t_hi) = ({hi:g}, {lo:g})")
-    if scale == 1.0:
+    if guide_scale != 1.0 and guide is None:
+        raise ValueError(f"guide_scale {guide_scale:g} needs a guide model")
+    autoguided = guide is not None and guide_scale != 1.0
+    if scale == 1.0 and not autoguided:
         return lambda x, t: model(x, t, y)
     null = torch.full_like(y, null_label)
 
     def guided_fn(x: Tensor, t: Tensor) -> Tensor:
         active = torch.ones_like(t, dtype=torch.bool) if interval is None else (t >= interval[0]) & (t <= interval[1])
         if not bool(active.any()):
-            return model(x, t, y)  # outside the interval: the second pass is not needed
-        if guide is None:
+            return model(x, t, y)  # outside the interval: no second pass is needed
+        if scale != 1.0:
             both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C or 2C, H, W)
             cond, uncond = both.chunk(2)
         else:
-            cond, uncond = model(x, t, y), guide(x, t, y)
+            cond = model(x, t, y)
         channels = cond.shape[1] // 2 if learn_sigma else cond.shape[1]
-        guided = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
-        guided = torch.where(expand_to(active, guided), guided, cond[:, :channels])
+        mean = cond[:, :channels]
+        guided = uncond[:, :channels] + scale * (mean - uncond[:, :channels]) if scale != 1.0 else mean
+        if autoguided:
+            guided = guided + (guide_scale - 1.0) * (mean - guide(x, t, y)[:, :channels])
+        guided = torch.where(expand_to(active, guided), guided, mean)
         return torch.cat([guided, cond[:, channels:]], dim=1) if learn_sigma else guided
 
     return guided_fn
