@@ -279,3 +279,8 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     assert report["guidance_interval"] == [100.0, 800.0] and report["spacing"] == "trailing"
     recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-t100-800-n40"]
     assert recorded["autoencoder_reference_distance"] == report["autoencoder_reference_distance"]
+    model = store.load("diffusion@latest")  # autoguided evaluations are recorded under their own name
+    guided = evaluate_samples(store, model.ref, n=20, steps=2, cfg=1.0, batch_size=20, features="classifier",
+                              out_dir=tmp_path / "guided", guide_ref=model.ref, guide_scale=2.0)
+    assert guided["guide"] == model.ref and guided["guide_scale"] == 2.0 and guided["guidance_scale"] == 1.0
+    assert f"samples-dpm++2m-2-cfg1-guide2-{model.version}-n20" in store.load(model.ref).manifest["metrics"]
