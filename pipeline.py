@@ -77,11 +77,12 @@ class LatentDiffusionPipeline:
         self.diffusion = diffusion
         self.stats = stats
         self.provenance = provenance
+        self.guide = None
         if guide is not None:
             ours, theirs = ((c.in_channels, c.input_size, c.num_classes) for c in (model.config, guide.config))
             if theirs != ours:
                 raise ValueError(f"the guide DiT takes (channels, size, classes) {theirs}, the DiT {ours}")
-        self.guide = None if guide is None else guide.eval().requires_grad_(False)
+            self.guide = guide.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ loading
 
@@ -126,28 +127,21 @@ class LatentDiffusionPipeline:
                     f"it out), a decoder fine-tuned from it (train_parts: decoder, init_from: {lineage_ref}), or pass "
                     f"allow_autoencoder_mismatch=True if you mean it"
                 )
-        config = artifact.config()
-        dit_config = from_dict(DiTConfig, config["model"], "model")
-        diffusion = from_dict(DiffusionConfig, config["diffusion"], "diffusion")
         files = {"ema": "weights.safetensors", "raw": "raw.safetensors"}
         if weights not in files:
             raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        dit = DiT(dit_config)
-        dit.load_state_dict(artifact.load_tensors(files[weights]))
+        dit_config, diffusion = _dit_configs(artifact)
+        dit = _load_dit(artifact, dit_config, files[weights], device)
         stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
         guide_model = None
         if guide is not None:
             guide_artifact = store.load(guide, stage="diffusion")
-            guide_config = guide_artifact.config()
-            guide_dit = from_dict(DiTConfig, guide_config["model"], "model")
-            check_guide(artifact, dit_config, diffusion, guide_artifact, guide_dit,
-                        from_dict(DiffusionConfig, guide_config["diffusion"], "diffusion"))
-            guide_model = DiT(guide_dit)
-            guide_model.load_state_dict(guide_artifact.load_tensors(files[weights]))
-            guide_model = guide_model.to(device)
+            guide_config, guide_diffusion = _dit_configs(guide_artifact)
+            check_guide(artifact, dit_config, diffusion, guide_artifact, guide_config, guide_diffusion)
+            guide_model = _load_dit(guide_artifact, guide_config, files[weights], device)
             guide = guide_artifact.ref
         provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override, lineage_ref, guide)
-        return cls(dit.to(device), decoder, diffusion, stats, provenance, guide_model)
+        return cls(dit, decoder, diffusion, stats, provenance, guide_model)
 
     @property
     def device(self) -> torch.device:
@@ -325,6 +319,17 @@ class LatentDiffusionPipeline:
             raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
         result: Union[torch.Tensor, list[Image.Image]] = to_pil(images) if output == "pil" else images
         return (result, latents) if latents is not None else result
+
+
+def _dit_configs(artifact) -> tuple[DiTConfig, DiffusionConfig]:
+    config = artifact.config()
+    return from_dict(DiTConfig, config["model"], "model"), from_dict(DiffusionConfig, config["diffusion"], "diffusion")
+
+
+def _load_dit(artifact, config: DiTConfig, file: str, device: Union[str, torch.device]) -> DiT:
+    dit = DiT(config)
+    dit.load_state_dict(artifact.load_tensors(file))
+    return dit.to(device)
 
 
 def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, guide_config: DiTConfig,
