@@ -25,12 +25,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactError, ArtifactStore
-from ldm.config import from_dict
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.generation import default_sampler, model_calls, sample_latents
 from ldm.images import to_pil
-from ldm.loading import load_autoencoder
+from ldm.loading import dit_configs, load_autoencoder, load_dit
 from ldm.models.autoencoder import AutoencoderKL, encoder_fingerprint
 from ldm.models.dit import DiT, DiTConfig
 
@@ -127,18 +126,14 @@ class LatentDiffusionPipeline:
                     f"it out), a decoder fine-tuned from it (train_parts: decoder, init_from: {lineage_ref}), or pass "
                     f"allow_autoencoder_mismatch=True if you mean it"
                 )
-        files = {"ema": "weights.safetensors", "raw": "raw.safetensors"}
-        if weights not in files:
-            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        dit_config, diffusion = _dit_configs(artifact)
-        dit = _load_dit(artifact, dit_config, files[weights], device)
+        dit_config, diffusion = dit_configs(artifact)
+        dit = load_dit(artifact, weights, device)
         stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
         guide_model = None
         if guide is not None:
             guide_artifact = store.load(guide, stage="diffusion")
-            guide_config, guide_diffusion = _dit_configs(guide_artifact)
-            check_guide(artifact, dit_config, diffusion, guide_artifact, guide_config, guide_diffusion)
-            guide_model = _load_dit(guide_artifact, guide_config, files[weights], device)
+            check_guide(artifact, dit_config, diffusion, guide_artifact, *dit_configs(guide_artifact))
+            guide_model = load_dit(guide_artifact, weights, device)
             guide = guide_artifact.ref
         provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override, lineage_ref, guide)
         return cls(dit, decoder, diffusion, stats, provenance, guide_model)
@@ -321,17 +316,6 @@ class LatentDiffusionPipeline:
         return (result, latents) if latents is not None else result
 
 
-def _dit_configs(artifact) -> tuple[DiTConfig, DiffusionConfig]:
-    config = artifact.config()
-    return from_dict(DiTConfig, config["model"], "model"), from_dict(DiffusionConfig, config["diffusion"], "diffusion")
-
-
-def _load_dit(artifact, config: DiTConfig, file: str, device: Union[str, torch.device]) -> DiT:
-    dit = DiT(config)
-    dit.load_state_dict(artifact.load_tensors(file))
-    return dit.to(device)
-
-
 def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, guide_config: DiTConfig,
                 guide_diffusion: DiffusionConfig) -> None:
     """Raise ArtifactError unless `guide` can guide `artifact`: the same latent space and statistics, the
@@ -351,5 +335,5 @@ def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, 
     if problems:
         raise ArtifactError(
             f"{guide.ref} cannot guide {artifact.ref}: " + "; ".join(problems) + ". A guide must be trained on the "
-            f"same latent cache with the same objective (e.g. a smaller DiT, or fewer steps, of the same preset)"
+            "same latent cache with the same objective (e.g. a smaller DiT, or fewer steps, of the same preset)"
         )

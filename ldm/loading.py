@@ -9,8 +9,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm.artifacts import Artifact
 from ldm.config import from_dict
+from ldm.diffusion.schedules import DiffusionConfig
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.classifier import Classifier, ClassifierConfig
+from ldm.models.dit import DiT, DiTConfig
+
+DIT_WEIGHT_FILES = {"ema": "weights.safetensors", "raw": "raw.safetensors"}  # a diffusion artifact's two weight sets
 
 
 def load_autoencoder(artifact: Artifact, device: str | torch.device = "cpu") -> AutoencoderKL:
@@ -26,6 +30,21 @@ def load_classifier(artifact: Artifact, device: str | torch.device = "cpu") -> C
     config = from_dict(ClassifierConfig, artifact.config()["model"], "model")
     model = Classifier(config)
     model.load_state_dict(artifact.load_tensors(device="cpu"))
+    return model.to(device).eval()
+
+
+def dit_configs(artifact: Artifact) -> tuple[DiTConfig, DiffusionConfig]:
+    """The DiT architecture and the diffusion settings a `diffusion` artifact was trained with."""
+    config = artifact.config()
+    return from_dict(DiTConfig, config["model"], "model"), from_dict(DiffusionConfig, config["diffusion"], "diffusion")
+
+
+def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.device = "cpu") -> DiT:
+    """Return the DiT of a `diffusion` artifact in eval mode: its EMA weights ("ema", for sampling) or "raw"."""
+    if weights not in DIT_WEIGHT_FILES:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    model = DiT(dit_configs(artifact)[0])
+    model.load_state_dict(artifact.load_tensors(DIT_WEIGHT_FILES[weights], device="cpu"))
     return model.to(device).eval()
 
 

@@ -31,9 +31,9 @@ from ldm.interop import (
     load_diffusers_dit,
     load_original_dit,
 )
-from ldm.loading import load_autoencoder
+from ldm.loading import dit_configs, load_autoencoder, load_dit
 from ldm.models.autoencoder import AutoencoderConfig
-from ldm.models.dit import DiT, DiTConfig
+from ldm.models.dit import DiTConfig
 
 # The data section of an imported RGB autoencoder when no --data is given: `ldm encode` and `ldm eval
 # recon` then need --data, and this path, shown in their error, says so.
@@ -250,14 +250,8 @@ def export_autoencoder(store: ArtifactStore, ref: str, out_dir: str, latents_ref
 
 def export_diffusion(store: ArtifactStore, ref: str, out_dir: str, weights: str = "ema") -> ExportReport:
     """Write the DiT of a `diffusion` artifact as a diffusers DiTTransformer2DModel folder."""
-    files = {"ema": "weights.safetensors", "raw": "raw.safetensors"}
-    if weights not in files:
-        raise ValueError(f"weights must be ema or raw, got {weights!r}")
     artifact = store.load(ref, stage="diffusion")
-    config = from_dict(DiTConfig, artifact.config()["model"], "model")
-    diffusion = from_dict(DiffusionConfig, artifact.config()["diffusion"], "diffusion")
-    model = DiT(config)
-    model.load_state_dict(artifact.load_tensors(files[weights]))
+    model, diffusion = load_dit(artifact, weights), dit_configs(artifact)[1]
     report = export_dit_to_diffusers(model, out_dir)
     if diffusion.objective != "ddpm" or diffusion.prediction != "eps":
         report.notes.append(f"the model predicts {diffusion.prediction if diffusion.objective == 'ddpm' else 'a flow velocity'} "
