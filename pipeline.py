@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.generation import default_sampler, model_calls, sample_latents
-from ldm.images import to_pil
+from ldm.images import check_range, to_pil
 from ldm.loading import dit_configs, load_autoencoder, load_dit
 from ldm.models.autoencoder import AutoencoderKL, encoder_fingerprint
 from ldm.models.dit import DiT, DiTConfig
@@ -176,6 +176,7 @@ class LatentDiffusionPipeline:
         return_latents: bool = False,
         progress: bool = False,
         guide_scale: float = 1.0,
+        on_model_call: Optional[Callable[[], None]] = None,
         **sampler_kwargs,
     ):
         """Class-conditional images (N, C, H, W) in [-1, 1], or a list of PIL images with output="pil".
@@ -185,11 +186,12 @@ class LatentDiffusionPipeline:
         for a rectified-flow model); sampler_kwargs go to `run_sampler` (spacing, eta, variance, ...).
         guidance_scale: classifier-free guidance; guide_scale: autoguidance by the pipeline's guide
         (`from_artifacts(..., guide=...)`); guide_scale alone (guidance_scale 1) is the paper's form,
-        both above 1 add the two terms.
+        both above 1 add the two terms. on_model_call is called after every network evaluation (a
+        progress bar the caller keeps over several calls).
         """
         labels = self._labels(class_labels)
         latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval,
-                                 progress, sampler_kwargs, guide_scale=guide_scale)
+                                 progress, sampler_kwargs, guide_scale=guide_scale, on_model_call=on_model_call)
         images = self._decode_batched(latents, batch_size)
         return self._output(images, output, latents if return_latents else None)
 
@@ -242,6 +244,7 @@ class LatentDiffusionPipeline:
         self._check_images(images)
         if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, len(images)):
             raise ValueError(f"mask must be (N or 1, 1, H, W) matching images {tuple(images.shape)}, got {tuple(mask.shape)}")
+        check_range("mask", mask, 0.0, 1.0, "1 = paint anew, 0 = keep")
         mask = (mask.to(self.device, torch.float32) > 0.5).float().expand(len(images), -1, -1, -1)
         size = self.model.config.input_size
         regenerate = F.adaptive_max_pool2d(mask, (size, size))  # (N, 1, h, w)
@@ -251,7 +254,7 @@ class LatentDiffusionPipeline:
                                  sampler_kwargs, x0=x0, regenerate=regenerate)
         result = self._decode_batched(latents, batch_size)
         if keep_known_pixels:
-            result = torch.lerp(images.to(result), result, mask)
+            result = torch.lerp(images.to(result).clamp(-1, 1), result, mask)  # clamp: inputs may carry round-off
         return self._output(result, output)
 
     # ------------------------------------------------------------------ internals
@@ -276,9 +279,10 @@ class LatentDiffusionPipeline:
         if images.shape[-2] != self.model.config.input_size * f or images.shape[-1] != self.model.config.input_size * f:
             side = self.model.config.input_size * f
             raise ValueError(f"images must be {side}x{side} for this model, got {tuple(images.shape[-2:])}")
+        check_range("images", images, -1.0, 1.0, "the autoencoder's range")
 
     def _generate(self, labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval, progress,
-                  sampler_kwargs, x0=None, strength=1.0, regenerate=None, guide_scale=1.0) -> torch.Tensor:
+                  sampler_kwargs, x0=None, strength=1.0, regenerate=None, guide_scale=1.0, on_model_call=None) -> torch.Tensor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if guide_scale != 1.0 and self.guide is None:
@@ -298,7 +302,7 @@ class LatentDiffusionPipeline:
                     x0=None if x0 is None else x0[part],
                     strength=strength,
                     regenerate=None if regenerate is None else regenerate[part],
-                    on_model_call=bar.update if progress else None,
+                    on_model_call=on_model_call or (bar.update if progress else None),
                     guide=self.guide,
                     guide_scale=guide_scale,
                     **sampler_kwargs,

@@ -1,9 +1,10 @@
 """Versioned artifacts: atomic writes, checksum-verified loads, manifests with lineage.
 
 An artifact is a folder `<root>/<stage>/<version>/` holding safetensors files, `config.yaml`
-and `manifest.json`. The version is a hash of the files' contents and the config, so the same
-result saved twice is the same artifact. References: `stage@version`, `stage@<prefix>`,
-`stage@latest`, or the path of an artifact folder.
+and `manifest.json`. The version is a hash of the files' contents (the config among them) and of
+the manifest's sealed fields, so the same result saved twice is the same artifact, and a manifest
+edited after saving no longer matches its version and is refused on every load. References:
+`stage@version`, `stage@<prefix>`, `stage@latest`, or the path of an artifact folder.
 """
 
 from __future__ import annotations
@@ -26,10 +27,28 @@ from safetensors.torch import load_file, save_file
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 STAGES = ("autoencoder", "classifier", "latents", "diffusion")
+MANIFEST_FORMAT = 2  # 2: the version seals the manifest's fields; absent: legacy, the version hashes the files only
+# Manifest keys the version leaves out: descriptive records that two saves of one result may differ
+# in (when, with which library versions, how long training or encoding took) or that are added after
+# saving (metrics). Every other key can change what loading the artifact does, so the version seals
+# it. `files` is covered all the same, by the files' own `name:sha256` lines.
+UNSEALED_KEYS = frozenset({"version", "created", "libraries", "files", "metrics", "training", "encode"})
+# Keys `save` writes itself, which its `metadata` must not overwrite.
+_SAVE_KEYS = frozenset({"stage", "version", "manifest_format", "created", "parents", "data_fingerprint", "libraries", "files"})
+# Keys `update_manifest` may change: the unsealed ones except the version and files, which are the artifact.
+_UPDATABLE_KEYS = UNSEALED_KEYS - {"version", "files"}
 
 
 class ArtifactError(RuntimeError):
     """An artifact that cannot be found, resolved or trusted."""
+
+
+class DamagedArtifactError(ArtifactError):
+    """An artifact folder whose manifest is missing, unreadable, or no longer matches its version."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name} is damaged: {reason}")
+        self.name, self.reason = name, reason
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -117,6 +136,11 @@ class Artifact:
     def parents(self) -> dict[str, str]:
         return self.manifest.get("parents", {})
 
+    @property
+    def sealed(self) -> bool:
+        """Whether the version covers the manifest's fields (False: a legacy artifact, whose version hashes its files only)."""
+        return "manifest_format" in self.manifest
+
     def config(self) -> dict[str, Any]:
         """Return the stored config as a plain dict."""
         return yaml.safe_load((self.path / CONFIG).read_text()) or {}
@@ -139,19 +163,156 @@ class Artifact:
             raise ArtifactError(f"{self.ref} has no file {name}; it has {', '.join(self.manifest['files'])}")
         return map_safetensors(self.path / name)
 
-    def verify(self) -> None:
-        """Check every file against the manifest's sha256; raise ArtifactError on any mismatch."""
+    def file_problem(self) -> str | None:
+        """Return why a file does not match the manifest's sha256 (missing, unreadable, changed), or None when all match."""
         for name, expected in self.manifest["files"].items():
             file = self.path / name
             if not file.is_file():
-                raise ArtifactError(f"{self.ref}: file {file} is missing; the artifact is incomplete, re-create it")
-            actual = sha256_file(file)
+                return f"file {file} is missing; the artifact is incomplete, re-create it"
+            try:
+                actual = sha256_file(file)
+            except OSError as err:
+                return f"file {file} cannot be read ({err})"
             if actual != expected["sha256"]:
-                raise ArtifactError(
-                    f"{self.ref}: checksum mismatch for {file} (expected sha256 {expected['sha256'][:16]}..., "
+                return (
+                    f"checksum mismatch for {file} (expected sha256 {expected['sha256'][:16]}..., "
                     f"got {actual[:16]}...). The file is corrupted or was changed after saving; "
                     f"re-create the artifact or restore the file."
                 )
+        return None
+
+    def verify(self) -> None:
+        """Check every file against the manifest's sha256; raise ArtifactError on any mismatch."""
+        problem = self.file_problem()
+        if problem is not None:
+            raise ArtifactError(f"{self.ref}: {problem}")
+
+
+@dataclass
+class Verdict:
+    """What `ArtifactStore.audit` found for one artifact folder."""
+
+    name: str  # `stage@version` of a sound manifest, else the folder (`stage/<folder>` in the store)
+    problem: str | None = None  # why it failed; None when it passed
+    legacy: bool = False  # passed, but saved before manifests were sealed: its fields are unchecked
+
+
+def read_manifest(path: Path, name: str | None = None) -> dict[str, Any]:
+    """Return the manifest of the artifact folder `path` once it matches its version; raise DamagedArtifactError if not.
+
+    Only manifest.json and the small config.yaml are read (hashing the tensor files is `Artifact.verify`),
+    so every load makes this check. `name` labels the folder in the error (default: its path).
+    """
+    name = name or str(path)
+    manifest = _parse_manifest(path / MANIFEST, name)
+    problem = (
+        _shape_problem(manifest) or _seal_problem(manifest)
+        or _folder_problem(path, manifest) or _config_problem(path, manifest)
+    )
+    if problem is not None:
+        raise DamagedArtifactError(name, problem)
+    return manifest
+
+
+def _parse_manifest(file: Path, name: str) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DamagedArtifactError(name, "no manifest.json in the folder; delete the folder or restore the file") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or bad JSON
+        raise DamagedArtifactError(
+            name, f"manifest.json cannot be read as JSON ({err}); restore the file or re-create the artifact"
+        ) from err
+
+
+def _shape_problem(manifest: Any) -> str | None:
+    """Why `manifest` lacks the fields every other check reads, or None."""
+    fix = "restore manifest.json or re-create the artifact"
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(key), str) for key in ("stage", "version")):
+        return f"manifest.json is not an artifact manifest (a JSON object with a stage and a version); {fix}"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in files.values()):
+        return f"manifest.json has no valid files table (each file's sha256); {fix}"
+    parents = manifest.get("parents", {})
+    if not isinstance(parents, dict) or not all(isinstance(ref, str) for ref in parents.values()):
+        return f"manifest.json's parents is not a table of stage: reference; {fix}"
+    return None
+
+
+def _seal_problem(manifest: dict[str, Any]) -> str | None:
+    """Why the manifest's fields and file checksums no longer hash to its version, or None when they do."""
+    form = manifest.get("manifest_format")
+    if form is None:
+        # Legacy (before format 2): the files alone. A format-2 version never equals it, so deleting
+        # manifest_format from an edited manifest does not pass this check.
+        expected = _version(manifest["files"], None)
+    elif form == MANIFEST_FORMAT:
+        expected = _version(manifest["files"], _sealed_fields(manifest))
+    else:
+        return f"its manifest_format {form!r} is not one this ldm reads ({MANIFEST_FORMAT}); upgrade ldm or re-create the artifact"
+    if expected != manifest["version"]:
+        return (
+            f"manifest.json was changed after saving (its fields no longer hash to its version {manifest['version']}); "
+            f"restore the file or re-create the artifact"
+        )
+    return None
+
+
+def _folder_problem(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the folder's name is not the version it holds, or None."""
+    version = manifest["version"]
+    if Path(path).resolve().name != version:  # resolve: "." or a symlink still name the real folder
+        return f"the folder holds version {version} under another name; rename it to {version} or re-create the artifact"
+    return None
+
+
+def _config_problem(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why config.yaml no longer matches its sha256 in the manifest, or None.
+
+    The config shapes what a load builds as much as the manifest does, and is small, so it is hashed on
+    every load; the tensor files wait for `Artifact.verify`.
+    """
+    expected = manifest["files"].get(CONFIG)
+    if expected is None:
+        return None
+    try:
+        actual = sha256_file(Path(path) / CONFIG)
+    except FileNotFoundError:
+        return "config.yaml is missing; restore it or re-create the artifact"
+    except OSError as err:
+        return f"config.yaml cannot be read ({err}); restore it or re-create the artifact"
+    if actual != expected["sha256"]:
+        return "config.yaml was changed after saving (its sha256 is not the manifest's); restore it or re-create the artifact"
+    return None
+
+
+def _sealed_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in manifest.items() if key not in UNSEALED_KEYS}
+
+
+def _version(files: dict[str, dict[str, Any]], sealed: dict[str, Any] | None) -> str:
+    """The first 12 hex of sha256 over the files' sorted `name:sha256` lines, then the sealed fields' canonical JSON.
+
+    `sealed` None gives the legacy version, of the files alone.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}:{files[name]['sha256']}\n".encode())
+    if sealed is not None:
+        # Round trip first, so what JSON cannot keep (tuples, int keys) hashes as a reader will see it.
+        plain = json.loads(json.dumps(sealed))
+        digest.update(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()[:12]
+
+
+def _age(artifact: Artifact) -> tuple[str, float]:
+    """Sort key, oldest first: the manifest's `created`, then the folder's mtime (created is unsealed: any type)."""
+    return str(artifact.manifest.get("created") or ""), artifact.path.stat().st_mtime
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ArtifactError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
 
 
 _SAFETENSORS_DTYPES = {
@@ -222,8 +383,10 @@ class ArtifactStore:
         `tensors` maps file names (`weights.safetensors`, `shard-00000.safetensors`, ...) to the
         tensors they hold; `parents` maps the parent stage to its `stage@version` reference.
         """
-        if stage not in STAGES:
-            raise ArtifactError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        _check_stage(stage)
+        overwritten = sorted(_SAVE_KEYS & set(metadata or {}))
+        if overwritten:
+            raise ArtifactError(f"metadata must not set {', '.join(overwritten)}: save writes them itself")
         stage_dir = self.root / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=".tmp-"))
@@ -240,17 +403,9 @@ class ArtifactStore:
                 with open(file, "rb") as handle:
                     os.fsync(handle.fileno())
                 files[file.name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
-            version_hash = hashlib.sha256()
-            for name, info in files.items():
-                version_hash.update(f"{name}:{info['sha256']}\n".encode())
-            version = version_hash.hexdigest()[:12]
-            final = stage_dir / version
-            if final.exists():
-                shutil.rmtree(tmp)
-                return self.load(f"{stage}@{version}")
             manifest = {
                 "stage": stage,
-                "version": version,
+                "manifest_format": MANIFEST_FORMAT,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "parents": dict(parents or {}),
                 "data_fingerprint": data_fingerprint,
@@ -258,6 +413,14 @@ class ArtifactStore:
                 "libraries": library_versions(),
                 "files": files,
             }
+            version = _version(files, _sealed_fields(manifest))
+            manifest = {"stage": stage, "version": version, **manifest}
+            final = stage_dir / version
+            if final.exists():
+                existing = self._stored_copy(final, stage)
+                if existing is not None:
+                    shutil.rmtree(tmp)
+                    return existing
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
             with open(tmp / MANIFEST, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -270,9 +433,30 @@ class ArtifactStore:
             raise
         return Artifact(final, manifest)
 
+    def _stored_copy(self, final: Path, stage: str) -> Artifact | None:
+        """The sound stored copy of an artifact being saved again; None once a damaged copy is removed to be replaced."""
+        try:
+            existing = self._open(final, stage)
+            existing.verify()
+            return existing
+        except ArtifactError:
+            # The same version is the same result: the new save is what "re-create the artifact" asks for.
+            aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=".damaged-"))
+            os.rename(final, aside / final.name)
+            shutil.rmtree(aside)
+            return None
+
     def update_manifest(self, artifact: Artifact, **fields: Any) -> Artifact:
-        """Merge `fields` into an artifact's manifest (metrics measured later) with an atomic rewrite."""
-        manifest = dict(artifact.manifest)
+        """Merge unsealed `fields` (metrics measured later) into an artifact's manifest with an atomic rewrite.
+
+        Sealed fields, the version and the files are refused: changing them would make another artifact.
+        """
+        manifest = read_manifest(artifact.path)  # from disk: a stale or edited copy in memory must not be written back
+        refused = sorted(key for key, value in fields.items() if key not in _UPDATABLE_KEYS and manifest.get(key) != value)
+        if refused:
+            raise ArtifactError(
+                f"cannot change {', '.join(refused)} of {artifact.ref}: sealed into its version; save a new artifact instead"
+            )
         for key, value in fields.items():
             if isinstance(value, dict) and isinstance(manifest.get(key), dict):
                 manifest[key] = {**manifest[key], **value}
@@ -284,60 +468,43 @@ class ArtifactStore:
     # ---- reading ----------------------------------------------------------------------------
 
     def resolve(self, ref: str, stage: str | None = None) -> Path:
-        """Return the folder of the artifact that `ref` names, or raise ArtifactError saying what exists."""
-        ref = str(ref)
-        if "@" not in ref:
-            path = Path(ref)
-            if (path / MANIFEST).is_file():
-                return path
-            if stage is None:
-                raise ArtifactError(
-                    f"cannot resolve {ref!r}: use stage@version, stage@<prefix>, stage@latest or an artifact folder"
-                )
-            ref = f"{stage}@{ref}"
-        ref_stage, key = ref.split("@", 1)
-        if stage is not None and ref_stage != stage:
-            raise ArtifactError(f"{ref!r} names a {ref_stage} artifact, but a {stage} artifact is needed here")
-        candidates = self._versions(ref_stage)
-        if not candidates:
-            raise ArtifactError(
-                f"no {ref_stage} artifacts in the store {self.root}; create one first "
-                f"(or point --store / LDM_HOME at the store that has it)"
-            )
-        if key == "latest":
-            return max(candidates, key=lambda p: (self._created(p), p.stat().st_mtime))
-        matches = [p for p in candidates if p.name.startswith(key)]
-        if not matches:
-            known = ", ".join(sorted(p.name for p in candidates))
-            raise ArtifactError(f"no {ref_stage} artifact matches {key!r} in {self.root}; known versions: {known}")
-        if len(matches) > 1:
-            raise ArtifactError(
-                f"{ref!r} is ambiguous: it matches {', '.join(sorted(p.name for p in matches))}; give more characters"
-            )
-        return matches[0]
+        """Return the folder of the artifact that `ref` names, its manifest checked; raise ArtifactError saying what exists."""
+        return self._find(str(ref), stage).path
 
     def load(self, ref: str, stage: str | None = None, verify: bool = True) -> Artifact:
-        """Return the artifact `ref` names, its files verified against the manifest's checksums."""
-        path = self.resolve(ref, stage)
-        try:
-            manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ArtifactError(f"cannot read the manifest of {path}: {err}") from err
-        artifact = Artifact(path, manifest)
+        """Return the artifact `ref` names, its manifest checked against its version and (`verify`) its files against their sha256."""
+        artifact = self._find(str(ref), stage)
         if stage is not None and artifact.stage != stage:
-            raise ArtifactError(f"{path} holds a {artifact.stage} artifact, but a {stage} artifact is needed here")
+            raise ArtifactError(f"{artifact.path} holds a {artifact.stage} artifact, but a {stage} artifact is needed here")
         if verify:
             artifact.verify()
         return artifact
 
+    def scan(self, stage: str | None = None) -> tuple[list[Artifact], list[tuple[Path, str]]]:
+        """Return the sound artifacts (of one stage, or all; oldest first) and the damaged folders, each with why."""
+        good, broken = [], []
+        for name in [stage] if stage else STAGES:
+            _check_stage(name)
+            for path in self._folders(name):
+                try:
+                    good.append(self._open(path, name))
+                except DamagedArtifactError as err:
+                    broken.append((path, err.reason))
+        return sorted(good, key=_age), broken
+
     def list(self, stage: str | None = None) -> list[Artifact]:
-        """Return the stored artifacts (of one stage, or all), oldest first."""
-        stages = [stage] if stage else STAGES
-        found = []
-        for name in stages:
-            for path in self._versions(name):
-                found.append(Artifact(path, json.loads((path / MANIFEST).read_text())))
-        return sorted(found, key=lambda a: (a.manifest.get("created", ""), a.path.stat().st_mtime))
+        """Return the sound stored artifacts (of one stage, or all), oldest first; `scan` also names the damaged ones."""
+        return self.scan(stage)[0]
+
+    def audit(self, ref: str | None = None) -> list[Verdict]:
+        """Return a Verdict for the artifact `ref` names, or for every folder in the store: manifest and files checked."""
+        if ref is not None:
+            try:
+                return [_verdict(self._find(str(ref)))]
+            except DamagedArtifactError as err:
+                return [Verdict(err.name, err.reason)]
+        good, broken = self.scan()
+        return [_verdict(artifact) for artifact in good] + [Verdict(_label(path), reason) for path, reason in broken]
 
     def lineage(self, artifact: Artifact) -> list[Artifact]:
         """Return the artifact followed by its ancestors, nearest first, by following the manifests' parents."""
@@ -348,18 +515,78 @@ class ArtifactStore:
             queue.extend(parent.parents.values())
         return chain
 
-    def _versions(self, stage: str) -> list[Path]:
+    def _find(self, ref: str, stage: str | None = None) -> Artifact:
+        """The artifact `ref` names with its manifest checked; DamagedArtifactError when that folder is damaged."""
+        if "@" not in ref:
+            path = Path(ref)
+            if (path / MANIFEST).is_file() or (stage is None and path.is_dir()):
+                return Artifact(path, read_manifest(path))
+            if stage is None:
+                raise ArtifactError(
+                    f"cannot resolve {ref!r}: use stage@version, stage@<prefix>, stage@latest or an artifact folder"
+                )
+            ref = f"{stage}@{ref}"
+        ref_stage, key = ref.split("@", 1)
+        if stage is not None and ref_stage != stage:
+            raise ArtifactError(f"{ref!r} names a {ref_stage} artifact, but a {stage} artifact is needed here")
+        _check_stage(ref_stage)
+        if key == "latest":
+            return self._latest(ref_stage)
+        return self._open(self._match(ref_stage, key), ref_stage)
+
+    def _latest(self, stage: str) -> Artifact:
+        good, broken = self.scan(stage)
+        if good:
+            return max(good, key=_age)
+        if broken:
+            damaged = "; ".join(f"{_label(path)}: {reason}" for path, reason in broken)
+            raise ArtifactError(f"every {stage} folder in the store {self.root} is damaged: {damaged}")
+        raise ArtifactError(
+            f"no {stage} artifacts in the store {self.root}; create one first "
+            f"(or point --store / LDM_HOME at the store that has it)"
+        )
+
+    def _match(self, stage: str, prefix: str) -> Path:
+        folders = self._folders(stage)
+        if not folders:
+            raise ArtifactError(
+                f"no {stage} artifacts in the store {self.root}; create one first "
+                f"(or point --store / LDM_HOME at the store that has it)"
+            )
+        matches = [p for p in folders if p.name.startswith(prefix)]
+        if not matches:
+            known = ", ".join(p.name for p in folders)
+            raise ArtifactError(f"no {stage} artifact matches {prefix!r} in {self.root}; known versions: {known}")
+        if len(matches) > 1:
+            raise ArtifactError(
+                f"{stage}@{prefix} is ambiguous: it matches {', '.join(p.name for p in matches)}; give more characters"
+            )
+        return matches[0]
+
+    def _open(self, path: Path, stage: str) -> Artifact:
+        """The artifact in the store folder `<stage>/<path.name>`; DamagedArtifactError unless it is sound and in its place."""
+        manifest = read_manifest(path, _label(path))
+        if manifest["stage"] != stage:
+            raise DamagedArtifactError(
+                _label(path), f"it holds a {manifest['stage']} artifact; move it to {manifest['stage']}/ or delete it"
+            )
+        return Artifact(path, manifest)
+
+    def _folders(self, stage: str) -> list[Path]:
+        """Every entry folder of a stage, sound or damaged (hidden ones are saves in progress)."""
         stage_dir = self.root / stage
         if not stage_dir.is_dir():
             return []
-        return [p for p in stage_dir.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file()]
+        return sorted(p for p in stage_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
 
-    @staticmethod
-    def _created(path: Path) -> str:
-        try:
-            return json.loads((path / MANIFEST).read_text()).get("created", "")
-        except (OSError, json.JSONDecodeError):
-            return ""
+
+def _label(path: Path) -> str:
+    """`stage/<folder>`: how a store folder is named when its manifest cannot be trusted to name it."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def _verdict(artifact: Artifact) -> Verdict:
+    return Verdict(artifact.ref, artifact.file_problem(), legacy=not artifact.sealed)
 
 
 def find_in(artifacts: Iterable[Artifact], stage: str) -> Artifact | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -43,6 +44,23 @@ class TrainerConfig:
     image_every: int = 500  # write a picture every N steps (0: only at the end)
     checkpoint_every: int = 500
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here, once, so that no stage starts (or stores an untrained artifact) on a nonsense value.
+        at_least = {"max_steps": 1, "batch_size": 1, "num_nodes": 1, "log_every": 1, "checkpoint_every": 1,
+                    "warmup_steps": 0, "image_every": 0, "num_workers": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value < low:
+                raise ValueError(f"trainer.{name} must be >= {low}, got {value}")
+        if self.devices < 1 and self.devices != -1:
+            raise ValueError(f"trainer.devices must be >= 1 (or -1 for every device), got {self.devices}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"trainer.lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"trainer.{name} must be >= 0 (0 disables it), got {value}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+import numbers
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ldm.diffusion.samplers import FLOW_SAMPLERS, Denoiser, InpaintDenoiser, cfg_denoiser, per_sample_generators, randn_like_per_sample, run_sampler
+from ldm.diffusion.samplers import (FLOW_SAMPLERS, Denoiser, InpaintDenoiser, cfg_denoiser, check_guidance_interval,
+                                    per_sample_generators, randn_like_per_sample, run_sampler)
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
 
@@ -16,6 +19,37 @@ X0_SAMPLERS = ("ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun")  # samplers th
 def default_sampler(diffusion: DiffusionConfig) -> str:
     """DPM-Solver++ 2M for the discrete chain, Euler for rectified flow."""
     return "flow-euler" if diffusion.objective == "flow" else "dpm++2m"
+
+
+def check_sampling_options(
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    guide_scale: float = 1.0,
+    strength: float = 1.0,
+    guidance_interval: Optional[Sequence[float]] = None,
+) -> Optional[tuple[float, float]]:
+    """Return the guidance interval as (t_lo, t_hi) floats or None; raise ValueError naming the first option out of range.
+
+    Every way into sampling (pipeline, `ldm sample`, `ldm eval samples`, training previews) passes
+    here through `sample_latents`; the commands call it also before loading any model, to fail early.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"num_steps (--steps) must be an integer >= 1, got {num_steps!r}")
+    _check_scale("guidance_scale (--cfg)", guidance_scale, "0: unconditional, 1: no guidance")
+    _check_scale("guide_scale (--guide-scale)", guide_scale, "1: no autoguidance")
+    if not _is_real(strength) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}")
+    return check_guidance_interval(guidance_interval)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_scale(name: str, value: float, meaning: str) -> None:
+    # A negative scale extrapolates away from the condition: a silent mistake, never a setting.
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), got {value!r}")
 
 
 @torch.no_grad()
@@ -44,6 +78,7 @@ def sample_latents(
     weaker DiT of the same latents and parametrisation, for autoguidance (see `cfg_denoiser`); the
     caller checks that it fits.
     """
+    guidance_interval = check_sampling_options(num_steps, guidance_scale, guide_scale, strength, guidance_interval)
     config = model.config
     device = next(model.parameters()).device
     sampler = sampler or default_sampler(diffusion)

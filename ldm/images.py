@@ -14,6 +14,25 @@ from PIL import Image, ImageDraw
 from ldm.artifacts import write_atomic
 
 
+ROUND_OFF = 1e-3  # how far outside its range an input may stray by float round-off (e.g. a resize, x / 127.5 - 1 in half)
+
+
+def check_range(name: str, values: torch.Tensor, lo: float, hi: float, meaning: str) -> None:
+    """Raise ValueError unless every value is finite and in [lo, hi] (give or take ROUND_OFF), naming the range seen."""
+    values = values.detach().float()
+    if values.numel() == 0:
+        return  # an empty batch has no range (aminmax would raise)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"found NaN or infinite values in {name}: pass finite values in [{lo:g}, {hi:g}] ({meaning})")
+    low, high = (v.item() for v in torch.aminmax(values))
+    if low < lo - ROUND_OFF or high > hi + ROUND_OFF:
+        if low >= 0 and high > 1.5:  # 8-bit pixels, the usual slip
+            fix = f"they look like 0..255: pass x / {'127.5 - 1' if lo < 0 else '255'}"
+        else:
+            fix = f"rescale them into [{lo:g}, {hi:g}]"
+        raise ValueError(f"{name} must be in [{lo:g}, {hi:g}] ({meaning}), got values in [{low:g}, {high:g}]: {fix}")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Return (N, H, W, C) uint8 pixels of (N, C, H, W) images in [-1, 1]."""
     pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

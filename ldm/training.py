@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import pickle
+import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
-from ldm.config import TrainerConfig, dump_yaml
+from ldm.config import ConfigError, TrainerConfig, dump_yaml
+from ldm.data import DataConfig, build_dataset
+from ldm.data.order import FlippableItems, StepBatchSampler
 from ldm.images import save_curves
 
 LAST = "last.ckpt"
@@ -26,6 +33,20 @@ LAST = "last.ckpt"
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 # The latent cache is an endless iterable with no length, and every stage sets max_steps.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+# Settings a resumed run may change freely (how long, how often it logs, on what hardware) and those it
+# may change only when asked (--allow-change KEY): the usual remedies for a diverging run. Any other
+# change (model, objective, data, batch, seed, ...) would continue a different run from these weights.
+RESUME_FREE = (
+    "run_dir", "trainer.max_steps", "trainer.log_every", "trainer.image_every", "trainer.checkpoint_every",
+    "trainer.progress", "trainer.num_workers", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+    "trainer.accelerator", "data.num_workers", "preview.", "preview_images",
+)
+RESUME_ON_REQUEST = ("trainer.lr", "trainer.grad_clip", "trainer.precision")
+
+
+class CheckpointError(ValueError):
+    """A resume checkpoint that cannot be trusted or read."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -42,9 +63,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        # Lightning checkpoints stay inside our own run folders; they are loaded onto the CPU first
-        # so a resume never allocates a second copy of the model on the accelerator.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # Run folders may sit on shared storage that others can write: never run pickle code from one.
+        # Our checkpoints hold tensors and plain data only. Loaded onto the CPU first, so a resume
+        # never allocates a second copy of the model on the accelerator.
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects besides tensors and plain data, and loading "
+                f"it would run their code. It was not written by this training; delete it, or start a new run"
+            ) from err
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(
+                f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]}); it is truncated or "
+                f"corrupt: restore it, or start a new run"
+            ) from err
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -88,16 +121,85 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
     return checkpoint if resume else None
 
 
-def start_run(config: Any, resume: bool) -> tuple[Path, Path | None]:
+def start_run(config: Any, resume: bool, allow_changes: Sequence[str] = ()) -> tuple[Path, Path | None]:
     """Open a stage's run folder (`config.run_dir`), seed every RNG and save the config there.
 
-    Returns the folder and the checkpoint to resume from (None for a fresh run).
+    A resume first compares the config with the run's stored one (see `check_resume_config`); the
+    changes it accepts are printed and appended to `resumes.json`. Returns the folder and the
+    checkpoint to resume from (None for a fresh run).
     """
     run_dir = Path(config.run_dir)
     checkpoint = prepare_run_dir(run_dir, resume)
+    if checkpoint is not None:
+        changes = check_resume_config(run_dir, config, allow_changes)
+        if changes:
+            print("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+            record_resume(run_dir, changes)
+    elif allow_changes:
+        raise ConfigError("--allow-change applies to --resume only")
     seed_everything(config.trainer.seed)
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    write_atomic_text(run_dir / "config.yaml", dump_yaml(config))
     return run_dir, checkpoint
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _resume_free(key: str) -> bool:
+    return any(key == free or (free.endswith(".") and key.startswith(free)) for free in RESUME_FREE)
+
+
+def check_resume_config(run_dir: Path, config: Any, allow_changes: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """Return {key: (stored, new)} of the settings a resume changes; raise ConfigError for any it may not change.
+
+    Free keys (RESUME_FREE) pass; RESUME_ON_REQUEST keys pass when named in `allow_changes`; any other
+    difference is refused with every differing key listed.
+    """
+    unknown = [key for key in allow_changes if key not in RESUME_ON_REQUEST]
+    if unknown:
+        raise ConfigError(f"--allow-change {', '.join(unknown)}: only {', '.join(RESUME_ON_REQUEST)} can be allowed; "
+                          f"{', '.join(k.rstrip('.') for k in RESUME_FREE)} may change without it")
+    stored_path = run_dir / "config.yaml"
+    if not stored_path.is_file():
+        raise ConfigError(f"--resume: {stored_path} is missing, so the new settings cannot be compared with the run's; "
+                          f"restore it (it is the config the run was started with)")
+    stored = _flatten(yaml.safe_load(stored_path.read_text()) or {})
+    new = _flatten(yaml.safe_load(dump_yaml(config)))  # through YAML, as stored: tuples become lists
+    changes = {k: (stored.get(k), new.get(k)) for k in sorted(set(stored) | set(new)) if stored.get(k) != new.get(k)}
+    refused = {k: v for k, v in changes.items() if not _resume_free(k) and k not in allow_changes}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        on_request = [k for k in refused if k in RESUME_ON_REQUEST]
+        hint = (f" To change {', '.join(on_request)} on purpose, add " + " ".join(f"--allow-change {k}" for k in on_request)
+                if on_request else "")
+        raise ConfigError(
+            f"--resume: the settings differ from the run's ({stored_path}): {listed}. A resumed run must keep them; "
+            f"resume with the run's settings, or start a new run in another --run-dir.{hint}"
+        )
+    return changes
+
+
+def record_resume(run_dir: Path, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Append the settings a resume changed, with the time, to the run's `resumes.json`."""
+    path = run_dir / "resumes.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
+    write_atomic_text(path, json.dumps(history, indent=2))
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    """Write a small text file through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def build_trainer(
@@ -135,16 +237,88 @@ def build_trainer(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         benchmark=False,
-        use_distributed_sampler=True,
+        # Every loader here splits its global batch by rank itself (StepBatchSampler, LatentBatches).
+        use_distributed_sampler=False,
     )
     if config.progress:
         kwargs["callbacks"].append(ProgressBar(refresh_rate=10))
+    kwargs["callbacks"].append(LearningRateFromConfig(config.lr))
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
 
 
 def _next_log_part(run_dir: Path) -> int:
     return len(list((Path(run_dir) / "logs").glob("part*")))
+
+
+class LearningRateFromConfig(Callback):
+    """Sets every scheduler's base learning rate to the config's once training starts.
+
+    A fresh run already has it; a resume restores the checkpoint's, so without this a learning rate
+    changed on resume (--allow-change trainer.lr) would be ignored. The lr of the current step is
+    recomputed from the base and the schedule, exactly as the scheduler's own step would.
+    """
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            scheduler.base_lrs = [self.lr] * len(scheduler.base_lrs)
+            for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = self.lr
+                group["lr"] = self.lr * factor(scheduler.last_epoch)
+
+
+class ResumeDataOrder(Callback):
+    """On resume, points a step-ordered data source at the batch the checkpoint's step continues from."""
+
+    def __init__(self, batches: Any, steps_per_batch: int = 1):
+        self.batches = batches
+        self.steps_per_batch = steps_per_batch
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.batches.start_step = checkpoint["global_step"] // self.steps_per_batch
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, loader: Any, checkpoint: Path | None, run_dir: Path, step: Callable[[], int]) -> bool:
+    """Train; return True when training ended, False when it was interrupted (the message says how to continue).
+
+    A start that fails before logging anything leaves no empty log folder behind.
+    """
+    try:
+        trainer.fit(module, loader, ckpt_path=checkpoint)
+    except BaseException:
+        _remove_empty_log_part(trainer)
+        raise
+    if trainer.interrupted:
+        print(f"interrupted at step {step()}; continue with --resume (run folder {run_dir})")
+        return False
+    return True
+
+
+def _remove_empty_log_part(trainer: L.Trainer) -> None:
+    log_dir = Path(trainer.logger.log_dir) if trainer.logger is not None else None
+    if log_dir is not None and log_dir.is_dir() and not (log_dir / "metrics.csv").is_file():
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def non_finite_message(what: str, step: int, run_dir: Path | None) -> str:
+    """The message of a run stopped by a non-finite loss or gradient: where its last good checkpoint is, if any."""
+    checkpoint = last_checkpoint(run_dir) if run_dir is not None else None
+    where = (f"The last good checkpoint is {checkpoint}: resume with --resume after lowering trainer.lr "
+             f"(--allow-change trainer.lr), setting trainer.grad_clip or using trainer.precision=32-true (allowed the same way)"
+             if checkpoint is not None else
+             "No checkpoint was written yet (trainer.checkpoint_every); start again after lowering trainer.lr, "
+             "setting trainer.grad_clip or using trainer.precision=32-true")
+    return f"{what} at step {step}; training stopped before the update, so the weights are intact. {where}"
+
+
+def seed_step(seed: int, step: int, rank: int = 0, world: int = 1) -> None:
+    """Seed the global RNG from (seed, step, rank): what a step draws then does not depend on earlier steps,
+    so a resumed run draws exactly what the uninterrupted run would have drawn."""
+    torch.manual_seed((seed * 1_000_003 + step) * world + rank)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[float, float]]]:
@@ -190,19 +364,24 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0
 
 
-def make_loader(dataset: Dataset, config: TrainerConfig, num_workers: int = 0, subset: int = 0) -> DataLoader:
-    """Return the shuffled training DataLoader of a stage (seeded order; `subset` > 0 keeps the first N items)."""
+def make_loader(data: DataConfig, config: TrainerConfig, subset: int = 0) -> tuple[DataLoader, StepBatchSampler]:
+    """Return the training DataLoader of an image stage and its batch sampler (set `start_step` on resume).
+
+    Batches and flips are a pure function of (seed, step), as the latent cache's: a resumed run
+    trains on exactly the items an uninterrupted one would. `subset` > 0 keeps the first N items;
+    `config.batch_size` is per process.
+    """
+    dataset = build_dataset(replace(data, hflip=False), "train")  # the sampler decides the flips
     if subset:
         dataset = Subset(dataset, range(min(subset, len(dataset))))
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= config.batch_size,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(config.seed),
+    sampler = StepBatchSampler(len(dataset), config.batch_size, seed=config.seed, hflip=data.hflip)
+    loader = DataLoader(
+        FlippableItems(dataset),
+        batch_sampler=sampler,
+        num_workers=data.num_workers,
+        persistent_workers=data.num_workers > 0,
     )
+    return loader, sampler
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> Callable[..., Any]:

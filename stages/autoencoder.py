@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -18,13 +18,17 @@ from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.models.discriminator import DISCRIMINATOR_PRESETS, DiscriminatorConfig
 from ldm.training import (
+    ResumeDataOrder,
     Timer,
     build_trainer,
     compiled,
+    fit,
     format_seconds,
     lr_factor,
     make_loader,
+    non_finite_message,
     save_loss_curves,
+    seed_step,
     start_run,
 )
 
@@ -109,6 +113,7 @@ class AutoencoderModule(L.LightningModule):
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         step = self.step
+        seed_step(self.config.trainer.seed, step, self.global_rank, self.trainer.world_size)  # posterior noise
         recon, posterior = self.train_forward(images)
 
         # Generator (autoencoder) step.
@@ -136,11 +141,7 @@ class AutoencoderModule(L.LightningModule):
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> None:
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{what} became {loss.item()} at step {self.step}; stopping. The last good checkpoint is in "
-                f"{self.run_dir}/checkpoints (resume with --resume after lowering the learning rate or using "
-                f"trainer.precision=32-true)"
-            )
+            raise FloatingPointError(non_finite_message(f"{what} became {loss.item()}", self.step, self.run_dir))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every = self.config.trainer.image_every
@@ -162,7 +163,7 @@ class AutoencoderModule(L.LightningModule):
 def preview_images(config: AutoencoderStageConfig) -> torch.Tensor:
     """Return a fixed batch of held-out images to reconstruct during training."""
     split = "test" if config.data.name == "fmnist" else "train"
-    dataset = build_dataset(config.data, split)
+    dataset = build_dataset(replace(config.data, hflip=False), split)
     count = min(config.preview_images, len(dataset))
     return torch.stack([dataset[i][0] for i in range(count)])
 
@@ -172,12 +173,13 @@ def run(
     store: ArtifactStore | None = None,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    allow_changes: Sequence[str] = (),
 ) -> Artifact | None:
     """Train the autoencoder and return its stored artifact (None on the non-zero ranks or when interrupted)."""
     store = store or ArtifactStore()
-    run_dir, checkpoint = start_run(config, resume)
+    run_dir, checkpoint = start_run(config, resume, allow_changes)
 
-    loader = make_loader(build_dataset(config.data, "train"), config.trainer, config.data.num_workers, config.train_subset)
+    loader, batches = make_loader(config.data, config.trainer, config.train_subset)
     fingerprint = data_fingerprint(config.data, "train")
     module = AutoencoderModule(config)
     parents = {}
@@ -195,13 +197,10 @@ def run(
     print(f"autoencoder: {sum(p.numel() for p in module.autoencoder.parameters()) / 1e6:.2f}M parameters, "
           f"f={config.model.downsample_factor}, latent channels {config.model.latent_channels}")
     print(f"perceptual loss: {perceptual}")
-    trainer = build_trainer(config.trainer, run_dir, steps_per_batch=module.steps_per_batch, callbacks=callbacks)
+    trainer = build_trainer(config.trainer, run_dir, steps_per_batch=module.steps_per_batch,
+                            callbacks=[*callbacks, ResumeDataOrder(batches, module.steps_per_batch)])
     timer = Timer()
-    trainer.fit(module, loader, ckpt_path=checkpoint)
-    if trainer.interrupted:
-        print(f"interrupted at step {module.step}; continue with --resume (run folder {run_dir})")
-        return None
-    if not trainer.is_global_zero:
+    if not fit(trainer, module, loader, checkpoint, run_dir, lambda: module.step) or not trainer.is_global_zero:
         return None
 
     seconds = timer()

@@ -15,7 +15,7 @@ from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.loading import classifier_accuracy
 from ldm.models.classifier import Classifier, ClassifierConfig
-from ldm.training import Timer, build_trainer, format_seconds, lr_factor, make_loader, start_run
+from ldm.training import ResumeDataOrder, Timer, build_trainer, fit, format_seconds, lr_factor, make_loader, seed_step, start_run
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -64,6 +64,7 @@ class ClassifierModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        seed_step(self.config.trainer.seed, self.global_step, self.global_rank, self.trainer.world_size)  # the shifts
         logits = self.classifier(random_shift(images, self.config.shift))
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
@@ -76,16 +77,16 @@ def run(
     store: ArtifactStore | None = None,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    allow_changes: Sequence[str] = (),
 ) -> Artifact | None:
     """Train the classifier, measure its test accuracy and return its stored artifact."""
     store = store or ArtifactStore()
-    run_dir, checkpoint = start_run(config, resume)
-    loader = make_loader(build_dataset(config.data, "train"), config.trainer, config.data.num_workers)
+    run_dir, checkpoint = start_run(config, resume, allow_changes)
+    loader, batches = make_loader(config.data, config.trainer)
     module = ClassifierModule(config)
-    trainer = build_trainer(config.trainer, run_dir, callbacks=callbacks)
+    trainer = build_trainer(config.trainer, run_dir, callbacks=[*callbacks, ResumeDataOrder(batches)])
     timer = Timer()
-    trainer.fit(module, loader, ckpt_path=checkpoint)
-    if trainer.interrupted or not trainer.is_global_zero:
+    if not fit(trainer, module, loader, checkpoint, run_dir, lambda: trainer.global_step) or not trainer.is_global_zero:
         return None
     seconds = timer()
     test = build_dataset(config.data, "test")

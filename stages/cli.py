@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, Verdict
 from ldm.config import ConfigError, load_config
+from ldm.data.folder import ImageReadError
 from ldm.diffusion import samplers
 
 
@@ -21,7 +22,10 @@ def _store(ctx: click.Context) -> ArtifactStore:
 
 
 def _fail(err: Exception) -> None:
-    raise click.ClickException(str(err)) from err
+    message = str(err)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: keep the worker's own message
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    raise click.ClickException(message) from err
 
 
 config_option = click.option(
@@ -33,6 +37,11 @@ set_option = click.option(
     help="Override a config key, e.g. --set trainer.max_steps=500 --set model.ch=32 (repeatable).",
 )
 resume_option = click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (optimizer, step and all state).")
+allow_change_option = click.option(
+    "--allow-change", "allow_changes", multiple=True, metavar="KEY",
+    help="With --resume: accept a changed trainer.lr, trainer.grad_clip or trainer.precision (repeatable). Steps, "
+         "logging and devices may change without it; any other difference from the run's config is refused.",
+)
 run_dir_option = click.option("--run-dir", default=None, help="Run folder for checkpoints, logs and pictures (default: the config's run_dir).")
 
 
@@ -53,18 +62,20 @@ def train() -> None:
     """Train one stage and store its artifact."""
 
 
-# Errors a user can fix (bad config, missing artifact or checkpoint, diverged run): a message, no traceback.
-USER_ERRORS = (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError)
+# Errors a user can fix (bad config, missing artifact or checkpoint, unreadable image, diverged run):
+# a message, no traceback.
+USER_ERRORS = (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError, ImageReadError)
 
 
-def _train(ctx: click.Context, config_class: type, run, config_path: str | None, overrides: tuple[str, ...], resume: bool, **fields: str | None) -> None:
+def _train(ctx: click.Context, config_class: type, run, config_path: str | None, overrides: tuple[str, ...], resume: bool,
+           allow_changes: tuple[str, ...], **fields: str | None) -> None:
     """Load a stage's config (fields given as options win over the file and --set) and run the stage."""
     try:
         config = load_config(config_class, config_path, overrides)
         for key, value in fields.items():
             if value:  # set as given, not parsed as YAML: a version prefix like 0123 stays a string
                 setattr(config, key, value)
-        run(config, store=_store(ctx), resume=resume)
+        run(config, store=_store(ctx), resume=resume, allow_changes=allow_changes)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -73,26 +84,30 @@ def _train(ctx: click.Context, config_class: type, run, config_path: str | None,
 @config_option
 @set_option
 @resume_option
+@allow_change_option
 @run_dir_option
 @click.pass_context
-def train_autoencoder(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool, run_dir: str | None) -> None:
+def train_autoencoder(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool,
+                      allow_changes: tuple[str, ...], run_dir: str | None) -> None:
     """Stage 1: train the KL autoencoder (L1/L2 + LPIPS + KL, optional PatchGAN) and store an `autoencoder` artifact."""
     from stages.autoencoder import AutoencoderStageConfig, run
 
-    _train(ctx, AutoencoderStageConfig, run, config_path, overrides, resume, run_dir=run_dir)
+    _train(ctx, AutoencoderStageConfig, run, config_path, overrides, resume, allow_changes, run_dir=run_dir)
 
 
 @train.command("classifier")
 @config_option
 @set_option
 @resume_option
+@allow_change_option
 @run_dir_option
 @click.pass_context
-def train_classifier(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool, run_dir: str | None) -> None:
+def train_classifier(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool,
+                     allow_changes: tuple[str, ...], run_dir: str | None) -> None:
     """Train the Fashion-MNIST classifier whose features measure Frechet distances; store a `classifier` artifact."""
     from stages.classifier import ClassifierStageConfig, run
 
-    _train(ctx, ClassifierStageConfig, run, config_path, overrides, resume, run_dir=run_dir)
+    _train(ctx, ClassifierStageConfig, run, config_path, overrides, resume, allow_changes, run_dir=run_dir)
 
 
 @train.command("diffusion")
@@ -100,13 +115,15 @@ def train_classifier(ctx: click.Context, config_path: str | None, overrides: tup
 @set_option
 @click.option("--latents", default=None, help="Latent cache reference (default: the config's `latents`, latents@latest).")
 @resume_option
+@allow_change_option
 @run_dir_option
 @click.pass_context
-def train_diffusion(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], latents: str | None, resume: bool, run_dir: str | None) -> None:
+def train_diffusion(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], latents: str | None, resume: bool,
+                    allow_changes: tuple[str, ...], run_dir: str | None) -> None:
     """Stage 2: train a DiT on a latent cache; store a `diffusion` artifact that names its cache and autoencoder."""
     from stages.diffusion import DiffusionStageConfig, run
 
-    _train(ctx, DiffusionStageConfig, run, config_path, overrides, resume, latents=latents, run_dir=run_dir)
+    _train(ctx, DiffusionStageConfig, run, config_path, overrides, resume, allow_changes, latents=latents, run_dir=run_dir)
 
 
 @main.command("encode")
@@ -162,7 +179,7 @@ def eval_recon(ctx: click.Context, **kwargs) -> None:
 
     try:
         evaluate_reconstruction(_store(ctx), **kwargs)
-    except (ArtifactError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         _fail(err)
 
 
@@ -202,17 +219,23 @@ CFG_INTERVAL_OPTION = click.option(
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--out", "out_dir", default="out/samples", show_default=True, help="Folder for grid.png, images/ and samples.json.")
 @click.option("--no-images", is_flag=True, help="Write only the grid, not one PNG per image.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png; nothing else).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, steps: int, sampler: str | None,
                    cfg: float, spacing: str, cfg_interval: tuple[float, float] | None, guide_ref: str | None,
-                   guide_scale: float, autoencoder_ref: str | None, seed: int, batch_size: int, out_dir: str, no_images: bool, device: str) -> None:
-    """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder."""
+                   guide_scale: float, autoencoder_ref: str | None, seed: int, batch_size: int, out_dir: str, no_images: bool,
+                   overwrite: bool, device: str) -> None:
+    """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder.
+
+    Images are written batch by batch as they are made; samples.json says "complete": true once all are.
+    """
     from stages.sample import write_samples
 
     try:
         write_samples(_store(ctx), model_ref, n, classes, steps, sampler, cfg, seed, batch_size, out_dir, device, not no_images,
-                      cfg_interval, spacing, autoencoder_ref, guide_ref, guide_scale)
+                      cfg_interval, spacing, autoencoder_ref, guide_ref, guide_scale, overwrite)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -266,20 +289,31 @@ def artifacts() -> None:
 @click.option("--stage", default=None, help="Only this stage (autoencoder, classifier, latents, diffusion).")
 @click.pass_context
 def artifacts_list(ctx: click.Context, stage: str | None) -> None:
-    """List stored artifacts, oldest first, with their parents and key numbers."""
+    """List stored artifacts, oldest first, with their parents and key numbers, then any damaged folder."""
     store = _store(ctx)
-    found = store.list(stage)
-    if not found:
+    try:
+        found, broken = store.scan(stage)
+    except (ArtifactError, OSError) as err:
+        _fail(err)
+    if not found and not broken:
         click.echo(f"no artifacts in {store.root}")
         return
     for artifact in found:
-        parents = ", ".join(artifact.parents.values()) or "-"
-        metrics = artifact.manifest.get("metrics", {})
-        summary = "; ".join(
-            f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
-            for name, values in metrics.items() if isinstance(values, dict)
-        )
-        click.echo(f"{artifact.ref:<28} {artifact.manifest.get('created', ''):<21} parents: {parents}  {summary}")
+        click.echo(_list_line(artifact))
+    for path, reason in broken:
+        click.echo(f"BROKEN {path.parent.name}/{path.name}: {reason}")
+
+
+def _list_line(artifact: Artifact) -> str:
+    """One `artifacts list` line; created and metrics are unsealed, so any JSON may be there."""
+    parents = ", ".join(artifact.parents.values()) or "-"
+    metrics = artifact.manifest.get("metrics")
+    summary = "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+        for name, values in (metrics.items() if isinstance(metrics, dict) else ()) if isinstance(values, dict)
+    )
+    created = str(artifact.manifest.get("created", ""))
+    return f"{artifact.ref:<28} {created:<21} parents: {parents}  {summary}"
 
 
 @artifacts.command("show")
@@ -292,13 +326,44 @@ def artifacts_show(ctx: click.Context, ref: str, verify: bool) -> None:
     try:
         artifact = store.load(ref, verify=verify)
         lineage = " <- ".join(a.ref for a in store.lineage(artifact))
-    except ArtifactError as err:
+        config = (artifact.path / "config.yaml").read_text()
+    except (ArtifactError, OSError) as err:
         _fail(err)
     click.echo(f"{artifact.ref}  ({artifact.path})")
     click.echo(f"lineage: {lineage}")
     click.echo(json.dumps(artifact.manifest, indent=2))
     click.echo("config:")
-    click.echo((artifact.path / "config.yaml").read_text())
+    click.echo(config)
+
+
+@artifacts.command("verify")
+@click.argument("ref", required=False)
+@click.pass_context
+def artifacts_verify(ctx: click.Context, ref: str | None) -> None:
+    """Check REF (or every folder in the store): files against their sha256, manifest against its version.
+
+    One line per artifact (ok, legacy, or FAILED with the reason), then a summary; exit status 1 when any failed.
+    """
+    store = _store(ctx)
+    try:
+        verdicts = store.audit(ref)
+    except (ArtifactError, OSError) as err:
+        _fail(err)
+    for verdict in verdicts:
+        click.echo(_verdict_line(verdict))
+    failed = sum(v.problem is not None for v in verdicts)
+    legacy = sum(v.problem is None and v.legacy for v in verdicts)
+    click.echo(f"{len(verdicts)} checked in {store.root}: {len(verdicts) - failed - legacy} ok, {legacy} legacy, {failed} failed")
+    if failed:
+        ctx.exit(1)
+
+
+def _verdict_line(verdict: Verdict) -> str:
+    if verdict.problem is not None:
+        return f"{verdict.name:<28} FAILED: {verdict.problem}"
+    if verdict.legacy:
+        return f"{verdict.name:<28} legacy: manifest fields not sealed (files ok; re-create it to seal them)"
+    return f"{verdict.name:<28} ok"
 
 
 import_set_option = click.option(

@@ -22,12 +22,16 @@ from ldm.images import save_grid
 from ldm.loading import load_autoencoder
 from ldm.models.dit import DIT_PRESETS, DiT, DiTConfig
 from ldm.training import (
+    ResumeDataOrder,
     Timer,
     build_trainer,
     compiled,
+    fit,
     format_seconds,
     lr_factor,
+    non_finite_message,
     save_loss_curves,
+    seed_step,
     start_run,
 )
 
@@ -120,7 +124,7 @@ class DiffusionModule(L.LightningModule):
         z, y = batch  # z (B, C, h, w) normalised latents, y (B,)
         # Timesteps, noise and label dropout depend on (seed, step, rank) alone, so a resumed run
         # draws exactly what the uninterrupted run would have drawn.
-        torch.manual_seed((self.config.trainer.seed * 1_000_003 + self.global_step) * self.trainer.world_size + self.global_rank)
+        seed_step(self.config.trainer.seed, self.global_step, self.global_rank, self.trainer.world_size)
         losses = training_losses(self.train_forward, z, y, self.config.diffusion, self.schedule)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
@@ -139,11 +143,7 @@ class DiffusionModule(L.LightningModule):
         self.log("train/grad_norm", grad_norm, on_step=True)
 
     def _stop_non_finite(self, what: str) -> None:
-        raise FloatingPointError(
-            f"{what} at step {self.global_step}; training stopped before the update, so the weights are intact. "
-            f"The last good checkpoint is {self.run_dir}/checkpoints/last.ckpt: resume with --resume after lowering "
-            f"trainer.lr, setting trainer.grad_clip, or using trainer.precision=32-true"
-        )
+        raise FloatingPointError(non_finite_message(what, self.global_step, self.run_dir))
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -169,9 +169,6 @@ class DiffusionModule(L.LightningModule):
         checkpoint["lineage"] = dict(self.lineage)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Called before the data loader is first iterated: a resumed run continues the same data order.
-        if self.batches is not None:
-            self.batches.start_step = checkpoint["global_step"]
         saved = checkpoint.get("lineage", {})
         if saved and saved != self.lineage:
             raise ArtifactError(
@@ -228,12 +225,13 @@ def run(
     store: ArtifactStore | None = None,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
+    allow_changes: Sequence[str] = (),
 ) -> Artifact | None:
     """Train the DiT on the latent cache and return the stored `diffusion` artifact."""
     store = store or ArtifactStore()
     cache = open_cache(store, config)
     check_model_fits_cache(config.model, cache)
-    run_dir, checkpoint = start_run(config, resume)
+    run_dir, checkpoint = start_run(config, resume, allow_changes)
 
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref}
     module = DiffusionModule(config, lineage)
@@ -247,15 +245,11 @@ def run(
           f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
           f"{len(cache)} cached images from {cache.artifact.ref}")
     trainer = build_trainer(
-        config.trainer, run_dir, callbacks=callbacks,
+        config.trainer, run_dir, callbacks=[*callbacks, ResumeDataOrder(module.batches)],
         gradient_clip_val=config.trainer.grad_clip or None,
     )
     timer = Timer()
-    trainer.fit(module, loader, ckpt_path=checkpoint)
-    if trainer.interrupted:
-        print(f"interrupted at step {trainer.global_step}; continue with --resume (run folder {run_dir})")
-        return None
-    if not trainer.is_global_zero:
+    if not fit(trainer, module, loader, checkpoint, run_dir, lambda: trainer.global_step) or not trainer.is_global_zero:
         return None
 
     seconds = timer()

@@ -8,6 +8,8 @@ project's classifier, time per image; a JSON report and a grid).
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,12 +21,15 @@ from tqdm.auto import tqdm
 from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.config import from_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
-from ldm.generation import default_sampler
+from ldm.generation import check_sampling_options, default_sampler, model_calls
 from ldm.images import save_grid, save_png, to_pil
 from ldm.loading import iterate_images, load_classifier
 from ldm.metrics import FeatureStats, frechet_distance
 from pipeline import LatentDiffusionPipeline
 from stages.evaluate import feature_extractor
+
+GRID_MAX = 256  # grid.png shows every image up to this many; beyond, the first whole rows of classes that fit
+SAMPLE_PNG = re.compile(r"\d{6}-class\d+\.png")  # images/NNNNNN-classC.png: the single images write_samples names
 
 
 def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor:
@@ -51,16 +56,6 @@ def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: floa
         "guide": pipe.provenance.guide if pipe.provenance else None,  # autoguidance: the weaker DiT that guides
         "guide_scale": guide_scale if pipe.guide is not None else None,
     }
-
-
-def check_cfg_interval(cfg_interval: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
-    """Return the guidance interval (lo, hi) in network timesteps, or None; raise ValueError when lo > hi."""
-    if not cfg_interval:
-        return None
-    lo, hi = cfg_interval
-    if lo > hi:
-        raise ValueError(f"--cfg-interval {lo:g} {hi:g}: the lower timestep must come first, e.g. --cfg-interval {hi:g} {lo:g}")
-    return float(lo), float(hi)
 
 
 def _guidance_text(settings: dict) -> str:
@@ -90,35 +85,103 @@ def write_samples(
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
     guide_scale: float = 2.0,
+    overwrite: bool = False,
 ) -> dict:
-    """Sample n class-conditional images; write grid.png, images/NNNNNN-class-C.png and samples.json."""
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
-    cfg_interval = check_cfg_interval(cfg_interval)
+    """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json, and return the report.
+
+    Streams: each batch's images are written as soon as they are decoded and samples.json is
+    rewritten after every batch ("complete": false until the end), so a run stopped early keeps
+    what it made. Only the images of the grid stay in memory. Image i uses seed + i whatever the batch size.
+    """
+    cfg_interval = check_sampling_options(steps, cfg, guide_scale, guidance_interval=cfg_interval)  # before loading models
+    _check_counts(n, batch_size)
+    out_dir = Path(out_dir)
+    check_folder(out_dir / "images" if single_images else out_dir)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
                                                   guide=guide_ref)
     sampler = sampler or default_sampler(pipe.diffusion)
     guide_scale = guide_scale if guide_ref else 1.0  # the autoguidance scale means nothing without a guide
     labels = parse_classes(classes, n, pipe.num_classes)
-    out_dir = Path(out_dir)
-    start = time.perf_counter()
-    images = pipe.sample(labels, steps, sampler, cfg, seed, batch_size, guidance_interval=cfg_interval, progress=True,
-                         guide_scale=guide_scale, spacing=spacing)
-    seconds = time.perf_counter() - start
-    distinct = len(set(labels.tolist()))
-    balanced = n % distinct == 0
-    order = torch.argsort(labels, stable=True) if balanced else torch.arange(n)  # balanced: one row per class
-    grid = save_grid(images[order], out_dir / "grid.png", nrow=n // distinct if balanced and distinct > 1 else None, scale=2)
-    if single_images:
-        for i, (image, label) in enumerate(zip(to_pil(images), labels.tolist())):
-            save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
-    report = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing, guide_scale), "n": n, "labels": labels.tolist(),
+    for path in earlier_samples(out_dir, overwrite):  # --overwrite: our earlier outputs only, never the folder or other files
+        path.unlink(missing_ok=True)
+    settings = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing, guide_scale), "n": n}
+    in_grid = _grid_count(n, len(set(labels.tolist())))
+    grid_images, seconds = [], 0.0
+    bar = tqdm(total=math.ceil(n / batch_size) * model_calls(sampler, steps), unit="step",
+               desc=f"{n} samples ({sampler}, {steps} steps, {_guidance_text(settings)})")
+    with bar:
+        for start in range(0, n, batch_size):
+            batch = labels[start : start + batch_size]
+            began = time.perf_counter()
+            images = pipe.sample(batch, steps, sampler, cfg, seed + start, len(batch), guidance_interval=cfg_interval,
+                                 guide_scale=guide_scale, spacing=spacing, on_model_call=bar.update)
+            _synchronize(pipe.device)
+            seconds += time.perf_counter() - began
+            if single_images:
+                for i, (image, label) in enumerate(zip(to_pil(images), batch.tolist()), start=start):
+                    save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
+            if start < in_grid:
+                grid_images.append(images[: in_grid - start].cpu())
+            done = start + len(batch)
+            _write_json(out_dir / "samples.json", {**settings, "sampled": done, "labels": labels[:done].tolist(), "complete": False})
+    grid = save_class_grid(torch.cat(grid_images), labels[:in_grid], out_dir / "grid.png")
+    report = {**settings, "sampled": n, "labels": labels.tolist(), "complete": True,
               "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
-    write_atomic(out_dir / "samples.json", json.dumps(report, indent=2).encode())
+    _write_json(out_dir / "samples.json", report)
     print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, {_guidance_text(report)}, seed {seed}) "
           f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
     print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
     return report
+
+
+def earlier_samples(out_dir: Path, overwrite: bool) -> list[Path]:
+    """Return the files an earlier `ldm sample` left in out_dir, to remove; raise FileExistsError if any, unless overwrite."""
+    ours = [out_dir / name for name in ("grid.png", "samples.json") if (out_dir / name).is_file()]
+    pngs = sorted((out_dir / "images").glob("*.png")) if (out_dir / "images").is_dir() else []
+    if (ours or pngs) and not overwrite:
+        found = ", ".join(str(path.relative_to(out_dir)) for path in (ours + pngs)[:3])
+        raise FileExistsError(f"--out {out_dir} already holds samples ({found}{', ...' if len(ours + pngs) > 3 else ''}): "
+                              f"pass --overwrite to replace them (it removes grid.png, samples.json and "
+                              f"images/NNNNNN-classC.png, nothing else), or another --out")
+    return ours + [path for path in pngs if SAMPLE_PNG.fullmatch(path.name)]
+
+
+def check_folder(path: Path) -> None:
+    """Raise ValueError when path, or a folder above it, is a file: nothing could be written there."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"--out: {existing} is a file, not a folder; pass a folder path (it is created when missing)")
+
+
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
+    """Write a grid of images (N, C, H, W) with labels (N,), one row per class when every class has as many, and return its path."""
+    n, distinct = len(labels), len(set(labels.tolist()))
+    balanced = n % distinct == 0
+    order = torch.argsort(labels, stable=True) if balanced else torch.arange(n)
+    return save_grid(images[order], path, nrow=n // distinct if balanced and distinct > 1 else None, scale=2)
+
+
+def _grid_count(n: int, classes: int) -> int:
+    """How many of the first images the grid shows: all up to GRID_MAX, else whole rounds of the (cycled) classes."""
+    if n <= GRID_MAX:
+        return n
+    return (GRID_MAX // classes) * classes if classes <= GRID_MAX else GRID_MAX
+
+
+def _check_counts(n: int, batch_size: int) -> None:
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+
+
+def _write_json(path: Path, report: dict) -> None:
+    write_atomic(path, json.dumps(report, indent=2).encode())
 
 
 @torch.no_grad()
@@ -157,7 +220,10 @@ def evaluate_samples(
     encoded and decoded by the autoencoder against the test images (what a perfect diffusion
     model would reach through this autoencoder; when samples sit near it, stage 1 limits them).
     """
-    cfg_interval = check_cfg_interval(cfg_interval)
+    cfg_interval = check_sampling_options(steps, cfg, guide_scale, guidance_interval=cfg_interval)  # before loading models
+    _check_counts(n, batch_size)
+    if out_dir is not None:
+        check_folder(Path(out_dir))
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
                                                   guide=guide_ref)
@@ -194,8 +260,7 @@ def evaluate_samples(
             images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size, guidance_interval=cfg_interval,
                                  guide_scale=guide_scale,
                                  spacing=spacing)
-            if device_.type == "cuda":
-                torch.cuda.synchronize(device_)
+            _synchronize(device_)
             seconds += time.perf_counter() - began
             sample_stats.update(extractor(images))
             correct += int((classifier(images).argmax(1).cpu() == batch_labels).sum())

@@ -154,7 +154,7 @@ def test_one_dit_s2_step_of_the_imagenet_preset_runs_on_the_cpu(tmp_path, imagen
     assert artifact.manifest["training"]["steps"] == 1
     assert artifact.parents == {"latents": cache.ref}
     assert artifact.manifest["latent_shape"] == [4, 32, 32]
-    assert torch.load(last_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=False)["global_step"] == 1
+    assert torch.load(last_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=True)["global_step"] == 1
     weights = artifact.load_tensors("raw.safetensors")
     assert weights["final_layer.linear.weight"].shape == (2 * 2 * 8, 384)  # p*p*2C outputs: learned sigma
 

@@ -76,7 +76,7 @@ def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state
         while time.time() < deadline and process.poll() is None:
             if checkpoint.exists():
                 try:
-                    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+                    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
                 except Exception:  # being replaced right now
                     saved = None
                 if saved is not None and saved["global_step"] >= 6:
@@ -86,7 +86,7 @@ def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert saved is not None, f"no checkpoint appeared: {process.stderr.read().decode()[-2000:]}"
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # the one on disk after the kill
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # the one on disk after the kill
     saved_batches = saved["global_step"] // 2  # two optimiser steps (autoencoder, discriminator) per batch
     assert saved_batches >= 3 and saved_batches % 3 == 0
 
@@ -103,7 +103,7 @@ def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state
         first = next(iter(stored["state"]))
         assert torch.equal(restored["state"][first]["exp_avg"], stored["state"][first]["exp_avg"])
         assert float(restored["state"][first]["step"]) == float(stored["state"][first]["step"]) > 0
-    final = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    final = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert final["global_step"] == 2 * (saved_batches + 2)
     assert artifact.manifest["training"]["steps"] == saved_batches + 2
     assert artifact.manifest["training"]["resumed"] is True

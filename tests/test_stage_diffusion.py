@@ -191,7 +191,7 @@ def test_crashed_and_resumed_run_ends_with_the_same_ema_weights_and_step_as_an_u
     config = dit_config(tmp_path / "b", store_with_cache, *common)
     with pytest.raises(RuntimeError, match="simulated crash"):
         diffusion.run(config, store, callbacks=[CrashAt(6)])
-    assert torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     resumed = diffusion.run(config, store, resume=True)
 
     assert resumed.manifest["training"]["steps"] == 8

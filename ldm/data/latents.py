@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ldm.artifacts import Artifact, ArtifactError
+from ldm.data.order import StepOrder, rank_and_world, step_generator
 
 
 @dataclass
@@ -134,12 +135,6 @@ class LatentCache:
         return mean, std
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class LatentBatches(IterableDataset):
     """Endless normalised training batches (z, y) from a LatentCache, a pure function of (seed, step).
 
@@ -155,29 +150,15 @@ class LatentBatches(IterableDataset):
         self.seed = seed
         self.normalize = normalize
         self.start_step = 0
-        self._order: tuple[int, torch.Tensor] | None = None
+        self.order = StepOrder(len(cache), seed)
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Return the global batch's item indices (B,) for a step."""
-        n, b = len(self.cache), self.batch_size
-        first = step * b
-        epoch, offset = divmod(first, n)
-        indices = []
-        while len(indices) < b:
-            indices.extend(self.epoch_order(epoch)[offset : offset + b - len(indices)].tolist())
-            epoch, offset = epoch + 1, 0
-        return torch.tensor(indices)
-
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The permutation (N,) of an epoch; kept while the epoch lasts (a 1.3M-item randperm per step adds up)."""
-        if self._order is None or self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.cache), generator=generator))
-        return self._order[1]
+        return self.order.batch_indices(step, self.batch_size)
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Return this rank's (z, y) of a step: z (B/world, C, h, w) sampled from the posterior."""
-        generator = torch.Generator().manual_seed(self.seed * 7_919 + step + 1)
+        generator = step_generator(self.seed, step)
         indices = self.batch_indices(step)
         views = torch.randint(0, self.cache.num_views, (len(indices),), generator=generator)
         noise = torch.randn((len(indices), *self.cache.latent_shape), generator=generator)
@@ -189,7 +170,7 @@ class LatentBatches(IterableDataset):
         return z, self.cache.labels[indices]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         if self.batch_size % world:
             raise ValueError(f"batch size {self.batch_size} must be divisible by the {world} processes")
         step = self.start_step

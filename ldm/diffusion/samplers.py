@@ -305,6 +305,19 @@ def sample_flow_heun(denoiser: Denoiser, x: Tensor, times: Sequence[float]) -> T
 # ----------------------------------------------------------------------------- guidance
 
 
+def check_guidance_interval(interval: Optional[Sequence[float]]) -> Optional[tuple[float, float]]:
+    """Return the guidance interval as (t_lo, t_hi) floats, or None for none; raise ValueError unless t_lo <= t_hi."""
+    if interval is None or len(interval) == 0:
+        return None
+    if len(interval) != 2:
+        raise ValueError(f"guidance interval must be two timesteps (t_lo, t_hi), got {tuple(interval)}")
+    lo, hi = (float(t) for t in interval)
+    if not lo <= hi:  # a NaN end fails too
+        raise ValueError(f"guidance interval ({lo:g}, {hi:g}) is reversed, so no step would be guided: "
+                         f"give (t_lo, t_hi) = ({hi:g}, {lo:g}) (--cfg-interval {hi:g} {lo:g})")
+    return lo, hi
+
+
 def cfg_denoiser(
     model: ConditionalModel,
     y: Tensor,
@@ -331,10 +344,7 @@ def cfg_denoiser(
     than classifier-free guidance. With scale = 1 this is guide + guide_scale (cond - guide), the
     paper's form; with both scales above 1 the two terms add (one more forward, of the guide).
     """
-    if interval is not None and interval[0] > interval[1]:
-        lo, hi = interval
-        raise ValueError(f"guidance interval ({lo:g}, {hi:g}) is reversed, so no step would be guided: "
-                         f"give (t_lo, t_hi) = ({hi:g}, {lo:g})")
+    interval = check_guidance_interval(interval)
     if guide_scale != 1.0 and guide is None:
         raise ValueError(f"guide_scale {guide_scale:g} needs a guide model")
     autoguided = guide is not None and guide_scale != 1.0
