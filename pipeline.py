@@ -5,6 +5,8 @@
     pipe = LatentDiffusionPipeline.from_artifacts("diffusion@latest")
     images = pipe.sample(class_labels=[0, 1, 2, 3], num_steps=20, guidance_scale=2.0, seed=0)  # (4, C, H, W) in [-1, 1]
     pils = pipe.sample([7] * 8, output="pil")
+    settings = SamplingSettings(sampler="flow-heun", num_steps=10, guidance_scale=1.5)  # from ldm.generation
+    images = pipe.sample([0, 1], settings, seed=3)  # fields by name override the settings
     edited = pipe.img2img(images, strength=0.5, class_labels=[3, 3, 3, 3])
     filled = pipe.inpaint(images, mask, class_labels=[0, 1, 2, 3])  # mask (N, 1, H, W): 1 = paint anew
 
@@ -16,7 +18,7 @@ and applies the statistics here and nowhere else, so the scale can never be mism
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -24,14 +26,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.artifacts import ArtifactStore
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
-from ldm.generation import default_sampler, model_calls, sample_latents
+from ldm.generation import SamplingSettings, model_calls, sample_latents
 from ldm.images import check_range, to_pil
-from ldm.loading import dit_configs, load_autoencoder, load_dit
-from ldm.models.autoencoder import AutoencoderKL, encoder_fingerprint
-from ldm.models.dit import DiT, DiTConfig
+from ldm.loading import check_guide, dit_configs, load_decoder, load_dit
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.dit import DiT
 
 Labels = Union[int, Sequence[int], torch.Tensor]
 
@@ -108,24 +110,7 @@ class LatentDiffusionPipeline:
         """
         store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         artifact = store.load(model, stage="diffusion")
-        lineage_ref = artifact.manifest.get("autoencoder")
-        if lineage_ref is None:
-            raise ArtifactError(f"{artifact.ref} does not name the autoencoder its latents came from; it cannot be decoded safely")
-        chosen = store.load(autoencoder or lineage_ref, stage="autoencoder")
-        decoder = load_autoencoder(chosen, device)
-        override = False
-        if chosen.ref != lineage_ref:
-            # Another autoencoder decodes these latents only if it makes the same ones: the same
-            # encoder weights (a decoder-only fine-tune of the lineage's autoencoder).
-            lineage = load_autoencoder(store.load(lineage_ref, stage="autoencoder"))
-            override = encoder_fingerprint(decoder.state_dict()) != encoder_fingerprint(lineage.state_dict())
-            if override and not allow_autoencoder_mismatch:
-                raise ArtifactError(
-                    f"{artifact.ref} was trained on latents of {lineage_ref}, and {chosen.ref} has another encoder: "
-                    f"its samples would decode with the wrong latent space. Use autoencoder={lineage_ref!r} (or leave "
-                    f"it out), a decoder fine-tuned from it (train_parts: decoder, init_from: {lineage_ref}), or pass "
-                    f"allow_autoencoder_mismatch=True if you mean it"
-                )
+        chosen, decoder, override = load_decoder(store, artifact, autoencoder, allow_autoencoder_mismatch, device)
         dit_config, diffusion = dit_configs(artifact)
         dit = load_dit(artifact, weights, device)
         stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
@@ -135,7 +120,8 @@ class LatentDiffusionPipeline:
             check_guide(artifact, dit_config, diffusion, guide_artifact, *dit_configs(guide_artifact))
             guide_model = load_dit(guide_artifact, weights, device)
             guide = guide_artifact.ref
-        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override, lineage_ref, guide)
+        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override,
+                                artifact.manifest["autoencoder"], guide)
         return cls(dit, decoder, diffusion, stats, provenance, guide_model)
 
     @property
@@ -166,33 +152,28 @@ class LatentDiffusionPipeline:
     def sample(
         self,
         class_labels: Labels,
-        num_steps: int = 25,
-        sampler: Optional[str] = None,
-        guidance_scale: float = 1.0,
-        seed: int = 0,
-        batch_size: int = 64,
+        settings: Optional[SamplingSettings] = None,
+        *,
         output: str = "tensor",
-        guidance_interval: Optional[tuple[float, float]] = None,
         return_latents: bool = False,
         progress: bool = False,
-        guide_scale: float = 1.0,
         on_model_call: Optional[Callable[[], None]] = None,
-        **sampler_kwargs,
+        **options,
     ):
         """Class-conditional images (N, C, H, W) in [-1, 1], or a list of PIL images with output="pil".
 
+        `settings` (a SamplingSettings) and/or its fields by name (`num_steps=20, guidance_scale=2.0,
+        seed=0, ...`, which override those of `settings`) say how: the sampler, steps, classifier-free
+        guidance, autoguidance by the pipeline's guide (`from_artifacts(..., guide=...)`; guide_scale
+        alone is the paper's form, both above 1 add the two terms), the grid, the seed and the batch.
         Image i depends on seed + i alone, so splitting into batches of any size gives the same images.
-        sampler: ddpm | ddim | dpm++2m | dpm++2m-sde | euler | heun | flow-euler | flow-heun (default: dpm++2m, or flow-euler
-        for a rectified-flow model); sampler_kwargs go to `run_sampler` (spacing, eta, variance, ...).
-        guidance_scale: classifier-free guidance; guide_scale: autoguidance by the pipeline's guide
-        (`from_artifacts(..., guide=...)`); guide_scale alone (guidance_scale 1) is the paper's form,
-        both above 1 add the two terms. on_model_call is called after every network evaluation (a
-        progress bar the caller keeps over several calls).
+        on_model_call is called after every network evaluation (a progress bar the caller keeps over
+        several calls).
         """
+        settings = self.settings(settings, **options)
         labels = self._labels(class_labels)
-        latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval,
-                                 progress, sampler_kwargs, guide_scale=guide_scale, on_model_call=on_model_call)
-        images = self._decode_batched(latents, batch_size)
+        latents = self._generate(labels, settings, progress, on_model_call)
+        images = self._decode_batched(latents, settings.batch_size)
         return self._output(images, output, latents if return_latents else None)
 
     def img2img(
@@ -200,47 +181,44 @@ class LatentDiffusionPipeline:
         images: torch.Tensor,
         strength: float,
         class_labels: Labels,
-        num_steps: int = 25,
-        sampler: Optional[str] = None,
-        guidance_scale: float = 1.0,
-        seed: int = 0,
-        batch_size: int = 64,
+        settings: Optional[SamplingSettings] = None,
+        *,
         output: str = "tensor",
         progress: bool = False,
-        **sampler_kwargs,
+        **options,
     ):
         """SDEdit in latent space: noise the images' latents to `strength` of the chain and denoise.
 
         strength 0 returns the autoencoder's reconstruction of the input; strength 1 ignores it.
+        `settings` and `options` as in `sample`.
         """
+        settings = self.settings(settings, **options)
         labels = self._labels(class_labels, len(images))
         x0 = self.encode(images)
-        latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, None, progress,
-                                 sampler_kwargs, x0=x0, strength=strength)
-        return self._output(self._decode_batched(latents, batch_size), output)
+        latents = self._generate(labels, settings, progress, x0=x0, strength=strength)
+        return self._output(self._decode_batched(latents, settings.batch_size), output)
 
     def inpaint(
         self,
         images: torch.Tensor,
         mask: torch.Tensor,
         class_labels: Labels,
-        num_steps: int = 25,
-        sampler: Optional[str] = None,
-        guidance_scale: float = 1.0,
-        seed: int = 0,
-        batch_size: int = 64,
+        settings: Optional[SamplingSettings] = None,
+        *,
         output: str = "tensor",
         keep_known_pixels: bool = True,
         progress: bool = False,
-        **sampler_kwargs,
+        **options,
     ):
         """Repaint where mask (N or 1, 1, H, W) is 1, keep the images where it is 0 (masked resampling in latent space).
 
         A latent is regenerated when any pixel of its f x f patch is masked. At every step the known
         latents replace the model's x0 estimate outside the mask, so they follow their own noising
         path and the model fills the hole around them (samplers ddim, dpm++2m, euler, heun).
-        keep_known_pixels pastes the input back outside the mask after decoding.
+        keep_known_pixels pastes the input back outside the mask after decoding. `settings` and
+        `options` as in `sample`.
         """
+        settings = self.settings(settings, **options)
         self._check_images(images)
         if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, len(images)):
             raise ValueError(f"mask must be (N or 1, 1, H, W) matching images {tuple(images.shape)}, got {tuple(mask.shape)}")
@@ -250,9 +228,8 @@ class LatentDiffusionPipeline:
         regenerate = F.adaptive_max_pool2d(mask, (size, size))  # (N, 1, h, w)
         labels = self._labels(class_labels, len(images))
         x0 = self.encode(images)
-        latents = self._generate(labels, num_steps, sampler, guidance_scale, seed, batch_size, None, progress,
-                                 sampler_kwargs, x0=x0, regenerate=regenerate)
-        result = self._decode_batched(latents, batch_size)
+        latents = self._generate(labels, settings, progress, x0=x0, regenerate=regenerate)
+        result = self._decode_batched(latents, settings.batch_size)
         if keep_known_pixels:
             result = torch.lerp(images.to(result).clamp(-1, 1), result, mask)  # clamp: inputs may carry round-off
         return self._output(result, output)
@@ -281,31 +258,37 @@ class LatentDiffusionPipeline:
             raise ValueError(f"images must be {side}x{side} for this model, got {tuple(images.shape[-2:])}")
         check_range("images", images, -1.0, 1.0, "the autoencoder's range")
 
-    def _generate(self, labels, num_steps, sampler, guidance_scale, seed, batch_size, guidance_interval, progress,
-                  sampler_kwargs, x0=None, strength=1.0, regenerate=None, guide_scale=1.0, on_model_call=None) -> torch.Tensor:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if guide_scale != 1.0 and self.guide is None:
-            raise ValueError(f"guide_scale {guide_scale:g} needs a guide DiT: load the pipeline with "
+    def settings(self, settings: Optional[SamplingSettings] = None, **options) -> SamplingSettings:
+        """Return `settings` (default SamplingSettings()) with `options` (its fields by name) applied, validated,
+        and the sampler chosen for this model's objective; a guide scale needs the pipeline's guide."""
+        unknown = sorted(set(options) - {f.name for f in fields(SamplingSettings)})
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {', '.join(unknown)}; SamplingSettings has "
+                            f"{', '.join(f.name for f in fields(SamplingSettings))}")
+        settings = replace(settings or SamplingSettings(), **options).resolved(self.diffusion)
+        if settings.guide_scale != 1.0 and self.guide is None:
+            raise ValueError(f"guide_scale {settings.guide_scale:g} needs a guide DiT: load the pipeline with "
                              f"from_artifacts(..., guide='diffusion@<weaker model>')")
-        sampler = sampler or default_sampler(self.diffusion)
-        batches = math.ceil(len(labels) / batch_size)
-        bar = tqdm(total=batches * model_calls(sampler, num_steps, strength), desc=f"{sampler} x{num_steps}",
-                   unit="step", disable=not progress, leave=False)
+        return settings
+
+    def _generate(self, labels: torch.Tensor, settings: SamplingSettings, progress: bool = False,
+                  on_model_call: Optional[Callable[[], None]] = None, x0: Optional[torch.Tensor] = None,
+                  strength: float = 1.0, regenerate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        size = settings.batch_size
+        bar = tqdm(total=math.ceil(len(labels) / size) * model_calls(settings.sampler, settings.num_steps, strength),
+                   desc=f"{settings.sampler} x{settings.num_steps}", unit="step", disable=not progress, leave=False)
         out = []
         with bar:
-            for start in range(0, len(labels), batch_size):
-                part = slice(start, start + batch_size)
+            for start in range(0, len(labels), size):
+                part = slice(start, start + size)
                 out.append(sample_latents(
-                    self.model, self.diffusion, labels[part], num_steps, sampler, guidance_scale, guidance_interval,
-                    seed=seed + start,  # image i always draws from seed + i
+                    self.model, self.diffusion, labels[part],
+                    replace(settings, seed=settings.seed + start),  # image i always draws from seed + i
                     x0=None if x0 is None else x0[part],
                     strength=strength,
                     regenerate=None if regenerate is None else regenerate[part],
                     on_model_call=on_model_call or (bar.update if progress else None),
                     guide=self.guide,
-                    guide_scale=guide_scale,
-                    **sampler_kwargs,
                 ))
         return torch.cat(out)
 
@@ -318,26 +301,3 @@ class LatentDiffusionPipeline:
             raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
         result: Union[torch.Tensor, list[Image.Image]] = to_pil(images) if output == "pil" else images
         return (result, latents) if latents is not None else result
-
-
-def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, guide_config: DiTConfig,
-                guide_diffusion: DiffusionConfig) -> None:
-    """Raise ArtifactError unless `guide` can guide `artifact`: the same latent space and statistics, the
-    same latent shape and classes, and a network output that means the same thing at the same timestep."""
-    problems = []
-    if guide.manifest.get("autoencoder") != artifact.manifest.get("autoencoder"):
-        problems.append(f"its latents come from {guide.manifest.get('autoencoder')}, not {artifact.manifest.get('autoencoder')}")
-    elif guide.manifest.get("latent_stats") != artifact.manifest.get("latent_stats"):
-        problems.append("its latents were normalised with other statistics")
-    for name in ("in_channels", "input_size", "num_classes"):
-        if getattr(guide_config, name) != getattr(config, name):
-            problems.append(f"model.{name} is {getattr(guide_config, name)}, not {getattr(config, name)}")
-    meaning = ("objective",) if diffusion.objective == "flow" else ("objective", "schedule", "num_timesteps", "prediction")
-    for name in meaning:
-        if getattr(guide_diffusion, name) != getattr(diffusion, name):
-            problems.append(f"diffusion.{name} is {getattr(guide_diffusion, name)!r}, not {getattr(diffusion, name)!r}")
-    if problems:
-        raise ArtifactError(
-            f"{guide.ref} cannot guide {artifact.ref}: " + "; ".join(problems) + ". A guide must be trained on the "
-            "same latent cache with the same objective (e.g. a smaller DiT, or fewer steps, of the same preset)"
-        )

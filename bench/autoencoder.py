@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL, state_dict_from_diffusers
+from ldm.interop.autoencoder import state_dict_from_diffusers
+from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL
 
 
 def diffusers_autoencoder(config: AutoencoderConfig) -> nn.Module:

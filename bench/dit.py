@@ -47,6 +47,7 @@ from ldm.models.dit import (  # noqa: E402
     dit_forward_flops,
     timestep_embedding,
 )
+from ldm.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def build_diffusers_dit(config: DiTConfig) -> torch.nn.Module:
@@ -258,10 +259,15 @@ def main() -> None:
         help="AdamW implementation for both models (default: torch's choice for the device)",
     )
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of a training step")
+    parser.add_argument(
+        "--default-allocator", action="store_true",
+        help="leave glibc's malloc at its defaults instead of tune_cpu_allocator() (as the ldm CLI runs)",
+    )
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "defaults" if args.default_allocator or not tune_cpu_allocator() else "tuned (ldm.runtime)"
     device = torch.device(args.device)
     overrides = {k: v for k, v in (("input_size", args.input_size), ("depth", args.depth)) if v is not None}
     config = dit_config(args.preset, **overrides)
@@ -275,7 +281,7 @@ def main() -> None:
         return sum(p.numel() for p in model.parameters())
 
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"CPU allocator {allocator}, load average {os.getloadavg()[0]:.1f}")
     print(f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, "
           f"patch {config.patch_size}, latent {config.in_channels}x{config.input_size}x{config.input_size}, "
           f"tokens {config.num_patches}, out channels {config.out_channels}, classes {config.num_classes}, batch {n}")

@@ -1,4 +1,4 @@
-"""DiT training throughput on one GPU, ours against diffusers' DiTTransformer2DModel, as a README table.
+"""DiT training throughput on one GPU, ours against diffusers' DiTTransformer2DModel, as a table for docs/results.md.
 
 The default is the paper's setting: DiT-XL/2 on 32x32x4 latents (256 px ImageNet through an f8
 autoencoder, 1000 classes, learned sigma), 32 images per GPU (DiT's global batch 256 on 8 GPUs).

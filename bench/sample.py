@@ -36,8 +36,9 @@ from bench.dit import (  # noqa: E402
     synchronize,
 )
 from ldm.diffusion.schedules import DiffusionConfig  # noqa: E402
-from ldm.generation import sample_latents  # noqa: E402
+from ldm.generation import SamplingSettings, sample_latents  # noqa: E402
 from ldm.models.dit import DIT_PRESETS, DiT, dit_config  # noqa: E402
+from ldm.runtime import tune_cpu_allocator  # noqa: E402
 
 
 def diffusers_scheduler(num_timesteps: int):
@@ -79,9 +80,14 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=1.5)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--default-allocator", action="store_true",
+        help="leave glibc's malloc at its defaults instead of tune_cpu_allocator() (as the ldm CLI runs)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "defaults" if args.default_allocator or not tune_cpu_allocator() else "tuned (ldm.runtime)"
     device = torch.device(args.device)
     overrides = {k: v for k, v in (("input_size", args.input_size), ("num_classes", args.classes)) if v is not None}
     config = replace(dit_config(args.preset, **overrides), learn_sigma=False)
@@ -94,14 +100,16 @@ def main() -> None:
     scheduler = diffusers_scheduler(diffusion.num_timesteps)
     shape = (config.in_channels, config.input_size, config.input_size)
 
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, CPU allocator {allocator}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, latents "
           f"{'x'.join(map(str, shape))}, {config.num_classes} classes; {args.n} latents per side in batches of "
           f"{args.batch}, DPM-Solver++(2M) {args.steps} steps (trailing), cfg {args.cfg}")
 
     # Same weights, same noise: how far apart do the two loops land?
     labels = torch.arange(8, device=device) % config.num_classes
-    mine = sample_latents(ours, diffusion, labels, args.steps, "dpm++2m", args.cfg, seed=0)
+    settings = SamplingSettings(sampler="dpm++2m", num_steps=args.steps, guidance_scale=args.cfg)
+    mine = sample_latents(ours, diffusion, labels, settings)
     from ldm.diffusion.samplers import per_sample_generators, randn_like_per_sample
 
     noise = randn_like_per_sample((8, *shape), per_sample_generators(0, 8), device, torch.float32)
@@ -116,7 +124,7 @@ def main() -> None:
 
     def run_ours(start: int, size: int) -> None:
         sample_latents(ours, diffusion, torch.arange(start, start + size, device=device) % config.num_classes,
-                       args.steps, "dpm++2m", args.cfg, seed=start)
+                       replace(settings, seed=start))
 
     def run_theirs(start: int, size: int) -> None:
         batch_labels = torch.arange(start, start + size, device=device) % config.num_classes

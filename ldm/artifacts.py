@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import yaml
@@ -356,6 +356,121 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class ArtifactWriter:
+    """An artifact written file by file into a hidden folder of its stage, then made visible at once by `commit`.
+
+    Each file is fsynced and hashed as it is written, so an artifact larger than memory (a latent
+    cache's shards) is written one file at a time. Leaving the `with` block without committing (an
+    exception, an interrupt) removes the folder: a failed write leaves nothing in the store.
+    """
+
+    def __init__(self, store: ArtifactStore, stage: str):
+        _check_stage(stage)
+        self.store, self.stage = store, stage
+        self.stage_dir = store.root / stage
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(dir=self.stage_dir, prefix=".tmp-"))
+        self.files: dict[str, dict[str, Any]] = {}  # name -> sha256 and bytes, of the files written so far
+        self.closed = False  # committed or aborted
+        self._file_mode = plain_mode()
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if not self.closed:
+            self.abort()
+
+    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one safetensors file of the artifact (no pickle)."""
+        path = self._new_file(name)
+        save_file({key: value.detach().contiguous().cpu() for key, value in tensors.items()}, str(path))
+        self._seal_file(path)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write one file of the artifact holding `data`."""
+        path = self._new_file(name)
+        path.write_bytes(data)
+        self._seal_file(path)
+
+    def commit(
+        self,
+        *,
+        config: dict[str, Any],
+        parents: dict[str, str] | None = None,
+        data_fingerprint: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Artifact:
+        """Write config.yaml and the manifest, rename the folder to its version and return the artifact.
+
+        An identical artifact already stored is returned as is (a damaged stored copy is replaced).
+        """
+        self._check_open()
+        try:
+            overwritten = sorted(_SAVE_KEYS & set(metadata or {}))
+            if overwritten:
+                raise ArtifactError(f"metadata must not set {', '.join(overwritten)}: save writes them itself")
+            config_file = self.folder / CONFIG
+            config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+            self._seal_file(config_file)
+            files = dict(sorted(self.files.items()))
+            manifest = {
+                "stage": self.stage,
+                "manifest_format": MANIFEST_FORMAT,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "parents": dict(parents or {}),
+                "data_fingerprint": data_fingerprint,
+                **(metadata or {}),
+                "libraries": library_versions(),
+                "files": files,
+            }
+            version = _version(files, _sealed_fields(manifest))
+            manifest = {"stage": self.stage, "version": version, **manifest}
+            final = self.stage_dir / version
+            if final.exists():
+                existing = self.store._stored_copy(final, self.stage)
+                if existing is not None:
+                    self.abort()
+                    return existing
+            (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
+            with open(self.folder / MANIFEST, "rb") as handle:
+                os.fsync(handle.fileno())
+            _fsync_dir(self.folder)
+            os.chmod(self.folder, plain_mode(directory=True))
+            os.rename(self.folder, final)
+            _fsync_dir(self.stage_dir)
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+        return Artifact(final, manifest)
+
+    def abort(self) -> None:
+        """Remove the folder and everything written to it."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.closed = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ArtifactError(f"this {self.stage} artifact was already committed or aborted; start a new writer")
+
+    def _new_file(self, name: str) -> Path:
+        """The path for file `name`, refused when it is taken, reserved or not a plain file name."""
+        self._check_open()
+        if name in self.files or name in (CONFIG, MANIFEST) or Path(name).name != name or name.startswith("."):
+            raise ArtifactError(
+                f"cannot write {name!r}: artifact files need distinct plain names other than {CONFIG} and {MANIFEST}"
+            )
+        return self.folder / name
+
+    def _seal_file(self, path: Path) -> None:
+        """Make a written file readable under the umask, fsync it and record its sha256 and size."""
+        os.chmod(path, self._file_mode)  # safetensors writes 0600 files
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        self.files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
 class ArtifactStore:
     """A folder of versioned artifacts (default `./artifacts`, or `LDM_HOME`)."""
 
@@ -383,55 +498,16 @@ class ArtifactStore:
         `tensors` maps file names (`weights.safetensors`, `shard-00000.safetensors`, ...) to the
         tensors they hold; `parents` maps the parent stage to its `stage@version` reference.
         """
-        _check_stage(stage)
-        overwritten = sorted(_SAVE_KEYS & set(metadata or {}))
-        if overwritten:
-            raise ArtifactError(f"metadata must not set {', '.join(overwritten)}: save writes them itself")
-        stage_dir = self.root / stage
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=".tmp-"))
-        try:
-            config_text = yaml.safe_dump(config, sort_keys=False)
-            (tmp / CONFIG).write_text(config_text)
+        with self.writer(stage) as writer:
             for name, named in tensors.items():
-                save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, str(tmp / name))
+                writer.write_tensors(name, named)
             for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data)
-            files, file_mode = {}, plain_mode()
-            for file in sorted(tmp.iterdir()):
-                os.chmod(file, file_mode)  # safetensors writes 0600 files
-                with open(file, "rb") as handle:
-                    os.fsync(handle.fileno())
-                files[file.name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
-            manifest = {
-                "stage": stage,
-                "manifest_format": MANIFEST_FORMAT,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "parents": dict(parents or {}),
-                "data_fingerprint": data_fingerprint,
-                **(metadata or {}),
-                "libraries": library_versions(),
-                "files": files,
-            }
-            version = _version(files, _sealed_fields(manifest))
-            manifest = {"stage": stage, "version": version, **manifest}
-            final = stage_dir / version
-            if final.exists():
-                existing = self._stored_copy(final, stage)
-                if existing is not None:
-                    shutil.rmtree(tmp)
-                    return existing
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False))
-            with open(tmp / MANIFEST, "rb") as handle:
-                os.fsync(handle.fileno())
-            _fsync_dir(tmp)
-            os.chmod(tmp, plain_mode(directory=True))
-            os.rename(tmp, final)
-            _fsync_dir(stage_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return Artifact(final, manifest)
+                writer.write_bytes(name, data)
+            return writer.commit(config=config, parents=parents, data_fingerprint=data_fingerprint, metadata=metadata)
+
+    def writer(self, stage: str) -> ArtifactWriter:
+        """Return an ArtifactWriter for a new `stage` artifact, to fill file by file and commit (use it in a `with`)."""
+        return ArtifactWriter(self, stage)
 
     def _stored_copy(self, final: Path, stage: str) -> Artifact | None:
         """The sound stored copy of an artifact being saved again; None once a damaged copy is removed to be replaced."""
@@ -587,8 +663,3 @@ def _label(path: Path) -> str:
 
 def _verdict(artifact: Artifact) -> Verdict:
     return Verdict(artifact.ref, artifact.file_problem(), legacy=not artifact.sealed)
-
-
-def find_in(artifacts: Iterable[Artifact], stage: str) -> Artifact | None:
-    """Return the first artifact of `stage` in a sequence (for example a lineage), or None."""
-    return next((a for a in artifacts if a.stage == stage), None)

@@ -25,7 +25,7 @@ class TrainerConfig:
     """How a stage is trained: everything Lightning's Trainer and the data loader need."""
 
     max_steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch, in every stage: each of P processes trains on batch_size / P
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -38,21 +38,25 @@ class TrainerConfig:
     tf32: bool = True  # on CUDA, float32 matmuls and convolutions on TF32 tensor cores (as the DiT paper ran)
     compile: bool = False
     channels_last: bool = False  # NHWC activations for convolutional models (faster with oneDNN and cuDNN)
-    num_workers: int = 0
     seed: int = 0
     log_every: int = 50
     image_every: int = 500  # write a picture every N steps (0: only at the end)
     checkpoint_every: int = 500
     progress: bool = True
+    # csv: logs/partNNN/metrics.csv (the loss curves are drawn from it); tensorboard: TensorBoard event
+    # files in tensorboard/partNNN as well (needs the tensorboard or tensorboardX package)
+    logger: str = "csv"
 
     def __post_init__(self) -> None:
         # Checked here, once, so that no stage starts (or stores an untrained artifact) on a nonsense value.
         at_least = {"max_steps": 1, "batch_size": 1, "num_nodes": 1, "log_every": 1, "checkpoint_every": 1,
-                    "warmup_steps": 0, "image_every": 0, "num_workers": 0}
+                    "warmup_steps": 0, "image_every": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value < low:
                 raise ValueError(f"trainer.{name} must be >= {low}, got {value}")
+        if self.logger not in ("csv", "tensorboard"):
+            raise ValueError(f"trainer.logger must be csv or tensorboard, got {self.logger!r}")
         if self.devices < 1 and self.devices != -1:
             raise ValueError(f"trainer.devices must be >= 1 (or -1 for every device), got {self.devices}")
         if not math.isfinite(self.lr) or self.lr <= 0:
@@ -134,16 +138,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-_PRESETS: dict[type, dict[str, Any]] = {}
-
-
-def register_presets(cls: type, presets: dict[str, Any]) -> None:
-    """Let YAML name a preset of `cls`: `model: fmnist-f4`, or `model: {preset: fmnist-f4, ch: 96}`."""
-    _PRESETS[cls] = presets
-
-
 def _expand_preset(value: Any, tp: type, where: str) -> Any:
-    presets = _PRESETS.get(tp)
+    """A preset name (`model: fmnist-f4`, or `model: {preset: fmnist-f4, ch: 96}`) as the preset's fields.
+
+    A config class offers presets by a `presets()` classmethod returning {name: instance}, so `ldm/`
+    alone resolves them, whatever has been imported.
+    """
+    presets = tp.presets() if hasattr(tp, "presets") else None
     name = value if isinstance(value, str) else value.get("preset") if isinstance(value, dict) else None
     if name is None:
         return value

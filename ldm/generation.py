@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
-from ldm.diffusion.samplers import (FLOW_SAMPLERS, Denoiser, InpaintDenoiser, cfg_denoiser, check_guidance_interval,
-                                    per_sample_generators, randn_like_per_sample, run_sampler)
+from ldm.diffusion.samplers import (FLOW_SAMPLERS, SAMPLERS, SPACINGS, Denoiser, InpaintDenoiser, cfg_denoiser,
+                                    check_guidance_interval, per_sample_generators, randn_like_per_sample, run_sampler)
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
 
@@ -21,35 +22,68 @@ def default_sampler(diffusion: DiffusionConfig) -> str:
     return "flow-euler" if diffusion.objective == "flow" else "dpm++2m"
 
 
-def check_sampling_options(
-    num_steps: int,
-    guidance_scale: float = 1.0,
-    guide_scale: float = 1.0,
-    strength: float = 1.0,
-    guidance_interval: Optional[Sequence[float]] = None,
-) -> Optional[tuple[float, float]]:
-    """Return the guidance interval as (t_lo, t_hi) floats or None; raise ValueError naming the first option out of range.
-
-    Every way into sampling (pipeline, `ldm sample`, `ldm eval samples`, training previews) passes
-    here through `sample_latents`; the commands call it also before loading any model, to fail early.
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-        raise ValueError(f"num_steps (--steps) must be an integer >= 1, got {num_steps!r}")
-    _check_scale("guidance_scale (--cfg)", guidance_scale, "0: unconditional, 1: no guidance")
-    _check_scale("guide_scale (--guide-scale)", guide_scale, "1: no autoguidance")
-    if not _is_real(strength) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}")
-    return check_guidance_interval(guidance_interval)
+VARIANCES = ("small", "large")  # ddpm's fixed variance when the model does not learn it (beta-tilde, beta)
+# The options of `ldm sample` / `ldm eval samples` that set a field, named in its errors.
+FLAGS = {"num_steps": "--steps", "guidance_scale": "--cfg", "guide_scale": "--guide-scale", "seed": "--seed",
+         "batch_size": "--batch-size", "guidance_interval": "--cfg-interval", "spacing": "--spacing", "sampler": "--sampler"}
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Every option of a sampling run, validated once where it is built (the pipeline, `ldm sample`,
+    `ldm eval samples` and training previews all pass one of these down to the sampler)."""
+
+    sampler: Optional[str] = None  # None: dpm++2m, or flow-euler for a rectified-flow model
+    num_steps: int = 25  # sampler steps (heun and flow-heun call the network 2 num_steps - 1 times)
+    guidance_scale: float = 1.0  # classifier-free guidance (0: unconditional, 1: none)
+    guidance_interval: Optional[tuple[float, float]] = None  # guide only at network timesteps in [lo, hi]
+    guide_scale: float = 1.0  # autoguidance by a weaker DiT (1: none); needs a guide model
+    spacing: str = "trailing"  # timestep grid of ddpm, ddim, dpm++2m(-sde)
+    eta: float = 0.0  # ddim's noise (0: deterministic, 1: ddpm's marginals)
+    variance: str = "small"  # ddpm's fixed variance when not learned
+    rho: float = 7.0  # Karras sigma spacing of euler and heun
+    shift: float = 1.0  # time shift of the flow samplers' grid
+    seed: int = 0  # image i draws from seed + i, whatever the batch
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        for name, low in (("num_steps", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{_named(name)} must be an integer >= {low}, got {value!r}")
+        # A negative scale extrapolates away from the condition: a silent mistake, never a setting.
+        _check_real("guidance_scale", self.guidance_scale, 0.0, "0: unconditional, 1: no guidance")
+        _check_real("guide_scale", self.guide_scale, 0.0, "1: no autoguidance")
+        _check_real("eta", self.eta, 0.0, "0: deterministic ddim")
+        for name in ("rho", "shift"):
+            _check_real(name, getattr(self, name), 1e-12, "a positive number")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
+        if self.variance not in VARIANCES:
+            raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {self.variance!r}")
+        object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
+
+    def resolved(self, diffusion: DiffusionConfig) -> "SamplingSettings":
+        """These settings with the sampler chosen for the objective; raise ValueError for a sampler of the other one."""
+        sampler = self.sampler or default_sampler(diffusion)
+        if (sampler in FLOW_SAMPLERS) != (diffusion.objective == "flow"):
+            raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
+        return replace(self, sampler=sampler)
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The keyword arguments of `run_sampler` these settings fix."""
+        return {"spacing": self.spacing, "eta": self.eta, "variance": self.variance, "rho": self.rho, "shift": self.shift}
 
 
-def _check_scale(name: str, value: float, meaning: str) -> None:
-    # A negative scale extrapolates away from the condition: a silent mistake, never a setting.
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 ({meaning}), got {value!r}")
+def _named(name: str) -> str:
+    return f"{name} ({FLAGS[name]})" if name in FLAGS else name
+
+
+def _check_real(name: str, value: float, low: float, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < low:
+        raise ValueError(f"{_named(name)} must be a finite number >= {low:g} ({meaning}), got {value!r}")
 
 
 @torch.no_grad()
@@ -57,36 +91,30 @@ def sample_latents(
     model: DiT,
     diffusion: DiffusionConfig,
     labels: torch.Tensor,
-    num_steps: int = 25,
-    sampler: Optional[str] = None,
-    guidance_scale: float = 1.0,
-    guidance_interval: Optional[tuple[float, float]] = None,
-    seed: int = 0,
+    settings: SamplingSettings,
     x0: Optional[torch.Tensor] = None,
     strength: float = 1.0,
     regenerate: Optional[torch.Tensor] = None,
     on_model_call: Optional[Callable[[], None]] = None,
     guide: Optional[DiT] = None,
-    guide_scale: float = 1.0,
-    **sampler_kwargs,
 ) -> torch.Tensor:
-    """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on seed + i.
+    """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on settings.seed + i.
 
     x0 (N, C, h, w) with strength < 1: start from x0 noised part of the way (SDEdit). x0 with
     `regenerate` (N, 1, h, w): keep x0 where regenerate is 0 and sample the rest (inpainting).
-    `on_model_call` is called after every sampler evaluation (progress bars). `guide`, `guide_scale`: a
-    weaker DiT of the same latents and parametrisation, for autoguidance (see `cfg_denoiser`); the
-    caller checks that it fits.
+    `on_model_call` is called after every sampler evaluation (progress bars). `guide`: a weaker DiT
+    of the same latents and parametrisation, for autoguidance at settings.guide_scale (see
+    `cfg_denoiser`); the caller checks that it fits. `settings.batch_size` is the caller's business:
+    all of `labels` is one batch here.
     """
-    guidance_interval = check_sampling_options(num_steps, guidance_scale, guide_scale, strength, guidance_interval)
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}")
+    settings = settings.resolved(diffusion)
     config = model.config
     device = next(model.parameters()).device
-    sampler = sampler or default_sampler(diffusion)
-    if (sampler in FLOW_SAMPLERS) != (diffusion.objective == "flow"):
-        raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
     labels = labels.to(device)
-    model_fn = cfg_denoiser(model, labels, model.null_class, guidance_scale, guidance_interval, config.learn_sigma,
-                            guide, guide_scale)
+    model_fn = cfg_denoiser(model, labels, model.null_class, settings.guidance_scale, settings.guidance_interval,
+                            config.learn_sigma, guide, settings.guide_scale)
     if on_model_call is not None:
         guided = model_fn
 
@@ -97,18 +125,19 @@ def sample_latents(
 
     denoiser = Denoiser.from_config(model_fn, diffusion)
     if regenerate is not None:
-        if sampler not in X0_SAMPLERS:
-            raise ValueError(f"inpainting needs a sampler that steps on the x0 estimate, one of {X0_SAMPLERS}; got {sampler!r}")
+        if settings.sampler not in X0_SAMPLERS:
+            raise ValueError(f"inpainting needs a sampler that steps on the x0 estimate, one of {X0_SAMPLERS}; got {settings.sampler!r}")
         if x0 is None:
             raise ValueError("inpainting needs the known latents x0")
         denoiser = InpaintDenoiser(denoiser.model_fn, denoiser.prediction, denoiser.learn_sigma, denoiser.clip_x0,
                                    known=x0.to(device), regenerate=regenerate.to(device))
     schedule = None if diffusion.objective == "flow" else make_schedule(diffusion.schedule, diffusion.num_timesteps)
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
-    generators = per_sample_generators(seed, len(labels))
+    generators = per_sample_generators(settings.seed, len(labels))
     noise = randn_like_per_sample(shape, generators, device, torch.float32)
     x0 = None if x0 is None else x0.to(device, torch.float32)
-    return run_sampler(sampler, denoiser, noise, schedule, num_steps, generators=generators, strength=strength, x0=x0, **sampler_kwargs)
+    return run_sampler(settings.sampler, denoiser, noise, schedule, settings.num_steps, generators=generators,
+                       strength=strength, x0=x0, **settings.sampler_options())
 
 
 def model_calls(sampler: str, num_steps: int, strength: float = 1.0) -> int:

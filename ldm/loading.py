@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from ldm.artifacts import Artifact
+from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
 from ldm.config import from_dict
 from ldm.diffusion.schedules import DiffusionConfig
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.metrics import ClassifierFeatures, InceptionFeatures, inception_available
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.models.classifier import Classifier, ClassifierConfig
 from ldm.models.dit import DiT, DiTConfig
 
@@ -48,34 +46,67 @@ def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.devic
     return model.to(device).eval()
 
 
-def iterate_images(dataset: Dataset, batch_size: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) batches in dataset order; in-memory datasets are sliced without a DataLoader."""
-    total = min(limit, len(dataset)) if limit else len(dataset)
-    images = getattr(dataset, "images", None)
-    labels = getattr(dataset, "labels", None)
-    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
-        for start in range(0, total, batch_size):
-            stop = min(start + batch_size, total)
-            yield images[start:stop], labels[start:stop]
-        return
-    seen = 0
-    for batch_images, batch_labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        keep = min(len(batch_images), total - seen)
-        yield batch_images[:keep], batch_labels[:keep]
-        seen += keep
-        if seen >= total:
-            return
+def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, device: torch.device):
+    """Return the feature extractor for a Frechet distance: Inception when asked or available, else our classifier."""
+    if choice in ("auto", "inception"):
+        available, reason = inception_available()
+        if available:
+            return InceptionFeatures().to(device)
+        if choice == "inception":
+            raise FileNotFoundError(reason)
+        print(f"Inception FID unavailable ({reason}); using the project's classifier features instead")
+    try:
+        artifact = store.load(classifier_ref, stage="classifier")
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}\nThe Frechet distance needs a feature classifier: run `ldm train classifier` first") from None
+    return ClassifierFeatures(load_classifier(artifact, device), artifact.ref)
 
 
-@torch.no_grad()
-def classifier_accuracy(model: Classifier, dataset: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> float:
-    """Return the fraction of `dataset` that `model` classifies correctly (eval mode, mode restored)."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for images, labels in iterate_images(dataset, batch_size):
-        predicted = model(images.to(device)).argmax(1).cpu()
-        correct += int((predicted == labels).sum())
-        total += len(labels)
-    model.train(was_training)
-    return correct / max(1, total)
+def load_decoder(store: ArtifactStore, artifact: Artifact, autoencoder: str | None = None,
+                 allow_mismatch: bool = False, device: str | torch.device = "cpu") -> tuple[Artifact, AutoencoderKL, bool]:
+    """Return (artifact, model, overridden) of the autoencoder that decodes a `diffusion` artifact's latents.
+
+    By default the one its latent cache was encoded with; `autoencoder` may name another only if it
+    makes the same latents: the very same encoder weights (a decoder fine-tuned from it,
+    `train_parts: decoder`). Any other is refused unless `allow_mismatch` (then `overridden` is True).
+    """
+    lineage_ref = artifact.manifest.get("autoencoder")
+    if lineage_ref is None:
+        raise ArtifactError(f"{artifact.ref} does not name the autoencoder its latents came from; it cannot be decoded safely")
+    chosen = store.load(autoencoder or lineage_ref, stage="autoencoder")
+    decoder = load_autoencoder(chosen, device)
+    if chosen.ref == lineage_ref:
+        return chosen, decoder, False
+    lineage = load_autoencoder(store.load(lineage_ref, stage="autoencoder"))
+    overridden = encoder_fingerprint(decoder.state_dict()) != encoder_fingerprint(lineage.state_dict())
+    if overridden and not allow_mismatch:
+        raise ArtifactError(
+            f"{artifact.ref} was trained on latents of {lineage_ref}, and {chosen.ref} has another encoder: "
+            f"its samples would decode with the wrong latent space. Use autoencoder={lineage_ref!r} (or leave "
+            f"it out), a decoder fine-tuned from it (train_parts: decoder, init_from: {lineage_ref}), or pass "
+            f"allow_autoencoder_mismatch=True if you mean it"
+        )
+    return chosen, decoder, overridden
+
+
+def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, guide_config: DiTConfig,
+                guide_diffusion: DiffusionConfig) -> None:
+    """Raise ArtifactError unless `guide` can guide `artifact`: the same latent space and statistics, the
+    same latent shape and classes, and a network output that means the same thing at the same timestep."""
+    problems = []
+    if guide.manifest.get("autoencoder") != artifact.manifest.get("autoencoder"):
+        problems.append(f"its latents come from {guide.manifest.get('autoencoder')}, not {artifact.manifest.get('autoencoder')}")
+    elif guide.manifest.get("latent_stats") != artifact.manifest.get("latent_stats"):
+        problems.append("its latents were normalised with other statistics")
+    for name in ("in_channels", "input_size", "num_classes"):
+        if getattr(guide_config, name) != getattr(config, name):
+            problems.append(f"model.{name} is {getattr(guide_config, name)}, not {getattr(config, name)}")
+    meaning = ("objective",) if diffusion.objective == "flow" else ("objective", "schedule", "num_timesteps", "prediction")
+    for name in meaning:
+        if getattr(guide_diffusion, name) != getattr(diffusion, name):
+            problems.append(f"diffusion.{name} is {getattr(guide_diffusion, name)!r}, not {getattr(diffusion, name)!r}")
+    if problems:
+        raise ArtifactError(
+            f"{guide.ref} cannot guide {artifact.ref}: " + "; ".join(problems) + ". A guide must be trained on the "
+            "same latent cache with the same objective (e.g. a smaller DiT, or fewer steps, of the same preset)"
+        )

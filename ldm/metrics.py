@@ -22,7 +22,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torchmetrics.functional.image import structural_similarity_index_measure
+
+from ldm.data import iterate_images
+from ldm.losses.lpips import MissingWeightsError, PerceptualConfig, build_lpips, resolve_backbone_file
 
 # The converted TF Inception-v3 (2015-12-05 graph) that torch-fidelity, and through it
 # torchmetrics, use for FID. torch.hub would save the URL's file under its own basename.
@@ -356,3 +360,29 @@ def throughput(fn: Callable[[], object], items_per_call: int, repeats: int = 5, 
         synchronize()
         seconds.append(time.perf_counter() - start)
     return items_per_call / statistics.median(seconds)
+
+
+@torch.no_grad()
+def classifier_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+    """Return the fraction of `dataset` that `model` classifies correctly (eval mode, mode restored)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in iterate_images(dataset, batch_size):
+        predicted = model(images.to(device)).argmax(1).cpu()
+        correct += int((predicted == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    return correct / max(1, total)
+
+
+def perceptual_metric(choice: str, net: str = "vgg"):
+    """Return the LPIPS module for evaluation: pretrained when asked or available, random only when asked or offline."""
+    if choice == "auto":
+        try:
+            resolve_backbone_file(PerceptualConfig(net=net))
+            choice = "pretrained"
+        except MissingWeightsError:
+            choice = "random"
+            print("LPIPS backbone weights not found; reporting LPIPS with a RANDOM backbone (not the standard LPIPS)")
+    return build_lpips(PerceptualConfig(net=net, backbone=choice))

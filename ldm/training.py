@@ -18,7 +18,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Subset
 
@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # change (model, objective, data, batch, seed, ...) would continue a different run from these weights.
 RESUME_FREE = (
     "run_dir", "trainer.max_steps", "trainer.log_every", "trainer.image_every", "trainer.checkpoint_every",
-    "trainer.progress", "trainer.num_workers", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+    "trainer.progress", "trainer.logger", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
     "trainer.accelerator", "data.num_workers", "preview.", "preview_images",
 )
 RESUME_ON_REQUEST = ("trainer.lr", "trainer.grad_clip", "trainer.precision")
@@ -172,7 +172,8 @@ def check_resume_config(run_dir: Path, config: Any, allow_changes: Sequence[str]
                           f"restore it (it is the config the run was started with)")
     stored = _flatten(yaml.safe_load(stored_path.read_text()) or {})
     new = _flatten(yaml.safe_load(dump_yaml(config)))  # through YAML, as stored: tuples become lists
-    changes = {k: (stored.get(k), new.get(k)) for k in sorted(set(stored) | set(new)) if stored.get(k) != new.get(k)}
+    # A stored key the config no longer has (a setting removed since the run began) cannot change anything.
+    changes = {k: (stored.get(k), new[k]) for k in sorted(new) if stored.get(k) != new[k]}
     refused = {k: v for k, v in changes.items() if not _resume_free(k) and k not in allow_changes}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
@@ -227,8 +228,7 @@ def build_trainer(
         num_nodes=config.num_nodes,
         strategy=config.strategy,
         precision=config.precision,
-        # One log folder per start of the run, so a resume never overwrites what was logged before it.
-        logger=CSVLogger(run_dir, name="logs", version=f"part{_next_log_part(run_dir):03d}"),
+        logger=loggers(config, run_dir),
         callbacks=[StepCheckpoint(run_dir / "checkpoints", every), *callbacks],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=max(1, config.log_every),
@@ -249,6 +249,22 @@ def build_trainer(
 
 def _next_log_part(run_dir: Path) -> int:
     return len(list((Path(run_dir) / "logs").glob("part*")))
+
+
+def loggers(config: TrainerConfig, run_dir: Path) -> list[Logger]:
+    """The run's Lightning loggers: CSV always (the loss curves are drawn from it), TensorBoard when configured.
+
+    One log folder per start of the run, so a resume never overwrites what was logged before it.
+    """
+    part = f"part{_next_log_part(run_dir):03d}"
+    chosen: list[Logger] = [CSVLogger(run_dir, name="logs", version=part)]
+    if config.logger == "tensorboard":
+        try:
+            chosen.append(TensorBoardLogger(run_dir, name="tensorboard", version=part, default_hp_metric=False))
+        except ModuleNotFoundError as err:
+            raise ConfigError(f"trainer.logger=tensorboard needs TensorBoard's writer ({err}): "
+                              f"pip install tensorboard (or tensorboardX)") from None
+    return chosen
 
 
 class LearningRateFromConfig(Callback):
@@ -282,20 +298,37 @@ class ResumeDataOrder(Callback):
         self.batches.start_step = checkpoint["global_step"] // self.steps_per_batch
 
 
-def fit(trainer: L.Trainer, module: L.LightningModule, loader: Any, checkpoint: Path | None, run_dir: Path, step: Callable[[], int]) -> bool:
-    """Train; return True when training ended, False when it was interrupted (the message says how to continue).
+def fit_stage(
+    config: TrainerConfig,
+    run_dir: Path,
+    checkpoint: Path | None,
+    module: L.LightningModule,
+    loader: Any,
+    batches: Any,
+    callbacks: Sequence[Callback] = (),
+    steps_per_batch: int = 1,
+    **overrides: Any,
+) -> tuple[L.Trainer, float] | None:
+    """The part every stage shares: build the Trainer, train (resuming from `checkpoint`), and return
+    (trainer, seconds) on rank zero once training ended; None on the other ranks or when interrupted.
 
-    A start that fails before logging anything leaves no empty log folder behind.
+    `batches` is the loader's step-ordered source (StepBatchSampler, LatentBatches), which a resume
+    points at the checkpoint's step. An interrupt prints how to continue; a start that fails before
+    logging anything leaves no empty log folder behind. A non-finite loss stops a stage through
+    `non_finite_message`.
     """
+    trainer = build_trainer(config, run_dir, steps_per_batch=steps_per_batch,
+                            callbacks=[*callbacks, ResumeDataOrder(batches, steps_per_batch)], **overrides)
+    timer = Timer()
     try:
         trainer.fit(module, loader, ckpt_path=checkpoint)
     except BaseException:
         _remove_empty_log_part(trainer)
         raise
     if trainer.interrupted:
-        print(f"interrupted at step {step()}; continue with --resume (run folder {run_dir})")
-        return False
-    return True
+        print(f"interrupted at step {trainer.global_step // steps_per_batch}; continue with --resume (run folder {run_dir})")
+        return None
+    return (trainer, timer()) if trainer.is_global_zero else None
 
 
 def _remove_empty_log_part(trainer: L.Trainer) -> None:
@@ -369,7 +402,7 @@ def make_loader(data: DataConfig, config: TrainerConfig, subset: int = 0) -> tup
 
     Batches and flips are a pure function of (seed, step), as the latent cache's: a resumed run
     trains on exactly the items an uninterrupted one would. `subset` > 0 keeps the first N items;
-    `config.batch_size` is per process.
+    `config.batch_size` is the global batch, as in every stage.
     """
     dataset = build_dataset(replace(data, hflip=False), "train")  # the sampler decides the flips
     if subset:

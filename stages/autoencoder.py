@@ -11,18 +11,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ldm.artifacts import Artifact, ArtifactStore
-from ldm.config import TrainerConfig, register_presets, to_dict
+from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.images import save_side_by_side
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
-from ldm.models.autoencoder import AUTOENCODER_PRESETS, AutoencoderConfig, AutoencoderKL, encoder_fingerprint
-from ldm.models.discriminator import DISCRIMINATOR_PRESETS, DiscriminatorConfig
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.training import (
-    ResumeDataOrder,
-    Timer,
-    build_trainer,
     compiled,
-    fit,
+    fit_stage,
     format_seconds,
     lr_factor,
     make_loader,
@@ -32,8 +28,6 @@ from ldm.training import (
     start_run,
 )
 
-register_presets(AutoencoderConfig, AUTOENCODER_PRESETS)
-register_presets(DiscriminatorConfig, DISCRIMINATOR_PRESETS)
 
 
 @dataclass
@@ -95,7 +89,7 @@ class AutoencoderModule(L.LightningModule):
         opt_ae = torch.optim.Adam(generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay)
         optimizers = [opt_ae]
         if cfg.loss.disc_enabled:
-            optimizers.append(torch.optim.Adam(self.loss.discriminator.parameters(), lr=cfg.trainer.lr, betas=cfg.betas))
+            optimizers.append(torch.optim.Adam(self.loss.discriminator_parameters(), lr=cfg.trainer.lr, betas=cfg.betas))
         schedule = lambda step: lr_factor(step, cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.lr_schedule)  # noqa: E731
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
@@ -197,13 +191,10 @@ def run(
     print(f"autoencoder: {sum(p.numel() for p in module.autoencoder.parameters()) / 1e6:.2f}M parameters, "
           f"f={config.model.downsample_factor}, latent channels {config.model.latent_channels}")
     print(f"perceptual loss: {perceptual}")
-    trainer = build_trainer(config.trainer, run_dir, steps_per_batch=module.steps_per_batch,
-                            callbacks=[*callbacks, ResumeDataOrder(batches, module.steps_per_batch)])
-    timer = Timer()
-    if not fit(trainer, module, loader, checkpoint, run_dir, lambda: module.step) or not trainer.is_global_zero:
+    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, batches, callbacks, module.steps_per_batch)
+    if trained is None:
         return None
-
-    seconds = timer()
+    trainer, seconds = trained
     final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     preview = module.save_preview("recon-final.png")
     curves = save_loss_curves(

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from ldm.artifacts import Artifact, ArtifactStore
 from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
-from ldm.loading import classifier_accuracy
+from ldm.metrics import classifier_accuracy
 from ldm.models.classifier import Classifier, ClassifierConfig
-from ldm.training import ResumeDataOrder, Timer, build_trainer, fit, format_seconds, lr_factor, make_loader, seed_step, start_run
+from ldm.training import fit_stage, format_seconds, lr_factor, make_loader, seed_step, start_run
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -84,11 +84,10 @@ def run(
     run_dir, checkpoint = start_run(config, resume, allow_changes)
     loader, batches = make_loader(config.data, config.trainer)
     module = ClassifierModule(config)
-    trainer = build_trainer(config.trainer, run_dir, callbacks=[*callbacks, ResumeDataOrder(batches)])
-    timer = Timer()
-    if not fit(trainer, module, loader, checkpoint, run_dir, lambda: trainer.global_step) or not trainer.is_global_zero:
+    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, batches, callbacks)
+    if trained is None:
         return None
-    seconds = timer()
+    trainer, seconds = trained
     test = build_dataset(config.data, "test")
     accuracy = classifier_accuracy(module.classifier, test)
     artifact = store.save(

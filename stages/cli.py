@@ -80,50 +80,39 @@ def _train(ctx: click.Context, config_class: type, run, config_path: str | None,
         _fail(err)
 
 
+def train_options(command):
+    """The options every `ldm train` command takes: --config, --set, --resume, --allow-change, --run-dir."""
+    for option in (click.pass_context, run_dir_option, allow_change_option, resume_option, set_option, config_option):
+        command = option(command)
+    return command
+
+
 @train.command("autoencoder")
-@config_option
-@set_option
-@resume_option
-@allow_change_option
-@run_dir_option
-@click.pass_context
-def train_autoencoder(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool,
-                      allow_changes: tuple[str, ...], run_dir: str | None) -> None:
+@train_options
+def train_autoencoder(ctx: click.Context, **options) -> None:
     """Stage 1: train the KL autoencoder (L1/L2 + LPIPS + KL, optional PatchGAN) and store an `autoencoder` artifact."""
     from stages.autoencoder import AutoencoderStageConfig, run
 
-    _train(ctx, AutoencoderStageConfig, run, config_path, overrides, resume, allow_changes, run_dir=run_dir)
+    _train(ctx, AutoencoderStageConfig, run, **options)
 
 
 @train.command("classifier")
-@config_option
-@set_option
-@resume_option
-@allow_change_option
-@run_dir_option
-@click.pass_context
-def train_classifier(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], resume: bool,
-                     allow_changes: tuple[str, ...], run_dir: str | None) -> None:
+@train_options
+def train_classifier(ctx: click.Context, **options) -> None:
     """Train the Fashion-MNIST classifier whose features measure Frechet distances; store a `classifier` artifact."""
     from stages.classifier import ClassifierStageConfig, run
 
-    _train(ctx, ClassifierStageConfig, run, config_path, overrides, resume, allow_changes, run_dir=run_dir)
+    _train(ctx, ClassifierStageConfig, run, **options)
 
 
 @train.command("diffusion")
-@config_option
-@set_option
 @click.option("--latents", default=None, help="Latent cache reference (default: the config's `latents`, latents@latest).")
-@resume_option
-@allow_change_option
-@run_dir_option
-@click.pass_context
-def train_diffusion(ctx: click.Context, config_path: str | None, overrides: tuple[str, ...], latents: str | None, resume: bool,
-                    allow_changes: tuple[str, ...], run_dir: str | None) -> None:
+@train_options
+def train_diffusion(ctx: click.Context, **options) -> None:
     """Stage 2: train a DiT on a latent cache; store a `diffusion` artifact that names its cache and autoencoder."""
     from stages.diffusion import DiffusionStageConfig, run
 
-    _train(ctx, DiffusionStageConfig, run, config_path, overrides, resume, allow_changes, latents=latents, run_dir=run_dir)
+    _train(ctx, DiffusionStageConfig, run, **options)
 
 
 @main.command("encode")
@@ -138,10 +127,9 @@ def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, s
     Settings (--set key=value): flips, stats (channel|global|source: an imported autoencoder's own), batch_size, shard_size, dtype,
     autocast_bf16, limit, device. A re-run with the same inputs returns the stored cache.
     """
-    from dataclasses import replace
 
     from ldm.config import from_dict
-    from ldm.data import DataConfig
+    from ldm.data import DataConfig, with_data
     from stages.encode import EncodeConfig, encode
 
     try:
@@ -150,7 +138,7 @@ def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, s
         data_config = None
         if data is not None:
             base = from_dict(DataConfig, store.load(autoencoder_ref, stage="autoencoder", verify=False).config()["data"], "data")
-            data_config = replace(base, name="fmnist", path=None) if data == "fmnist" else replace(base, name="folder", path=data)
+            data_config = with_data(base, data)
         encode(store, autoencoder_ref, config, data_config)
     except USER_ERRORS as err:
         _fail(err)
@@ -223,10 +211,8 @@ CFG_INTERVAL_OPTION = click.option(
               help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png; nothing else).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
-def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, steps: int, sampler: str | None,
-                   cfg: float, spacing: str, cfg_interval: tuple[float, float] | None, guide_ref: str | None,
-                   guide_scale: float, autoencoder_ref: str | None, seed: int, batch_size: int, out_dir: str, no_images: bool,
-                   overwrite: bool, device: str) -> None:
+def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, out_dir: str, no_images: bool,
+                   overwrite: bool, autoencoder_ref: str | None, guide_ref: str | None, device: str, **options) -> None:
     """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder.
 
     Images are written batch by batch as they are made; samples.json says "complete": true once all are.
@@ -234,10 +220,24 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
     from stages.sample import write_samples
 
     try:
-        write_samples(_store(ctx), model_ref, n, classes, steps, sampler, cfg, seed, batch_size, out_dir, device, not no_images,
-                      cfg_interval, spacing, autoencoder_ref, guide_ref, guide_scale, overwrite)
+        settings = _sampling_settings(guide_ref, **options)
+        write_samples(_store(ctx), model_ref, settings, n, classes, out_dir, device, not no_images, autoencoder_ref, guide_ref,
+                      overwrite)
     except USER_ERRORS as err:
         _fail(err)
+
+
+def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float, spacing: str,
+                       cfg_interval: tuple[float, float] | None, guide_scale: float, seed: int, batch_size: int):
+    """The SamplingSettings of `ldm sample` / `ldm eval samples` options (validated as they are built)."""
+    from dataclasses import replace
+
+    from ldm.generation import SamplingSettings
+
+    settings = SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=cfg, guidance_interval=cfg_interval,
+                                spacing=spacing, seed=seed, batch_size=batch_size, guide_scale=guide_scale)
+    # Checked above all the same; the autoguidance scale means nothing without a guide.
+    return settings if guide_ref else replace(settings, guide_scale=1.0)
 
 
 @evaluate.command("samples")
@@ -258,12 +258,15 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
 @click.option("--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
-def eval_samples(ctx: click.Context, **kwargs) -> None:
+def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str, features: str, out_dir: str | None,
+                 autoencoder_ref: str | None, guide_ref: str | None, device: str, **options) -> None:
     """Sample quality: Frechet distance to the test split, class accuracy, time per image; numbers go into the manifest."""
     from stages.sample import evaluate_samples
 
     try:
-        evaluate_samples(_store(ctx), **kwargs)
+        settings = _sampling_settings(guide_ref, **options)
+        evaluate_samples(_store(ctx), model_ref, settings, n, classifier_ref, features, out_dir, device, autoencoder_ref,
+                         guide_ref)
     except USER_ERRORS as err:
         _fail(err)
 

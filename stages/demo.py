@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from ldm.artifacts import ArtifactStore
 from ldm.config import load_config
 from ldm.data.fmnist import ensure_fmnist
+from ldm.generation import SamplingSettings
 from ldm.training import Timer, format_seconds
 from stages import autoencoder, classifier, diffusion
 from stages.encode import EncodeConfig, encode
@@ -50,12 +52,13 @@ def run_demo(out: Path) -> dict[str, object]:
     model = diffusion.run(dit_config, store)
 
     print("\n== stage 3: sample and decode ==")
-    samples = write_samples(store, model.ref, n=100, steps=20, sampler="dpm++2m", cfg=2.0, out_dir=out / "samples",
-                            single_images=False)
+    picture = SamplingSettings(sampler="dpm++2m", num_steps=20, guidance_scale=2.0)
+    samples = write_samples(store, model.ref, picture, n=100, out_dir=out / "samples", single_images=False)
 
     print("\n== sample evaluation ==")
-    sample_report = evaluate_samples(store, model.ref, n=1000, steps=20, sampler="dpm++2m", cfg=1.5,
-                                     classifier_ref=feature_classifier.ref, out_dir=out / "eval-samples")
+    measured = replace(picture, guidance_scale=1.5, batch_size=250)  # a lower scale for the measurement than for pictures
+    sample_report = evaluate_samples(store, model.ref, measured, n=1000, classifier_ref=feature_classifier.ref,
+                                     out_dir=out / "eval-samples")
 
     print(f"\ndemo finished in {format_seconds(timer())}")
     print(f"  artifacts:        {store.root}   (ldm --store {store.root} artifacts list)")

@@ -13,20 +13,17 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
-from ldm.config import TrainerConfig, register_presets, to_dict
+from ldm.config import TrainerConfig, to_dict
 from ldm.data.latents import LatentBatches, LatentCache
 from ldm.diffusion.objectives import training_losses
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
-from ldm.generation import sample_latents
+from ldm.generation import SamplingSettings, sample_latents
 from ldm.images import save_grid
 from ldm.loading import load_autoencoder
-from ldm.models.dit import DIT_PRESETS, DiT, DiTConfig
+from ldm.models.dit import DiT, DiTConfig
 from ldm.training import (
-    ResumeDataOrder,
-    Timer,
-    build_trainer,
     compiled,
-    fit,
+    fit_stage,
     format_seconds,
     lr_factor,
     non_finite_message,
@@ -35,7 +32,6 @@ from ldm.training import (
     start_run,
 )
 
-register_presets(DiTConfig, DIT_PRESETS)
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -52,6 +48,14 @@ class PreviewConfig:
     steps: int = 20
     guidance_scale: float = 2.0
     seed: int = 0
+
+    def settings(self) -> SamplingSettings:
+        """The sampling settings of the preview grids (validated when the config is built)."""
+        return SamplingSettings(sampler=self.sampler or None, num_steps=self.steps, guidance_scale=self.guidance_scale,
+                                seed=self.seed)
+
+    def __post_init__(self) -> None:
+        self.settings()
 
 
 @dataclass
@@ -186,9 +190,7 @@ class DiffusionModule(L.LightningModule):
         cfg = self.config.preview
         classes = min(cfg.max_classes, self.config.model.num_classes)
         labels = torch.arange(classes).repeat_interleave(cfg.per_class)
-        z = sample_latents(
-            self.ema, self.config.diffusion, labels, cfg.steps, cfg.sampler or None, cfg.guidance_scale, seed=cfg.seed
-        )
+        z = sample_latents(self.ema, self.config.diffusion, labels, cfg.settings())
         images = autoencoder.to(z.device).decode(stats.denormalize(z))
         return save_grid(images, self.run_dir / "images" / name, nrow=cfg.per_class * 2 if classes > 5 else cfg.per_class, scale=2)
 
@@ -244,15 +246,11 @@ def run(
     print(f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, objective {config.diffusion.objective} "
           f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
           f"{len(cache)} cached images from {cache.artifact.ref}")
-    trainer = build_trainer(
-        config.trainer, run_dir, callbacks=[*callbacks, ResumeDataOrder(module.batches)],
-        gradient_clip_val=config.trainer.grad_clip or None,
-    )
-    timer = Timer()
-    if not fit(trainer, module, loader, checkpoint, run_dir, lambda: trainer.global_step) or not trainer.is_global_zero:
+    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, module.batches, callbacks,
+                        gradient_clip_val=config.trainer.grad_clip or None)
+    if trained is None:
         return None
-
-    seconds = timer()
+    trainer, seconds = trained
     steps_this_run = trainer.global_step - module.start_step
     final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     grid = module.save_preview("samples-final.png")

@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ldm.artifacts import Artifact, ArtifactStore
+from ldm.artifacts import Artifact, ArtifactStore, ArtifactWriter
 from ldm.config import from_dict, to_dict
-from ldm.data import DataConfig, build_dataset, data_fingerprint
-from ldm.data.latents import LatentStats, measure_stats
-from ldm.loading import iterate_images, load_autoencoder
+from ldm.data import DataConfig, build_dataset, data_fingerprint, iterate_images
+from ldm.data.latents import LatentStats, LatentStatsAccumulator
+from ldm.loading import load_autoencoder
 from ldm.training import Timer, format_seconds
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -54,11 +54,51 @@ def find_existing(store: ArtifactStore, key: str) -> Artifact | None:
     return None
 
 
+class ShardWriter:
+    """Collects encoded items into shards of `shard_size` and writes each through `writer` as soon as it is full.
+
+    It holds one shard: a buffer that batches are copied into (its pages are touched only as it fills,
+    so a cache smaller than one shard costs no more than itself).
+    """
+
+    def __init__(self, writer: ArtifactWriter, shard_size: int):
+        self.writer, self.shard_size = writer, shard_size
+        self.buffers: dict[str, torch.Tensor] = {}  # mean, std (shard_size, V, C, h, w); labels (shard_size,)
+        self.filled = 0  # items in the buffers
+        self.shards = 0  # shards written
+
+    def add(self, **batch: torch.Tensor) -> None:
+        """Append a batch (`mean`, `std`, `labels`, each of B items), writing every shard it completes."""
+        size = len(next(iter(batch.values())))
+        if not self.buffers:
+            self.buffers = {
+                key: torch.empty((self.shard_size, *part.shape[1:]), dtype=part.dtype) for key, part in batch.items()
+            }
+        start = 0
+        while start < size:
+            take = min(self.shard_size - self.filled, size - start)
+            for key, part in batch.items():
+                self.buffers[key][self.filled : self.filled + take] = part[start : start + take]
+            self.filled += take
+            start += take
+            if self.filled == self.shard_size:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the items buffered so far as the next shard (the last one may be partial)."""
+        if self.filled:
+            name = f"shard-{self.shards:05d}.safetensors"
+            self.writer.write_tensors(name, {key: buffer[: self.filled] for key, buffer in self.buffers.items()})
+            self.shards += 1
+            self.filled = 0
+
+
 @torch.no_grad()
 def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, data: DataConfig | None = None) -> Artifact:
     """Encode `config.split` of `data` (default: the autoencoder's training data) and return the `latents` artifact.
 
-    An identical cache already in the store (same autoencoder, data and settings) is returned instead.
+    Shards are written as they fill, so memory holds about one shard whatever the data set's size. An
+    identical cache already in the store (same autoencoder, data and settings) is returned instead.
     """
     autoencoder = store.load(autoencoder_ref, stage="autoencoder")
     if config.stats == "source" and "latent_stats" not in autoencoder.manifest:
@@ -81,59 +121,52 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
     total = min(config.limit, len(dataset)) if config.limit else len(dataset)
     dtype = DTYPES[config.dtype]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.autocast_bf16 else contextlib.nullcontext()
-    means, stds, labels = [], [], []
+    measured = LatentStatsAccumulator()
+    done, num_classes = 0, 0
     timer = Timer()
     print(f"encoding {total} {config.split} images with {autoencoder.ref}{' and their flips' if config.flips else ''} ...")
-    for images, batch_labels in iterate_images(dataset, config.batch_size, config.limit):
-        views = [images, images.flip(-1)] if config.flips else [images]
-        batch = torch.cat(views).to(device)  # (V*B, C, H, W): one encoder pass for all views
-        with autocast:
-            posterior = model.encode(batch)
-        mean = posterior.mean.float().unflatten(0, (len(views), -1)).transpose(0, 1)  # (B, V, C, h, w)
-        std = posterior.std.float().unflatten(0, (len(views), -1)).transpose(0, 1)
-        means.append(mean.to("cpu", dtype))
-        stds.append(std.to("cpu", dtype))
-        labels.append(batch_labels)
-        done = sum(len(m) for m in means)
-        print(f"  {done}/{total}  {done / timer():.0f} images/s", end="\r", flush=True)
-    print()
-    mean, std, label = torch.cat(means), torch.cat(stds), torch.cat(labels)
-    if config.stats == "source":
-        # The statistics an imported autoencoder prescribes (e.g. diffusers' scaling_factor), which
-        # pretrained diffusion models of that autoencoder were trained with.
-        stats = LatentStats.from_dict(autoencoder.manifest["latent_stats"])
-    else:
-        stats = measure_stats(mean, std, config.stats)
-    shards = {
-        f"shard-{i // config.shard_size:05d}.safetensors": {
-            "mean": mean[i : i + config.shard_size],
-            "std": std[i : i + config.shard_size],
-            "labels": label[i : i + config.shard_size],
-        }
-        for i in range(0, len(label), config.shard_size)
-    }
-    seconds = timer()
-    artifact = store.save(
-        "latents",
-        tensors=shards,
-        config={"data": to_dict(data_config), **to_dict(config)},
-        parents={"autoencoder": autoencoder.ref},
-        data_fingerprint=fingerprint,
-        metadata={
-            "cache_key": key,
-            "images": len(label),
-            "views": mean.shape[1],
-            "latent_shape": list(mean.shape[2:]),
-            "num_classes": int(label.max()) + 1,
-            "latent_stats": stats.to_dict(),
-            "latent_stats_both": {
-                "channel": measure_stats(mean, std, "channel").to_dict(),
-                "global": measure_stats(mean, std, "global").to_dict(),
+    with store.writer("latents") as writer:
+        shards = ShardWriter(writer, config.shard_size)
+        for images, labels in iterate_images(dataset, config.batch_size, config.limit):
+            views = [images, images.flip(-1)] if config.flips else [images]
+            batch = torch.cat(views).to(device)  # (V*B, C, H, W): one encoder pass for all views
+            with autocast:
+                posterior = model.encode(batch)
+            mean = posterior.mean.float().unflatten(0, (len(views), -1)).transpose(0, 1)  # (B, V, C, h, w)
+            std = posterior.std.float().unflatten(0, (len(views), -1)).transpose(0, 1)
+            mean, std = mean.to("cpu", dtype), std.to("cpu", dtype)
+            measured.update(mean, std)
+            shards.add(mean=mean, std=std, labels=labels)
+            done, num_classes = done + len(labels), max(num_classes, int(labels.max()) + 1)
+            print(f"  {done}/{total}  {done / timer():.0f} images/s", end="\r", flush=True)
+        shards.flush()
+        print()
+        if not done:
+            raise ValueError(f"no {config.split} images to encode in {data_config.name} data")
+        if config.stats == "source":
+            # The statistics an imported autoencoder prescribes (e.g. diffusers' scaling_factor), which
+            # pretrained diffusion models of that autoencoder were trained with.
+            stats = LatentStats.from_dict(autoencoder.manifest["latent_stats"])
+        else:
+            stats = measured.stats(config.stats)
+        latent_shape = shards.buffers["mean"].shape[1:]  # (V, C, h, w)
+        seconds = timer()
+        artifact = writer.commit(
+            config={"data": to_dict(data_config), **to_dict(config)},
+            parents={"autoencoder": autoencoder.ref},
+            data_fingerprint=fingerprint,
+            metadata={
+                "cache_key": key,
+                "images": done,
+                "views": latent_shape[0],
+                "latent_shape": list(latent_shape[1:]),
+                "num_classes": num_classes,
+                "latent_stats": stats.to_dict(),
+                "latent_stats_both": {mode: measured.stats(mode).to_dict() for mode in ("channel", "global")},
+                "encode": {"seconds": round(seconds, 1), "images_per_s": round(done / seconds, 1), "device": str(device)},
             },
-            "encode": {"seconds": round(seconds, 1), "images_per_s": round(len(label) / seconds, 1), "device": str(device)},
-        },
-    )
-    print(f"wrote {artifact.ref} ({len(shards)} shards, {len(label)} images x {mean.shape[1]} views, "
-          f"latents {tuple(mean.shape[2:])}) in {format_seconds(seconds)}")
+        )
+    print(f"wrote {artifact.ref} ({shards.shards} shards, {done} images x {latent_shape[0]} views, "
+          f"latents {tuple(latent_shape[1:])}) in {format_seconds(seconds)}")
     print(f"  latent stats ({stats.mode}): mean {[round(v, 4) for v in stats.mean]}, std {[round(v, 4) for v in stats.std]}")
     return artifact

@@ -9,41 +9,12 @@ from pathlib import Path
 
 import torch
 
-from ldm.artifacts import ArtifactError, ArtifactStore, write_atomic
+from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.config import from_dict
-from ldm.data import DataConfig, build_dataset, data_fingerprint
+from ldm.data import DataConfig, build_dataset, data_fingerprint, iterate_images, with_data
 from ldm.images import save_side_by_side
-from ldm.loading import iterate_images, load_autoencoder, load_classifier
-from ldm.losses.lpips import MissingWeightsError, PerceptualConfig, build_lpips, resolve_backbone_file
-from ldm.metrics import ClassifierFeatures, FeatureStats, InceptionFeatures, frechet_distance, inception_available, psnr, ssim
-
-
-def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, device: torch.device):
-    """Return the feature extractor for a Frechet distance: Inception when asked or available, else our classifier."""
-    if choice in ("auto", "inception"):
-        available, reason = inception_available()
-        if available:
-            return InceptionFeatures().to(device)
-        if choice == "inception":
-            raise FileNotFoundError(reason)
-        print(f"Inception FID unavailable ({reason}); using the project's classifier features instead")
-    try:
-        artifact = store.load(classifier_ref, stage="classifier")
-    except ArtifactError as err:
-        raise ArtifactError(f"{err}\nThe Frechet distance needs a feature classifier: run `ldm train classifier` first") from None
-    return ClassifierFeatures(load_classifier(artifact, device), artifact.ref)
-
-
-def perceptual_metric(choice: str, net: str = "vgg"):
-    """Return the LPIPS module for evaluation: pretrained when asked or available, random only when asked or offline."""
-    if choice == "auto":
-        try:
-            resolve_backbone_file(PerceptualConfig(net=net))
-            choice = "pretrained"
-        except MissingWeightsError:
-            choice = "random"
-            print("LPIPS backbone weights not found; reporting LPIPS with a RANDOM backbone (not the standard LPIPS)")
-    return build_lpips(PerceptualConfig(net=net, backbone=choice))
+from ldm.loading import feature_extractor, load_autoencoder
+from ldm.metrics import FeatureStats, frechet_distance, perceptual_metric, psnr, ssim
 
 
 def _sync(device: torch.device) -> None:
@@ -69,10 +40,7 @@ def evaluate_reconstruction(
     device = torch.device(device)
     artifact = store.load(autoencoder_ref, stage="autoencoder")
     model = load_autoencoder(artifact, device)
-    data_config = from_dict(DataConfig, artifact.config()["data"], "data")
-    if data is not None:
-        data_config = replace(data_config, name="fmnist", path=None) if data == "fmnist" else replace(data_config, name="folder", path=data)
-    data_config = replace(data_config, hflip=False)
+    data_config = replace(with_data(from_dict(DataConfig, artifact.config()["data"], "data"), data), hflip=False)
     dataset = build_dataset(data_config, split)
     extractor = feature_extractor(store, features, classifier_ref, device)
     perceptual = perceptual_metric(lpips).to(device)

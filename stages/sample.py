@@ -20,13 +20,12 @@ from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.config import from_dict
-from ldm.data import DataConfig, build_dataset, data_fingerprint
-from ldm.generation import check_sampling_options, default_sampler, model_calls
+from ldm.data import DataConfig, build_dataset, data_fingerprint, iterate_images
+from ldm.generation import SamplingSettings, model_calls
 from ldm.images import save_grid, save_png, to_pil
-from ldm.loading import iterate_images, load_classifier
+from ldm.loading import feature_extractor, load_classifier
 from ldm.metrics import FeatureStats, frechet_distance
 from pipeline import LatentDiffusionPipeline
-from stages.evaluate import feature_extractor
 
 GRID_MAX = 256  # grid.png shows every image up to this many; beyond, the first whole rows of classes that fit
 SAMPLE_PNG = re.compile(r"\d{6}-class\d+\.png")  # images/NNNNNN-classC.png: the single images write_samples names
@@ -46,15 +45,16 @@ def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor
     return torch.tensor(choices).repeat((n + len(choices) - 1) // len(choices))[:n]
 
 
-def _settings(pipe: LatentDiffusionPipeline, sampler: str, steps: int, cfg: float, seed: int,
-              cfg_interval: Optional[tuple[float, float]], spacing: str, guide_scale: float) -> dict:
+def _report_settings(pipe: LatentDiffusionPipeline, settings: SamplingSettings) -> dict:
+    """What a report records of the models and the sampling settings."""
     return {
         "model": pipe.provenance.diffusion if pipe.provenance else None,
         "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
-        "sampler": sampler, "steps": steps, "spacing": spacing, "guidance_scale": cfg,
-        "guidance_interval": list(cfg_interval) if cfg_interval else None, "seed": seed,
+        "sampler": settings.sampler, "steps": settings.num_steps, "spacing": settings.spacing,
+        "guidance_scale": settings.guidance_scale,
+        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None, "seed": settings.seed,
         "guide": pipe.provenance.guide if pipe.provenance else None,  # autoguidance: the weaker DiT that guides
-        "guide_scale": guide_scale if pipe.guide is not None else None,
+        "guide_scale": settings.guide_scale if pipe.guide is not None else None,
     }
 
 
@@ -70,21 +70,14 @@ def _guidance_text(settings: dict) -> str:
 def write_samples(
     store: ArtifactStore,
     model_ref: str,
+    settings: SamplingSettings,
     n: int = 64,
     classes: Optional[str] = None,
-    steps: int = 25,
-    sampler: Optional[str] = None,
-    cfg: float = 2.0,
-    seed: int = 0,
-    batch_size: int = 64,
     out_dir: str | Path = "out/samples",
     device: str = "cpu",
     single_images: bool = True,
-    cfg_interval: Optional[tuple[float, float]] = None,
-    spacing: str = "trailing",
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
-    guide_scale: float = 2.0,
     overwrite: bool = False,
 ) -> dict:
     """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json, and return the report.
@@ -93,28 +86,26 @@ def write_samples(
     rewritten after every batch ("complete": false until the end), so a run stopped early keeps
     what it made. Only the images of the grid stay in memory. Image i uses seed + i whatever the batch size.
     """
-    cfg_interval = check_sampling_options(steps, cfg, guide_scale, guidance_interval=cfg_interval)  # before loading models
-    _check_counts(n, batch_size)
+    _check_count(n)
     out_dir = Path(out_dir)
     check_folder(out_dir / "images" if single_images else out_dir)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
                                                   guide=guide_ref)
-    sampler = sampler or default_sampler(pipe.diffusion)
-    guide_scale = guide_scale if guide_ref else 1.0  # the autoguidance scale means nothing without a guide
+    settings = pipe.settings(settings)
     labels = parse_classes(classes, n, pipe.num_classes)
     for path in earlier_samples(out_dir, overwrite):  # --overwrite: our earlier outputs only, never the folder or other files
         path.unlink(missing_ok=True)
-    settings = {**_settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing, guide_scale), "n": n}
+    recorded = {**_report_settings(pipe, settings), "n": n}
     in_grid = _grid_count(n, len(set(labels.tolist())))
     grid_images, seconds = [], 0.0
-    bar = tqdm(total=math.ceil(n / batch_size) * model_calls(sampler, steps), unit="step",
-               desc=f"{n} samples ({sampler}, {steps} steps, {_guidance_text(settings)})")
+    batch_size = settings.batch_size
+    bar = tqdm(total=math.ceil(n / batch_size) * model_calls(settings.sampler, settings.num_steps), unit="step",
+               desc=f"{n} samples ({settings.sampler}, {settings.num_steps} steps, {_guidance_text(recorded)})")
     with bar:
         for start in range(0, n, batch_size):
             batch = labels[start : start + batch_size]
             began = time.perf_counter()
-            images = pipe.sample(batch, steps, sampler, cfg, seed + start, len(batch), guidance_interval=cfg_interval,
-                                 guide_scale=guide_scale, spacing=spacing, on_model_call=bar.update)
+            images = pipe.sample(batch, settings, seed=settings.seed + start, on_model_call=bar.update)
             _synchronize(pipe.device)
             seconds += time.perf_counter() - began
             if single_images:
@@ -123,12 +114,13 @@ def write_samples(
             if start < in_grid:
                 grid_images.append(images[: in_grid - start].cpu())
             done = start + len(batch)
-            _write_json(out_dir / "samples.json", {**settings, "sampled": done, "labels": labels[:done].tolist(), "complete": False})
+            _write_json(out_dir / "samples.json", {**recorded, "sampled": done, "labels": labels[:done].tolist(), "complete": False})
     grid = save_class_grid(torch.cat(grid_images), labels[:in_grid], out_dir / "grid.png")
-    report = {**settings, "sampled": n, "labels": labels.tolist(), "complete": True,
+    report = {**recorded, "sampled": n, "labels": labels.tolist(), "complete": True,
               "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
     _write_json(out_dir / "samples.json", report)
-    print(f"{n} samples from {report['model']} ({sampler}, {steps} steps, {_guidance_text(report)}, seed {seed}) "
+    print(f"{n} samples from {report['model']} ({settings.sampler}, {settings.num_steps} steps, {_guidance_text(report)}, "
+          f"seed {settings.seed}) "
           f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
     print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
     return report
@@ -168,11 +160,9 @@ def _grid_count(n: int, classes: int) -> int:
     return (GRID_MAX // classes) * classes if classes <= GRID_MAX else GRID_MAX
 
 
-def _check_counts(n: int, batch_size: int) -> None:
+def _check_count(n: int) -> None:
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -197,21 +187,14 @@ def real_statistics(extractor, dataset, limit: int, batch_size: int, device: tor
 def evaluate_samples(
     store: ArtifactStore,
     model_ref: str,
+    settings: SamplingSettings,
     n: int = 10_000,
-    steps: int = 20,
-    sampler: Optional[str] = None,
-    cfg: float = 1.5,
-    seed: int = 0,
-    batch_size: int = 250,
     classifier_ref: str = "classifier@latest",
     features: str = "auto",
     out_dir: str | Path | None = None,
     device: str = "cpu",
-    cfg_interval: Optional[tuple[float, float]] = None,
-    spacing: str = "trailing",
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
-    guide_scale: float = 2.0,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -220,15 +203,14 @@ def evaluate_samples(
     encoded and decoded by the autoencoder against the test images (what a perfect diffusion
     model would reach through this autoencoder; when samples sit near it, stage 1 limits them).
     """
-    cfg_interval = check_sampling_options(steps, cfg, guide_scale, guidance_interval=cfg_interval)  # before loading models
-    _check_counts(n, batch_size)
+    _check_count(n)
     if out_dir is not None:
         check_folder(Path(out_dir))
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
                                                   guide=guide_ref)
-    sampler = sampler or default_sampler(pipe.diffusion)
-    guide_scale = guide_scale if guide_ref else 1.0
+    settings = pipe.settings(settings)
+    batch_size = settings.batch_size
     extractor = feature_extractor(store, features, classifier_ref, device_)
     classifier_artifact = store.load(classifier_ref, stage="classifier")
     classifier = load_classifier(classifier_artifact, device_)
@@ -251,15 +233,14 @@ def evaluate_samples(
     labels = torch.arange(n) % pipe.num_classes
     sample_stats = FeatureStats()
     correct, seconds, grid_images = 0, 0.0, []
-    settings = _settings(pipe, sampler, steps, cfg, seed, cfg_interval, spacing, guide_scale)
-    bar = tqdm(total=n, desc=f"sampling ({sampler}, {steps} steps, {_guidance_text(settings)})", unit="img")
+    recorded = _report_settings(pipe, settings)
+    bar = tqdm(total=n, desc=f"sampling ({settings.sampler}, {settings.num_steps} steps, {_guidance_text(recorded)})",
+               unit="img")
     with bar:
         for start in range(0, n, batch_size):
             batch_labels = labels[start : start + batch_size]
             began = time.perf_counter()
-            images = pipe.sample(batch_labels, steps, sampler, cfg, seed + start, batch_size, guidance_interval=cfg_interval,
-                                 guide_scale=guide_scale,
-                                 spacing=spacing)
+            images = pipe.sample(batch_labels, settings, seed=settings.seed + start)
             _synchronize(device_)
             seconds += time.perf_counter() - began
             sample_stats.update(extractor(images))
@@ -269,7 +250,7 @@ def evaluate_samples(
             bar.update(len(batch_labels))
     distance = frechet_distance(test_stats.mean(), test_stats.cov(), sample_stats.mean(), sample_stats.cov())
     report = {
-        **settings,
+        **recorded,
         "n": n,
         "frechet_distance": distance,
         "features": extractor.name,
@@ -286,11 +267,11 @@ def evaluate_samples(
         "device": str(device_),
         "threads": torch.get_num_threads(),
     }
-    interval = f"-t{cfg_interval[0]:g}-{cfg_interval[1]:g}" if cfg_interval else ""
-    spaced = "" if spacing == "trailing" else f"-{spacing}"
+    interval = f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
+    spaced = "" if settings.spacing == "trailing" else f"-{settings.spacing}"
     decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
-    guided = f"-guide{guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
-    name = f"samples-{sampler}-{steps}{spaced}-cfg{cfg:g}{interval}{guided}{decoder}-n{n}"
+    guided = f"-guide{settings.guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
+    name = f"samples-{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}{decoder}-n{n}"
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     first = torch.cat(grid_images)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm.interop.autoencoder import state_dict_from_diffusers
 from ldm.models.autoencoder import (
     AUTOENCODER_PRESETS,
     AttentionBlock,
@@ -16,7 +17,6 @@ from ldm.models.autoencoder import (
     AutoencoderKL,
     DiagonalGaussian,
     Upsample,
-    state_dict_from_diffusers,
 )
 
 

@@ -4,7 +4,7 @@ from typing import Optional
 
 import pytest
 
-from ldm.config import ConfigError, TrainerConfig, dump_yaml, from_dict, load_config, register_presets, to_dict
+from ldm.config import ConfigError, TrainerConfig, dump_yaml, from_dict, load_config, to_dict
 
 
 @dataclass
@@ -12,6 +12,10 @@ class Inner:
     width: int = 8
     mult: tuple[int, ...] = (1, 2)
     name: Optional[str] = None
+
+    @classmethod
+    def presets(cls) -> dict:
+        return {"wide": Inner(width=64, mult=(1, 2, 4))}
 
 
 @dataclass
@@ -21,7 +25,6 @@ class Outer:
     rate: float = 0.5
 
 
-register_presets(Inner, {"wide": Inner(width=64, mult=(1, 2, 4))})
 
 
 def test_unknown_key_is_an_error_naming_the_valid_keys(tmp_path):

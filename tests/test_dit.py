@@ -13,8 +13,11 @@ from ldm.models.dit import (
     DiT,
     DiTConfig,
     LabelEmbedder,
+    add_gated,
     dit_config,
     dit_forward_flops,
+    gelu_tanh,
+    modulate,
     patchify,
     sincos_pos_embed_2d,
     timestep_embedding,
@@ -386,19 +389,96 @@ def test_no_grad_forward_in_place_computes_the_autograd_function_and_leaves_inpu
     torch.testing.assert_close(in_inference_mode, with_grad.detach(), rtol=0, atol=0)
 
 
-def test_chunked_cpu_inference_mlp_equals_the_whole_batch_mlp(monkeypatch):
-    import ldm.models.dit as dit
+# Every DiTConfig field that changes what a block, the embedders, the final layer or the loop over
+# blocks computes; each case is tiny_config with these overrides.
+BLOCK_OPTIONS = {
+    "defaults": {},
+    "qk-norm": {"qk_norm": True},
+    "learn-sigma": {"learn_sigma": True},
+    "grad-checkpointing": {"grad_checkpointing": True},
+    "mlp-norm-eps-1e-5": {"mlp_norm_eps": 1e-5},
+    "patch-4": {"patch_size": 4},
+    "patch-1": {"patch_size": 1},
+    "mlp-ratio-2.5": {"mlp_ratio": 2.5},
+    "one-head": {"num_heads": 1},
+    "diffusers-timestep-frequencies": {"timestep_freq_shift": 1},
+    "all-at-once": {"qk_norm": True, "learn_sigma": True, "grad_checkpointing": True, "mlp_norm_eps": 1e-5,
+                    "patch_size": 4, "mlp_ratio": 2.5, "timestep_freq_shift": 1},
+}
 
-    config = tiny_config()  # MLP hidden width 256; 3 images x 16 tokens = 48 token rows
+
+@pytest.mark.parametrize("options", BLOCK_OPTIONS.values(), ids=BLOCK_OPTIONS.keys())
+def test_no_grad_fast_path_computes_the_training_function_for_every_block_option(options):
+    config = tiny_config(class_dropout_prob=0.0, **options)
+    model = randomize_(DiT(config)).train()  # train mode, so grad_checkpointing takes its branch
+    x, t, y = inputs(config)
+    training = model(x, t, y)  # grad enabled: out-of-place ops (through checkpoint when configured)
+    assert training.requires_grad
+    with torch.no_grad():
+        fast = model(x, t, y)  # the in-place inference path
+    assert fast.shape == (3, config.out_channels, 8, 8) and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, training.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", BLOCK_OPTIONS.values(), ids=BLOCK_OPTIONS.keys())
+def test_no_grad_fast_path_leaves_the_callers_tensors_alone(options):
+    config = tiny_config(**options)
     model = randomize_(DiT(config)).eval()
     x, t, y = inputs(config)
+    tokens = torch.randn(3, config.num_patches, config.hidden_size)
+    c_act = F.silu(torch.randn(3, config.hidden_size))
+    given = [tensor.clone() for tensor in (x, t, y, tokens, c_act)]
     with torch.no_grad():
-        whole = model(x, t, y)
-        monkeypatch.setattr(dit, "CPU_HIDDEN_CHUNK_ELEMENTS", 5 * 256)  # chunks of 5 rows, the last of 3
-        calls = []
-        fc1 = model.blocks[0].mlp.fc1
-        handle = fc1.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
-        chunked = model(x, t, y)
-        handle.remove()
-    assert calls == [5] * 9 + [3]
-    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+        model(x, t, y)
+        block = model.blocks[0]
+        block(tokens, c_act)
+        block.mlp(tokens)
+        model.final_layer(tokens, c_act)
+    for before, after in zip(given, (x, t, y, tokens, c_act)):
+        assert torch.equal(before, after)
+
+
+def test_no_grad_forward_overwrites_only_buffers_it_made_itself():
+    config = tiny_config()
+    block = randomize_(DiT(config)).blocks[0]
+    seen = {}
+    hooks = [
+        block.norm1.register_forward_hook(lambda module, args, out: seen.__setitem__("normalized", out)),
+        block.attn.register_forward_pre_hook(lambda module, args: seen.__setitem__("attention input", args[0])),
+        block.mlp.fc1.register_forward_hook(lambda module, args, out: seen.__setitem__("hidden", out)),
+        block.mlp.fc2.register_forward_pre_hook(lambda module, args: seen.__setitem__("activated", args[0])),
+    ]
+    tokens, c_act = torch.randn(3, 16, 64), torch.randn(3, 64)
+    reused = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out = block(tokens, c_act)
+        reused[grad] = (
+            seen["attention input"].data_ptr() == seen["normalized"].data_ptr(),  # modulated in place
+            seen["activated"].data_ptr() == seen["hidden"].data_ptr(),  # GELU in place
+            out.data_ptr() == tokens.data_ptr(),  # never the caller's x
+        )
+    for hook in hooks:
+        hook.remove()
+    assert reused == {True: (False, False, False), False: (True, True, False)}
+
+
+def test_inplace_helpers_write_into_their_first_argument_and_compute_the_same_values():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=generator)  # (N, T, D)
+    shift, scale, gate = torch.randn(3, 2, 1, 8, generator=generator).unbind(0)  # 3 x (N, 1, D)
+    update = torch.randn(2, 5, 8, generator=generator)
+    cases = {
+        "modulate": (lambda a, inplace: modulate(a, shift, scale, inplace), x * (1 + scale) + shift),
+        "gelu_tanh": (lambda a, inplace: gelu_tanh(a, inplace), F.gelu(x, approximate="tanh")),
+        "add_gated": (lambda a, inplace: add_gated(a, gate, update, inplace), x + gate * update),
+    }
+    for name, (helper, expected) in cases.items():
+        x_before = x.clone()
+        out_of_place = helper(x, False)
+        assert torch.equal(x, x_before), name
+        torch.testing.assert_close(out_of_place, expected, rtol=1e-6, atol=1e-6, msg=name)
+        buffer = x.clone()
+        in_place = helper(buffer, True)
+        assert in_place.data_ptr() == buffer.data_ptr(), name
+        assert torch.equal(in_place, out_of_place), name

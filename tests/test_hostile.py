@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import needs_fmnist
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import ConfigError, dump_yaml, load_config
-from ldm.generation import sample_latents
+from ldm.generation import SamplingSettings, sample_latents
 from ldm.models.dit import DiT
 from ldm.training import AtomicCheckpointIO, CheckpointError, lr_factor, read_metrics
 from pipeline import LatentDiffusionPipeline
@@ -586,7 +586,7 @@ def test_pipeline_refuses_zero_steps(pipe):
 def test_sample_latents_refuses_zero_steps_so_every_caller_does():
     model = DiT(DIT).eval()  # training previews call sample_latents directly
     with pytest.raises(ValueError, match=r"num_steps .* >= 1, got 0"):
-        sample_latents(model, DIFFUSION, torch.tensor([0]), num_steps=0)
+        sample_latents(model, DIFFUSION, torch.tensor([0]), SamplingSettings(num_steps=0))
 
 
 def test_sample_command_refuses_zero_steps_before_loading_a_model(tmp_path, store):
@@ -720,7 +720,7 @@ def test_a_run_stopped_after_the_first_batch_keeps_its_images_and_an_incomplete_
     monkeypatch.setattr(LatentDiffusionPipeline, "sample", interrupted_after_one_batch)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        write_samples(store, "diffusion@latest", n=6, steps=2, batch_size=2, out_dir=out)
+        write_samples(store, "diffusion@latest", SamplingSettings(num_steps=2, batch_size=2), n=6, out_dir=out)
     assert images_in(out) == ["000000-class0.png", "000001-class1.png"]
     report = json.loads((out / "samples.json").read_text())
     assert report["complete"] is False and report["sampled"] == 2 and report["labels"] == [0, 1] and report["n"] == 6
@@ -728,8 +728,10 @@ def test_a_run_stopped_after_the_first_batch_keeps_its_images_and_an_incomplete_
 
 
 def test_streamed_images_do_not_depend_on_the_batch_size(tmp_path, store):
-    by_two = write_samples(store, "diffusion@latest", n=5, classes="3,8", steps=3, seed=4, batch_size=2, out_dir=tmp_path / "two")
-    by_five = write_samples(store, "diffusion@latest", n=5, classes="3,8", steps=3, seed=4, batch_size=5, out_dir=tmp_path / "five")
+    by_two = write_samples(store, "diffusion@latest", SamplingSettings(num_steps=3, seed=4, batch_size=2), n=5, classes="3,8",
+                           out_dir=tmp_path / "two")
+    by_five = write_samples(store, "diffusion@latest", SamplingSettings(num_steps=3, seed=4, batch_size=5), n=5, classes="3,8",
+                            out_dir=tmp_path / "five")
     assert by_two["complete"] and by_two["sampled"] == 5 and by_two["labels"] == by_five["labels"] == [3, 8, 3, 8, 3]
     assert images_in(tmp_path / "two") == images_in(tmp_path / "five")
     for name in ["grid.png", *(f"images/{image}" for image in images_in(tmp_path / "two"))]:
@@ -738,6 +740,7 @@ def test_streamed_images_do_not_depend_on_the_batch_size(tmp_path, store):
 
 
 def test_the_grid_of_a_large_run_holds_whole_rows_of_classes(tmp_path, store):
-    write_samples(store, "diffusion@latest", n=260, steps=1, batch_size=130, out_dir=tmp_path, single_images=False)
+    write_samples(store, "diffusion@latest", SamplingSettings(num_steps=1, batch_size=130), n=260, out_dir=tmp_path,
+                  single_images=False)
     # 260 > 256 images: the first 250 (25 per class), one row per class, 2x upscaled
     assert Image.open(tmp_path / "grid.png").size == (2 * (25 * 34 + 2), 2 * (10 * 34 + 2))

@@ -14,6 +14,7 @@ from ldm.config import to_dict
 from ldm.data import DataConfig
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
+from ldm.generation import SamplingSettings
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.classifier import Classifier, ClassifierConfig
 from ldm.models.dit import DiT, DiTConfig
@@ -123,17 +124,17 @@ def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_oth
     guided = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=small.ref)
     assert guided.provenance.guide == small.ref and plain.provenance.guide is None
     labels = [0, 3, 7]
-    assert torch.equal(guided.sample(labels, 3, guidance_scale=2.0), plain.sample(labels, 3, guidance_scale=2.0))
-    by_guide = guided.sample(labels, 3, guide_scale=2.0)
-    assert not torch.allclose(by_guide, plain.sample(labels, 3, guidance_scale=2.0), atol=1e-3)  # not CFG
-    assert not torch.allclose(by_guide, plain.sample(labels, 3), atol=1e-3)
+    assert torch.equal(guided.sample(labels, num_steps=3, guidance_scale=2.0), plain.sample(labels, num_steps=3, guidance_scale=2.0))
+    by_guide = guided.sample(labels, num_steps=3, guide_scale=2.0)
+    assert not torch.allclose(by_guide, plain.sample(labels, num_steps=3, guidance_scale=2.0), atol=1e-3)  # not CFG
+    assert not torch.allclose(by_guide, plain.sample(labels, num_steps=3), atol=1e-3)
     with pytest.raises(ValueError, match="needs a guide DiT"):
-        plain.sample(labels, 3, guide_scale=2.0)
+        plain.sample(labels, num_steps=3, guide_scale=2.0)
     # A model guiding itself cancels: cond + (s - 1) (cond - guide) is the conditional model at any scale.
     itself = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=model.ref)
-    torch.testing.assert_close(itself.sample(labels, 3, guide_scale=3.0), plain.sample(labels, 3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(itself.sample(labels, 3, guidance_scale=2.0, guide_scale=3.0),
-                               plain.sample(labels, 3, guidance_scale=2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(itself.sample(labels, num_steps=3, guide_scale=3.0), plain.sample(labels, num_steps=3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(itself.sample(labels, num_steps=3, guidance_scale=2.0, guide_scale=3.0),
+                               plain.sample(labels, num_steps=3, guidance_scale=2.0), atol=1e-5, rtol=0)
 
     other_autoencoder = copy.list("autoencoder")[1].ref
     refused = {
@@ -267,8 +268,8 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     classifier = Classifier(ClassifierConfig(width=8, feature_dim=16))
     store.save("classifier", tensors={"weights.safetensors": classifier.eval().state_dict()},
                config={"model": to_dict(ClassifierConfig(width=8, feature_dim=16))})
-    report = evaluate_samples(store, "diffusion@latest", n=40, steps=2, cfg=1.5, batch_size=20,
-                              features="classifier", out_dir=tmp_path / "eval", cfg_interval=(100, 800))
+    settings = SamplingSettings(num_steps=2, guidance_scale=1.5, batch_size=20, guidance_interval=(100, 800))
+    report = evaluate_samples(store, "diffusion@latest", settings, n=40, features="classifier", out_dir=tmp_path / "eval")
     assert report["n"] == 40 and report["features"].startswith("classifier@") and not report["is_standard_fid"]
     assert 0.0 <= report["class_accuracy"] <= 1.0 and report["seconds_per_image"] > 0
     # The random autoencoder's reconstructions are far from real images; two real sets are close.
@@ -280,7 +281,7 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-t100-800-n40"]
     assert recorded["autoencoder_reference_distance"] == report["autoencoder_reference_distance"]
     model = store.load("diffusion@latest")  # autoguided evaluations are recorded under their own name
-    guided = evaluate_samples(store, model.ref, n=20, steps=2, cfg=1.0, batch_size=20, features="classifier",
-                              out_dir=tmp_path / "guided", guide_ref=model.ref, guide_scale=2.0)
+    guided = evaluate_samples(store, model.ref, SamplingSettings(num_steps=2, guide_scale=2.0, batch_size=20), n=20,
+                              features="classifier", out_dir=tmp_path / "guided", guide_ref=model.ref)
     assert guided["guide"] == model.ref and guided["guide_scale"] == 2.0 and guided["guidance_scale"] == 1.0
     assert f"samples-dpm++2m-2-cfg1-guide2-{model.version}-n20" in store.load(model.ref).manifest["metrics"]

@@ -408,7 +408,7 @@ def test_inpainting_keeps_the_known_latents_and_samples_the_rest(name):
 @pytest.mark.parametrize("sampler, steps, calls", [("heun", 6, 11), ("flow-heun", 6, 11), ("flow-euler", 6, 6), ("dpm++2m", 6, 6)])
 def test_sample_latents_counts_every_network_call_and_matches_sampler_to_objective(sampler, steps, calls):
     from ldm.diffusion.schedules import DiffusionConfig
-    from ldm.generation import model_calls, sample_latents
+    from ldm.generation import SamplingSettings, model_calls, sample_latents
     from ldm.models.dit import DiT, DiTConfig
 
     objective = "flow" if sampler in FLOW_SAMPLERS else "ddpm"
@@ -416,10 +416,11 @@ def test_sample_latents_counts_every_network_call_and_matches_sampler_to_objecti
     model = DiT(DiTConfig(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False)).eval()
     diffusion = DiffusionConfig(objective=objective, learn_sigma=False)
     counted = []
-    latents = sample_latents(model, diffusion, torch.tensor([0, 2]), steps, sampler, guidance_scale=2.0,
+    latents = sample_latents(model, diffusion, torch.tensor([0, 2]),
+                             SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=2.0),
                              on_model_call=lambda: counted.append(1))
     assert latents.shape == (2, 4, 4, 4) and torch.isfinite(latents).all()
     assert len(counted) == model_calls(sampler, steps) == calls
     wrong = "dpm++2m" if objective == "flow" else "flow-heun"
     with pytest.raises(ValueError, match=re.escape(f"sampler '{wrong}' does not fit the '{objective}' objective")):
-        sample_latents(model, diffusion, torch.tensor([0]), steps, wrong)
+        sample_latents(model, diffusion, torch.tensor([0]), SamplingSettings(sampler=wrong, num_steps=steps))

@@ -212,3 +212,11 @@ def test_cli_artifacts_list_and_show(tmp_path):
     assert shown.exit_code == 0 and saved.version in shown.output and '"sha256"' in shown.output
     missing = runner.invoke(main, ["--store", str(tmp_path), "artifacts", "show", "diffusion@latest"])
     assert missing.exit_code != 0 and "no diffusion artifacts" in missing.output
+
+
+@needs_fmnist
+def test_tensorboard_logger_writes_event_files_beside_the_csv_the_curves_come_from(tmp_path):
+    config = tiny_config(tmp_path, "trainer.max_steps=2", "trainer.logger=tensorboard")
+    autoencoder.run(config, ArtifactStore(tmp_path / "store"))
+    assert list((tmp_path / "run" / "tensorboard" / "part000").glob("events.out.tfevents.*"))
+    assert "train/rec" in read_metrics(tmp_path / "run")

@@ -14,6 +14,7 @@ from conftest import needs_fmnist
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import load_config
 from ldm.data.latents import LatentBatches, LatentCache, measure_stats
+from ldm.generation import SamplingSettings
 from ldm.loading import load_autoencoder
 from ldm.training import read_metrics
 from stages import autoencoder, diffusion
@@ -168,7 +169,8 @@ def test_ema_samples_of_a_short_run_stay_on_the_data_scale(tmp_path, store_with_
     for name in ("weights.safetensors", "raw.safetensors"):  # EMA and trained weights
         model = diffusion.DiT(dit_config(tmp_path, store_with_cache).model)
         model.load_state_dict(artifact.load_tensors(name))
-        z = sample_latents(model.eval(), DiffusionConfig(learn_sigma=False), torch.arange(8), 20, "dpm++2m")
+        z = sample_latents(model.eval(), DiffusionConfig(learn_sigma=False), torch.arange(8),
+                           SamplingSettings(sampler="dpm++2m", num_steps=20))
         spread[name] = z.std().item()
     assert spread["weights.safetensors"] < 2 * spread["raw.safetensors"]
 

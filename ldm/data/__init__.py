@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.fmnist import (
     FMNIST_CLASSES, PAYLOAD_SHA256, SPLIT_FILES, FashionMNIST, check_split, ensure_fmnist, load_fmnist,
@@ -65,6 +66,13 @@ class DataConfig:
                 raise ValueError(f"data.{field} must be true or false, got {getattr(self, field)!r}")
 
 
+def with_data(config: DataConfig, data: str | None) -> DataConfig:
+    """`config` pointed at `data` ("fmnist", or an image folder path; None keeps it): the `--data` option of the commands."""
+    if data is None:
+        return config
+    return replace(config, name="fmnist", path=None) if data == "fmnist" else replace(config, name="folder", path=data)
+
+
 def _folder_split_root(path: str, split: str) -> Path:
     """The folder that holds ``split`` of an image-folder dataset."""
     root = Path(path).expanduser()
@@ -84,6 +92,25 @@ def build_dataset(config: DataConfig, split: str) -> Dataset:
                             root=config.path, download=config.download)
     return ImageFolderDataset(_folder_split_root(config.path, split), config.resolution,
                               channels=config.channels, on_error=config.on_error, hflip=config.hflip)
+
+
+def iterate_images(dataset: Dataset, batch_size: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches in dataset order; in-memory datasets are sliced without a DataLoader."""
+    total = min(limit, len(dataset)) if limit else len(dataset)
+    images = getattr(dataset, "images", None)
+    labels = getattr(dataset, "labels", None)
+    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            yield images[start:stop], labels[start:stop]
+        return
+    seen = 0
+    for batch_images, batch_labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        keep = min(len(batch_images), total - seen)
+        yield batch_images[:keep], batch_labels[:keep]
+        seen += keep
+        if seen >= total:
+            return
 
 
 def data_fingerprint(config: DataConfig, split: str) -> str:
@@ -108,5 +135,5 @@ def data_fingerprint(config: DataConfig, split: str) -> str:
 
 __all__ = [
     "DATASET_NAMES", "FMNIST_CLASSES", "DataConfig", "FashionMNIST", "ImageFolderDataset", "build_dataset",
-    "data_fingerprint", "ensure_fmnist", "load_fmnist",
+    "data_fingerprint", "ensure_fmnist", "iterate_images", "load_fmnist", "with_data",
 ]

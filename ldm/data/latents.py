@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ldm.artifacts import Artifact, ArtifactError
-from ldm.data.order import StepOrder, rank_and_world, step_generator
+from ldm.data.order import StepOrder, endless_steps, step_generator
 
 
 @dataclass
@@ -50,24 +50,116 @@ class LatentStats:
         return cls(mean=[float(v) for v in data["mean"]], std=[float(v) for v in data["std"]], mode=data.get("mode", "channel"))
 
 
+STATS_BLOCK = 64  # items reduced together by LatentStatsAccumulator, counted from the first item
+
+
 def measure_stats(mean: torch.Tensor, std: torch.Tensor, mode: str = "channel") -> LatentStats:
     """Return the statistics of z ~ N(mean, std^2) over a cache: E[z] and sqrt(E[std^2] + Var[mean]).
 
-    `mean`, `std`: (N, V, C, h, w). Computed in float64 so 10^5 latents sum without drift.
+    `mean`, `std`: (N, V, C, h, w). The same numbers, to the last bit, as a LatentStatsAccumulator fed
+    the cache in batches of any size.
     """
-    if mode not in ("channel", "global"):
-        raise ValueError(f"latent stats mode must be channel or global, got {mode!r}")
-    channels = mean.shape[2]
-    means = mean.double().transpose(0, 2).reshape(channels, -1)  # (C, N*V*h*w)
-    variances = std.double().pow(2).transpose(0, 2).reshape(channels, -1)
-    if mode == "global":
-        means, variances = means.reshape(1, -1), variances.reshape(1, -1)
-    center = means.mean(1)
-    total_var = variances.mean(1) + means.var(1, unbiased=False)
-    values_mean, values_std = center.tolist(), total_var.sqrt().tolist()
-    if mode == "global":
-        values_mean, values_std = values_mean * channels, values_std * channels
-    return LatentStats(values_mean, values_std, mode)
+    accumulator = LatentStatsAccumulator()
+    accumulator.update(mean, std)
+    return accumulator.stats(mode)
+
+
+@dataclass
+class Moments:
+    """Per-channel float64 totals of a set of latents: enough to merge sets and give their statistics."""
+
+    count: int  # values per channel (items * V * h * w)
+    center: torch.Tensor  # (C,) mean of the posterior means
+    m2: torch.Tensor  # (C,) sum of squared deviations of the means from `center`
+    variance_sum: torch.Tensor  # (C,) sum of std^2
+
+    @classmethod
+    def of(cls, mean: torch.Tensor, std: torch.Tensor) -> Moments:
+        """Return the moments of posterior means and stds (n, V, C, h, w)."""
+        others = (0, 1, 3, 4)  # every dimension but the channel
+        # Contiguous float64 copies: the reductions then see one memory layout whatever the input's.
+        means = mean.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+        center = means.mean(others)
+        m2 = means.sub_(center.view(1, 1, -1, 1, 1)).square_().sum(others)
+        variance_sum = std.to(torch.float64, memory_format=torch.contiguous_format, copy=True).square_().sum(others)
+        return cls(mean[:, :, 0].numel(), center, m2, variance_sum)
+
+    def merge(self, other: Moments) -> Moments:
+        """Return the moments of both sets (Chan, Golub & LeVeque 1979: no sum of squares cancels)."""
+        total = self.count + other.count
+        delta = other.center - self.center
+        return Moments(
+            total,
+            self.center + delta * (other.count / total),
+            self.m2 + other.m2 + delta.square() * (self.count * other.count / total),
+            self.variance_sum + other.variance_sum,
+        )
+
+    def pooled(self) -> Moments:
+        """Return the moments of all channels taken as one (each holds `count` values)."""
+        center = self.center.mean()
+        m2 = self.m2.sum() + self.count * (self.center - center).square().sum()
+        return Moments(self.count * len(self.center), center.view(1), m2.view(1), self.variance_sum.sum().view(1))
+
+
+class LatentStatsAccumulator:
+    """The statistics of `measure_stats` over a cache fed batch by batch, per channel and global at once.
+
+    Computed in float64 so 10^6 latents sum without drift. Each block of STATS_BLOCK items gives its
+    Moments, merged into the running ones in order; blocks are counted from the first item whatever the
+    batches, so the arithmetic, and the result to the last bit, depends only on the items and their order.
+    """
+
+    def __init__(self) -> None:
+        self.moments: Moments | None = None  # of the full blocks so far
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # items of the block not yet full
+        self._pending_items = 0
+
+    def update(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Add a batch of posterior means and stds (N, V, C, h, w)."""
+        start = 0
+        if self._pending_items:  # complete the open block first
+            start = min(STATS_BLOCK - self._pending_items, len(mean))
+            self._hold(mean[:start], std[:start])
+            if self._pending_items < STATS_BLOCK:
+                return
+            self._add(self._open_block())
+            self._pending, self._pending_items = [], 0
+        while start + STATS_BLOCK <= len(mean):
+            self._add(Moments.of(mean[start : start + STATS_BLOCK], std[start : start + STATS_BLOCK]))
+            start += STATS_BLOCK
+        self._hold(mean[start:], std[start:])
+
+    def stats(self, mode: str = "channel") -> LatentStats:
+        """Return the LatentStats (`channel` or `global`) of every item added so far."""
+        if mode not in ("channel", "global"):
+            raise ValueError(f"latent stats mode must be channel or global, got {mode!r}")
+        moments = self.moments
+        if self._pending_items:
+            open_block = self._open_block()
+            moments = open_block if moments is None else moments.merge(open_block)
+        if moments is None:
+            raise ValueError("no latents to measure: the accumulator was given no items")
+        channels = len(moments.center)
+        if mode == "global":
+            moments = moments.pooled()
+        total_var = (moments.variance_sum + moments.m2) / moments.count  # E[std^2] + Var[mean]
+        values_mean, values_std = moments.center.tolist(), total_var.sqrt().tolist()
+        if mode == "global":
+            values_mean, values_std = values_mean * channels, values_std * channels
+        return LatentStats(values_mean, values_std, mode)
+
+    def _add(self, block: Moments) -> None:
+        self.moments = block if self.moments is None else self.moments.merge(block)
+
+    def _hold(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Keep a copy of items of the open block (a copy: the caller may reuse its buffers)."""
+        if len(mean):
+            self._pending.append((mean.clone(), std.clone()))
+            self._pending_items += len(mean)
+
+    def _open_block(self) -> Moments:
+        return Moments.of(torch.cat([m for m, _ in self._pending]), torch.cat([s for _, s in self._pending]))
 
 
 class LatentCache:
@@ -170,10 +262,4 @@ class LatentBatches(IterableDataset):
         return z, self.cache.labels[indices]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        rank, world = rank_and_world()
-        if self.batch_size % world:
-            raise ValueError(f"batch size {self.batch_size} must be divisible by the {world} processes")
-        step = self.start_step
-        while True:
-            yield self.batch(step, rank, world)
-            step += 1
+        return endless_steps(self)

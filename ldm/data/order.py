@@ -9,7 +9,7 @@ global batch, so N ranks together see what one process with the same global batc
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -20,6 +20,22 @@ def rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def check_divisible(batch_size: int, world: int) -> None:
+    """Raise ValueError unless a global batch splits evenly over the processes."""
+    if batch_size % world:
+        raise ValueError(f"trainer.batch_size {batch_size} (the global batch) must be divisible by the {world} processes")
+
+
+def endless_steps(source: Any) -> Iterator[Any]:
+    """Yield this process's `source.batch(step, rank, world)` for step = source.start_step, +1, ... forever."""
+    rank, world = rank_and_world()
+    check_divisible(source.batch_size, world)
+    step = source.start_step
+    while True:
+        yield source.batch(step, rank, world)
+        step += 1
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -58,8 +74,8 @@ class StepOrder:
 class StepBatchSampler(Sampler):
     """Endless batches of (index, flip) pairs for a map-style data set, a pure function of (seed, step).
 
-    `batch_size` is per process (the global batch is batch_size x processes). A resumed run sets
-    `start_step` to the step it continues from. Pair it with `FlippableItems`.
+    `batch_size` is the global batch: each of P processes takes its batch_size / P slice. A resumed
+    run sets `start_step` to the step it continues from. Pair it with `FlippableItems`.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int = 0, hflip: bool = False):
@@ -71,17 +87,13 @@ class StepBatchSampler(Sampler):
 
     def batch(self, step: int, rank: int = 0, world: int = 1) -> list[tuple[int, bool]]:
         """Return this rank's (index, flip) pairs of a step."""
-        indices = self.order.batch_indices(step, self.batch_size * world)
+        indices = self.order.batch_indices(step, self.batch_size)
         flips = torch.rand(len(indices), generator=step_generator(self.seed, step)) < 0.5
         flips &= self.hflip
         return list(zip(indices[rank::world].tolist(), flips[rank::world].tolist()))
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
-        rank, world = rank_and_world()
-        step = self.start_step
-        while True:
-            yield self.batch(step, rank, world)
-            step += 1
+        return endless_steps(self)
 
 
 class FlippableItems(Dataset):

@@ -16,7 +16,7 @@ ResNet stack:
 
 The decoder has one ResnetBlock more per level than the encoder, as in LDM; the module structure
 (and so the parameter count) is the same as diffusers' `AutoencoderKL` for the same channels, and
-`state_dict_from_diffusers` maps a diffusers checkpoint onto this module.
+`ldm.interop.autoencoder.state_dict_from_diffusers` maps a diffusers checkpoint onto this module.
 
 Speed notes: every op keeps the input's memory format, so `model.to(memory_format=torch.channels_last)`
 with channels_last inputs runs the whole network channels_last (oneDNN's fast path on CPU, the
@@ -30,7 +30,6 @@ so an in-place SiLU makes autograd save a copy and costs more than it saves.) Up
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -66,6 +65,11 @@ class AutoencoderConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.resolution % self.downsample_factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of f={self.downsample_factor}")
+
+    @classmethod
+    def presets(cls) -> dict[str, "AutoencoderConfig"]:
+        """The named presets (YAML may name one: `model: fmnist-f4`)."""
+        return AUTOENCODER_PRESETS
 
     @property
     def downsample_factor(self) -> int:
@@ -355,34 +359,3 @@ def encoder_fingerprint(state_dict: dict[str, Tensor]) -> str:
         flat = tensor.clone(memory_format=torch.contiguous_format).reshape(-1)
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def state_dict_from_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A diffusers `AutoencoderKL` state dict with this module's key names (same tensors)."""
-    resnet_ids = {k.split(".")[4] for k in state_dict if k.startswith("encoder.down_blocks.0.resnets.")}
-    num_res_blocks = len(resnet_ids)
-    second_mid_resnet = 2 if any(".mid_block.attentions." in k for k in state_dict) else 1
-    rules = [
-        (r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.", r"\1.\2.\3.\4."),
-        # A level's down/upsampler comes right after its resnets in our nn.Sequential.
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", rf"encoder.down.\1.{num_res_blocks}."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", rf"decoder.up.\1.{num_res_blocks + 1}."),
-        (r"\.mid_block\.resnets\.0\.", ".mid.0."),
-        (r"\.mid_block\.attentions\.0\.", ".mid.1."),
-        (r"\.mid_block\.resnets\.1\.", f".mid.{second_mid_resnet}."),
-        (r"\.conv_norm_out\.", ".norm_out."),
-        (r"\.conv_shortcut\.", ".shortcut."),
-        (r"\.group_norm\.", ".norm."),
-        (r"\.to_out\.0\.", ".proj."),
-    ]
-    renamed = {}
-    for key, tensor in state_dict.items():
-        for pattern, replacement in rules:
-            key = re.sub(pattern, replacement, key)
-        renamed[key] = tensor
-    # diffusers keeps q, k and v apart; ours is one projection with output rows [q; k; v].
-    for prefix in [k.removesuffix(".to_q.weight") for k in renamed if k.endswith(".to_q.weight")]:
-        for param in ("weight", "bias"):
-            parts = [renamed.pop(f"{prefix}.to_{name}.{param}") for name in ("q", "k", "v")]
-            renamed[f"{prefix}.qkv.{param}"] = torch.cat(parts)
-    return renamed

@@ -34,6 +34,11 @@ class DiscriminatorConfig:
     n_layers: int = 3  # stride-2 convs; 3 is pix2pix's 70x70 PatchGAN
     norm: str = "batch"  # batch (pix2pix, taming) | group | none
 
+    @classmethod
+    def presets(cls) -> dict[str, "DiscriminatorConfig"]:
+        """The named presets (YAML may name one: `discriminator: patchgan-70`)."""
+        return DISCRIMINATOR_PRESETS
+
     def __post_init__(self) -> None:
         if min(self.in_channels, self.ch, self.n_layers) < 1:
             raise ValueError(f"in_channels, ch and n_layers must be positive: {self}")

@@ -23,9 +23,6 @@ from torch.utils.checkpoint import checkpoint
 
 # Width of the sinusoidal timestep features fed to the timestep MLP (as in DiT and ADM).
 TIMESTEP_FREQUENCY_DIM = 256
-# Inference on the CPU runs the MLP over chunks of tokens whose hidden activations hold at most
-# this many elements (16 MB in float32); see Mlp.forward_inplace.
-CPU_HIDDEN_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -87,6 +84,11 @@ class DiTConfig:
     def null_class(self) -> int:
         """Label index of the learned 'no class' embedding used for classifier-free guidance."""
         return self.num_classes
+
+    @classmethod
+    def presets(cls) -> dict[str, "DiTConfig"]:
+        """The named size presets (YAML may name one: `model: DiT-S/2`)."""
+        return DIT_PRESETS
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,10 +160,27 @@ def timestep_embedding(
     return embedding
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Return x * (1 + scale) + shift for tokens x (N, T, D) and per-sample shift, scale (N, 1, D)."""
+# The helpers below take `inplace`, which a module's forward sets to `not torch.is_grad_enabled()`:
+# without autograd nothing keeps activations for a backward pass, so a buffer that the forward
+# itself created (never a tensor its caller passed in) can be overwritten instead of allocating
+# and streaming through a new one. The arithmetic is the same either way.
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Return x * (1 + scale) + shift for tokens x (N, T, D) and per-sample shift, scale (N, 1, D); into x if inplace."""
     # One fused kernel instead of a multiply and an add over the (N, T, D) activations.
-    return torch.addcmul(shift, x, 1 + scale)
+    return torch.addcmul(shift, x, 1 + scale, out=x if inplace else None)
+
+
+def gelu_tanh(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Return GELU with the tanh approximation (as DiT's MLP) of x; into x if inplace."""
+    return torch.ops.aten.gelu_(x, approximate="tanh") if inplace else F.gelu(x, approximate="tanh")
+
+
+def add_gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Return the gated residual x + gate * update (gate (N, 1, D), x and update (N, T, D)); into x if inplace."""
+    # One addcmul kernel instead of a multiply and an add.
+    return x.addcmul_(gate, update) if inplace else torch.addcmul(x, gate, update)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,24 +290,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the MLP applied to every token of x (N, T, D)."""
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` without autograd, applying GELU in place over the hidden activations.
-
-        On the CPU the tokens go through in chunks whose hidden activations stay under 16 MB: a
-        larger buffer is mapped fresh from the OS on every call (glibc serves allocations over
-        32 MB with mmap), and first touching its pages cost ~13 ms per block, more than GELU,
-        at the sampling batch of 2 x 250 DiT-F/2 latents. GPUs keep their buffers in a caching
-        allocator and take the whole batch at once.
-        """
-        rows = x.reshape(-1, x.shape[-1])  # (N*T, D)
-        if x.device.type == "cpu":
-            chunk = max(1, CPU_HIDDEN_CHUNK_ELEMENTS // self.fc1.out_features)
-        else:
-            chunk = max(1, rows.shape[0])
-        parts = [self.fc2(torch.ops.aten.gelu_(self.fc1(part), approximate="tanh")) for part in rows.split(chunk)]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], -1)
+        hidden = self.fc1(x)  # (N, T, hidden_dim), this forward's own buffer
+        return self.fc2(gelu_tanh(hidden, inplace=not torch.is_grad_enabled()))
 
 
 class DiTBlock(nn.Module):
@@ -311,27 +314,16 @@ class DiTBlock(nn.Module):
         return self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        """Return the block applied to tokens x (N, T, D) under activated conditioning c_act = SiLU(c) (N, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c_act)
-        # Gated residuals, x + gate * f(x), as single addcmul kernels.
-        x = torch.addcmul(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
-        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x
+        """Return the block applied to tokens x (N, T, D) under activated conditioning c_act = SiLU(c) (N, D).
 
-    def forward_inplace(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        """`forward` for inference (no autograd): updates the residual stream x in place and returns it.
-
-        Every step writes into a buffer it already holds (the normalised tokens are modulated in
-        place, GELU overwrites the MLP's hidden activations, the gated residuals add into x), so a
-        sampling step allocates and streams through fewer (N, T, D) buffers; the arithmetic is the same.
+        Without autograd (sampling) the normalised tokens are modulated in place and the second
+        residual adds into the first one's output; x itself is never written.
         """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c_act)
-        h = self.norm1(x)
-        torch.addcmul(shift_msa, h, 1 + scale_msa, out=h)
-        x.addcmul_(gate_msa, self.attn(h))
-        h = self.norm2(x)
-        torch.addcmul(shift_mlp, h, 1 + scale_mlp, out=h)
-        x.addcmul_(gate_mlp, self.mlp.forward_inplace(h))
+        inplace = not torch.is_grad_enabled()
+        # The first residual always makes a new tensor: x belongs to the caller.
+        x = add_gated(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, inplace)))
+        x = add_gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, inplace)), inplace)
         return x
 
 
@@ -347,7 +339,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         """Return per-token patches (N, T, p*p*C_out) for tokens x (N, T, D) and c_act = SiLU(c) (N, D)."""
         shift, scale = self.adaLN_modulation(c_act).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, D)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale, inplace=not torch.is_grad_enabled()))
 
 
 class DiT(nn.Module):
@@ -418,9 +410,7 @@ class DiT(nn.Module):
         c_act = F.silu(c)
         use_checkpoint = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if not torch.is_grad_enabled():
-                x = block.forward_inplace(x, c_act)  # x is this forward's own tensor, safe to overwrite
-            elif use_checkpoint:
+            if use_checkpoint:
                 x = checkpoint(block, x, c_act, use_reentrant=False)
             else:
                 x = block(x, c_act)
