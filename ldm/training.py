@@ -172,8 +172,10 @@ def check_resume_config(run_dir: Path, config: Any, allow_changes: Sequence[str]
                           f"restore it (it is the config the run was started with)")
     stored = _flatten(yaml.safe_load(stored_path.read_text()) or {})
     new = _flatten(yaml.safe_load(dump_yaml(config)))  # through YAML, as stored: tuples become lists
-    # A stored key the config no longer has (a setting removed since the run began) cannot change anything.
-    changes = {k: (stored.get(k), new[k]) for k in sorted(new) if stored.get(k) != new[k]}
+    # A key the config no longer has (removed since the run began) cannot change anything; one it has
+    # gained since counts as its default, which is what the run trained with.
+    defaults = _flatten(yaml.safe_load(dump_yaml(type(config)())))
+    changes = {k: (stored.get(k, defaults.get(k)), new[k]) for k in sorted(new) if stored.get(k, defaults.get(k)) != new[k]}
     refused = {k: v for k, v in changes.items() if not _resume_free(k) and k not in allow_changes}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())

@@ -15,6 +15,7 @@ from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, Verdict
 from ldm.config import ConfigError, load_config
 from ldm.data.folder import ImageReadError
 from ldm.diffusion import samplers
+from ldm.runtime import tune_cpu_allocator
 
 
 def _store(ctx: click.Context) -> ArtifactStore:
@@ -53,6 +54,7 @@ run_dir_option = click.option("--run-dir", default=None, help="Run folder for ch
 @click.pass_context
 def main(ctx: click.Context, store: str) -> None:
     """Staged latent diffusion: train an autoencoder, encode a latent cache, train a DiT, sample."""
+    tune_cpu_allocator()  # large CPU activations reuse freed heap instead of fresh pages (see ldm/runtime.py)
     ctx.ensure_object(dict)
     ctx.obj["store"] = store
 
@@ -267,6 +269,43 @@ def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str
         settings = _sampling_settings(guide_ref, **options)
         evaluate_samples(_store(ctx), model_ref, settings, n, classifier_ref, features, out_dir, device, autoencoder_ref,
                          guide_ref)
+    except USER_ERRORS as err:
+        _fail(err)
+
+
+@main.command("ema")
+@click.option("--model", "model_ref", required=True, help="Diffusion artifact trained with posthoc_ema (its snapshots name the run).")
+@click.option("--sigma-rel", "sigma_rel", required=True, metavar="S1,S2,...",
+              help="EMA lengths to reconstruct and compare, relative widths in (0, 0.2887], e.g. 0.03,0.05,0.08,0.12,0.16.")
+@click.option("--run-dir", default=None, help="The training run folder, when it moved (default: where the model's manifest says its snapshots are).")
+@click.option("--n", default=1000, show_default=True, help="Samples per EMA length (class-balanced; the same seeds for each).")
+@click.option("--steps", default=20, show_default=True)
+@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
+@click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
+@SPACING_OPTION
+@CFG_INTERVAL_OPTION
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=250, show_default=True)
+@click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True, help="Classifier for class accuracy (and the Frechet features without Inception).")
+@click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True, help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")
+@click.option("--out", "out_dir", default=None, help="Folder for report.json and one grid per EMA length (default runs/eval/posthoc-ema-...).")
+@click.option("--device", default="cpu", show_default=True)
+@click.pass_context
+def ema_command(ctx: click.Context, model_ref: str, sigma_rel: str, run_dir: str | None, n: int, classifier_ref: str,
+                features: str, out_dir: str | None, device: str, **options) -> None:
+    """Post-hoc EMA (Karras et al. 2024): reconstruct EMA lengths from a run's snapshots, measure each, store the best.
+
+    Each --sigma-rel is rebuilt at the model's last step from the power-function EMA snapshots its run
+    kept (train with --set posthoc_ema=[0.05,0.10] --set posthoc_snapshot_every=N), then measured as
+    `ldm eval samples` does, with the same samples and seeds, beside the model's own EMA. The lowest
+    Frechet distance becomes a new `diffusion` artifact whose parent is --model (same config and latents).
+    """
+    from stages.ema import parse_sigma_rels, posthoc_ema
+
+    try:
+        settings = _sampling_settings(None, guide_scale=1.0, **options)
+        posthoc_ema(_store(ctx), model_ref, parse_sigma_rels(sigma_rel), settings, n, run_dir, classifier_ref, features,
+                    out_dir, device)
     except USER_ERRORS as err:
         _fail(err)
 

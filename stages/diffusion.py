@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
 from ldm.config import TrainerConfig, to_dict
 from ldm.data.latents import LatentBatches, LatentCache
-from ldm.diffusion.objectives import training_losses
+from ldm.diffusion.objectives import dispersive_block_index, training_losses
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
+from ldm.ema import SNAPSHOT_FOLDER, PowerFunctionEMA, check_sigma_rel, list_snapshots, remove_snapshots_after
 from ldm.generation import SamplingSettings, sample_latents
 from ldm.images import save_grid
 from ldm.loading import load_autoencoder
@@ -71,6 +72,12 @@ class DiffusionStageConfig:
     lr_schedule: str = "constant"  # constant | cosine
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     run_dir: str = "runs/diffusion"
+    # Post-hoc EMA (Karras et al. 2024, EDM2): power-function EMA profiles of these lengths sigma_rel,
+    # kept beside the EMA above and snapshotted every posthoc_snapshot_every steps (and at the last) into
+    # <run_dir>/ema-snapshots/, from which `ldm ema` reconstructs any EMA length after training.
+    # EDM2 keeps [0.05, 0.10]; empty: off.
+    posthoc_ema: list[float] = field(default_factory=list)
+    posthoc_snapshot_every: int = 0
 
     def __post_init__(self) -> None:
         if self.model.learn_sigma != self.diffusion.learn_sigma:
@@ -80,6 +87,16 @@ class DiffusionStageConfig:
             )
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        dispersive_block_index(self.diffusion, self.model.depth)  # a block the DiT has, checked before any step
+        for sigma_rel in self.posthoc_ema:
+            check_sigma_rel(sigma_rel)
+        if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
+            raise ValueError(f"posthoc_ema lists a length twice: {self.posthoc_ema}")
+        if self.posthoc_ema and self.posthoc_snapshot_every < 1:
+            raise ValueError(f"posthoc_ema needs posthoc_snapshot_every >= 1 (steps between snapshots), got {self.posthoc_snapshot_every}")
+        if not self.posthoc_ema and self.posthoc_snapshot_every != 0:
+            raise ValueError("posthoc_snapshot_every is set but posthoc_ema is empty: name the profiles to keep, "
+                             "e.g. posthoc_ema=[0.05,0.10], or leave posthoc_snapshot_every at 0")
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
@@ -92,13 +109,15 @@ def ema_decay_at(step: int, max_decay: float) -> float:
 
 
 class DiffusionModule(L.LightningModule):
-    """DiT training: AdamW, warm-up, EMA, label dropout (inside the DiT), NaN/inf guard."""
+    """DiT training: AdamW, warm-up, EMA (and post-hoc EMA profiles), label dropout (inside the DiT), NaN/inf guard."""
 
     def __init__(self, config: DiffusionStageConfig, lineage: dict[str, str]):
         super().__init__()
         self.config = config
         self.model = DiT(config.model)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # Post-hoc EMA profiles: submodules, so checkpoints hold them and a resume continues them exactly.
+        self.power_ema = PowerFunctionEMA(self.model, config.posthoc_ema) if config.posthoc_ema else None
         self.__dict__["train_forward"] = compiled(self.model, config.trainer.compile)  # not a submodule
         self.schedule = None if config.diffusion.objective == "flow" else make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
         self.lineage = lineage  # {"latents": ref, "autoencoder": ref}; checked again on resume
@@ -123,16 +142,23 @@ class DiffusionModule(L.LightningModule):
         if self.schedule is not None:
             self.schedule = self.schedule.to(self.device)
         self.start_step = self.global_step
+        if self.power_ema is not None and self.trainer.is_global_zero and self.run_dir is not None:
+            # Snapshots past the step this run starts from belong to a run that crashed after its last
+            # checkpoint (or to an abandoned run in this folder): this run writes its own.
+            stale = remove_snapshots_after(self.run_dir / SNAPSHOT_FOLDER, self.global_step)
+            if stale:
+                print(f"removed {len(stale)} post-hoc EMA snapshots after step {self.global_step} from {self.run_dir / SNAPSHOT_FOLDER}")
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         z, y = batch  # z (B, C, h, w) normalised latents, y (B,)
         # Timesteps, noise and label dropout depend on (seed, step, rank) alone, so a resumed run
         # draws exactly what the uninterrupted run would have drawn.
         seed_step(self.config.trainer.seed, self.global_step, self.global_rank, self.trainer.world_size)
-        losses = training_losses(self.train_forward, z, y, self.config.diffusion, self.schedule)
+        losses = training_losses(self.train_forward, z, y, self.config.diffusion, self.schedule, depth=self.config.model.depth)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             self._stop_non_finite(f"loss is {loss.item()}")
+        # train/loss, train/mse and whichever terms the config turns on: vb, cos, disp
         logs = {f"train/{k}": v.float().mean() for k, v in losses.items() if k != "t"}
         self.log_dict(logs, on_step=True, prog_bar=False)
         self.log("loss", loss, prog_bar=True, on_step=True, logger=False)
@@ -154,6 +180,8 @@ class DiffusionModule(L.LightningModule):
         # Here, not in on_train_batch_end: Lightning runs the checkpoint callback before the module's
         # own batch-end hook, so an EMA updated there would be saved one step behind the weights.
         self.update_ema()
+        if self.power_ema is not None:
+            self.update_posthoc_ema(self.global_step + 1)  # global_step still counts the steps before this one
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every = self.config.trainer.image_every
@@ -168,6 +196,15 @@ class DiffusionModule(L.LightningModule):
         torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - decay)
         for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers()):
             ema_buffer.copy_(buffer)
+
+    @torch.no_grad()
+    def update_posthoc_ema(self, step: int) -> None:
+        """Advance the power-function EMA profiles to `step`; rank 0 snapshots them every posthoc_snapshot_every
+        steps and at the last one. Before the checkpoint of this step is saved, so a resume never skips a snapshot."""
+        self.power_ema.update(self.model, step)
+        every = self.config.posthoc_snapshot_every
+        if (step % every == 0 or step == self.trainer.max_steps) and self.trainer.is_global_zero and self.run_dir is not None:
+            self.power_ema.write_snapshots(self.run_dir / SNAPSHOT_FOLDER, step, {"latents": self.lineage["latents"]})
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lineage"] = dict(self.lineage)
@@ -275,6 +312,7 @@ def run(
                 "latent_images_per_s": round(images_per_s, 1),
                 "final": final,
                 "run_dir": str(run_dir),
+                **({"posthoc_ema": posthoc_ema_record(config, run_dir)} if config.posthoc_ema else {}),
             },
         },
     )
@@ -282,4 +320,23 @@ def run(
     print(f"  {trainer.global_step} steps, {format_seconds(seconds)} this run, {images_per_s:.0f} latents/s, "
           f"final loss {final.get('loss', float('nan')):.4f}")
     print(f"  samples: {grid}   loss curve: {curves}")
+    if config.posthoc_ema:
+        record = artifact.manifest["training"]["posthoc_ema"]
+        print(f"  post-hoc EMA: {len(record['snapshot_steps'])} snapshots of sigma_rel {config.posthoc_ema} in "
+              f"{record['snapshots']} ({record['bytes'] / 2**20:.1f} MiB, kept there, not in the artifact); "
+              f"ldm ema --model {artifact.ref} --sigma-rel ... reconstructs and measures other EMA lengths")
     return artifact
+
+
+def posthoc_ema_record(config: DiffusionStageConfig, run_dir: Path) -> dict:
+    """What a diffusion artifact records of its run's post-hoc EMA snapshots, which stay in the run folder."""
+    folder = run_dir / SNAPSHOT_FOLDER
+    snapshots = list_snapshots(folder)
+    return {
+        "sigma_rel": list(config.posthoc_ema),
+        "snapshots": str(folder.resolve()),
+        "snapshot_steps": sorted({s.step for s in snapshots}),
+        "bytes": sum(s.path.stat().st_size for s in snapshots),
+        "note": "the snapshots stay in the run folder (one copy of the weights per profile and step: too big for the "
+                "artifact); `ldm ema --model <this artifact> --sigma-rel ...` reconstructs other EMA lengths from them",
+    }

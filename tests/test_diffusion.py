@@ -9,6 +9,7 @@ from ldm.diffusion.objectives import (
     FLOW_TIME_SCALE,
     diffusion_loss,
     discretized_gaussian_log_likelihood,
+    dispersive_loss,
     flow_interpolate,
     flow_loss,
     flow_sample_t,
@@ -22,8 +23,10 @@ from ldm.diffusion.objectives import (
     prediction_from_x0,
     q_posterior_mean_variance,
     q_sample,
+    shift_time,
     training_losses,
     v_target,
+    velocity_cosine_loss,
     vlb_terms,
     x0_from_prediction,
 )
@@ -406,3 +409,180 @@ def test_training_losses_flow_feeds_the_network_1000_t():
     losses = training_losses(model, x0, y, config, None, torch.Generator().manual_seed(0))
     torch.testing.assert_close(model.t_seen, losses["t"] * FLOW_TIME_SCALE)
     assert losses["t"].min() > 0 and losses["t"].max() < 1 and losses["loss"].shape == (16,)
+
+
+# ----------------------------------------------------------------------------- recipe options
+
+
+def test_velocity_cosine_loss_is_zero_for_a_positively_scaled_target_and_two_for_its_negation():
+    x0, noise = _batch()
+    target = flow_velocity_target(x0, noise)
+    scale = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64) * 10 + 0.01  # any > 0, per position
+    torch.testing.assert_close(velocity_cosine_loss(scale * target, target), torch.zeros(6, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(velocity_cosine_loss(-target, target), torch.full((6,), 2.0, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_velocity_cosine_loss_matches_a_per_position_loop():
+    x0, noise = _batch(n=3, c=4, h=2, w=3)
+    prediction = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    target = flow_velocity_target(x0, noise)
+    expected = []
+    for i in range(3):
+        per_position = []
+        for h in range(2):
+            for w in range(3):
+                a, b = prediction[i, :, h, w].tolist(), target[i, :, h, w].tolist()
+                dot = sum(p * q for p, q in zip(a, b))
+                norms = math.sqrt(sum(p * p for p in a)) * math.sqrt(sum(q * q for q in b))
+                per_position.append(1 - dot / norms)
+        expected.append(sum(per_position) / len(per_position))
+    torch.testing.assert_close(velocity_cosine_loss(prediction, target), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("s", [0.3, 1.0, 3.0])
+def test_shift_time_fixes_both_ends_and_maps_one_half_to_s_over_1_plus_s(s):
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    torch.testing.assert_close(shift_time(t, s), torch.tensor([0.0, s / (1 + s), 1.0], dtype=F64), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("s", [0.3, 3.0])
+def test_shift_time_is_increasing(s):
+    shifted = shift_time(torch.linspace(0, 1, 1001, dtype=F64), s)
+    assert bool((shifted[1:] > shifted[:-1]).all())
+
+
+def test_shift_time_with_shift_one_is_the_identity():
+    t = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shift_time(t, 1.0), t)
+
+
+def test_shifted_uniform_flow_times_have_median_s_over_1_plus_s():
+    # The shift is increasing, so it carries the median 1/2 of uniform times to s / (1 + s).
+    config = DiffusionConfig(objective="flow", learn_sigma=False, time_shift=3.0)
+    t = flow_sample_t(50_000, config, torch.Generator().manual_seed(0))
+    assert t.median().item() == pytest.approx(0.75, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(objective="flow", velocity_cosine_weight=-0.1), "velocity_cosine_weight"),
+        (dict(objective="ddpm", velocity_cosine_weight=0.5), "velocity_cosine_weight"),
+        (dict(objective="flow", time_shift=0.0), "time_shift"),
+        (dict(objective="ddpm", time_shift=2.0), "time_shift"),
+        (dict(dispersive_weight=-1.0), "dispersive_weight"),
+        (dict(dispersive_block=-2), "dispersive_block"),
+        (dict(dispersive_temperature=0.0), "dispersive_temperature"),
+    ],
+)
+def test_diffusion_config_refuses_recipe_options_out_of_range(options, field):
+    with pytest.raises(ValueError, match=f"diffusion.{field}"):
+        DiffusionConfig(learn_sigma=False, **options)
+
+
+def test_dispersive_loss_matches_a_double_loop():
+    z = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0), dtype=F64)  # (N, T, D) tokens
+    tau, flat = 0.7, z.flatten(1).tolist()
+    dim = len(flat[0])
+    total = sum(
+        math.exp(-sum((a - b) ** 2 for a, b in zip(flat[i], flat[j])) / dim / tau) for i in range(5) for j in range(5)
+    )
+    assert dispersive_loss(z, tau).item() == pytest.approx(math.log(total / 25), rel=1e-12)
+
+
+def test_dispersive_loss_is_zero_for_collapsed_and_negative_for_spread_representations():
+    g = torch.Generator().manual_seed(0)
+    collapsed = torch.randn(1, 16, 8, generator=g, dtype=F64).expand(6, 16, 8)
+    spread = torch.randn(6, 16, 8, generator=g, dtype=F64)
+    assert dispersive_loss(collapsed).item() == 0.0  # log(1), the maximum
+    assert -math.log(6) < dispersive_loss(spread).item() < 0  # the N diagonal terms bound it below by log(1 / N)
+    assert dispersive_loss(3 * spread).item() < dispersive_loss(spread).item()
+
+
+class _TokenModel:
+    """A stand-in for DiT with its return_block interface: records the call, returns (output, tokens after block k)."""
+
+    def __init__(self):
+        self.kwargs, self.tokens = None, None
+
+    def __call__(self, x, t, y, **kwargs):
+        self.kwargs = kwargs
+        output = 0.5 * x
+        if "return_block" not in kwargs:
+            return output
+        self.tokens = (kwargs["return_block"] + 1) * x.flatten(2).transpose(1, 2) + t.view(-1, 1, 1) / 1000  # (N, T, C)
+        return output, self.tokens
+
+
+def _old_training_losses(model, x0, y, config, schedule, generator):
+    """training_losses as written before the recipe options, step for step (uniform flow times)."""
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    if config.objective == "flow":
+        t = torch.rand(x0.shape[0], generator=generator)
+        output = model(flow_interpolate(x0, noise, t), t * FLOW_TIME_SCALE, y)
+        return {**flow_loss(output, x0, noise), "t": t}
+    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
+    output = model(q_sample(x0, t, noise, schedule.alphas_cumprod), t.to(torch.float32), y)
+    return {**diffusion_loss(output, x0, t, noise, config, schedule), "t": t}
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_training_losses_with_recipe_options_at_their_defaults_are_bit_identical_to_before(schedule, objective):
+    x0, _ = _batch(n=8)
+    y = torch.zeros(8, dtype=torch.long)
+    config = DiffusionConfig(objective=objective, learn_sigma=False)
+    model = _TokenModel()
+    old = _old_training_losses(model, x0, y, config, schedule, torch.Generator().manual_seed(3))
+    new = training_losses(model, x0, y, config, schedule, torch.Generator().manual_seed(3), depth=4)
+    assert model.kwargs == {}  # called as model(x_t, t, y), no return_block
+    assert set(new) == set(old)
+    for key in old:
+        assert torch.equal(new[key], old[key]), key
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_dispersive_weight_calls_the_model_for_block_tokens_and_adds_weight_times_disp(schedule, objective):
+    x0, _ = _batch(n=8)
+    y = torch.zeros(8, dtype=torch.long)
+    plain = training_losses(_TokenModel(), x0, y, DiffusionConfig(objective=objective, learn_sigma=False), schedule,
+                            torch.Generator().manual_seed(3))
+    config = DiffusionConfig(objective=objective, learn_sigma=False, dispersive_weight=0.25, dispersive_temperature=0.5)
+    model = _TokenModel()
+    losses = training_losses(model, x0, y, config, schedule, torch.Generator().manual_seed(3), depth=6)
+    assert model.kwargs == {"return_block": 3}  # -1: the middle block, depth // 2
+    disp = dispersive_loss(model.tokens, 0.5)
+    assert disp.item() < 0
+    torch.testing.assert_close(losses["disp"], disp.expand(8), rtol=0, atol=0)
+    torch.testing.assert_close(losses["loss"], plain["loss"] + 0.25 * disp, rtol=1e-15, atol=0)
+    assert torch.equal(losses["mse"], plain["mse"]) and torch.equal(losses["t"], plain["t"])
+
+
+def test_dispersive_block_is_passed_through_and_checked_against_the_depth():
+    x0, _ = _batch(n=4)
+    y = torch.zeros(4, dtype=torch.long)
+    model = _TokenModel()
+    config = DiffusionConfig(objective="flow", learn_sigma=False, dispersive_weight=0.5, dispersive_block=1)
+    training_losses(model, x0, y, config, None, torch.Generator().manual_seed(0), depth=6)
+    assert model.kwargs == {"return_block": 1}
+    with pytest.raises(ValueError, match="diffusion.dispersive_block"):
+        training_losses(model, x0, y, DiffusionConfig(objective="flow", learn_sigma=False, dispersive_weight=0.5,
+                                                      dispersive_block=6), None, depth=6)
+    with pytest.raises(ValueError, match="depth"):
+        training_losses(model, x0, y, DiffusionConfig(objective="flow", learn_sigma=False, dispersive_weight=0.5), None)
+
+
+def test_velocity_cosine_weight_adds_weight_times_cos_to_the_flow_loss():
+    x0, _ = _batch(n=8)
+    y = torch.zeros(8, dtype=torch.long)
+    plain = training_losses(_TokenModel(), x0, y, DiffusionConfig(objective="flow", learn_sigma=False), None,
+                            torch.Generator().manual_seed(5))
+    config = DiffusionConfig(objective="flow", learn_sigma=False, velocity_cosine_weight=0.5)
+    model = _TokenModel()
+    losses = training_losses(model, x0, y, config, None, torch.Generator().manual_seed(5))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=F64)  # the draw training_losses made
+    x_t = flow_interpolate(x0, noise, losses["t"])
+    cos = velocity_cosine_loss(0.5 * x_t, noise - x0)
+    assert model.kwargs == {}
+    torch.testing.assert_close(losses["cos"], cos, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses["loss"], plain["mse"] + 0.5 * cos, rtol=1e-12, atol=1e-12)
+    assert torch.equal(losses["mse"], plain["mse"])

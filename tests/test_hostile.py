@@ -25,7 +25,7 @@ from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import ConfigError, dump_yaml, load_config
 from ldm.generation import SamplingSettings, sample_latents
 from ldm.models.dit import DiT
-from ldm.training import AtomicCheckpointIO, CheckpointError, lr_factor, read_metrics
+from ldm.training import AtomicCheckpointIO, CheckpointError, check_resume_config, lr_factor, read_metrics
 from pipeline import LatentDiffusionPipeline
 from stages import autoencoder
 from stages.cli import main
@@ -233,6 +233,17 @@ def test_a_changed_learning_rate_needs_the_flag_then_is_used_and_recorded(finish
     assert history[-1]["changes"]["trainer.lr"]["to"] == pytest.approx(1e-5)
     assert history[-1]["changes"]["trainer.max_steps"] == {"from": 4, "to": 5}
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["lr"] == pytest.approx(1e-5)
+
+
+def test_a_setting_added_since_the_run_began_counts_as_its_default_on_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    planted_run(run_dir, {"global_step": 0})
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del stored["trainer"]["logger"]  # a run started before trainer.logger existed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert check_resume_config(run_dir, config_of(run_dir)) == {}
+    changed = check_resume_config(run_dir, config_of(run_dir, "trainer.logger=tensorboard"))
+    assert changed == {"trainer.logger": ("csv", "tensorboard")}
 
 
 def test_allow_change_of_a_key_that_may_not_change_is_refused(tmp_path):

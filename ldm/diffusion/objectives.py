@@ -1,5 +1,6 @@
 """Training objectives as pure tensor functions: the forward process, conversions between what a
-network may predict, the true and the model posterior, improved DDPM's hybrid loss, rectified flow.
+network may predict, the true and the model posterior, improved DDPM's hybrid loss, rectified flow,
+and the opt-in recipe terms (SD3's time shift, LightningDiT's velocity cosine loss, the dispersive loss).
 
 Shapes: x0, x_t, noise are (N, C, ...); t is (N,) int64 rows of a NoiseSchedule; a model output is
 (N, C, ...), or (N, 2C, ...) with learned variance (prediction channels first, variance second, as
@@ -11,6 +12,7 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to, gather
@@ -20,8 +22,9 @@ from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to, g
 FLOW_TIME_SCALE = 1000.0
 
 AlphaBar = Union[Tensor, float]
-# model(x_t (N, C, H, W), t (N,) float32 network timesteps, y (N,) labels) -> (N, C or 2C, H, W)
-ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+# model(x_t (N, C, H, W), t (N,) float32 network timesteps, y (N,) labels) -> (N, C or 2C, H, W);
+# called with return_block=k as well, -> (output, tokens (N, T, D) of the residual stream after block k).
+ConditionalModel = Callable[..., Union[Tensor, tuple[Tensor, Tensor]]]
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -290,7 +293,7 @@ def flow_sample_t(
     generator: Optional[torch.Generator] = None,
     device: Optional[torch.device] = None,
 ) -> Tensor:
-    """Return n float32 flow times in (0, 1): uniform, or logit-normal t = sigmoid(m + s n) (Esser et al. 2024, SD3)."""
+    """Return n float32 flow times in (0, 1): uniform, or logit-normal t = sigmoid(m + s n), then `shift_time`d (SD3)."""
     draw_on = generator.device if generator is not None else device
     if config.time_sampling == "uniform":
         t = torch.rand(n, generator=generator, device=draw_on)
@@ -298,13 +301,76 @@ def flow_sample_t(
         # Logit-normal puts more training on intermediate t, where the velocity is hardest to predict.
         normal = torch.randn(n, generator=generator, device=draw_on)
         t = torch.sigmoid(config.logit_normal_mean + config.logit_normal_std * normal)
+    if config.time_shift != 1:
+        t = shift_time(t, config.time_shift)
     return t.to(device) if device is not None else t
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """Return t' = s t / (1 + (s - 1) t), the time shift of Esser et al. 2024 (SD3, eq. 23); s > 1 moves t toward noise.
+
+    SD3 takes s = sqrt(m / n) for m pixels against a base resolution of n: at more pixels the same
+    noise level destroys less of the image, so training (and sampling) spends more time at high noise.
+    """
+    return shift * t / (1 + (shift - 1) * t)
 
 
 def flow_loss(model_output: Tensor, x0: Tensor, noise: Tensor) -> dict[str, Tensor]:
     """Return per-sample losses (N,): dict(loss, mse) of the velocity regression."""
     mse = mean_flat((flow_velocity_target(x0, noise) - model_output.to(x0.dtype)) ** 2)
     return {"loss": mse, "mse": mse}
+
+
+def velocity_cosine_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """Return per-sample 1 - cos(prediction, target), the cosine over channels at each position, averaged: (N,).
+
+    LightningDiT's cos loss (hustvl/LightningDiT, transport/transport.py:
+    `mean_flat(1 - cosine_similarity(model_output, ut, dim=1))`, added to the MSE with weight 1): it
+    trains the velocity's direction apart from its length. 0 for any positive multiple of the target, 2 for its negative.
+    """
+    return mean_flat(1 - F.cosine_similarity(prediction, target, dim=1))  # cosine (N, H, W) -> (N,)
+
+
+# ----------------------------------------------------------------------------- representation regulariser
+
+
+def dispersive_loss(z: Tensor, temperature: float = 1.0) -> Tensor:
+    """Return the dispersive loss of a batch of representations z (N, ...), a scalar in [-log N, 0].
+
+    L_disp = log mean_{i,j} exp(-D(z_i, z_j) / tau), D the squared L2 distance of the flattened
+    representations divided by their dimension, the mean over all N^2 ordered pairs, i = j included
+    (Wang & He 2025, "Diffuse and Disperse", the InfoNCE-L2 variant, as in their code raywang4/DispLoss):
+    InfoNCE's repulsion without positive pairs. Collapsed representations give log 1 = 0, the maximum.
+    """
+    z = z.flatten(1)  # (N, D)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # exp(-D) of bf16 distances is too coarse
+    n, dim = z.shape
+    sq_dist = F.pdist(z).pow(2) / dim  # (N (N - 1) / 2,), pairs i < j: exact differences, not |a|^2 + |b|^2 - 2ab
+    # Each pair i < j stands for (i, j) and (j, i); the N diagonal terms are exp(0) = 1.
+    return torch.log((2 * torch.exp(-sq_dist / temperature).sum() + n) / n**2)
+
+
+def dispersive_block_index(config: DiffusionConfig, depth: Optional[int]) -> Optional[int]:
+    """Return the block whose tokens the dispersive loss reads (-1 resolves to depth // 2), or None when it is off."""
+    if config.dispersive_weight == 0:
+        return None
+    if config.dispersive_block >= 0:
+        block = config.dispersive_block
+    elif depth is None:
+        raise ValueError("diffusion.dispersive_block = -1 (the middle block) needs the network's depth")
+    else:
+        block = depth // 2
+    if depth is not None and block >= depth:
+        raise ValueError(f"diffusion.dispersive_block = {block}, but the network has {depth} blocks (0..{depth - 1})")
+    return block
+
+
+def _call_model(model: ConditionalModel, x_t: Tensor, t: Tensor, y: Tensor, block: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """Return (output, tokens after `block` or None); without a block the model is called exactly as (x_t, t, y)."""
+    if block is None:
+        return model(x_t, t, y), None
+    output, tokens = model(x_t, t, y, return_block=block)
+    return output, tokens
 
 
 # ----------------------------------------------------------------------------- training entry
@@ -317,25 +383,44 @@ def training_losses(
     config: DiffusionConfig,
     schedule: Optional[NoiseSchedule] = None,
     generator: Optional[torch.Generator] = None,
+    depth: Optional[int] = None,
 ) -> dict[str, Tensor]:
-    """Return per-sample losses (N,) for a batch: dict(loss, mse, [vb], t), drawing t and noise.
+    """Return per-sample losses (N,) for a batch: dict(loss, mse, [vb], [cos], [disp], t), drawing t and noise.
 
     ddpm: t are integer timesteps uniform in [0, T), passed to `model` as float32 (N,); `schedule`
-    is required. flow: t in (0, 1) per `config.time_sampling`, passed to `model` as FLOW_TIME_SCALE * t;
-    `schedule` is unused. A `generator` (on any device) makes the draws reproducible; they are made
-    on its device and moved to x0's. The returned "t" is in the objective's own units, for logging.
+    is required. flow: t in (0, 1) per `config.time_sampling` and `config.time_shift`, passed to
+    `model` as FLOW_TIME_SCALE * t; `schedule` is unused. A `generator` (on any device) makes the
+    draws reproducible; they are made on its device and moved to x0's. The returned "t" is in the
+    objective's own units, for logging.
+
+    Options, off by default (then `model` is called as model(x_t, t, y) and the result is unchanged):
+    velocity_cosine_weight w (flow): "cos" (N,) is `velocity_cosine_loss`, and loss += w * cos.
+    dispersive_weight w: `model` is called with return_block=k (`dispersive_block`; -1 needs `depth`,
+    the network's number of blocks, and means depth // 2) and returns (output, tokens). The
+    dispersive loss couples the samples, so it is one scalar for the batch; "disp" holds it broadcast
+    to (N,) and loss += w * disp, so loss.mean() is the mean diffusion loss + w * L_disp and the
+    mean of "disp" logs L_disp itself.
     """
     n = x0.shape[0]
+    block = dispersive_block_index(config, depth)
     draw_on = generator.device if generator is not None else x0.device
     noise = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=x0.dtype).to(x0.device)
     if config.objective == "flow":
         t = flow_sample_t(n, config, generator, x0.device)
         x_t = flow_interpolate(x0, noise, t)
-        output = model(x_t, t * FLOW_TIME_SCALE, y)
-        return {**flow_loss(output, x0, noise), "t": t}
-    if schedule is None:
-        raise ValueError("objective 'ddpm' needs a NoiseSchedule")
-    t = torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=draw_on).to(x0.device)
-    x_t = q_sample(x0, t, noise, schedule.alphas_cumprod)
-    output = model(x_t, t.to(torch.float32), y)
-    return {**diffusion_loss(output, x0, t, noise, config, schedule), "t": t}
+        output, tokens = _call_model(model, x_t, t * FLOW_TIME_SCALE, y, block)
+        losses = flow_loss(output, x0, noise)
+        if config.velocity_cosine_weight > 0:
+            cos = velocity_cosine_loss(output.to(x0.dtype), flow_velocity_target(x0, noise))
+            losses = {**losses, "loss": losses["loss"] + config.velocity_cosine_weight * cos, "cos": cos}
+    else:
+        if schedule is None:
+            raise ValueError("objective 'ddpm' needs a NoiseSchedule")
+        t = torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=draw_on).to(x0.device)
+        x_t = q_sample(x0, t, noise, schedule.alphas_cumprod)
+        output, tokens = _call_model(model, x_t, t.to(torch.float32), y, block)
+        losses = diffusion_loss(output, x0, t, noise, config, schedule)
+    if tokens is not None:
+        disp = dispersive_loss(tokens, config.dispersive_temperature).expand(n)  # () -> (N,)
+        losses = {**losses, "loss": losses["loss"] + config.dispersive_weight * disp, "disp": disp}
+    return {**losses, "t": t}

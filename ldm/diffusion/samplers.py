@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ldm.diffusion.objectives import FLOW_TIME_SCALE, ConditionalModel, p_mean_variance, x0_from_prediction
+from ldm.diffusion.objectives import FLOW_TIME_SCALE, ConditionalModel, p_mean_variance, shift_time, x0_from_prediction
 from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to
 
 # model_fn(x_t (N, C, H, W), t (N,) float32 network timesteps) -> (N, C or 2C, H, W)
@@ -136,8 +136,7 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
 
 def flow_times(num_steps: int, shift: float = 1.0) -> list[float]:
     """Return num_steps + 1 flow times from 1 to 0; shift > 1 spends more steps at high noise (SD3, eq. 23)."""
-    t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).tolist()
+    return shift_time(torch.linspace(1, 0, num_steps + 1, dtype=torch.float64), shift).tolist()
 
 
 # ----------------------------------------------------------------------------- discrete VP samplers

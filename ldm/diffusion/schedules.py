@@ -50,6 +50,12 @@ class DiffusionConfig:
     # their gradients conflict with the high-noise ones, stop dominating the update.
     loss_weighting: str = "uniform"  # "uniform" | "min-snr"
     min_snr_gamma: float = 5.0
+    # Recipe options below default to off; each names its source.
+    velocity_cosine_weight: float = 0.0  # flow: + w (1 - cos(v_pred, v)) over channels, LightningDiT's cos loss (Yao et al. 2025)
+    time_shift: float = 1.0  # flow: train at t' = s t / (1 + (s - 1) t), s > 1 more at high noise (Esser et al. 2024, SD3)
+    dispersive_weight: float = 0.0  # + w L_disp of one block's tokens, Dispersive Loss (Wang & He 2025, arXiv 2506.09027)
+    dispersive_block: int = -1  # the block (0-based) whose tokens are dispersed; -1: the middle one, depth // 2
+    dispersive_temperature: float = 1.0  # tau of L_disp; the official PyTorch code uses 1, the paper's JAX runs 0.5
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -71,6 +77,20 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.min_snr_gamma = {self.min_snr_gamma}; must be positive")
         if self.logit_normal_std <= 0:
             raise ValueError(f"diffusion.logit_normal_std = {self.logit_normal_std}; must be positive")
+        if not self.velocity_cosine_weight >= 0:
+            raise ValueError(f"diffusion.velocity_cosine_weight = {self.velocity_cosine_weight}; must be >= 0")
+        if self.objective == "ddpm" and self.velocity_cosine_weight > 0:
+            raise ValueError("diffusion.velocity_cosine_weight applies to objective 'flow' only (a ddpm network predicts no velocity)")
+        if not self.time_shift > 0:
+            raise ValueError(f"diffusion.time_shift = {self.time_shift}; must be positive (1 leaves the times as drawn)")
+        if self.objective == "ddpm" and self.time_shift != 1:
+            raise ValueError("diffusion.time_shift applies to objective 'flow' only; keep it at 1 for 'ddpm'")
+        if not self.dispersive_weight >= 0:
+            raise ValueError(f"diffusion.dispersive_weight = {self.dispersive_weight}; must be >= 0")
+        if self.dispersive_block < -1:
+            raise ValueError(f"diffusion.dispersive_block = {self.dispersive_block}; must be a block index >= 0, or -1 for the middle block")
+        if not self.dispersive_temperature > 0:
+            raise ValueError(f"diffusion.dispersive_temperature = {self.dispersive_temperature}; must be positive")
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
