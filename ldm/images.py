@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -80,6 +81,16 @@ def save_side_by_side(inputs: torch.Tensor, recons: torch.Tensor, path: str | Pa
     return save_grid(pairs, path, nrow=2 * pairs_per_row, scale=scale)
 
 
+@dataclass
+class CurvePanel:
+    """One line plot: named (x, y) series, a title, an x axis label, a log y axis when asked."""
+
+    curves: dict[str, Sequence[tuple[float, float]]]
+    title: str = ""
+    log_y: bool = False
+    x_label: str = ""  # written under the x axis; empty for steps, the usual x
+
+
 def save_curves(
     curves: dict[str, Sequence[tuple[float, float]]],
     path: str | Path,
@@ -88,16 +99,40 @@ def save_curves(
     log_y: bool = False,
 ) -> Path:
     """Write a line plot PNG of named (step, value) series and return its path."""
+    return save_curve_panels([CurvePanel(curves, title, log_y)], path, size)
+
+
+def save_curve_panels(panels: Sequence[CurvePanel], path: str | Path, size: tuple[int, int] = (720, 420)) -> Path:
+    """Write line plots side by side, each `size` pixels, as one PNG and return its path."""
     width, height = size
-    left, right, top, bottom = 70, 20, 30, 40
-    image = Image.new("RGB", size, "white")
+    image = Image.new("RGB", (width * len(panels), height), "white")
     draw = ImageDraw.Draw(image)
+    for i, panel in enumerate(panels):
+        _draw_panel(draw, panel, i * width, size)
+    return save_png(image, path)
+
+
+def _tick_label(value: float, span: float) -> str:
+    """Whole numbers on a wide axis (steps), three digits on a narrow one (minutes), k/M for large counts."""
+    if abs(value) >= 1e5:
+        return f"{value / 1e6:.3g}M" if abs(value) >= 1e6 else f"{value / 1e3:.3g}k"
+    return f"{value:.0f}" if span >= 10 else f"{value:.3g}"
+
+
+def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size: tuple[int, int]) -> None:
+    """Draw one line plot into the `size` box whose left edge is at x = `offset`."""
+    width, height = size
+    left, right, top, bottom = offset + 70, 20, 30, 40
+    log_y = panel.log_y
     colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
-    points = {k: [(x, y) for x, y in v if math.isfinite(y) and (y > 0 or not log_y)] for k, v in curves.items()}
+    points = {k: [(x, y) for x, y in v if math.isfinite(y) and (y > 0 or not log_y)] for k, v in panel.curves.items()}
     points = {k: v for k, v in points.items() if v}
+    if panel.title:
+        draw.text((left, 8), panel.title, fill="black")
     if not points:
         draw.text((left, top), "no data", fill="black")
-        return save_png(image, path)
+        return
+    right_edge = offset + width - right
     transform = (lambda y: math.log10(y)) if log_y else (lambda y: y)
     xs = [x for v in points.values() for x, _ in v]
     ys = [transform(y) for v in points.values() for _, y in v]
@@ -105,23 +140,22 @@ def save_curves(
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
 
     def to_px(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x0) / (x1 - x0) * (width - left - right)
+        px = left + (x - x0) / (x1 - x0) * (right_edge - left)
         py = height - bottom - (transform(y) - y0) / (y1 - y0) * (height - top - bottom)
         return px, py
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.rectangle([left, top, right_edge, height - bottom], outline="black")
     for i in range(5):  # axis ticks
         fy = y0 + (y1 - y0) * i / 4
         py = height - bottom - (fy - y0) / (y1 - y0) * (height - top - bottom)
         label = f"{10 ** fy:.3g}" if log_y else f"{fy:.3g}"
-        draw.text((4, py - 6), label, fill="black")
+        draw.text((offset + 4, py - 6), label, fill="black")
         fx = x0 + (x1 - x0) * i / 4
-        px = left + (fx - x0) / (x1 - x0) * (width - left - right)
-        draw.text((px - 10, height - bottom + 6), f"{fx:.0f}", fill="black")
+        px = left + (fx - x0) / (x1 - x0) * (right_edge - left)
+        draw.text((px - 10, height - bottom + 6), _tick_label(fx, x1 - x0), fill="black")
+    if panel.x_label:
+        draw.text((right_edge - 7 * len(panel.x_label), height - 14), panel.x_label, fill="black")
     for i, (name, series) in enumerate(points.items()):
         color = colors[i % len(colors)]
         draw.line([to_px(x, y) for x, y in series], fill=color, width=2)
         draw.text((left + 10, top + 5 + 14 * i), name, fill=color)
-    if title:
-        draw.text((left, 8), title, fill="black")
-    return save_png(image, path)

@@ -236,6 +236,14 @@ def dit_state_dict_to_diffusers(state_dict: dict[str, Tensor], config: DiTConfig
     """Our DiT state dict under DiTTransformer2DModel's names; the embedders are copied into every block."""
     if config.qk_norm:
         raise InteropError("diffusers' DiTTransformer2DModel has no QK-norm; a DiT with qk_norm=true cannot be exported")
+    # The recipe options change the function, which diffusers' DiT cannot express. (TREAD's route_* only
+    # change training: the inference function is a plain DiT's, so a routed DiT converts exactly.)
+    for name, plain in (("norm", "layernorm"), ("mlp", "gelu"), ("pos_embed", "sincos")):
+        if getattr(config, name) != plain:
+            raise InteropError(
+                f"diffusers' DiTTransformer2DModel has only {name}={plain!r}; a DiT with "
+                f"{name}={getattr(config, name)!r} cannot be converted to or from it"
+            )
     if int(config.hidden_size * config.mlp_ratio) != 4 * config.hidden_size:
         raise InteropError(f"diffusers' DiT has mlp_ratio 4; this one has {config.mlp_ratio}")
     out = {theirs: state_dict[ours] for ours, theirs in _one_to_one_dit_keys(config).items()}

@@ -7,6 +7,9 @@ embedding (adaptive LayerNorm with zero-initialised gates), and a final layer ma
 back to a p x p patch of `out_channels` (the noise prediction, plus the variance interpolation
 when `learn_sigma`).
 
+Recipe options, each a `DiTConfig` field that is off by default: RMSNorm, SwiGLU and 2-D RoPE as in
+LightningDiT (Yao et al. 2025), and TREAD token routing in training (Krause et al. 2025).
+
 The whole model lives in this file, together with its size presets (`DIT_PRESETS`) and an
 analytic FLOP count (`dit_forward_flops`) that the benchmark and training logs use for MFU.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed, build_rotary_pos_embed
 from torch.utils.checkpoint import checkpoint
 
 # Width of the sinusoidal timestep features fed to the timestep MLP (as in DiT and ADM).
@@ -43,10 +47,17 @@ class DiTConfig:
     # Timestep frequencies max_period^(-i / (half - shift)), half = 128: 0 is DiT's and ADM's,
     # 1 is diffusers' DiTTransformer2DModel (Timesteps with downscale_freq_shift=1), for imports.
     timestep_freq_shift: int = 0
-    # eps of the LayerNorm before each block's MLP: 1e-6 in DiT; diffusers' DiT uses its norm_eps
+    # eps of the norm before each block's MLP: 1e-6 in DiT; diffusers' DiT uses its norm_eps
     # (default 1e-5) there, so a diffusers import sets it to compute exactly diffusers' function.
     mlp_norm_eps: float = 1e-6
     grad_checkpointing: bool = False  # recompute block activations in backward (training only)
+    # Recipe options, all off by default. LightningDiT: Yao et al. 2025, arXiv 2501.01423 (hustvl/LightningDiT).
+    norm: str = "layernorm"  # "rmsnorm": affine-free RMSNorm as every pre-norm (LightningDiT use_rmsnorm)
+    mlp: str = "gelu"  # "swiglu": SwiGLU MLP of 2/3 the width (Shazeer 2020; LightningDiT use_swiglu)
+    pos_embed: str = "sincos"  # "rope": sin-cos plus 2-D RoPE on q and k (LightningDiT use_rope, from EVA-02)
+    route_ratio: float = 0.0  # tokens that skip blocks, training only (TREAD, Krause et al. 2025, arXiv 2501.04765)
+    route_start: int = 1  # first block the routed tokens skip (TREAD's start_layer_idx)
+    route_end: int = -1  # block where they rejoin, -1: depth - 1 (TREAD's end_layer_idx + 1)
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
@@ -64,11 +75,40 @@ class DiTConfig:
             )
         if not self.mlp_norm_eps > 0:
             raise ValueError(f"mlp_norm_eps must be positive, got {self.mlp_norm_eps}")
+        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "pos_embed": ("sincos", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        head_dim = self.hidden_size // self.num_heads
+        if self.pos_embed == "rope" and head_dim % 4:
+            # Each head's channels split into a row half and a column half of (cos, sin) pairs.
+            raise ValueError(f"pos_embed 'rope' needs a head width divisible by 4, got {head_dim}")
+        if not 0.0 <= self.route_ratio < 1.0:
+            raise ValueError(f"route_ratio must lie in [0, 1), got {self.route_ratio}")
+        if self.route_ratio > 0:
+            start, end = self.route_blocks
+            if not 0 <= start < end <= self.depth:
+                raise ValueError(
+                    f"route_start {self.route_start} and route_end {self.route_end} (-1: depth - 1) must give "
+                    f"0 <= route_start < route_end <= depth = {self.depth}, got blocks [{start}, {end})"
+                )
 
     @property
     def out_channels(self) -> int:
         """Channels of the output: the mean prediction, doubled when the variance is learned too."""
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Width of each block's feed-forward hidden layer: mlp_ratio * D, or 2/3 of it with SwiGLU."""
+        width = int(self.hidden_size * self.mlp_ratio)
+        # SwiGLU has three matrices instead of two; 2/3 keeps the parameters, truncated as LightningDiT does.
+        return int(2 / 3 * width) if self.mlp == "swiglu" else width
+
+    @property
+    def route_blocks(self) -> tuple[int, int]:
+        """The blocks [start, end) that routed tokens skip, with route_end -1 resolved to depth - 1."""
+        return self.route_start, self.depth - 1 if self.route_end == -1 else self.route_end
 
     @property
     def grid_size(self) -> int:
@@ -160,14 +200,44 @@ def timestep_embedding(
     return embedding
 
 
+def rope_2d(head_dim: int, grid_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (sin, cos) tables (grid_size**2, head_dim) of the 2-D rotary embedding, tokens in row-major order.
+
+    EVA-02's VisionRotaryEmbeddingFast, as LightningDiT builds it for use_rope, here from timm: channel pair
+    (2i, 2i+1) of the first half of a head turns by row * omega_i, of the second half by col * omega_i,
+    omega_i = 10000^(-i / (head_dim/4)). Apply with timm's `apply_rot_embed(x, sin, cos)`.
+    """
+    return build_rotary_pos_embed([grid_size, grid_size], dim=head_dim, in_pixels=False, temperature=10000.0)
+
+
+def route_keep_indices(n: int, num_tokens: int, route_ratio: float, device: torch.device) -> torch.Tensor:
+    """Return indices (N, T - int(route_ratio T)) of each sample's tokens that go through the routed blocks, at random.
+
+    As TREAD's Router.get_mask (CompVis/tread routing_module.py): a permutation per sample drawn from the
+    global RNG, of which the first T - int(route_ratio T) tokens are kept and the rest are routed past.
+    """
+    num_keep = num_tokens - int(num_tokens * route_ratio)
+    return torch.rand(n, num_tokens, device=device).argsort(dim=1)[:, :num_keep]
+
+
+def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Return the tokens (N, K, D) of x (N, T, D) at per-sample positions index (N, K)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def put_tokens(x: torch.Tensor, index: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Return a copy of x (N, T, D) whose tokens at positions index (N, K) are replaced by tokens (N, K, D)."""
+    return x.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), tokens)
+
+
 # The helpers below take `inplace`, which a module's forward sets to `not torch.is_grad_enabled()`:
-# without autograd nothing keeps activations for a backward pass, so a buffer that the forward
-# itself created (never a tensor its caller passed in) can be overwritten instead of allocating
-# and streaming through a new one. The arithmetic is the same either way.
+# without autograd nothing keeps activations for a backward pass, so a buffer that nothing reads
+# again can be overwritten instead of allocating and streaming through a new one. The arithmetic
+# is the same either way, so training and inference share one forward.
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """Return x * (1 + scale) + shift for tokens x (N, T, D) and per-sample shift, scale (N, 1, D); into x if inplace."""
+    """Return x * (1 + scale) + shift for tokens x (N, T, D), per-sample shift, scale (N, 1, D); into x if inplace."""
     # One fused kernel instead of a multiply and an add over the (N, T, D) activations.
     return torch.addcmul(shift, x, 1 + scale, out=x if inplace else None)
 
@@ -248,6 +318,15 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+def pre_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """Return an affine-free LayerNorm, or RMSNorm for kind "rmsnorm" (LightningDiT use_rmsnorm), over the last dim."""
+    # No affine parameters: the per-sample shift and scale from adaLN take their place. (LightningDiT's
+    # RMSNorm has a weight, initialised to 1, which the adaLN scale that follows can absorb.)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps, elementwise_affine=False)
+    return nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernel."""
 
@@ -264,8 +343,11 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return softmax(q k^T / sqrt(d)) v for tokens x (N, T, D), projected back to (N, T, D)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Return softmax(q k^T / sqrt(d)) v for tokens x (N, T, D), projected back to (N, T, D).
+
+        rope: (sin, cos) tables (T, d) or per sample (N, 1, T, d) of `rope_2d`, applied to q and k (after QK-norm).
+        """
         n, t, d = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, d), views of one buffer
@@ -275,6 +357,9 @@ class Attention(nn.Module):
             norm_dtype = torch.promote_types(q.dtype, torch.float32)
             q = self.q_norm(q.to(norm_dtype)).to(v.dtype)
             k = self.k_norm(k.to(norm_dtype)).to(v.dtype)
+        if rope is not None:
+            # Rotary embedding (Su et al. 2021) after QK-norm, as LightningDiT: q.k then depends on relative position.
+            q, k = apply_rot_embed(q, *rope), apply_rot_embed(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d)
         x = x.transpose(1, 2).reshape(n, t, d)  # (N, T, H*d)
         return self.proj(x)
@@ -294,45 +379,63 @@ class Mlp(nn.Module):
         return self.fc2(gelu_tanh(hidden, inplace=not torch.is_grad_enabled()))
 
 
+class SwiGLU(nn.Module):
+    """Gated feed-forward network W2(SiLU(W1 x) * W3 x) (Shazeer 2020), W1, W3 stacked as LightningDiT's SwiGLUFFN."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim)  # output rows [W1; W3]
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the gated MLP applied to every token of x (N, T, D)."""
+        # timm's SwiGLUPacked computes the same from the same weights, but allocates a new buffer for
+        # SiLU(gate); without autograd SiLU overwrites the gate here (3-6% of a DiT-F/2 CPU sampling forward).
+        gate, value = self.fc1(x).chunk(2, dim=-1)  # 2 x (N, T, hidden_dim), views of this forward's own buffer
+        return self.fc2(F.silu(gate, inplace=not torch.is_grad_enabled()) * value)
+
+
 class DiTBlock(nn.Module):
     """Transformer block whose pre-norms are modulated by the conditioning (adaLN-Zero)."""
 
-    def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, mlp_norm_eps: float = 1e-6
-    ):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        # No affine parameters: the per-sample shift and scale from adaLN take their place.
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        d = config.hidden_size
+        self.norm1 = pre_norm(config.norm, d, eps=1e-6)
+        self.attn = Attention(d, config.num_heads, qk_norm=config.qk_norm)
+        self.norm2 = pre_norm(config.norm, d, eps=config.mlp_norm_eps)
+        self.mlp = (SwiGLU if config.mlp == "swiglu" else Mlp)(d, config.mlp_hidden_size)
         # Applied to SiLU(c), which the DiT computes once for all blocks.
-        self.adaLN_modulation = nn.Linear(hidden_size, 6 * hidden_size)
+        self.adaLN_modulation = nn.Linear(d, 6 * d)
 
     def modulations(self, c_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """shift, scale, gate of the attention and of the MLP: six (N, 1, D) views of one matmul's output."""
         return self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c_act: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Return the block applied to tokens x (N, T, D) under activated conditioning c_act = SiLU(c) (N, D).
 
-        Without autograd (sampling) the normalised tokens are modulated in place and the second
-        residual adds into the first one's output; x itself is never written.
+        rope: the tokens' rotary (sin, cos) tables for the attention, when the DiT uses RoPE.
+
+        Without autograd (sampling) the residual stream x is updated in place and returned, and the
+        normalised tokens are modulated in place: pass a tensor the caller may lose (`DiT.forward`
+        passes its own). With autograd nothing is written in place.
         """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c_act)
         inplace = not torch.is_grad_enabled()
-        # The first residual always makes a new tensor: x belongs to the caller.
-        x = add_gated(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, inplace)))
+        x = add_gated(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, inplace), rope), inplace)
         x = add_gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, inplace)), inplace)
         return x
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm and a linear map from each token to its p x p x C_out patch."""
+    """adaLN-modulated pre-norm and a linear map from each token to its p x p x C_out patch."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = pre_norm(norm, hidden_size, eps=1e-6)
         self.adaLN_modulation = nn.Linear(hidden_size, 2 * hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
 
@@ -356,11 +459,12 @@ class DiT(nn.Module):
         self.register_buffer(
             "pos_embed", sincos_pos_embed_2d(d, config.grid_size).unsqueeze(0), persistent=False
         )  # (1, T, D)
-        self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio, config.qk_norm, config.mlp_norm_eps)
-            for _ in range(config.depth)
-        )
-        self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
+        if config.pos_embed == "rope":
+            rope_sin, rope_cos = rope_2d(d // config.num_heads, config.grid_size)  # 2 x (T, D / heads)
+            self.register_buffer("rope_sin", rope_sin, persistent=False)
+            self.register_buffer("rope_cos", rope_cos, persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(d, config.patch_size, config.out_channels, config.norm)
         self.initialize_weights()
 
     @property
@@ -394,28 +498,54 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_block: int | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Return the prediction (N, C_out, H, W) for noisy latents x (N, C, H, W), timesteps t (N,), labels y (N,).
 
         With learn_sigma the first C output channels are the mean prediction (e.g. eps) and the
         last C the variance interpolation v. Label index `null_class` requests the unconditional
         prediction; in training mode labels are also dropped at random with class_dropout_prob.
+        With return_block k, return (prediction, tokens): tokens (N, T, D) is the residual stream
+        right after block k (0-based), for a representation loss on it.
+        In training (train mode, autograd on) with route_ratio > 0, a random route_ratio of each
+        sample's tokens skips blocks [route_start, route_end) unchanged (TREAD, Krause et al. 2025).
         """
         cfg = self.config
         if x.shape[-2:] != (cfg.input_size, cfg.input_size):
             raise ValueError(f"expected latents of size {cfg.input_size}x{cfg.input_size}, got {tuple(x.shape)}")
+        if return_block is not None and not 0 <= return_block < cfg.depth:
+            raise ValueError(f"return_block {return_block} is not a block index 0..{cfg.depth - 1}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         # Every consumer of c (each block's and the final layer's adaLN) applies SiLU first; do it once.
         c_act = F.silu(c)
         use_checkpoint = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        rope = (self.rope_sin, self.rope_cos) if cfg.pos_embed == "rope" else None  # 2 x (T, D / heads)
+        # TREAD routes only in training; sampling runs every token through every block.
+        route = cfg.route_ratio > 0 and self.training and torch.is_grad_enabled()
+        route_start, route_end = cfg.route_blocks
+        block_rope, tokens = rope, None
+        for index, block in enumerate(self.blocks):
+            if route and index == route_start:
+                keep = route_keep_indices(x.shape[0], x.shape[1], cfg.route_ratio, x.device)  # (N, K)
+                # The routed tokens wait in `stream` as they are; the kept ones carry their positions' RoPE.
+                stream, x = x, take_tokens(x, keep)  # (N, T, D), (N, K, D)
+                block_rope = None if rope is None else tuple(table[keep].unsqueeze(1) for table in rope)  # (N, 1, K, d)
             if use_checkpoint:
-                x = checkpoint(block, x, c_act, use_reentrant=False)
+                x = checkpoint(block, x, c_act, block_rope, use_reentrant=False)
             else:
-                x = block(x, c_act)
+                x = block(x, c_act, block_rope)  # without autograd, updates x (this forward's own tensor) in place
+            if route and index == route_end - 1:
+                x, block_rope = put_tokens(stream, keep, x), rope  # (N, T, D): the routed tokens rejoin unchanged
+            if index == return_block:
+                if route and route_start <= index < route_end - 1:
+                    tokens = put_tokens(stream, keep, x)  # (N, T, D), the routed tokens as they wait
+                else:
+                    tokens = x.clone()  # a copy: without autograd the later blocks update x in place
         x = self.final_layer(x, c_act)  # (N, T, p*p*C_out)
-        return unpatchify(x, cfg.patch_size, (cfg.grid_size, cfg.grid_size))  # (N, C_out, H, W)
+        out = unpatchify(x, cfg.patch_size, (cfg.grid_size, cfg.grid_size))  # (N, C_out, H, W)
+        return out if return_block is None else (out, tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,30 +584,39 @@ def dit_config(name: str, **overrides) -> DiTConfig:
     return replace(DIT_PRESETS[name], **overrides)
 
 
-def dit_forward_flops(config: DiTConfig) -> int:
+def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
     """Return the matmul FLOPs (2 per multiply-add) of one forward pass for one image.
 
     Counts the patch embedding, timestep MLP, per-block adaLN, qkv and output projections,
-    attention scores q k^T and the weighted sum A v, the MLP, and the final layer; elementwise
-    work (norms, softmax, GELU) is left out as in the paper's count. Half of this number is the
-    paper's "Gflops" (which counts multiply-adds), e.g. 118.6 G for DiT-XL/2. A training step
-    costs about 3x the forward (backward = 2x).
+    attention scores q k^T and the weighted sum A v, the MLP (three matrices with SwiGLU), and the
+    final layer; elementwise work (norms, softmax, GELU/SiLU, RoPE) is left out as in the paper's
+    count. Half of this number is the paper's "Gflops" (which counts multiply-adds), e.g. 118.6 G
+    for DiT-XL/2. A training step costs about 3x the forward (backward = 2x). training=True counts
+    the training forward, in which TREAD routing (route_ratio > 0) leaves the routed blocks
+    T - int(route_ratio T) tokens; the default counts the inference forward, all T tokens everywhere.
     """
     d, t = config.hidden_size, config.num_patches
     p2 = config.patch_size**2
-    mlp_hidden = int(d * config.mlp_ratio)
-    macs_per_block = (
-        d * 6 * d  # adaLN modulation, once per image
-        + t * d * 3 * d  # qkv
-        + t * t * d  # q k^T over all heads
-        + t * t * d  # A v
-        + t * d * d  # attention output projection
-        + 2 * t * d * mlp_hidden  # MLP
-    )
+    mlp_matrices = 3 if config.mlp == "swiglu" else 2
+
+    def macs_per_block(tokens: int) -> int:
+        return (
+            d * 6 * d  # adaLN modulation, once per image
+            + tokens * d * 3 * d  # qkv
+            + tokens * tokens * d  # q k^T over all heads
+            + tokens * tokens * d  # A v
+            + tokens * d * d  # attention output projection
+            + mlp_matrices * tokens * d * config.mlp_hidden_size  # MLP
+        )
+
+    route_start, route_end = config.route_blocks
+    routed = route_end - route_start if training and config.route_ratio > 0 else 0
+    kept = t - int(t * config.route_ratio)
     macs = (
         t * p2 * config.in_channels * d  # patch embedding
         + TIMESTEP_FREQUENCY_DIM * d + d * d  # timestep MLP
-        + config.depth * macs_per_block
+        + (config.depth - routed) * macs_per_block(t)
+        + routed * macs_per_block(kept)
         + d * 2 * d  # final adaLN
         + t * d * p2 * config.out_channels  # final linear
     )
