@@ -193,6 +193,14 @@ CFG_INTERVAL_OPTION = click.option(
 )
 
 
+def MEASUREMENT_OPTIONS(command):
+    """--classifier and --features of the commands that measure samples (`ldm eval samples`, `ldm ema`)."""
+    command = click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True,
+                           help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")(command)
+    return click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True,
+                        help="Classifier for class accuracy (and the Frechet features without Inception).")(command)
+
+
 @main.command("sample")
 @click.option("--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference.")
 @click.option("--n", default=64, show_default=True, help="Number of images.")
@@ -255,8 +263,7 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @DECODER_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=250, show_default=True)
-@click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True, help="Classifier for class accuracy (and the Frechet features without Inception).")
-@click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True, help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")
+@MEASUREMENT_OPTIONS
 @click.option("--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
@@ -286,8 +293,7 @@ def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str
 @CFG_INTERVAL_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=250, show_default=True)
-@click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True, help="Classifier for class accuracy (and the Frechet features without Inception).")
-@click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True, help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")
+@MEASUREMENT_OPTIONS
 @click.option("--out", "out_dir", default=None, help="Folder for report.json and one grid per EMA length (default runs/eval/posthoc-ema-...).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
