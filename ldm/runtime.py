@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import platform
 
+import torch
+
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -43,3 +45,9 @@ def tune_cpu_allocator() -> bool:
     # either default, every free at the top of the heap handing its pages back. mallopt returns 1 on success.
     _tuned = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1
     return _tuned
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously) before a clock is read; a no-op elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

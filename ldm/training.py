@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Subset
 
+from ldm.artifacts import write_atomic
 from ldm.config import ConfigError, TrainerConfig, dump_yaml
 from ldm.data import DataConfig, build_dataset
 from ldm.data.order import FlippableItems, StepBatchSampler
@@ -138,7 +139,7 @@ def start_run(config: Any, resume: bool, allow_changes: Sequence[str] = ()) -> t
     elif allow_changes:
         raise ConfigError("--allow-change applies to --resume only")
     seed_everything(config.trainer.seed)
-    write_atomic_text(run_dir / "config.yaml", dump_yaml(config))
+    write_atomic(run_dir / "config.yaml", dump_yaml(config).encode())
     return run_dir, checkpoint
 
 
@@ -175,7 +176,8 @@ def check_resume_config(run_dir: Path, config: Any, allow_changes: Sequence[str]
     # A key the config no longer has (removed since the run began) cannot change anything; one it has
     # gained since counts as its default, which is what the run trained with.
     defaults = _flatten(yaml.safe_load(dump_yaml(type(config)())))
-    changes = {k: (stored.get(k, defaults.get(k)), new[k]) for k in sorted(new) if stored.get(k, defaults.get(k)) != new[k]}
+    before = {k: stored.get(k, defaults.get(k)) for k in new}
+    changes = {k: (before[k], new[k]) for k in sorted(new) if before[k] != new[k]}
     refused = {k: v for k, v in changes.items() if not _resume_free(k) and k not in allow_changes}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
@@ -195,14 +197,7 @@ def record_resume(run_dir: Path, changes: dict[str, tuple[Any, Any]]) -> None:
     history = json.loads(path.read_text()) if path.is_file() else []
     history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
-    write_atomic_text(path, json.dumps(history, indent=2))
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(history, indent=2).encode())
 
 
 def build_trainer(

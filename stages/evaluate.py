@@ -11,15 +11,17 @@ import torch
 
 from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.config import from_dict
-from ldm.data import DataConfig, build_dataset, data_fingerprint, iterate_images, with_data
+from ldm.data import (
+    DataConfig,
+    build_dataset,
+    data_fingerprint,
+    iterate_images,
+    with_data,
+)
 from ldm.images import save_side_by_side
 from ldm.loading import feature_extractor, load_autoencoder
 from ldm.metrics import FeatureStats, frechet_distance, perceptual_metric, psnr, ssim
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ldm.runtime import synchronize
 
 
 @torch.no_grad()
@@ -52,13 +54,13 @@ def evaluate_reconstruction(
     print(f"evaluating {artifact.ref} on {total} {split} images ...")
     for images, _ in iterate_images(dataset, batch_size, limit):
         images = images.to(device)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         latents = model.encode(images).mode()
-        _sync(device)
+        synchronize(device)
         middle = time.perf_counter()
         recons = model.decode(latents).clamp(-1, 1)
-        _sync(device)
+        synchronize(device)
         encode_seconds += middle - start
         decode_seconds += time.perf_counter() - middle
         n = len(images)

@@ -25,6 +25,7 @@ from ldm.generation import SamplingSettings, model_calls
 from ldm.images import save_grid, save_png, to_pil
 from ldm.loading import feature_extractor, load_classifier
 from ldm.metrics import FeatureStats, frechet_distance
+from ldm.runtime import synchronize
 from pipeline import LatentDiffusionPipeline
 
 GRID_MAX = 256  # grid.png shows every image up to this many; beyond, the first whole rows of classes that fit
@@ -106,7 +107,7 @@ def write_samples(
             batch = labels[start : start + batch_size]
             began = time.perf_counter()
             images = pipe.sample(batch, settings, seed=settings.seed + start, on_model_call=bar.update)
-            _synchronize(pipe.device)
+            synchronize(pipe.device)
             seconds += time.perf_counter() - began
             if single_images:
                 for i, (image, label) in enumerate(zip(to_pil(images), batch.tolist()), start=start):
@@ -163,11 +164,6 @@ def _grid_count(n: int, classes: int) -> int:
 def _check_count(n: int) -> None:
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
-        torch.cuda.synchronize(device)
 
 
 def _write_json(path: Path, report: dict) -> None:
@@ -242,7 +238,7 @@ def measure_samples(pipe: LatentDiffusionPipeline, settings: SamplingSettings, n
             batch_labels = labels[start : start + settings.batch_size]
             began = time.perf_counter()
             images = pipe.sample(batch_labels, settings, seed=settings.seed + start)
-            _synchronize(reference.device)
+            synchronize(reference.device)
             seconds += time.perf_counter() - began
             sample_stats.update(reference.extractor(images))
             correct += int((reference.classifier(images).argmax(1).cpu() == batch_labels).sum())
