@@ -61,6 +61,7 @@ from ldm.config import from_dict, load_config, to_dict  # noqa: E402
 from ldm.data import DataConfig, build_dataset  # noqa: E402
 from ldm.data.latents import LatentBatches, LatentCache  # noqa: E402
 from ldm.diffusion.samplers import per_sample_generators, randn_like_per_sample  # noqa: E402
+from ldm.evaluation import real_statistics  # noqa: E402
 from ldm.generation import SamplingSettings, model_calls, sample_latents  # noqa: E402
 from ldm.images import CurvePanel, save_curve_panels  # noqa: E402
 from ldm.loading import feature_extractor, load_autoencoder, load_classifier  # noqa: E402
@@ -70,7 +71,6 @@ from ldm.runtime import tune_cpu_allocator  # noqa: E402
 from ldm.training import seed_step  # noqa: E402
 from pipeline import LatentDiffusionPipeline  # noqa: E402
 from stages import diffusion  # noqa: E402
-from stages.sample import real_statistics  # noqa: E402
 
 PEER = "diffusers"  # the name of the --peer line in the CSV, the plot and the table
 NO_STEP_LIMIT = 10**7  # max_steps under a minutes-only budget: the lr schedule then never decays

@@ -18,11 +18,11 @@ import yaml
 
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, write_atomic
 from ldm.ema import SNAPSHOT_FOLDER, Snapshot, check_sigma_rel, list_snapshots, reconstruct, sigma_rel_to_gamma
+from ldm.evaluation import (SampleReference, check_folder, evaluation_name, measure_samples, report_metrics,
+                            sample_reference)
 from ldm.generation import SamplingSettings
 from ldm.images import save_grid
 from pipeline import LatentDiffusionPipeline
-from stages.sample import (SampleReference, check_folder, evaluation_name, measure_samples, report_metrics,
-                           sample_reference)
 
 # Config keys a run folder must share with the model for its snapshots to be that model's.
 RUN_IDENTITY = ("model", "diffusion", "trainer.seed", "trainer.batch_size", "posthoc_ema", "posthoc_snapshot_every")
