@@ -23,6 +23,7 @@ class Outer:
     inner: Inner = field(default_factory=Inner)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rate: float = 0.5
+    betas: tuple[float, float] = (0.5, 0.9)  # a fixed-length tuple, as AutoencoderStageConfig.betas
 
 
 
@@ -50,6 +51,18 @@ def test_overrides_are_parsed_as_yaml_and_nested(tmp_path):
     assert config.inner == Inner(width=4, mult=(3, 4, 5), name="abc")
     assert config.trainer.lr == pytest.approx(1e-3)
     assert config.rate == 2.0 and isinstance(config.rate, float)
+
+
+def test_fixed_length_tuple_override_is_coerced_item_by_item_and_dumps_to_yaml():
+    # Bug: items were paired with their types the wrong way round, so `--set betas=[0.9,0.999]`
+    # stored the type `float` itself and writing config.yaml failed with a yaml RepresenterError.
+    config = load_config(Outer, None, ["betas=[0.9, 1]"])
+    assert config.betas == (0.9, 1.0) and all(type(b) is float for b in config.betas)
+    assert "- 0.9" in dump_yaml(config)
+    with pytest.raises(ConfigError, match=r"betas\[1\]: expected a number"):
+        load_config(Outer, None, ["betas=[0.9, fast]"])
+    with pytest.raises(ConfigError, match="betas: expected 2 items, got 3"):
+        load_config(Outer, None, ["betas=[0.9, 0.99, 0.999]"])
 
 
 def test_override_without_equals_sign_is_an_error():
