@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import needs_fmnist
 from ldm.artifacts import ArtifactStore
 from ldm.config import load_config
-from ldm.models.autoencoder import encoder_fingerprint
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.training import read_metrics
 from stages import autoencoder, classifier
 from stages.cli import main
@@ -190,6 +190,33 @@ def test_short_training_lowers_the_loss_and_evaluation_reports_named_metrics(tmp
     assert (tmp_path / "eval" / "reconstructions.png").is_file()
     stored = store.load(artifact.ref).manifest["metrics"]["recon_test"]
     assert stored["psnr_db"] == pytest.approx(report["psnr_db"])
+
+
+def test_scale_equivariance_loss_decodes_the_half_size_latent_against_the_half_size_image():
+    torch.manual_seed(0)
+    ae = AutoencoderKL(AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4, norm_groups=4))
+    x, z = torch.rand(2, 1, 32, 32) * 2 - 1, torch.randn(2, 4, 8, 8)
+    half = lambda t: t.reshape(*t.shape[:2], t.shape[2] // 2, 2, t.shape[3] // 2, 2).mean((3, 5))  # noqa: E731  2x2 means
+    expected = (ae.decode(half(z)) - half(x)).abs().sum() / 2  # per image, like the reconstruction term
+    assert ae.decode(half(z)).shape == (2, 1, 16, 16)
+    assert autoencoder.scale_equivariance_loss(ae, x, z).item() == pytest.approx(expected.item(), rel=1e-5)
+    posterior = ae.encode(x)  # through a posterior sample the term trains the encoder too
+    autoencoder.scale_equivariance_loss(ae, x, posterior.sample()).backward()
+    assert ae.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+@needs_fmnist
+def test_equivariance_weight_adds_its_logged_term_to_the_total(tmp_path):
+    artifact = autoencoder.run(tiny_config(tmp_path, "trainer.max_steps=3", "equivariance_weight=0.5"),
+                               ArtifactStore(tmp_path / "store"))
+    logged = read_metrics(tmp_path / "run")
+    equivariance = [value for _, value in logged["train/equivariance"]]
+    assert len(equivariance) == 3 and min(equivariance) > 0
+    for (_, total), (_, nll), (_, kl), eq in zip(logged["train/total"], logged["train/nll"], logged["train/kl"], equivariance):
+        assert total == pytest.approx(nll + 1e-6 * kl + 0.5 * eq, rel=1e-4)
+    assert artifact.config()["equivariance_weight"] == 0.5
+    with pytest.raises(ValueError, match="equivariance_weight must be >= 0"):
+        tiny_config(tmp_path, "equivariance_weight=-1")
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
