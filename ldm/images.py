@@ -124,7 +124,8 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size:
     width, height = size
     left, right, top, bottom = offset + 70, 20, 30, 40
     log_y = panel.log_y
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+              "#17becf"]  # ten distinct lines, then dashes
     points = {k: [(x, y) for x, y in v if math.isfinite(y) and (y > 0 or not log_y)] for k, v in panel.curves.items()}
     points = {k: v for k, v in points.items() if v}
     if panel.title:
@@ -157,5 +158,14 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size:
         draw.text((right_edge - 7 * len(panel.x_label), height - 14), panel.x_label, fill="black")
     for i, (name, series) in enumerate(points.items()):
         color = colors[i % len(colors)]
-        draw.line([to_px(x, y) for x, y in series], fill=color, width=2)
+        pixels = [to_px(x, y) for x, y in series]
+        if i < len(colors):
+            draw.line(pixels, fill=color, width=2)
+        else:  # dashed: every other tenth of each segment
+            for (ax, ay), (bx, by) in zip(pixels, pixels[1:]):
+                for k in range(0, 10, 2):
+                    draw.line([(ax + (bx - ax) * k / 10, ay + (by - ay) * k / 10),
+                               (ax + (bx - ax) * (k + 1) / 10, ay + (by - ay) * (k + 1) / 10)], fill=color, width=2)
+        for px, py in pixels:  # the measured points
+            draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=color)
         draw.text((left + 10, top + 5 + 14 * i), name, fill=color)

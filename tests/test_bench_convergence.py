@@ -50,4 +50,4 @@ def test_convergence_bench_writes_rows_of_both_lines_at_the_evaluation_points_an
     assert all(float(r["fd"]) > 0 and 0 <= float(r["class_accuracy"]) <= 1 for r in rows)
     assert (out / "convergence.png").stat().st_size > 0
     setup = json.loads((out / "convergence.json").read_text())
-    assert setup["real_floor"]["fd"] > 0 and setup["recipes"]["tiny"]["sampler"] == "dpm++2m"
+    assert setup["real_floor"]["fd"] > 0 and setup["recipes"]["tiny"]["sampler"] == "flow-euler"  # the quick preset is a flow

@@ -161,16 +161,16 @@ def test_ema_decay_warms_up_so_a_short_run_does_not_keep_the_zero_initialised_ou
 @needs_fmnist
 def test_ema_samples_of_a_short_run_stay_on_the_data_scale(tmp_path, store_with_cache):
     store = store_with_cache[0]
-    artifact = diffusion.run(dit_config(tmp_path, store_with_cache, "trainer.max_steps=100", "ema_decay=0.999"), store)
-    from ldm.diffusion.schedules import DiffusionConfig
+    config = dit_config(tmp_path, store_with_cache, "trainer.max_steps=100", "ema_decay=0.999")
+    artifact = diffusion.run(config, store)
     from ldm.generation import sample_latents
 
     spread = {}
     for name in ("weights.safetensors", "raw.safetensors"):  # EMA and trained weights
-        model = diffusion.DiT(dit_config(tmp_path, store_with_cache).model)
+        model = diffusion.DiT(config.model)
         model.load_state_dict(artifact.load_tensors(name))
-        z = sample_latents(model.eval(), DiffusionConfig(learn_sigma=False), torch.arange(8),
-                           SamplingSettings(sampler="dpm++2m", num_steps=20))
+        z = sample_latents(model.eval(), config.diffusion, torch.arange(8),
+                           SamplingSettings(num_steps=20).resolved(config.diffusion))  # the objective's sampler
         spread[name] = z.std().item()
     assert spread["weights.safetensors"] < 2 * spread["raw.safetensors"]
 
