@@ -119,13 +119,15 @@ def _tick_label(value: float, span: float) -> str:
     return f"{value:.0f}" if span >= 10 else f"{value:.3g}"
 
 
+CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+                "#17becf")  # ten distinct lines, then the same colours dashed
+
+
 def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size: tuple[int, int]) -> None:
     """Draw one line plot into the `size` box whose left edge is at x = `offset`."""
     width, height = size
     left, right, top, bottom = offset + 70, 20, 30, 40
     log_y = panel.log_y
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-              "#17becf"]  # ten distinct lines, then dashes
     points = {k: [(x, y) for x, y in v if math.isfinite(y) and (y > 0 or not log_y)] for k, v in panel.curves.items()}
     points = {k: v for k, v in points.items() if v}
     if panel.title:
@@ -157,9 +159,9 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size:
     if panel.x_label:
         draw.text((right_edge - 7 * len(panel.x_label), height - 14), panel.x_label, fill="black")
     for i, (name, series) in enumerate(points.items()):
-        color = colors[i % len(colors)]
+        color = CURVE_COLORS[i % len(CURVE_COLORS)]
         pixels = [to_px(x, y) for x, y in series]
-        if i < len(colors):
+        if i < len(CURVE_COLORS):
             draw.line(pixels, fill=color, width=2)
         else:  # dashed: every other tenth of each segment
             for (ax, ay), (bx, by) in zip(pixels, pixels[1:]):

@@ -169,7 +169,7 @@ def evaluate_samples(
     report, first = measure_samples(pipe, settings, n, reference)
     name = evaluation_name(pipe, settings, n)
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
-    write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
+    _write_json(out_dir / "report.json", report)
     grid = save_grid(first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2)
     store.update_manifest(store.load(model_ref, stage="diffusion", verify=False), metrics={name: report_metrics(report)})
     print_sample_report(report, out_dir, grid)
