@@ -74,6 +74,8 @@ class SampleReference:
     n_real: int  # test (and train) images in the statistics
     reference_distance: float  # train vs test images: what a perfect model would reach
     autoencoder_distance: float  # reconstructed train vs test images: the floor through this autoencoder
+    real_accuracy: float  # the classifier's accuracy on the same train images
+    autoencoder_accuracy: float  # ... and on their reconstructions: the ceiling of samples decoded by this autoencoder
     test_fingerprint: str
     device: torch.device
 
@@ -92,16 +94,20 @@ def sample_reference(store: ArtifactStore, pipe, n: int, classifier_ref: str, fe
     n_real = min(n, len(test), len(train))
     test_stats = real_statistics(extractor, test, n_real, batch_size, device)
     train_stats, reconstruction_stats = FeatureStats(), FeatureStats()
-    for images, _ in iterate_images(train, batch_size, n_real):  # one pass: each image as is and reconstructed
-        images = images.to(device)
+    real_correct = reconstruction_correct = 0
+    for images, labels in iterate_images(train, batch_size, n_real):  # one pass: each image as is and reconstructed
+        images, labels = images.to(device), labels.to(device)
+        reconstructions = pipe.decode(pipe.encode(images))
         train_stats.update(extractor(images))
-        reconstruction_stats.update(extractor(pipe.decode(pipe.encode(images))))
+        reconstruction_stats.update(extractor(reconstructions))
+        real_correct += int((classifier(images).argmax(1) == labels).sum())
+        reconstruction_correct += int((classifier(reconstructions).argmax(1) == labels).sum())
     reference = frechet_distance(train_stats.mean(), train_stats.cov(), test_stats.mean(), test_stats.cov())
     autoencoder_floor = frechet_distance(
         reconstruction_stats.mean(), reconstruction_stats.cov(), test_stats.mean(), test_stats.cov()
     )
     return SampleReference(extractor, classifier, classifier_artifact.ref, test_stats, n_real, reference, autoencoder_floor,
-                           data_fingerprint(data_config, "test"), device)
+                           real_correct / n_real, reconstruction_correct / n_real, data_fingerprint(data_config, "test"), device)
 
 
 @torch.no_grad()
@@ -139,6 +145,9 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
         "autoencoder_reference_distance": reference.autoencoder_distance,
         "autoencoder_reference": f"{n_real} train images encoded and decoded by {pipe.provenance.autoencoder} vs {n_real} test images",
         "class_accuracy": correct / n,
+        "real_class_accuracy": reference.real_accuracy,
+        "autoencoder_class_accuracy": reference.autoencoder_accuracy,
+        "class_accuracy_reference": f"the same {n_real} train images as they are and encoded and decoded by {pipe.provenance.autoencoder}",
         "class_accuracy_classifier": reference.classifier_ref,
         "seconds_per_image": seconds / n,
         "test_data": {"images": n_real, "fingerprint": reference.test_fingerprint},
@@ -158,7 +167,7 @@ def evaluation_name(pipe, settings: SamplingSettings, n: int) -> str:
 
 
 METRIC_KEYS = ("frechet_distance", "real_reference_distance", "autoencoder_reference_distance", "class_accuracy",
-               "seconds_per_image")  # what a manifest's metrics keep of a sample report
+               "real_class_accuracy", "autoencoder_class_accuracy", "seconds_per_image")  # what a manifest's metrics keep of a sample report
 
 
 def report_metrics(report: dict) -> dict:

@@ -190,5 +190,5 @@ def print_table(rows: list[dict], chosen: float, report: dict) -> None:
     for row in rows:
         mark = "  <- stored" if row["sigma_rel"] == chosen else ""
         print(f"  {row['weights']:<40} {row['frechet_distance']:10.4f} {row['class_accuracy']:10.4f}{mark}")
-    print(f"  {'real train vs test':<40} {report['real_reference_distance']:10.4f}")
-    print(f"  {'autoencoder reconstructions':<40} {report['autoencoder_reference_distance']:10.4f}")
+    print(f"  {'real train vs test':<40} {report['real_reference_distance']:10.4f} {report['real_class_accuracy']:10.4f}")
+    print(f"  {'autoencoder reconstructions':<40} {report['autoencoder_reference_distance']:10.4f} {report['autoencoder_class_accuracy']:10.4f}")

@@ -1,4 +1,4 @@
-"""Reconstruction evaluation of an autoencoder artifact: PSNR, SSIM, LPIPS, rFID and throughput."""
+"""Reconstruction evaluation of an autoencoder artifact: PSNR, SSIM, LPIPS, rFID, class accuracy and throughput."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.artifacts import ArtifactStore, write_atomic
+from ldm.artifacts import ArtifactError, ArtifactStore, write_atomic
 from ldm.config import from_dict
 from ldm.data import (
     DataConfig,
@@ -19,7 +19,7 @@ from ldm.data import (
     with_data,
 )
 from ldm.images import save_side_by_side
-from ldm.loading import feature_extractor, load_autoencoder
+from ldm.loading import feature_extractor, load_autoencoder, load_classifier
 from ldm.metrics import FeatureStats, frechet_distance, perceptual_metric, psnr, ssim
 from ldm.runtime import synchronize
 
@@ -46,14 +46,19 @@ def evaluate_reconstruction(
     dataset = build_dataset(data_config, split)
     extractor = feature_extractor(store, features, classifier_ref, device)
     perceptual = perceptual_metric(lpips).to(device)
+    try:  # the class accuracy of reconstructions caps that of samples decoded by this autoencoder
+        classifier_artifact = store.load(classifier_ref, stage="classifier")
+        classifier = load_classifier(classifier_artifact, device)
+    except ArtifactError:
+        classifier_artifact = classifier = None  # Inception features need no classifier: accuracy is left out
     real_stats, recon_stats = FeatureStats(), FeatureStats()
-    totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "real_correct": 0, "recon_correct": 0}
     count, encode_seconds, decode_seconds = 0, 0.0, 0.0
     first_inputs = first_recons = None
     total = min(limit, len(dataset)) if limit else len(dataset)
     print(f"evaluating {artifact.ref} on {total} {split} images ...")
-    for images, _ in iterate_images(dataset, batch_size, limit):
-        images = images.to(device)
+    for images, labels in iterate_images(dataset, batch_size, limit):
+        images, labels = images.to(device), labels.to(device)
         synchronize(device)
         start = time.perf_counter()
         latents = model.encode(images).mode()
@@ -69,6 +74,9 @@ def evaluate_reconstruction(
         totals["lpips"] += float(perceptual(recons, images).sum())
         real_stats.update(extractor(images))
         recon_stats.update(extractor(recons))
+        if classifier is not None:
+            totals["real_correct"] += int((classifier(images).argmax(1) == labels).sum())
+            totals["recon_correct"] += int((classifier(recons).argmax(1) == labels).sum())
         count += n
         if first_inputs is None:
             first_inputs, first_recons = images[:32].cpu(), recons[:32].cpu()
@@ -86,6 +94,9 @@ def evaluate_reconstruction(
         "rfid": rfid,
         "rfid_features": extractor.name,
         "rfid_is_standard_fid": bool(extractor.is_standard),
+        "class_accuracy": totals["recon_correct"] / count if classifier is not None else None,
+        "real_class_accuracy": totals["real_correct"] / count if classifier is not None else None,
+        "class_accuracy_classifier": classifier_artifact.ref if classifier is not None else None,
         "encode_images_per_s": count / encode_seconds,
         "decode_images_per_s": count / decode_seconds,
         "device": str(device),
@@ -94,7 +105,8 @@ def evaluate_reconstruction(
     out_dir = Path(out_dir or Path("runs") / "eval" / f"recon-{artifact.version}-{split}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     picture = save_side_by_side(first_inputs, first_recons, out_dir / "reconstructions.png")
-    metrics = {k: report[k] for k in ("psnr_db", "ssim", "lpips", "rfid", "encode_images_per_s", "decode_images_per_s")}
+    metrics = {k: report[k] for k in ("psnr_db", "ssim", "lpips", "rfid", "class_accuracy", "real_class_accuracy",
+                                      "encode_images_per_s", "decode_images_per_s")}
     metrics.update(images=count, lpips_backbone=report["lpips_backbone"], rfid_features=report["rfid_features"])
     store.update_manifest(artifact, metrics={f"recon_{split}": metrics})
     print_report(report, out_dir, picture)
@@ -109,6 +121,9 @@ def print_report(report: dict, out_dir: Path, picture: Path) -> None:
     print(f"  SSIM      {report['ssim']:8.4f}")
     print(f"  LPIPS     {report['lpips']:8.4f}   [{report['lpips_backbone']}]")
     print(f"  {fid_name:<9} {report['rfid']:8.4f}   [{report['rfid_features']}]")
+    if report["class_accuracy"] is not None:
+        print(f"  class acc {report['class_accuracy']:8.4f}   (real images {report['real_class_accuracy']:.4f}; "
+              f"{report['class_accuracy_classifier']}: the ceiling for samples decoded by this autoencoder)")
     print(f"  encode    {report['encode_images_per_s']:8.1f} images/s, decode {report['decode_images_per_s']:.1f} images/s "
           f"({report['device']}, {report['threads']} threads)")
     print(f"  report {out_dir / 'report.json'}   side-by-side {picture}")

@@ -186,6 +186,8 @@ def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     print(f"  reconstructions        {report['autoencoder_reference_distance']:9.4f}   ({report['autoencoder_reference']}: "
           f"the floor for samples decoded by this autoencoder)")
     print(f"  class accuracy         {report['class_accuracy']:9.4f}   [{report['class_accuracy_classifier']}]")
+    print(f"  real, reconstructed    {report['real_class_accuracy']:.4f}, {report['autoencoder_class_accuracy']:.4f}   "
+          f"({report['class_accuracy_reference']}: the second is the ceiling for samples)")
     print(f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads)")
     print(f"  report {out_dir / 'report.json'}   grid {grid}")
 

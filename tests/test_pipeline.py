@@ -11,7 +11,7 @@ from conftest import needs_fmnist
 
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import to_dict
-from ldm.data import DataConfig
+from ldm.data import DataConfig, build_dataset, iterate_images
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.generation import SamplingSettings
@@ -276,6 +276,13 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     assert 0 < report["real_reference_distance"] < report["autoencoder_reference_distance"]
     assert report["autoencoder_reference"].startswith(f"40 train images encoded and decoded by {store.list('autoencoder')[0].ref}")
     assert report["ratio_to_reference"] == pytest.approx(report["frechet_distance"] / report["real_reference_distance"])
+    # The accuracy ceiling: the classifier on the same 40 train images, as they are and through the autoencoder.
+    pipe = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store)
+    images, labels = next(iterate_images(build_dataset(DataConfig(hflip=False), "train"), 40, 40))
+    with torch.no_grad():
+        real = (classifier(images).argmax(1) == labels).float().mean().item()
+        rebuilt = (classifier(pipe.decode(pipe.encode(images))).argmax(1) == labels).float().mean().item()
+    assert report["real_class_accuracy"] == pytest.approx(real) and report["autoencoder_class_accuracy"] == pytest.approx(rebuilt)
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
     assert report["guidance_interval"] == [100.0, 800.0] and report["spacing"] == "trailing"
     recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-t100-800-n40"]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,9 @@ from PIL import Image
 
 from conftest import needs_fmnist
 from ldm.artifacts import ArtifactStore
-from ldm.config import load_config
+from ldm.config import from_dict, load_config
+from ldm.data import DataConfig, build_dataset, iterate_images
+from ldm.loading import load_autoencoder, load_classifier
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.training import read_metrics
 from stages import autoencoder, classifier
@@ -190,6 +193,15 @@ def test_short_training_lowers_the_loss_and_evaluation_reports_named_metrics(tmp
     assert (tmp_path / "eval" / "reconstructions.png").is_file()
     stored = store.load(artifact.ref).manifest["metrics"]["recon_test"]
     assert stored["psnr_db"] == pytest.approx(report["psnr_db"])
+    # Class accuracy of the first 100 test images, as they are and through the posterior mode.
+    ae, clf = load_autoencoder(store.load(artifact.ref)), load_classifier(store.load(feature_classifier.ref))
+    data = replace(from_dict(DataConfig, store.load(artifact.ref).config()["data"], "data"), hflip=False)
+    images, labels = next(iterate_images(build_dataset(data, "test"), 100, 100))
+    with torch.no_grad():
+        real = (clf(images).argmax(1) == labels).float().mean().item()
+        rebuilt = (clf(ae.decode(ae.encode(images).mode()).clamp(-1, 1)).argmax(1) == labels).float().mean().item()
+    assert report["real_class_accuracy"] == pytest.approx(real) and report["class_accuracy"] == pytest.approx(rebuilt)
+    assert stored["class_accuracy"] == pytest.approx(rebuilt) and report["class_accuracy_classifier"] == feature_classifier.ref
 
 
 def test_scale_equivariance_loss_decodes_the_half_size_latent_against_the_half_size_image():
