@@ -205,7 +205,7 @@ def test_resume_with_another_model_is_refused_listing_the_keys_and_writes_nothin
     parts = sorted(p.name for p in (run_dir / "logs").iterdir())
     result = train_cli(tmp_path / "store", run_dir, "trainer.max_steps=4", "trainer.checkpoint_every=4", "model.ch=16",
                        "model.latent_channels=2", resume=True)
-    assert_clean_failure(result, "model.ch: 8 -> 16", "model.latent_channels: 4 -> 2", "another --run-dir")
+    assert_clean_failure(result, "model.ch: 8 -> 16", "model.latent_channels: 8 -> 2", "another --run-dir")
     assert (run_dir / "config.yaml").read_text() == before
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == parts
     assert not (run_dir / "resumes.json").exists()

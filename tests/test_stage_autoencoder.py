@@ -34,6 +34,7 @@ TINY = [
     "model.num_res_blocks=1",
     "loss.perceptual.net=squeeze",
     "loss.perceptual.backbone=random",
+    "loss.perceptual.weight=0.1",  # the quick preset trains without it; these runs keep the LPIPS path
     "train_subset=256",
     "trainer.batch_size=16",
     "trainer.log_every=1",

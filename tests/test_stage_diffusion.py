@@ -45,7 +45,7 @@ def store_with_cache(tmp_path_factory):
     config = load_config(
         autoencoder.AutoencoderStageConfig,
         ROOT / "configs/fmnist/autoencoder-quick.yaml",
-        ["model.ch=8", "loss.perceptual.net=squeeze", "train_subset=1024", "trainer.max_steps=40",
+        ["model.ch=8", "model.latent_channels=4", "loss.perceptual.net=squeeze", "train_subset=1024", "trainer.max_steps=40",
          "trainer.lr=2e-3", "trainer.progress=false", "trainer.image_every=0", f"run_dir={root / 'ae'}"],
     )
     ae = autoencoder.run(config, store)
@@ -85,7 +85,7 @@ def test_cache_holds_posterior_of_images_and_flips_with_measured_stats(store_wit
 
     stats = measure_stats(cache.mean, cache.std, "channel")
     samples = cache.mean + cache.std * torch.randn_like(cache.mean)  # (N, V, C, h, w)
-    per_channel = samples.transpose(0, 2).reshape(4, -1)
+    per_channel = samples.transpose(0, 2).reshape(samples.shape[2], -1)
     np.testing.assert_allclose(stats.mean, per_channel.mean(1).numpy(), atol=0.02 * max(stats.std))
     np.testing.assert_allclose(stats.std, per_channel.std(1).numpy(), rtol=0.02)
     assert artifact.manifest["latent_stats"] == stats.to_dict()
