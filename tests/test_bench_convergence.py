@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import convergence  # noqa: E402
 
-TINY_RECIPE = ("tiny=configs/fmnist/diffusion-quick.yaml:model.depth=1,model.hidden_size=32,model.num_heads=2,"
+TINY_RECIPE = ("tiny=configs/fmnist/diffusion-quick.yaml:model.in_channels=4,model.depth=1,model.hidden_size=32,model.num_heads=2,"
                "trainer.batch_size=16,trainer.log_every=1")
 
 
