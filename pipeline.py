@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 from ldm.artifacts import ArtifactStore
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
+from ldm.caching import BlockCache, CacheSchedule, schedule_from_changes
 from ldm.generation import SamplingSettings, model_calls, sample_latents
 from ldm.images import check_range, to_pil
-from ldm.loading import check_guide, dit_configs, load_decoder, load_dit
+from ldm.loading import check_guide, dit_configs, load_decoder, load_dit, stored_precision
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.dit import DiT
+from ldm.quantize import check_precision
 
 Labels = Union[int, Sequence[int], torch.Tensor]
 
@@ -65,6 +67,7 @@ class LatentDiffusionPipeline:
         stats: LatentStats,
         provenance: Optional[Provenance] = None,
         guide: Optional[DiT] = None,
+        precision: str = "float32",
     ) -> None:
         if tuple(autoencoder.config.latent_shape) != (model.config.in_channels, model.config.input_size, model.config.input_size):
             raise ValueError(
@@ -78,6 +81,8 @@ class LatentDiffusionPipeline:
         self.diffusion = diffusion
         self.stats = stats
         self.provenance = provenance
+        self.precision = check_precision(precision)  # "bf16": the DiT runs under bf16 autocast; "int8": it is quantised
+        self.block_evaluations = {"evaluated": 0, "skipped": 0}  # DiT blocks run and reused by step caching, summed over calls
         self.guide = None
         if guide is not None:
             ours, theirs = ((c.in_channels, c.input_size, c.num_classes) for c in (model.config, guide.config))
@@ -97,6 +102,7 @@ class LatentDiffusionPipeline:
         weights: str = "ema",
         device: Union[str, torch.device] = "cpu",
         guide: Optional[str] = None,
+        precision: Optional[str] = None,
     ) -> "LatentDiffusionPipeline":
         """Load a `diffusion` artifact and the autoencoder of its lineage (files checksum-verified).
 
@@ -107,22 +113,26 @@ class LatentDiffusionPipeline:
         `guide`: a weaker `diffusion` artifact (smaller, or trained for less) of the same latents and
         parametrisation, for autoguidance (Karras et al. 2024) by `sample(..., guide_scale=...)`. Any
         other is refused (see `check_guide`).
+        `precision`: "float32"; "bf16" (autocast, for GPUs and CPUs with bf16 matmuls); "int8" (the block
+        linears quantised for the CPU, `ldm.quantize`; the guide too). None: the artifact's own, which is
+        "int8" for one stored by `ldm export diffusion --quantize int8`.
         """
         store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         artifact = store.load(model, stage="diffusion")
         chosen, decoder, override = load_decoder(store, artifact, autoencoder, allow_autoencoder_mismatch, device)
         dit_config, diffusion = dit_configs(artifact)
-        dit = load_dit(artifact, weights, device)
+        precision = check_precision(precision or stored_precision(artifact))
+        dit = load_dit(artifact, weights, device, precision)
         stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
         guide_model = None
         if guide is not None:
             guide_artifact = store.load(guide, stage="diffusion")
             check_guide(artifact, dit_config, diffusion, guide_artifact, *dit_configs(guide_artifact))
-            guide_model = load_dit(guide_artifact, weights, device)
+            guide_model = load_dit(guide_artifact, weights, device, "int8" if precision == "int8" else None)
             guide = guide_artifact.ref
         provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override,
                                 artifact.manifest["autoencoder"], guide)
-        return cls(dit, decoder, diffusion, stats, provenance, guide_model)
+        return cls(dit, decoder, diffusion, stats, provenance, guide_model, precision)
 
     @property
     def device(self) -> torch.device:
@@ -234,6 +244,22 @@ class LatentDiffusionPipeline:
             result = torch.lerp(images.to(result).clamp(-1, 1), result, mask)  # clamp: inputs may carry round-off
         return self._output(result, output)
 
+    def calibrate_cache(self, settings: Optional[SamplingSettings] = None, fraction: float = 0.3, n: Optional[int] = None,
+                        seed: int = 1_000_000, **options) -> CacheSchedule:
+        """A step-caching schedule for these settings that skips `fraction` of the DiT's block evaluations.
+
+        Samples n class-balanced latents (default 4 per class) once without skipping, from seeds far from
+        those an evaluation uses, and marks the (call, block) pairs whose residual changed least from the
+        previous call (`ldm.caching.schedule_from_changes`). Pass the result as `sample(..., cache=schedule)`.
+        """
+        settings = self.settings(settings, **options)
+        labels = torch.arange(n or 4 * self.num_classes) % self.num_classes
+        recorder = BlockCache(record=True)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            sample_latents(self.model, self.diffusion, labels, replace(settings, seed=seed, cache=None), guide=self.guide,
+                           cache=recorder)
+        return schedule_from_changes(recorder.changes, fraction)
+
     # ------------------------------------------------------------------ internals
 
     def _labels(self, class_labels: Labels, n: Optional[int] = None) -> torch.Tensor:
@@ -278,9 +304,11 @@ class LatentDiffusionPipeline:
         bar = tqdm(total=math.ceil(len(labels) / size) * model_calls(settings.sampler, settings.num_steps, strength),
                    desc=f"{settings.sampler} x{settings.num_steps}", unit="step", disable=not progress, leave=False)
         out = []
-        with bar:
+        autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
+        with bar, autocast:
             for start in range(0, len(labels), size):
                 part = slice(start, start + size)
+                cache = None if settings.cache is None else BlockCache(settings.cache)
                 out.append(sample_latents(
                     self.model, self.diffusion, labels[part],
                     replace(settings, seed=settings.seed + start),  # image i always draws from seed + i
@@ -289,7 +317,11 @@ class LatentDiffusionPipeline:
                     regenerate=None if regenerate is None else regenerate[part],
                     on_model_call=on_model_call or (bar.update if progress else None),
                     guide=self.guide,
+                    cache=cache,
                 ))
+                if cache is not None:
+                    self.block_evaluations["evaluated"] += cache.evaluated
+                    self.block_evaluations["skipped"] += cache.skipped
         return torch.cat(out)
 
     def _decode_batched(self, latents: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ def report_settings(pipe, settings: SamplingSettings) -> dict:
         "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None, "seed": settings.seed,
         "guide": pipe.provenance.guide if pipe.provenance else None,  # autoguidance: the weaker DiT that guides
         "guide_scale": settings.guide_scale if pipe.guide is not None else None,
+        "precision": pipe.precision,
     }
 
 
@@ -163,7 +164,9 @@ def evaluation_name(pipe, settings: SamplingSettings, n: int) -> str:
     spaced = "" if settings.spacing == "trailing" else f"-{settings.spacing}"
     decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
     guided = f"-guide{settings.guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
-    return f"samples-{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}{decoder}-n{n}"
+    precision = "" if pipe.precision == "float32" else f"-{pipe.precision}"
+    return (f"samples-{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}{decoder}"
+            f"{precision}-n{n}")
 
 
 METRIC_KEYS = ("frechet_distance", "real_reference_distance", "autoencoder_reference_distance", "class_accuracy",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
 
+from ldm.caching import BlockCache, CacheSchedule, cached
 from ldm.diffusion.samplers import (FLOW_SAMPLERS, SAMPLERS, SPACINGS, Denoiser, InpaintDenoiser, cfg_denoiser,
                                     check_guidance_interval, per_sample_generators, randn_like_per_sample, run_sampler)
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
@@ -45,6 +47,7 @@ class SamplingSettings:
     shift: float = 1.0  # time shift of the flow samplers' grid
     seed: int = 0  # image i draws from seed + i, whatever the batch
     batch_size: int = 64
+    cache: Optional[CacheSchedule] = None  # step caching: blocks that reuse their previous residual (ldm.caching)
 
     def __post_init__(self) -> None:
         if self.sampler is not None and self.sampler not in SAMPLERS:
@@ -64,6 +67,13 @@ class SamplingSettings:
         if self.variance not in VARIANCES:
             raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {self.variance!r}")
         object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
+        if self.cache is not None:
+            if not isinstance(self.cache, CacheSchedule):
+                raise ValueError(f"cache must be a CacheSchedule (see ldm.caching.calibrate), got {type(self.cache).__name__}")
+            if self.sampler is not None and self.cache.calls != model_calls(self.sampler, self.num_steps):
+                raise ValueError(f"the cache schedule is for {self.cache.calls} network calls, but {self.sampler} with "
+                                 f"{self.num_steps} steps makes {model_calls(self.sampler, self.num_steps)}: calibrate one "
+                                 f"for this setting")
 
     def resolved(self, diffusion: DiffusionConfig) -> "SamplingSettings":
         """These settings with the sampler chosen for the objective; raise ValueError for a sampler of the other one."""
@@ -97,6 +107,7 @@ def sample_latents(
     regenerate: Optional[torch.Tensor] = None,
     on_model_call: Optional[Callable[[], None]] = None,
     guide: Optional[DiT] = None,
+    cache: Optional[BlockCache] = None,
 ) -> torch.Tensor:
     """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on settings.seed + i.
 
@@ -105,7 +116,8 @@ def sample_latents(
     `on_model_call` is called after every sampler evaluation (progress bars). `guide`: a weaker DiT
     of the same latents and parametrisation, for autoguidance at settings.guide_scale (see
     `cfg_denoiser`); the caller checks that it fits. `settings.batch_size` is the caller's business:
-    all of `labels` is one batch here.
+    all of `labels` is one batch here. `cache`: a BlockCache for this run (made from settings.cache when
+    None and the settings have a schedule); the caller may read its counts of evaluated and skipped blocks.
     """
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}")
@@ -136,8 +148,13 @@ def sample_latents(
     generators = per_sample_generators(settings.seed, len(labels))
     noise = randn_like_per_sample(shape, generators, device, torch.float32)
     x0 = None if x0 is None else x0.to(device, torch.float32)
-    return run_sampler(settings.sampler, denoiser, noise, schedule, settings.num_steps, generators=generators,
-                       strength=strength, x0=x0, **settings.sampler_options())
+    if cache is None and settings.cache is not None:
+        if settings.cache.depth != config.depth:
+            raise ValueError(f"the cache schedule is for {settings.cache.depth} blocks, the DiT has {config.depth}")
+        cache = BlockCache(settings.cache)
+    with nullcontext() if cache is None else cached(model, cache):
+        return run_sampler(settings.sampler, denoiser, noise, schedule, settings.num_steps, generators=generators,
+                           strength=strength, x0=x0, **settings.sampler_options())
 
 
 def model_calls(sampler: str, num_steps: int, strength: float = 1.0) -> int:

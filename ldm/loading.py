@@ -11,6 +11,7 @@ from ldm.metrics import ClassifierFeatures, InceptionFeatures, inception_availab
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.models.classifier import Classifier, ClassifierConfig
 from ldm.models.dit import DiT, DiTConfig
+from ldm.quantize import check_precision, int8_skeleton, quantize_int8
 
 DIT_WEIGHT_FILES = {"ema": "weights.safetensors", "raw": "raw.safetensors"}  # a diffusion artifact's two weight sets
 
@@ -37,12 +38,32 @@ def dit_configs(artifact: Artifact) -> tuple[DiTConfig, DiffusionConfig]:
     return from_dict(DiTConfig, config["model"], "model"), from_dict(DiffusionConfig, config["diffusion"], "diffusion")
 
 
-def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.device = "cpu") -> DiT:
-    """Return the DiT of a `diffusion` artifact in eval mode: its EMA weights ("ema", for sampling) or "raw"."""
+def stored_precision(artifact: Artifact) -> str:
+    """"int8" for a DiT stored quantised (`ldm export diffusion --quantize int8`), else "float32"."""
+    return artifact.manifest.get("precision", "float32")
+
+
+def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.device = "cpu",
+             precision: str | None = None) -> DiT:
+    """Return the DiT of a `diffusion` artifact in eval mode: its EMA weights ("ema", for sampling) or "raw".
+
+    precision "int8" quantises a float artifact's block linears as it loads (`ldm.quantize`); an int8
+    artifact loads as int8 (None: the artifact's own precision). "bf16" loads float32 weights: the
+    pipeline runs them under bf16 autocast.
+    """
     if weights not in DIT_WEIGHT_FILES:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    stored = stored_precision(artifact)
+    precision = check_precision(precision or stored)
     model = DiT(dit_configs(artifact)[0])
+    if stored == "int8":
+        if precision != "int8" or weights != "ema":
+            raise ArtifactError(f"{artifact.ref} holds int8 sampling weights only; for {precision} {weights} weights load "
+                                f"the model it was quantised from, {artifact.parents.get('diffusion')}")
+        int8_skeleton(model, artifact.manifest["int8_layers"])
     model.load_state_dict(artifact.load_tensors(DIT_WEIGHT_FILES[weights], device="cpu"))
+    if precision == "int8" and stored != "int8":
+        quantize_int8(model)
     return model.to(device).eval()
 
 

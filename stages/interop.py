@@ -31,9 +31,10 @@ from ldm.interop import (
     load_diffusers_dit,
     load_original_dit,
 )
-from ldm.loading import dit_configs, load_autoencoder, load_dit
+from ldm.loading import dit_configs, load_autoencoder, load_dit, stored_precision
 from ldm.models.autoencoder import AutoencoderConfig
 from ldm.models.dit import DiTConfig
+from ldm.quantize import int8_layer_names, quantize_int8, weight_bytes
 
 # The data section of an imported RGB autoencoder when no --data is given: `ldm encode` and `ldm eval
 # recon` then need --data, and this path, shown in their error, says so.
@@ -251,6 +252,9 @@ def export_autoencoder(store: ArtifactStore, ref: str, out_dir: str, latents_ref
 def export_diffusion(store: ArtifactStore, ref: str, out_dir: str, weights: str = "ema") -> ExportReport:
     """Write the DiT of a `diffusion` artifact as a diffusers DiTTransformer2DModel folder."""
     artifact = store.load(ref, stage="diffusion")
+    if stored_precision(artifact) != "float32":
+        raise ArtifactError(f"{artifact.ref} holds {stored_precision(artifact)} weights, which diffusers' DiT cannot hold: "
+                            f"export the model it was quantised from, {artifact.parents.get('diffusion')}")
     model, diffusion = load_dit(artifact, weights), dit_configs(artifact)[1]
     report = export_dit_to_diffusers(model, out_dir)
     if diffusion.objective != "ddpm" or diffusion.prediction != "eps":
@@ -265,3 +269,40 @@ def export_diffusion(store: ArtifactStore, ref: str, out_dir: str, weights: str 
                             f"`ldm export autoencoder` to carry them as scaling_factor")
     _print_report(report, "DiTTransformer2DModel")
     return report
+
+
+def quantize_diffusion(store: ArtifactStore, ref: str, keep: Iterable[str] = ()) -> Artifact:
+    """Store the EMA DiT of a `diffusion` artifact with int8 block linears (`ldm.quantize`) as a new `diffusion`
+    artifact: the same config, latents and decoder, the float artifact as parent; `from_artifacts` loads it as int8."""
+    artifact = store.load(ref, stage="diffusion")
+    if stored_precision(artifact) != "float32":
+        raise ArtifactError(f"{artifact.ref} is stored as {stored_precision(artifact)} already; quantise its parent "
+                            f"{artifact.parents.get('diffusion')}")
+    float_model = load_dit(artifact)
+    float_bytes = weight_bytes(float_model)
+    layers = int8_layer_names(float_model, keep)
+    model = quantize_int8(float_model, keep)
+    quantized = store.save(
+        "diffusion",
+        tensors={"weights.safetensors": model.state_dict()},
+        config=artifact.config(),
+        parents={**{k: v for k, v in artifact.parents.items() if k == "latents"}, "diffusion": artifact.ref},
+        data_fingerprint=artifact.manifest.get("data_fingerprint"),
+        metadata={
+            **{key: artifact.manifest[key] for key in ("autoencoder", "latent_stats", "latent_shape", "num_classes")
+               if key in artifact.manifest},
+            "precision": "int8",
+            "int8_layers": layers,
+            "weights": f"weights.safetensors holds the EMA weights of {artifact.ref} with {len(layers)} block linears as "
+                       f"int8 (per-channel scales) for CPU sampling; no raw weights",
+            "training": artifact.manifest.get("training", {}),
+        },
+    )
+    size = quantized.manifest["files"]["weights.safetensors"]["bytes"]
+    source = artifact.manifest["files"]["weights.safetensors"]["bytes"]
+    print(f"wrote {quantized.ref}  ({quantized.path})")
+    print(f"  {len(layers)} linear layers int8 ({', '.join(sorted({name.split('.')[-1] for name in layers}))} of every block), "
+          f"the embeddings and final layer float32" + (f"; kept float32: {', '.join(keep)}" if keep else ""))
+    print(f"  weights {size / 1e6:.2f} MB on disk ({source / size:.2f}x smaller than {artifact.ref}), "
+          f"{weight_bytes(model) / 1e6:.2f} MB in memory ({float_bytes / weight_bytes(model):.2f}x smaller)")
+    return quantized

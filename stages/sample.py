@@ -55,6 +55,7 @@ def write_samples(
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
     overwrite: bool = False,
+    precision: Optional[str] = None,
 ) -> dict:
     """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json, and return the report.
 
@@ -66,7 +67,7 @@ def write_samples(
     out_dir = Path(out_dir)
     check_folder(out_dir / "images" if single_images else out_dir)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
-                                                  guide=guide_ref)
+                                                  guide=guide_ref, precision=precision)
     settings = pipe.settings(settings)
     labels = parse_classes(classes, n, pipe.num_classes)
     for path in earlier_samples(out_dir, overwrite):  # --overwrite: our earlier outputs only, never the folder or other files
@@ -150,6 +151,7 @@ def evaluate_samples(
     device: str = "cpu",
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
+    precision: Optional[str] = None,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -163,7 +165,7 @@ def evaluate_samples(
         check_folder(Path(out_dir))
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
-                                                  guide=guide_ref)
+                                                  guide=guide_ref, precision=precision)
     settings = pipe.settings(settings)
     reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, device_)
     report, first = measure_samples(pipe, settings, n, reference)

@@ -344,6 +344,11 @@ def cfg_denoiser(
     paper's form; with both scales above 1 the two terms add (one more forward, of the guide).
     """
     interval = check_guidance_interval(interval)
+    network = model
+
+    def model(x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        return network(x, t, labels).float()  # float32 from a bf16-autocast network too: guidance and steps stay float32
+
     if guide_scale != 1.0 and guide is None:
         raise ValueError(f"guide_scale {guide_scale:g} needs a guide model")
     autoguided = guide is not None and guide_scale != 1.0
@@ -364,7 +369,7 @@ def cfg_denoiser(
         mean = cond[:, :channels]
         guided = uncond[:, :channels] + scale * (mean - uncond[:, :channels]) if scale != 1.0 else mean
         if autoguided:
-            guided = guided + (guide_scale - 1.0) * (mean - guide(x, t, y)[:, :channels])
+            guided = guided + (guide_scale - 1.0) * (mean - guide(x, t, y)[:, :channels].float())
         guided = torch.where(expand_to(active, guided), guided, mean)
         return torch.cat([guided, cond[:, channels:]], dim=1) if learn_sigma else guided
 

@@ -466,6 +466,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels, config.norm)
         self.initialize_weights()
+        # Step caching in sampling (ldm.caching.BlockCache): reuses block residuals between network calls.
+        self.block_cache = None
 
     @property
     def null_class(self) -> int:
@@ -526,6 +528,9 @@ class DiT(nn.Module):
         route = cfg.route_ratio > 0 and self.training and torch.is_grad_enabled()
         route_start, route_end = cfg.route_blocks
         block_rope, tokens = rope, None
+        cache = None if torch.is_grad_enabled() else self.block_cache
+        if cache is not None:
+            cache.begin(x.shape[0])
         for index, block in enumerate(self.blocks):
             if route and index == route_start:
                 keep = route_keep_indices(x.shape[0], x.shape[1], cfg.route_ratio, x.device)  # (N, K)
@@ -534,6 +539,8 @@ class DiT(nn.Module):
                 block_rope = None if rope is None else tuple(table[keep].unsqueeze(1) for table in rope)  # (N, 1, K, d)
             if use_checkpoint:
                 x = checkpoint(block, x, c_act, block_rope, use_reentrant=False)
+            elif cache is not None:
+                x = cache.run(index, block, x, c_act, block_rope)
             else:
                 x = block(x, c_act, block_rope)  # without autograd, updates x (this forward's own tensor) in place
             if route and index == route_end - 1:

@@ -1,0 +1,143 @@
+"""Step caching for many-step samplers: reuse a block's residual from the previous network call.
+
+Between neighbouring sampler steps the input of a DiT block changes little, and so does what the
+block adds to the residual stream (Delta-DiT, Chen et al. 2024; Learning-to-Cache, Ma et al. 2024).
+A `BlockCache` set on a DiT (`DiT.block_cache`) runs each block as usual or, where its schedule says
+so, adds the residual (block output minus block input) that the block produced at the previous
+call instead of evaluating it. The schedule is fixed per model and sampler setting: `calibrate`
+runs the sampler once without skipping, measures how much each block's residual changed from call
+to call, and marks the calls x blocks that changed least, never the same block at two calls in a
+row (a reused residual is always one call old) and never at the first call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class CacheSchedule:
+    """Which blocks reuse their previous residual at which network call of one sampler setting."""
+
+    calls: int  # network calls of one sampling run
+    depth: int  # blocks of the DiT
+    skips: tuple[tuple[int, int], ...]  # (call, block) pairs that reuse the residual of call - 1
+
+    def __post_init__(self) -> None:
+        for call, block in self.skips:
+            if not (1 <= call < self.calls and 0 <= block < self.depth):
+                raise ValueError(f"skip ({call}, {block}) is outside calls 1..{self.calls - 1} and blocks 0..{self.depth - 1}")
+        if len(set(self.skips)) != len(self.skips):
+            raise ValueError("a (call, block) pair is listed twice in the cache schedule")
+
+    @property
+    def fraction(self) -> float:
+        """The share of block evaluations the schedule saves."""
+        return len(self.skips) / (self.calls * self.depth)
+
+    def mask(self) -> torch.Tensor:
+        """(calls, depth) bool: True where the block is evaluated."""
+        evaluate = torch.ones(self.calls, self.depth, dtype=torch.bool)
+        for call, block in self.skips:
+            evaluate[call, block] = False
+        return evaluate
+
+    def to_dict(self) -> dict:
+        return {"calls": self.calls, "depth": self.depth, "skips": [list(pair) for pair in self.skips],
+                "fraction": round(self.fraction, 4)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CacheSchedule":
+        return cls(int(data["calls"]), int(data["depth"]), tuple((int(c), int(b)) for c, b in data["skips"]))
+
+
+class BlockCache:
+    """Runs a DiT's blocks for one sampling run, reusing residuals where `schedule` says so.
+
+    Set it as `model.block_cache` (see `cached`); the DiT calls `begin` at every forward and `run` for
+    every block. A call whose batch differs from the one the residuals were made with (a guidance
+    interval switches between N and 2N) and calls past the schedule evaluate every block. With
+    `record`, `changes[i][k]` is the relative change ||R_k(i) - R_k(i-1)|| / ||R_k(i)|| of block k's residual.
+    """
+
+    def __init__(self, schedule: Optional[CacheSchedule] = None, record: bool = False):
+        self.evaluate = None if schedule is None else schedule.mask()
+        self.record = record
+        self.call = -1
+        self.batch = None
+        self.residuals: dict[int, torch.Tensor] = {}
+        self.changes: list[list[float]] = []
+        self.evaluated = self.skipped = 0
+
+    def begin(self, batch: int) -> None:
+        self.call += 1
+        if batch != self.batch:
+            self.residuals.clear()
+            self.batch = batch
+        if self.record:
+            self.changes.append([])
+
+    def _evaluates(self, index: int) -> bool:
+        if index not in self.residuals or self.evaluate is None or self.call >= len(self.evaluate):
+            return True
+        return bool(self.evaluate[self.call, index])
+
+    def run(self, index: int, block: torch.nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+        """Return block(x, *args), or x plus the block's residual of the previous call."""
+        if not self._evaluates(index):
+            self.skipped += 1
+            return x.add_(self.residuals[index])  # x is the forward's own tensor (no autograd in sampling)
+        before = x.clone()
+        x = block(x, *args)  # updates x in place without autograd
+        residual = x - before
+        if self.record:
+            previous = self.residuals.get(index)
+            change = float("nan") if previous is None else float((residual - previous).norm() / residual.norm().clamp_min(1e-12))
+            self.changes[-1].append(change)
+        self.residuals[index] = residual
+        self.evaluated += 1
+        return x
+
+
+class cached:
+    """Context manager that sets a BlockCache on a DiT for one sampling run and removes it after."""
+
+    def __init__(self, model: torch.nn.Module, cache: BlockCache):
+        self.model, self.cache = model, cache
+
+    def __enter__(self) -> BlockCache:
+        self.model.block_cache = self.cache
+        return self.cache
+
+    def __exit__(self, *exc_info) -> None:
+        self.model.block_cache = None
+
+
+def schedule_from_changes(changes: Sequence[Sequence[float]], fraction: float) -> CacheSchedule:
+    """The schedule that skips `fraction` of all block evaluations where the residuals changed least.
+
+    Cells are taken in order of increasing change; a cell is passed over when its block is already
+    skipped at the call before or after it, and call 0 is never skipped. Raises ValueError when the
+    rule cannot reach the fraction (at most half of the later calls of each block can be skipped).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    calls, depth = len(changes), len(changes[0])
+    wanted = round(fraction * calls * depth)
+    # A NaN change (no previous residual of the same batch) is never skipped.
+    order = sorted((changes[i][k] if changes[i][k] == changes[i][k] else float("inf"), i, k)
+                   for i in range(1, calls) for k in range(depth))
+    skips: set[tuple[int, int]] = set()
+    for change, call, block in order:
+        if len(skips) >= wanted or change == float("inf"):
+            break
+        if (call - 1, block) in skips or (call + 1, block) in skips:
+            continue
+        skips.add((call, block))
+    if len(skips) < wanted:
+        raise ValueError(f"a skip fraction of {fraction:g} needs {wanted} skips; at most {len(skips)} fit the rule "
+                         f"(never two calls in a row, never the first call) at {calls} calls")
+    return CacheSchedule(calls, depth, tuple(sorted(skips)))

@@ -1,0 +1,209 @@
+"""Fast inference: int8 block linears (and their stored artifact), bf16 autocast, step caching."""
+
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from ldm.artifacts import ArtifactError, ArtifactStore
+from ldm.caching import BlockCache, CacheSchedule, cached, schedule_from_changes
+from ldm.diffusion.schedules import DiffusionConfig
+from ldm.generation import SamplingSettings, model_calls, sample_latents
+from ldm.models.dit import DiT, DiTConfig, unpatchify
+from ldm.quantize import Int8Linear, int8_layer_names, quantize_int8, quantize_weight, weight_bytes
+from pipeline import LatentDiffusionPipeline
+from stages.cli import main
+from stages.interop import quantize_diffusion
+from test_pipeline import save_autoencoder, save_dit
+
+DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2, num_classes=10, learn_sigma=False)
+FLOW = DiffusionConfig(objective="flow", learn_sigma=False)
+
+
+def random_dit(seed=0, config=DIT):
+    torch.manual_seed(seed)
+    model = DiT(config)
+    with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = ArtifactStore(tmp_path_factory.mktemp("inference") / "store")
+    ae = save_autoencoder(store, 0)
+    save_dit(store, DIT, FLOW, 3, ae.ref)
+    return store
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def test_weight_quantisation_is_per_channel_symmetric_and_within_half_a_step():
+    weight = torch.randn(16, 32) * torch.logspace(-3, 1, 16)[:, None]  # rows of very different scale
+    q, scale = quantize_weight(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert torch.allclose(scale, weight.abs().amax(1) / 127)
+    assert ((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_int8_linear_matches_the_float_layer_and_keeps_only_int8_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        ref = linear(x)
+    out = layer(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (out - ref).norm() / ref.norm() < 0.03  # 7-bit inputs, 8-bit weights
+    state = layer.state_dict()
+    assert state["weight_int8"].dtype == torch.int8 and set(state) == {"weight_int8", "weight_scale", "bias"}
+    assert torch.equal(state["weight_int8"], quantize_weight(linear.weight)[0])
+    assert not list(layer.parameters())  # the packed weight is the only copy
+
+
+def test_quantize_int8_replaces_only_block_linears_and_shrinks_the_weights_3_5x():
+    model = random_dit(config=DiTConfig(input_size=8, patch_size=2, in_channels=8, hidden_size=256, depth=6, num_heads=4,
+                                        num_classes=10, learn_sigma=False))  # DiT-F/2 on 8x8x8 latents
+    before = weight_bytes(model)
+    names = int8_layer_names(model)
+    assert len(names) == 6 * 5 and all(name.startswith("blocks.") for name in names)
+    kept = int8_layer_names(model, keep=["blocks.*.adaLN_modulation"])
+    assert len(kept) == 6 * 4
+    quantize_int8(model)
+    assert isinstance(model.blocks[0].attn.qkv, Int8Linear) and isinstance(model.final_layer.linear, nn.Linear)
+    assert before / weight_bytes(model) >= 3.5
+
+
+def test_int8_artifact_round_trip_gives_the_same_samples_as_before_export(store, tmp_path):
+    float_ref = store.list("diffusion")[-1].ref
+    in_memory = LatentDiffusionPipeline.from_artifacts(float_ref, store=store, precision="int8")
+    settings = SamplingSettings(sampler="flow-heun", num_steps=4, guidance_scale=2.0)
+    before = in_memory.sample([0, 1, 2], settings)
+    quantized = quantize_diffusion(store, float_ref)
+    assert quantized.manifest["precision"] == "int8" and quantized.parents["diffusion"] == float_ref
+    assert quantized.manifest["files"]["weights.safetensors"]["bytes"] < store.load(float_ref).manifest["files"]["weights.safetensors"]["bytes"] / 2.5
+    loaded = LatentDiffusionPipeline.from_artifacts(quantized.ref, store=store)  # int8 from its manifest
+    assert loaded.precision == "int8" and isinstance(loaded.model.blocks[0].mlp.fc1, Int8Linear)
+    assert torch.equal(loaded.sample([0, 1, 2], settings), before)
+    plain = LatentDiffusionPipeline.from_artifacts(float_ref, store=store).sample([0, 1, 2], settings)
+    assert 0 < (before - plain).abs().max() < 0.2  # quantised, and close
+    with pytest.raises(ArtifactError, match="int8 sampling weights only"):
+        LatentDiffusionPipeline.from_artifacts(quantized.ref, store=store, precision="float32")
+    with pytest.raises(ArtifactError, match="int8 sampling weights only"):
+        LatentDiffusionPipeline.from_artifacts(quantized.ref, store=store, weights="raw")
+    with pytest.raises(ArtifactError, match="stored as int8 already"):
+        quantize_diffusion(store, quantized.ref)
+
+
+def test_export_quantize_command_and_its_usage_errors(store, tmp_path):
+    runner = CliRunner()
+    float_ref = store.list("diffusion")[0].ref
+    result = runner.invoke(main, ["--store", str(store.root), "export", "diffusion", float_ref, "--quantize", "int8",
+                                  "--keep", "blocks.*.adaLN_modulation"])
+    assert result.exit_code == 0, result.output
+    assert "smaller" in result.output and "kept float32: blocks.*.adaLN_modulation" in result.output
+    newest = [a for a in store.list("diffusion") if a.manifest.get("precision") == "int8"
+              and not any("adaLN" in name for name in a.manifest["int8_layers"])]
+    assert newest, "the --keep layers stay float32 in the stored artifact"
+    result = runner.invoke(main, ["--store", str(store.root), "export", "diffusion", float_ref])
+    assert result.exit_code != 0 and "either --to-diffusers DIR or --quantize int8" in result.output
+    result = runner.invoke(main, ["--store", str(store.root), "export", "diffusion", newest[0].ref,
+                                  "--to-diffusers", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "export the model it was quantised from" in result.output
+
+
+def test_bf16_precision_samples_in_float32_close_to_float32(store):
+    settings = SamplingSettings(sampler="flow-euler", num_steps=4, guidance_scale=2.0)
+    float_ref = store.list("diffusion")[0].ref
+    plain = LatentDiffusionPipeline.from_artifacts(float_ref, store=store)
+    bf16 = LatentDiffusionPipeline.from_artifacts(float_ref, store=store, precision="bf16")
+    _, latents = plain.sample([0, 5], settings, return_latents=True)
+    _, low = bf16.sample([0, 5], settings, return_latents=True)
+    assert low.dtype == torch.float32
+    assert 0 < (low - latents).abs().max() < 0.1 * latents.abs().max()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        LatentDiffusionPipeline.from_artifacts(float_ref, store=store, precision="fp8")
+
+
+# ----------------------------------------------------------------------------- step caching
+
+
+def run(model, settings, cache=None, labels=(0, 3, 7)):
+    return sample_latents(model, FLOW, torch.tensor(labels), settings, cache=cache)
+
+
+def test_cache_that_skips_nothing_equals_the_plain_sampler_bit_for_bit():
+    model = random_dit()
+    settings = SamplingSettings(sampler="flow-heun", num_steps=5, guidance_scale=2.0)
+    plain = run(model, settings)
+    calls = model_calls("flow-heun", 5)
+    cache = BlockCache(CacheSchedule(calls, DIT.depth, ()))
+    assert torch.equal(run(model, settings, cache), plain)
+    assert cache.evaluated == calls * DIT.depth and cache.skipped == 0
+    assert torch.equal(run(model, SamplingSettings(sampler="flow-heun", num_steps=5, guidance_scale=2.0,
+                                                   cache=CacheSchedule(calls, DIT.depth, ()))), plain)
+    assert model.block_cache is None  # removed after the run
+
+
+def test_a_skipped_block_adds_its_residual_of_the_previous_call():
+    model = random_dit()
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    cache = BlockCache(CacheSchedule(2, DIT.depth, ((1, 1),)), record=True)
+    with torch.no_grad(), cached(model, cache):
+        model(x, torch.full((2,), 900.0), y)
+        residual = cache.residuals[1].clone()
+        out = model(x, torch.full((2,), 800.0), y)
+    assert cache.skipped == 1 and cache.evaluated == 2 * DIT.depth - 1
+    # the same call by hand: blocks 0 and 2 run, block 1 is replaced by the stored residual
+    with torch.no_grad():
+        h = model.x_embedder(x) + model.pos_embed
+        c_act = torch.nn.functional.silu(model.t_embedder(torch.full((2,), 800.0)) + model.y_embedder(y))
+        h = model.blocks[0](h, c_act)
+        h = h + residual
+        h = model.blocks[2](h, c_act)
+        expected = unpatchify(model.final_layer(h, c_act), 2, (4, 4))
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert len(cache.changes) == 2 and all(change != change for change in cache.changes[0])  # NaN: nothing to compare with
+    assert cache.changes[1][0] > 0 and len(cache.changes[1]) == 2  # blocks 0 and 2 ran at the second call
+
+
+def test_calibrated_schedule_saves_the_asked_fraction_and_stays_close():
+    model = random_dit()
+    settings = SamplingSettings(sampler="flow-heun", num_steps=10, guidance_scale=2.0)
+    recorder = BlockCache(record=True)
+    plain = run(model, settings, recorder)
+    assert len(recorder.changes) == model_calls("flow-heun", 10) and len(recorder.changes[1]) == DIT.depth
+    schedule = schedule_from_changes(recorder.changes, 0.3)
+    assert schedule.fraction >= 0.29 and all(call > 0 for call, _ in schedule.skips)
+    assert not any((call + 1, block) in schedule.skips for call, block in schedule.skips)  # never twice in a row
+    cache = BlockCache(schedule)
+    out = run(model, settings, cache)
+    assert cache.skipped == len(schedule.skips) and cache.skipped / (cache.skipped + cache.evaluated) >= 0.29
+    assert not torch.equal(out, plain) and (out - plain).norm() / plain.norm() < 0.1
+    assert CacheSchedule.from_dict(schedule.to_dict()) == schedule
+
+
+def test_schedule_rules_and_errors():
+    changes = [[float("nan")] * 2] + [[0.1, 0.5]] * 3
+    schedule = schedule_from_changes(changes, 2 / 8)
+    assert schedule.skips == ((1, 0), (3, 0))  # block 0 changes least; not at calls 1 and 2 both
+    with pytest.raises(ValueError, match="at most"):
+        schedule_from_changes(changes, 0.7)
+    with pytest.raises(ValueError, match="outside calls"):
+        CacheSchedule(4, 2, ((0, 1),))
+    with pytest.raises(ValueError, match="network calls"):
+        SamplingSettings(sampler="flow-heun", num_steps=4, cache=CacheSchedule(4, 2, ()))
+
+
+def test_pipeline_calibrates_and_counts_saved_block_evaluations(store):
+    pipe = LatentDiffusionPipeline.from_artifacts(store.list("diffusion")[0].ref, store=store)
+    settings = pipe.settings(sampler="flow-heun", num_steps=6, guidance_scale=2.0)
+    schedule = pipe.calibrate_cache(settings, fraction=0.3, n=10)
+    assert schedule.calls == 11 and schedule.depth == DIT.depth
+    pipe.block_evaluations = {"evaluated": 0, "skipped": 0}
+    pipe.sample([0, 1, 2, 3], settings, cache=schedule, batch_size=2)
+    counts = pipe.block_evaluations
+    assert counts["skipped"] == 2 * len(schedule.skips) and counts["evaluated"] + counts["skipped"] == 2 * 11 * DIT.depth
