@@ -20,8 +20,8 @@ X0_SAMPLERS = ("ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun")  # samplers th
 
 
 def default_sampler(diffusion: DiffusionConfig) -> str:
-    """DPM-Solver++ 2M for the discrete chain, Euler for rectified flow."""
-    return "flow-euler" if diffusion.objective == "flow" else "dpm++2m"
+    """DPM-Solver++ 2M for the discrete chain, Euler for rectified flow, two MeanFlow steps for a MeanFlow model."""
+    return {"flow": "flow-euler", "meanflow": "meanflow"}.get(diffusion.objective, "dpm++2m")
 
 
 VARIANCES = ("small", "large")  # ddpm's fixed variance when the model does not learn it (beta-tilde, beta)
@@ -78,7 +78,7 @@ class SamplingSettings:
     def resolved(self, diffusion: DiffusionConfig) -> "SamplingSettings":
         """These settings with the sampler chosen for the objective; raise ValueError for a sampler of the other one."""
         sampler = self.sampler or default_sampler(diffusion)
-        if (sampler in FLOW_SAMPLERS) != (diffusion.objective == "flow"):
+        if (sampler in FLOW_SAMPLERS) != diffusion.is_flow or (sampler == "meanflow" and diffusion.objective != "meanflow"):
             raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
         return replace(self, sampler=sampler)
 
@@ -130,8 +130,8 @@ def sample_latents(
     if on_model_call is not None:
         guided = model_fn
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = guided(x, t)
+        def model_fn(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+            out = guided(x, t, r)
             on_model_call()
             return out
 
@@ -143,7 +143,7 @@ def sample_latents(
             raise ValueError("inpainting needs the known latents x0")
         denoiser = InpaintDenoiser(denoiser.model_fn, denoiser.prediction, denoiser.learn_sigma, denoiser.clip_x0,
                                    known=x0.to(device), regenerate=regenerate.to(device))
-    schedule = None if diffusion.objective == "flow" else make_schedule(diffusion.schedule, diffusion.num_timesteps)
+    schedule = None if diffusion.is_flow else make_schedule(diffusion.schedule, diffusion.num_timesteps)
     shape = (len(labels), config.in_channels, config.input_size, config.input_size)
     generators = per_sample_generators(settings.seed, len(labels))
     noise = randn_like_per_sample(shape, generators, device, torch.float32)

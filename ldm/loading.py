@@ -122,7 +122,7 @@ def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, 
     for name in ("in_channels", "input_size", "num_classes"):
         if getattr(guide_config, name) != getattr(config, name):
             problems.append(f"model.{name} is {getattr(guide_config, name)}, not {getattr(config, name)}")
-    meaning = ("objective",) if diffusion.objective == "flow" else ("objective", "schedule", "num_timesteps", "prediction")
+    meaning = ("objective",) if diffusion.is_flow else ("objective", "schedule", "num_timesteps", "prediction")
     for name in meaning:
         if getattr(guide_diffusion, name) != getattr(diffusion, name):
             problems.append(f"diffusion.{name} is {getattr(guide_diffusion, name)!r}, not {getattr(diffusion, name)!r}")

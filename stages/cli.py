@@ -211,7 +211,7 @@ def MEASUREMENT_OPTIONS(command):
 @click.option("--n", default=64, show_default=True, help="Number of images.")
 @click.option("--classes", default=None, help="Class indices, e.g. 3 or 0,2,5 (cycled); default: every class in turn.")
 @click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun and flow-heun make 2 per step).")
-@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
+@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
 @click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1: no guidance).")
 @SPACING_OPTION
 @CFG_INTERVAL_OPTION
@@ -261,7 +261,7 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @click.option("--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference.")
 @click.option("--n", default=10_000, show_default=True, help="Samples (class-balanced); also the number of real images compared.")
 @click.option("--steps", default=20, show_default=True)
-@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
+@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
 @click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
 @SPACING_OPTION
 @CFG_INTERVAL_OPTION
@@ -295,7 +295,7 @@ def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str
 @click.option("--run-dir", default=None, help="The training run folder, when it moved (default: where the model's manifest says its snapshots are).")
 @click.option("--n", default=1000, show_default=True, help="Samples per EMA length (class-balanced; the same seeds for each).")
 @click.option("--steps", default=20, show_default=True)
-@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, or flow-euler for a rectified-flow model.")
+@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
 @click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
 @SPACING_OPTION
 @CFG_INTERVAL_OPTION

@@ -88,6 +88,10 @@ class DiffusionStageConfig:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         dispersive_block_index(self.diffusion, self.model.depth)  # a block the DiT has, checked before any step
+        if (self.diffusion.objective == "meanflow") != self.model.interval_embed:
+            raise ValueError(f"diffusion.objective {self.diffusion.objective!r} with model.interval_embed "
+                             f"{self.model.interval_embed}: a MeanFlow network takes the interval t - r (set both "
+                             f"diffusion.objective=meanflow and model.interval_embed=true), and only a MeanFlow network does")
         for sigma_rel in self.posthoc_ema:
             check_sigma_rel(sigma_rel)
         if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
@@ -119,7 +123,7 @@ class DiffusionModule(L.LightningModule):
         # Post-hoc EMA profiles: submodules, so checkpoints hold them and a resume continues them exactly.
         self.power_ema = PowerFunctionEMA(self.model, config.posthoc_ema) if config.posthoc_ema else None
         self.__dict__["train_forward"] = compiled(self.model, config.trainer.compile)  # not a submodule
-        self.schedule = None if config.diffusion.objective == "flow" else make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+        self.schedule = None if config.diffusion.is_flow else make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
         self.lineage = lineage  # {"latents": ref, "autoencoder": ref}; checked again on resume
         self.run_dir: Path | None = None
         self.batches: LatentBatches | None = None

@@ -207,3 +207,79 @@ def test_pipeline_calibrates_and_counts_saved_block_evaluations(store):
     pipe.sample([0, 1, 2, 3], settings, cache=schedule, batch_size=2)
     counts = pipe.block_evaluations
     assert counts["skipped"] == 2 * len(schedule.skips) and counts["evaluated"] + counts["skipped"] == 2 * 11 * DIT.depth
+
+
+# ----------------------------------------------------------------------------- MeanFlow (few-step generation)
+# Toy: data x0 ~ N(0, SIGMA^2), noise ~ N(0, 1), path x_t = (1 - t) x0 + t noise. Then x_t ~ N(0, s_t^2) with
+# s_t^2 = (1 - t)^2 SIGMA^2 + t^2, every ODE trajectory scales as s_t, and the average velocity over [r, t] is
+# u(x, r, t) = x (1 - s_r / s_t) / (t - r) (at r = t: the flow velocity x s_t' / s_t).
+SIGMA = 0.5
+
+
+def toy_s(t):
+    return ((1 - t) ** 2 * SIGMA**2 + t**2).sqrt()
+
+
+def toy_slope(r, t):
+    """u(x, r, t) / x of the toy, its r -> t limit where r = t."""
+    ds = ((t - 1) * SIGMA**2 + t) / toy_s(t)  # s_t'
+    gap = (t - r).clamp_min(1e-12)
+    return torch.where(t - r > 1e-6, (1 - toy_s(r) / toy_s(t)) / gap, ds / toy_s(t))
+
+
+def toy_average_velocity(x, t_net, y, r=None):
+    t = t_net / 1000
+    r = t if r is None else r / 1000
+    return toy_slope(r, t).view(-1, *[1] * (x.ndim - 1)) * x
+
+
+def test_meanflow_target_of_the_true_average_velocity_is_unbiased_on_a_gaussian_toy():
+    from ldm.diffusion.objectives import meanflow_target
+
+    torch.manual_seed(0)
+    n = 200_000
+    for r_value, t_value in ((0.2, 0.9), (0.0, 1.0), (0.5, 0.5)):
+        x0, noise = SIGMA * torch.randn(n, 1), torch.randn(n, 1)
+        t, r = torch.full((n,), t_value), torch.full((n,), r_value)
+        u, target = meanflow_target(toy_average_velocity, x0, noise, torch.zeros(n, dtype=torch.long), t, r)
+        x_t = (1 - t_value) * x0 + t_value * noise
+        # E[target | x_t] = u(x_t, r, t): regressing the target on x_t recovers the true slope
+        slope = float((target * x_t).sum() / (x_t * x_t).sum())
+        true = float(toy_slope(torch.tensor(r_value), torch.tensor(t_value)))
+        assert slope == pytest.approx(true, rel=0.01, abs=2e-3)
+        assert torch.allclose(u, true * x_t, atol=1e-5)
+    # the true u is a fixed point of the target; a network that ignores r (the flow velocity) is not where r < t
+    wrong = lambda x, t_net, y, r=None: toy_average_velocity(x, t_net, y)  # noqa: E731
+    x0, noise = SIGMA * torch.randn(n, 1), torch.randn(n, 1)
+    t, r = torch.full((n,), 1.0), torch.full((n,), 0.0)
+    u, target = meanflow_target(wrong, x0, noise, torch.zeros(n, dtype=torch.long), t, r)
+    own = float(u[0] / noise[0])  # x_1 = noise; the velocity's slope at t = 1 is 1
+    assert own == pytest.approx(1.0) and float((target * noise).sum() / (noise * noise).sum()) < 0.9 * own
+
+
+def test_one_meanflow_step_of_the_true_average_velocity_maps_noise_to_the_data_law():
+    from ldm.diffusion.samplers import Denoiser, run_sampler
+
+    denoiser = Denoiser(lambda x, t, r=None: toy_average_velocity(x, t, None, r), "velocity")
+    noise = torch.randn(4096, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+    one = run_sampler("meanflow", denoiser, noise, None, 1)
+    assert torch.allclose(one, SIGMA * noise, atol=1e-6)  # x_0 = x_1 s_0 / s_1: exactly N(0, SIGMA^2)
+    assert torch.allclose(run_sampler("meanflow", denoiser, noise, None, 2), one, atol=1e-6)  # exact at any step count
+    euler = run_sampler("flow-euler", denoiser, noise, None, 1)  # one Euler step of the velocity is not
+    assert not torch.allclose(euler, SIGMA * noise, atol=1e-2)
+
+
+def test_meanflow_sampler_fits_only_a_meanflow_model_and_makes_one_call_per_step():
+    meanflow = DiffusionConfig(objective="meanflow", learn_sigma=False)
+    assert SamplingSettings().resolved(meanflow).sampler == "meanflow"
+    assert SamplingSettings(sampler="flow-heun").resolved(meanflow).sampler == "flow-heun"  # u(x, t, t) = v
+    with pytest.raises(ValueError, match="does not fit"):
+        SamplingSettings(sampler="meanflow").resolved(FLOW)
+    assert model_calls("meanflow", 1) == 1 and model_calls("meanflow", 2) == 2
+    model = random_dit(config=DiTConfig(**{**DIT.__dict__, "interval_embed": True}))
+    calls = []
+    sample_latents(model, meanflow, torch.tensor([1, 2]), SamplingSettings(sampler="meanflow", num_steps=2, guidance_scale=2.0),
+                   on_model_call=lambda: calls.append(1))
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="no interval embedding"):
+        random_dit()(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.tensor([0]), r=torch.tensor([0.0]))

@@ -1,6 +1,7 @@
 """Training objectives as pure tensor functions: the forward process, conversions between what a
 network may predict, the true and the model posterior, improved DDPM's hybrid loss, rectified flow,
-and the opt-in recipe terms (SD3's time shift, LightningDiT's velocity cosine loss, the dispersive loss).
+MeanFlow's average-velocity objective, and the opt-in recipe terms (SD3's time shift, LightningDiT's velocity
+cosine loss, the dispersive loss).
 
 Shapes: x0, x_t, noise are (N, C, ...); t is (N,) int64 rows of a NoiseSchedule; a model output is
 (N, C, ...), or (N, 2C, ...) with learned variance (prediction channels first, variance second, as
@@ -14,6 +15,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to, gather
 
@@ -23,7 +25,8 @@ FLOW_TIME_SCALE = 1000.0
 
 AlphaBar = Union[Tensor, float]
 # model(x_t (N, C, H, W), t (N,) float32 network timesteps, y (N,) labels) -> (N, C or 2C, H, W);
-# called with return_block=k as well, -> (output, tokens (N, T, D) of the residual stream after block k).
+# called with return_block=k as well, -> (output, tokens (N, T, D) of the residual stream after block k);
+# a MeanFlow network also takes r=(N,), the start of the averaging interval in network units.
 ConditionalModel = Callable[..., Union[Tensor, tuple[Tensor, Tensor]]]
 
 
@@ -331,6 +334,52 @@ def velocity_cosine_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return mean_flat(1 - F.cosine_similarity(prediction, target, dim=1))  # cosine (N, H, W) -> (N,)
 
 
+# ----------------------------------------------------------------------------- MeanFlow
+
+
+def meanflow_sample_times(n: int, config: DiffusionConfig, generator: Optional[torch.Generator] = None,
+                          device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+    """Return (t, r) (N,) with r <= t: two draws of `flow_sample_t`, sorted; a share 1 - meanflow_ratio gets r = t."""
+    a, b = flow_sample_t(n, config, generator, device), flow_sample_t(n, config, generator, device)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    draw_on = generator.device if generator is not None else device
+    same = (torch.rand(n, generator=generator, device=draw_on) >= config.meanflow_ratio).to(t.device)
+    return t, torch.where(same, t, r)
+
+
+def meanflow_target(model: ConditionalModel, x0: Tensor, noise: Tensor, y: Tensor, t: Tensor,
+                    r: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (u, target) (N, C, ...) of the MeanFlow objective (Geng et al. 2025, eq. 10 and Alg. 1): the
+    network's average velocity u(x_t, r, t) and its regression target, detached.
+
+    The average velocity u(x_t, r, t) = 1/(t - r) int_r^t v(x_s, s) ds obeys the MeanFlow identity
+    u = v - (t - r) du/dt, with du/dt = v . d_x u + d_t u the total derivative along the path. Its
+    right side, with the network's own u in the derivative (a Jacobian-vector product with tangent
+    (v, 0, 1) in (x, r, t)) and the conditional velocity v = noise - x0, is the regression target,
+    held fixed (stop-gradient); its mean given x_t is the identity's right side with the marginal velocity.
+    The product runs with the math attention kernel: the fused CPU kernel has no forward-mode derivative.
+    """
+    x_t = flow_interpolate(x0, noise, t)
+    v = flow_velocity_target(x0, noise)
+
+    def u_fn(x: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+        return model(x, t_ * FLOW_TIME_SCALE, y, r=r_ * FLOW_TIME_SCALE).to(x0.dtype)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        u, du_dt = torch.func.jvp(u_fn, (x_t, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    return u, (v - expand_to(t - r, v).to(v.dtype) * du_dt).detach()
+
+
+def meanflow_loss(model: ConditionalModel, x0: Tensor, noise: Tensor, y: Tensor, t: Tensor, r: Tensor,
+                  config: DiffusionConfig) -> dict[str, Tensor]:
+    """Return per-sample losses (N,) of MeanFlow: the squared error to `meanflow_target` divided by
+    sg((err + c)^p), the paper's adaptive weight (sec. 4.3), and the plain error as "mse"."""
+    u, target = meanflow_target(model, x0, noise, y, t, r)
+    err = mean_flat((u - target) ** 2)
+    weight = (err.detach() + config.meanflow_weight_c) ** config.meanflow_weight_power
+    return {"loss": err / weight, "mse": err}
+
+
 # ----------------------------------------------------------------------------- representation regulariser
 
 
@@ -405,7 +454,10 @@ def training_losses(
     block = dispersive_block_index(config, depth)
     draw_on = generator.device if generator is not None else x0.device
     noise = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=x0.dtype).to(x0.device)
-    if config.objective == "flow":
+    if config.objective == "meanflow":
+        t, r = meanflow_sample_times(n, config, generator, x0.device)
+        losses, tokens = meanflow_loss(model, x0, noise, y, t, r, config), None
+    elif config.objective == "flow":
         t = flow_sample_t(n, config, generator, x0.device)
         x_t = flow_interpolate(x0, noise, t)
         output, tokens = _call_model(model, x_t, t * FLOW_TIME_SCALE, y, block)

@@ -24,11 +24,12 @@ from torch import Tensor
 from ldm.diffusion.objectives import FLOW_TIME_SCALE, ConditionalModel, p_mean_variance, shift_time, x0_from_prediction
 from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to
 
-# model_fn(x_t (N, C, H, W), t (N,) float32 network timesteps) -> (N, C or 2C, H, W)
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+# model_fn(x_t (N, C, H, W), t (N,) float32 network timesteps[, r (N,)]) -> (N, C or 2C, H, W);
+# r, the start of a MeanFlow model's averaging interval, is passed only to such a model.
+ModelFn = Callable[..., Tensor]
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun", "flow-euler", "flow-heun")
-FLOW_SAMPLERS = ("flow-euler", "flow-heun")  # samplers of the rectified-flow objective
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun", "flow-euler", "flow-heun", "meanflow")
+FLOW_SAMPLERS = ("flow-euler", "flow-heun", "meanflow")  # samplers of the rectified-flow path (meanflow: its models only)
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -44,13 +45,18 @@ class Denoiser:
     @classmethod
     def from_config(cls, model_fn: ModelFn, config: DiffusionConfig, clip_x0: Optional[float] = None) -> "Denoiser":
         """Return the denoiser of a network trained with `config`."""
-        if config.objective == "flow":
+        if config.is_flow:
             return cls(model_fn, "velocity", False, clip_x0)
         return cls(model_fn, config.prediction, config.learn_sigma, clip_x0)
 
     def output(self, x_t: Tensor, t: float) -> Tensor:
         """Return the raw network output at timestep t (network units, may be fractional): (N, C or 2C, H, W)."""
         return self.model_fn(x_t, torch.full((x_t.shape[0],), float(t), device=x_t.device, dtype=torch.float32))
+
+    def mean_velocity(self, x_t: Tensor, t: float, r: float) -> Tensor:
+        """Return a MeanFlow network's average velocity over [r, t] at x_t (network units): (N, C, H, W)."""
+        full = lambda value: torch.full((x_t.shape[0],), float(value), device=x_t.device, dtype=torch.float32)  # noqa: E731
+        return self.model_fn(x_t, full(t), full(r))
 
     def __call__(self, x_t: Tensor, t: float, alpha_bar: float) -> Tensor:
         """Return the x0 estimate at x_t, with the network queried at t and alpha_bar the noise level of x_t."""
@@ -301,6 +307,18 @@ def sample_flow_heun(denoiser: Denoiser, x: Tensor, times: Sequence[float]) -> T
     return x
 
 
+def sample_meanflow(denoiser: Denoiser, x: Tensor, times: Sequence[float]) -> Tensor:
+    """MeanFlow sampling: x_r = x_t - (t - r) u(x_t, r, t) over the grid, one network call per step (Geng et al. 2025, eq. 12).
+
+    Exact for any number of steps when u is the true average velocity; one step maps noise to data.
+    """
+    check_velocity_model(denoiser, "meanflow")
+    for t, t_next in zip(times[:-1], times[1:]):
+        u = denoiser.mean_velocity(x, t * FLOW_TIME_SCALE, t_next * FLOW_TIME_SCALE)
+        x = x - (t - t_next) * u
+    return x
+
+
 # ----------------------------------------------------------------------------- guidance
 
 
@@ -346,30 +364,32 @@ def cfg_denoiser(
     interval = check_guidance_interval(interval)
     network = model
 
-    def model(x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        return network(x, t, labels).float()  # float32 from a bf16-autocast network too: guidance and steps stay float32
+    def model(x: Tensor, t: Tensor, labels: Tensor, r: Optional[Tensor] = None, net: ConditionalModel = network) -> Tensor:
+        out = net(x, t, labels) if r is None else net(x, t, labels, r=r)
+        return out.float()  # float32 from a bf16-autocast network too: guidance and steps stay float32
 
     if guide_scale != 1.0 and guide is None:
         raise ValueError(f"guide_scale {guide_scale:g} needs a guide model")
     autoguided = guide is not None and guide_scale != 1.0
     if scale == 1.0 and not autoguided:
-        return lambda x, t: model(x, t, y)
+        return lambda x, t, r=None: model(x, t, y, r)
     null = torch.full_like(y, null_label)
 
-    def guided_fn(x: Tensor, t: Tensor) -> Tensor:
+    def guided_fn(x: Tensor, t: Tensor, r: Optional[Tensor] = None) -> Tensor:
         active = torch.ones_like(t, dtype=torch.bool) if interval is None else (t >= interval[0]) & (t <= interval[1])
         if not bool(active.any()):
-            return model(x, t, y)  # outside the interval: no second pass is needed
+            return model(x, t, y, r)  # outside the interval: no second pass is needed
         if scale != 1.0:
-            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, C or 2C, H, W)
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
+                         None if r is None else torch.cat([r, r]))  # (2N, C or 2C, H, W)
             cond, uncond = both.chunk(2)
         else:
-            cond = model(x, t, y)
+            cond = model(x, t, y, r)
         channels = cond.shape[1] // 2 if learn_sigma else cond.shape[1]
         mean = cond[:, :channels]
         guided = uncond[:, :channels] + scale * (mean - uncond[:, :channels]) if scale != 1.0 else mean
         if autoguided:
-            guided = guided + (guide_scale - 1.0) * (mean - guide(x, t, y)[:, :channels].float())
+            guided = guided + (guide_scale - 1.0) * (mean - model(x, t, y, r, guide)[:, :channels])
         guided = torch.where(expand_to(active, guided), guided, mean)
         return torch.cat([guided, cond[:, channels:]], dim=1) if learn_sigma else guided
 
@@ -419,7 +439,8 @@ def run_sampler(
     if name in FLOW_SAMPLERS:
         times = flow_times(num_steps, shift)[-(kept + 1):]
         x = (1 - times[0]) * x0 + times[0] * x_T if partial else x_T
-        return (sample_flow_euler if name == "flow-euler" else sample_flow_heun)(denoiser, x, times)
+        step = {"flow-euler": sample_flow_euler, "flow-heun": sample_flow_heun, "meanflow": sample_meanflow}[name]
+        return step(denoiser, x, times)
     if schedule is None:
         raise ValueError(f"sampler {name!r} needs a NoiseSchedule")
     if name in ("euler", "heun"):

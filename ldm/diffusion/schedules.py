@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-OBJECTIVES = ("ddpm", "flow")
+OBJECTIVES = ("ddpm", "flow", "meanflow")
 SCHEDULES = ("linear", "cosine", "continuous-cosine")
 PREDICTIONS = ("eps", "v", "x0")
 TIME_SAMPLINGS = ("uniform", "logit-normal")
@@ -35,9 +35,13 @@ class DiffusionConfig:
     objective "flow": rectified flow x_t = (1 - t) x0 + t noise, t in [0, 1] (SiT, LightningDiT); the
     network predicts the velocity noise - x0 and gets 1000 t as its timestep. `schedule`,
     `num_timesteps` and `prediction` are unused, and `learn_sigma` must be false.
+    objective "meanflow": the same path, but the network u(x_t, r, t) predicts the average velocity over
+    [r, t], (x_t - x_r) / (t - r), trained by the MeanFlow identity (Geng et al. 2025, arXiv 2505.13447)
+    with no teacher; at r = t it is the flow velocity, so the flow samplers work too, and the `meanflow`
+    sampler jumps x_r = x_t - (t - r) u in 1, 2 or a few network calls. Needs `model.interval_embed`.
     """
 
-    objective: str = "ddpm"  # "ddpm" | "flow"
+    objective: str = "ddpm"  # "ddpm" | "flow" | "meanflow"
     schedule: str = "linear"  # "linear" (DDPM/DiT) | "cosine" (improved DDPM) | "continuous-cosine"
     num_timesteps: int = 1000
     prediction: str = "eps"  # "eps" | "v" | "x0"
@@ -56,6 +60,17 @@ class DiffusionConfig:
     dispersive_weight: float = 0.0  # + w L_disp of one block's tokens, Dispersive Loss (Wang & He 2025, arXiv 2506.09027)
     dispersive_block: int = -1  # the block (0-based) whose tokens are dispersed; -1: the middle one, depth // 2
     dispersive_temperature: float = 1.0  # tau of L_disp; the official PyTorch code uses 1, the paper's JAX runs 0.5
+    # meanflow: share of samples drawn with r < t (the rest r = t, plain flow matching); MeanFlow's best
+    # ImageNet setting draws 25% with r != t (Geng et al. 2025, Table 1a).
+    meanflow_ratio: float = 0.25
+    # meanflow: adaptive loss weight 1 / (err + c)^p on each sample's squared error (MeanFlow sec. 4.3, p = 1, c = 1e-3)
+    meanflow_weight_power: float = 1.0
+    meanflow_weight_c: float = 1.0e-3
+
+    @property
+    def is_flow(self) -> bool:
+        """Rectified-flow path x_t = (1 - t) x0 + t noise (objectives flow and meanflow), not the discrete chain."""
+        return self.objective in ("flow", "meanflow")
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -69,21 +84,27 @@ class DiffusionConfig:
                 raise ValueError(f"diffusion.{name} = {getattr(self, name)!r}; expected one of {allowed}")
         if self.num_timesteps < 2:
             raise ValueError(f"diffusion.num_timesteps = {self.num_timesteps}; need at least 2")
-        if self.objective == "flow" and self.learn_sigma:
-            raise ValueError("diffusion.learn_sigma must be false for objective 'flow' (a velocity has no variance)")
-        if self.objective == "flow" and self.loss_weighting != "uniform":
-            raise ValueError("diffusion.loss_weighting must be 'uniform' for objective 'flow' (use time_sampling instead)")
+        if self.is_flow and self.learn_sigma:
+            raise ValueError(f"diffusion.learn_sigma must be false for objective {self.objective!r} (a velocity has no variance)")
+        if self.is_flow and self.loss_weighting != "uniform":
+            raise ValueError(f"diffusion.loss_weighting must be 'uniform' for objective {self.objective!r} (use time_sampling instead)")
+        if not 0.0 <= self.meanflow_ratio <= 1.0:
+            raise ValueError(f"diffusion.meanflow_ratio = {self.meanflow_ratio}; must be in [0, 1]")
+        if not (self.meanflow_weight_power >= 0 and self.meanflow_weight_c > 0):
+            raise ValueError("diffusion.meanflow_weight_power must be >= 0 and diffusion.meanflow_weight_c > 0")
+        if self.objective == "meanflow" and (self.velocity_cosine_weight > 0 or self.dispersive_weight > 0):
+            raise ValueError("objective 'meanflow' takes neither velocity_cosine_weight nor dispersive_weight: set them to 0")
         if self.min_snr_gamma <= 0:
             raise ValueError(f"diffusion.min_snr_gamma = {self.min_snr_gamma}; must be positive")
         if self.logit_normal_std <= 0:
             raise ValueError(f"diffusion.logit_normal_std = {self.logit_normal_std}; must be positive")
         if not self.velocity_cosine_weight >= 0:
             raise ValueError(f"diffusion.velocity_cosine_weight = {self.velocity_cosine_weight}; must be >= 0")
-        if self.objective == "ddpm" and self.velocity_cosine_weight > 0:
+        if not self.is_flow and self.velocity_cosine_weight > 0:
             raise ValueError("diffusion.velocity_cosine_weight applies to objective 'flow' only (a ddpm network predicts no velocity)")
         if not self.time_shift > 0:
             raise ValueError(f"diffusion.time_shift = {self.time_shift}; must be positive (1 leaves the times as drawn)")
-        if self.objective == "ddpm" and self.time_shift != 1:
+        if not self.is_flow and self.time_shift != 1:
             raise ValueError("diffusion.time_shift applies to objective 'flow' only; keep it at 1 for 'ddpm'")
         if not self.dispersive_weight >= 0:
             raise ValueError(f"diffusion.dispersive_weight = {self.dispersive_weight}; must be >= 0")

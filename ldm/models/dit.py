@@ -58,6 +58,9 @@ class DiTConfig:
     route_ratio: float = 0.0  # tokens that skip blocks, training only (TREAD, Krause et al. 2025, arXiv 2501.04765)
     route_start: int = 1  # first block the routed tokens skip (TREAD's start_layer_idx)
     route_end: int = -1  # block where they rejoin, -1: depth - 1 (TREAD's end_layer_idx + 1)
+    # A second timestep embedder for the interval t - r, added to the conditioning: the average-velocity
+    # network u(x, r, t) of MeanFlow (Geng et al. 2025 embed t and t - r). r defaults to t (interval 0).
+    interval_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
@@ -455,6 +458,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        if config.interval_embed:
+            self.r_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         # Fixed, not learned (as in DiT); not saved either, since the config determines it.
         self.register_buffer(
             "pos_embed", sincos_pos_embed_2d(d, config.grid_size).unsqueeze(0), persistent=False
@@ -490,6 +495,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.config.interval_embed:
+            nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             # adaLN-Zero, Peebles & Xie 2023: zero gates make every block start as the identity.
             nn.init.zeros_(block.adaLN_modulation.weight)
@@ -501,7 +509,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_block: int | None = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_block: int | None = None,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Return the prediction (N, C_out, H, W) for noisy latents x (N, C, H, W), timesteps t (N,), labels y (N,).
 
@@ -512,6 +521,8 @@ class DiT(nn.Module):
         right after block k (0-based), for a representation loss on it.
         In training (train mode, autograd on) with route_ratio > 0, a random route_ratio of each
         sample's tokens skips blocks [route_start, route_end) unchanged (TREAD, Krause et al. 2025).
+        With interval_embed, r (N,) is the start time of the averaging interval (network units, r <= t;
+        None: r = t) and the interval t - r enters the conditioning; a DiT without it refuses r.
         """
         cfg = self.config
         if x.shape[-2:] != (cfg.input_size, cfg.input_size):
@@ -520,6 +531,10 @@ class DiT(nn.Module):
             raise ValueError(f"return_block {return_block} is not a block index 0..{cfg.depth - 1}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        if cfg.interval_embed:
+            c = c + self.r_embedder(t - r if r is not None else torch.zeros_like(t))
+        elif r is not None:
+            raise ValueError("this DiT has no interval embedding (model.interval_embed) and cannot take r")
         # Every consumer of c (each block's and the final layer's adaLN) applies SiLU first; do it once.
         c_act = F.silu(c)
         use_checkpoint = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
