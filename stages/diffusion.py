@@ -92,6 +92,10 @@ class DiffusionStageConfig:
             raise ValueError(f"diffusion.objective {self.diffusion.objective!r} with model.interval_embed "
                              f"{self.model.interval_embed}: a MeanFlow network takes the interval t - r (set both "
                              f"diffusion.objective=meanflow and model.interval_embed=true), and only a MeanFlow network does")
+        if self.diffusion.objective == "meanflow" and self.model.time_input_scale > 0.01:
+            raise ValueError(f"model.time_input_scale {self.model.time_input_scale:g} with objective 'meanflow': set it to 0.001 "
+                             f"(flow time in [0, 1] at the embedder, as MeanFlow and SiT). At 1000 t the target's du/dt is "
+                             f"1000x larger in the fast embedding channels; a tiny DiT's loss then grew 4x in 100 steps")
         for sigma_rel in self.posthoc_ema:
             check_sigma_rel(sigma_rel)
         if len(set(self.posthoc_ema)) != len(self.posthoc_ema):

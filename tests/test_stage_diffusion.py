@@ -259,3 +259,31 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path, st
         assert torch.equal(rank0[key], rank1[key]), key
     trained = [a for a in store.list("diffusion") if a.manifest["training"]["run_dir"] == str(tmp_path / "run")]
     assert len(trained) == 1 and trained[0].manifest["training"]["steps"] == 2
+
+
+@needs_fmnist
+def test_meanflow_trains_from_scratch_and_samples_in_one_and_two_calls(tmp_path, store_with_cache):
+    store = store_with_cache[0]
+    config = dit_config(tmp_path, store_with_cache, "trainer.max_steps=150", "diffusion.objective=meanflow",
+                        "model.interval_embed=true", "model.time_input_scale=0.001", "preview.steps=1")
+    artifact = diffusion.run(config, store)
+    mse = [v for _, v in read_metrics(tmp_path / "run")["train/mse"]]
+    assert np.mean(mse[-30:]) < 0.8 * np.mean(mse[:10])
+    from pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline.from_artifacts(artifact.ref, store=store)
+    assert pipe.settings().sampler == "meanflow"
+    calls = []
+    images = pipe.sample([0, 1, 2], num_steps=1, guidance_scale=1.0, on_model_call=lambda: calls.append(1))
+    assert images.shape[0] == 3 and torch.isfinite(images).all() and len(calls) == 1
+    two = pipe.sample([0, 1, 2], num_steps=2, guidance_scale=2.0)
+    assert not torch.equal(two, images)
+
+
+def test_meanflow_objective_and_interval_embedding_go_together(tmp_path, store_with_cache):
+    with pytest.raises(ValueError, match="interval_embed"):
+        dit_config(tmp_path, store_with_cache, "diffusion.objective=meanflow")
+    with pytest.raises(ValueError, match="interval_embed"):
+        dit_config(tmp_path, store_with_cache, "model.interval_embed=true")
+    with pytest.raises(ValueError, match="time_input_scale 1 with objective 'meanflow'"):
+        dit_config(tmp_path, store_with_cache, "diffusion.objective=meanflow", "model.interval_embed=true")

@@ -61,6 +61,10 @@ class DiTConfig:
     # A second timestep embedder for the interval t - r, added to the conditioning: the average-velocity
     # network u(x, r, t) of MeanFlow (Geng et al. 2025 embed t and t - r). r defaults to t (interval 0).
     interval_embed: bool = False
+    # Multiplies the timesteps (and r) before the sinusoidal embedding. 1: DiT's 0-999 range. A MeanFlow
+    # network wants 0.001 (flow time t in [0, 1], as SiT and MeanFlow embed it): its target contains the
+    # derivative du/dt, and at 1000 t the fastest embedding channels turn 1000x faster in t.
+    time_input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
@@ -76,6 +80,8 @@ class DiTConfig:
             raise ValueError(
                 f"timestep_freq_shift must be 0 (DiT) or 1 (diffusers), got {self.timestep_freq_shift}"
             )
+        if not self.time_input_scale > 0:
+            raise ValueError(f"time_input_scale must be positive, got {self.time_input_scale}")
         if not self.mlp_norm_eps > 0:
             raise ValueError(f"mlp_norm_eps must be positive, got {self.mlp_norm_eps}")
         choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "pos_embed": ("sincos", "rope")}
@@ -530,6 +536,8 @@ class DiT(nn.Module):
         if return_block is not None and not 0 <= return_block < cfg.depth:
             raise ValueError(f"return_block {return_block} is not a block index 0..{cfg.depth - 1}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        if cfg.time_input_scale != 1.0:
+            t, r = t * cfg.time_input_scale, None if r is None else r * cfg.time_input_scale
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         if cfg.interval_embed:
             c = c + self.r_embedder(t - r if r is not None else torch.zeros_like(t))
