@@ -165,6 +165,7 @@ def evaluation_name(pipe, settings: SamplingSettings, n: int) -> str:
     decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
     guided = f"-guide{settings.guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
     precision = "" if pipe.precision == "float32" else f"-{pipe.precision}"
+    precision += f"-cache{settings.cache.fraction:.2g}" if settings.cache is not None else ""
     return (f"samples-{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}{decoder}"
             f"{precision}-n{n}")
 

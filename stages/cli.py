@@ -187,6 +187,11 @@ GUIDE_OPTION = click.option(
          "--cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
 )
 GUIDE_SCALE_OPTION = click.option("--guide-scale", default=2.0, show_default=True, help="Autoguidance scale (with --guide).")
+CACHE_OPTION = click.option(
+    "--cache-fraction", type=click.FloatRange(0.0, 0.9), default=0.0, show_default=True,
+    help="Step caching: skip this share of the DiT's block evaluations, reusing residuals of the previous call "
+         "(a schedule calibrated once per model and setting, kept in the artifact's manifest).",
+)
 PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(["float32", "bf16", "int8"]), default=None,
     help="DiT arithmetic: int8 block linears (CPU), bf16 autocast, or float32. Default: the artifact's own (float32, "
@@ -223,13 +228,14 @@ def MEASUREMENT_OPTIONS(command):
 @click.option("--out", "out_dir", default="out/samples", show_default=True, help="Folder for grid.png, images/ and samples.json.")
 @click.option("--no-images", is_flag=True, help="Write only the grid, not one PNG per image.")
 @PRECISION_OPTION
+@CACHE_OPTION
 @click.option("--overwrite", is_flag=True,
               help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png; nothing else).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, out_dir: str, no_images: bool,
                    overwrite: bool, autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None,
-                   **options) -> None:
+                   cache_fraction: float, **options) -> None:
     """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder.
 
     Images are written batch by batch as they are made; samples.json says "complete": true once all are.
@@ -239,7 +245,7 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
     try:
         settings = _sampling_settings(guide_ref, **options)
         write_samples(_store(ctx), model_ref, settings, n, classes, out_dir, device, not no_images, autoencoder_ref, guide_ref,
-                      overwrite, precision)
+                      overwrite, precision, cache_fraction)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -274,16 +280,18 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @click.option("--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...).")
 @click.option("--device", default="cpu", show_default=True)
 @PRECISION_OPTION
+@CACHE_OPTION
 @click.pass_context
 def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str, features: str, out_dir: str | None,
-                 autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None, **options) -> None:
+                 autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None, cache_fraction: float,
+                 **options) -> None:
     """Sample quality: Frechet distance to the test split, class accuracy, time per image; numbers go into the manifest."""
     from stages.sample import evaluate_samples
 
     try:
         settings = _sampling_settings(guide_ref, **options)
         evaluate_samples(_store(ctx), model_ref, settings, n, classifier_ref, features, out_dir, device, autoencoder_ref,
-                         guide_ref, precision)
+                         guide_ref, precision, cache_fraction)
     except USER_ERRORS as err:
         _fail(err)
 

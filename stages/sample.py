@@ -11,6 +11,7 @@ import json
 import math
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore, write_atomic
+from ldm.caching import CacheSchedule
 from ldm.evaluation import (check_folder, evaluation_name, guidance_text, measure_samples, report_metrics, report_settings,
                             sample_reference)
 from ldm.generation import SamplingSettings, model_calls
@@ -56,6 +58,7 @@ def write_samples(
     guide_ref: Optional[str] = None,
     overwrite: bool = False,
     precision: Optional[str] = None,
+    cache_fraction: float = 0.0,
 ) -> dict:
     """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json, and return the report.
 
@@ -68,7 +71,7 @@ def write_samples(
     check_folder(out_dir / "images" if single_images else out_dir)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
                                                   guide=guide_ref, precision=precision)
-    settings = pipe.settings(settings)
+    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction)
     labels = parse_classes(classes, n, pipe.num_classes)
     for path in earlier_samples(out_dir, overwrite):  # --overwrite: our earlier outputs only, never the folder or other files
         path.unlink(missing_ok=True)
@@ -101,6 +104,29 @@ def write_samples(
           f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
     print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
     return report
+
+
+def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiffusionPipeline, settings: SamplingSettings,
+                          fraction: float) -> SamplingSettings:
+    """`settings` with a step-caching schedule that skips `fraction` of the block evaluations (0: none).
+
+    The schedule is calibrated once per model and setting (`pipe.calibrate_cache`) and kept in the
+    artifact's manifest under metrics["cache-<sampler>-<steps>-cfg<scale>-f<fraction>"]; later runs reuse it.
+    """
+    if not fraction:
+        return settings
+    name = f"cache-{settings.sampler}-{settings.num_steps}-cfg{settings.guidance_scale:g}-f{fraction:g}"
+    artifact = store.load(model_ref, stage="diffusion", verify=False)
+    stored = artifact.manifest.get("metrics", {}).get(name)
+    if stored is not None:
+        schedule = CacheSchedule.from_dict(stored)
+        print(f"step caching: the stored schedule {name} skips {schedule.fraction:.1%} of the block evaluations")
+    else:
+        schedule = pipe.calibrate_cache(settings, fraction=fraction)
+        store.update_manifest(artifact, metrics={name: schedule.to_dict()})
+        print(f"step caching: calibrated {name} ({schedule.fraction:.1%} of the block evaluations skipped), stored in "
+              f"{artifact.ref}'s manifest")
+    return replace(settings, cache=schedule)
 
 
 def earlier_samples(out_dir: Path, overwrite: bool) -> list[Path]:
@@ -152,6 +178,7 @@ def evaluate_samples(
     autoencoder_ref: Optional[str] = None,
     guide_ref: Optional[str] = None,
     precision: Optional[str] = None,
+    cache_fraction: float = 0.0,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -166,9 +193,13 @@ def evaluate_samples(
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
                                                   guide=guide_ref, precision=precision)
-    settings = pipe.settings(settings)
+    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction)
     reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, device_)
     report, first = measure_samples(pipe, settings, n, reference)
+    if settings.cache is not None:
+        counts = pipe.block_evaluations
+        report["block_evaluations"] = dict(counts)
+        report["block_evaluations_saved"] = counts["skipped"] / max(counts["evaluated"] + counts["skipped"], 1)
     name = evaluation_name(pipe, settings, n)
     out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     _write_json(out_dir / "report.json", report)
@@ -190,6 +221,9 @@ def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     print(f"  class accuracy         {report['class_accuracy']:9.4f}   [{report['class_accuracy_classifier']}]")
     print(f"  real, reconstructed    {report['real_class_accuracy']:.4f}, {report['autoencoder_class_accuracy']:.4f}   "
           f"({report['class_accuracy_reference']}: the second is the ceiling for samples)")
-    print(f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads)")
+    print(f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads"
+          f"{', ' + report['precision'] if report.get('precision', 'float32') != 'float32' else ''})")
+    if "block_evaluations_saved" in report:
+        print(f"  step caching           {report['block_evaluations_saved']:9.1%} of the DiT's block evaluations skipped")
     print(f"  report {out_dir / 'report.json'}   grid {grid}")
 

@@ -283,3 +283,18 @@ def test_meanflow_sampler_fits_only_a_meanflow_model_and_makes_one_call_per_step
     assert len(calls) == 2
     with pytest.raises(ValueError, match="no interval embedding"):
         random_dit()(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.tensor([0]), r=torch.tensor([0.0]))
+
+
+def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_model(store, tmp_path):
+    runner = CliRunner()
+    ref = store.list("diffusion")[0].ref
+    args = ["--store", str(store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "6",
+            "--cfg", "2", "--cache-fraction", "0.3", "--no-images"]
+    first = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
+    assert first.exit_code == 0, first.output
+    assert "calibrated cache-flow-heun-6-cfg2-f0.3" in first.output
+    stored = store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3"]
+    assert CacheSchedule.from_dict(stored).calls == 11 and stored["fraction"] >= 0.29
+    second = runner.invoke(main, [*args, "--out", str(tmp_path / "b")])
+    assert second.exit_code == 0 and "the stored schedule" in second.output
+    assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
