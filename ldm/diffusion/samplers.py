@@ -366,7 +366,7 @@ def cfg_denoiser(
 
     def model(x: Tensor, t: Tensor, labels: Tensor, r: Optional[Tensor] = None, net: ConditionalModel = network) -> Tensor:
         out = net(x, t, labels) if r is None else net(x, t, labels, r=r)
-        return out.float()  # float32 from a bf16-autocast network too: guidance and steps stay float32
+        return out.to(torch.promote_types(out.dtype, torch.float32))  # a bf16-autocast network's output too: guidance and steps stay float32
 
     if guide_scale != 1.0 and guide is None:
         raise ValueError(f"guide_scale {guide_scale:g} needs a guide model")
