@@ -644,7 +644,7 @@ def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
     kept = t - int(t * config.route_ratio)
     macs = (
         t * p2 * config.in_channels * d  # patch embedding
-        + TIMESTEP_FREQUENCY_DIM * d + d * d  # timestep MLP
+        + (TIMESTEP_FREQUENCY_DIM * d + d * d) * (2 if config.interval_embed else 1)  # timestep (and interval) MLP
         + (config.depth - routed) * macs_per_block(t)
         + routed * macs_per_block(kept)
         + d * 2 * d  # final adaLN
