@@ -12,6 +12,7 @@ row (a reused residual is always one call old) and never at the first call.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -126,7 +127,7 @@ def schedule_from_changes(changes: Sequence[Sequence[float]], fraction: float) -
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     calls, depth = len(changes), len(changes[0])
-    wanted = round(fraction * calls * depth)
+    wanted = math.ceil(fraction * calls * depth - 1e-9)  # at least the fraction asked
     # A NaN change (no previous residual of the same batch) is never skipped.
     order = sorted((changes[i][k] if changes[i][k] == changes[i][k] else float("inf"), i, k)
                    for i in range(1, calls) for k in range(depth))

@@ -177,11 +177,11 @@ def test_calibrated_schedule_saves_the_asked_fraction_and_stays_close():
     plain = run(model, settings, recorder)
     assert len(recorder.changes) == model_calls("flow-heun", 10) and len(recorder.changes[1]) == DIT.depth
     schedule = schedule_from_changes(recorder.changes, 0.3)
-    assert schedule.fraction >= 0.29 and all(call > 0 for call, _ in schedule.skips)
+    assert schedule.fraction >= 0.3 and all(call > 0 for call, _ in schedule.skips)
     assert not any((call + 1, block) in schedule.skips for call, block in schedule.skips)  # never twice in a row
     cache = BlockCache(schedule)
     out = run(model, settings, cache)
-    assert cache.skipped == len(schedule.skips) and cache.skipped / (cache.skipped + cache.evaluated) >= 0.29
+    assert cache.skipped == len(schedule.skips) and cache.skipped / (cache.skipped + cache.evaluated) >= 0.3
     assert not torch.equal(out, plain) and (out - plain).norm() / plain.norm() < 0.1
     assert CacheSchedule.from_dict(schedule.to_dict()) == schedule
 
@@ -294,7 +294,7 @@ def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_
     assert first.exit_code == 0, first.output
     assert "calibrated cache-flow-heun-6-cfg2-f0.3" in first.output
     stored = store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3"]
-    assert CacheSchedule.from_dict(stored).calls == 11 and stored["fraction"] >= 0.29
+    assert CacheSchedule.from_dict(stored).calls == 11 and stored["fraction"] >= 0.3
     second = runner.invoke(main, [*args, "--out", str(tmp_path / "b")])
     assert second.exit_code == 0 and "the stored schedule" in second.output
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
