@@ -4,9 +4,10 @@ Between neighbouring sampler steps the input of a DiT block changes little, and 
 block adds to the residual stream (Delta-DiT, Chen et al. 2024; Learning-to-Cache, Ma et al. 2024).
 A `BlockCache` set on a DiT (`DiT.block_cache`) runs each block as usual or, where its schedule says
 so, adds the residual (block output minus block input) that the block produced at the previous
-call instead of evaluating it. The schedule is fixed per model and sampler setting: `calibrate`
-runs the sampler once without skipping, measures how much each block's residual changed from call
-to call, and marks the calls x blocks that changed least, never the same block at two calls in a
+call instead of evaluating it. The schedule is fixed per model and sampler setting: calibration
+(`LatentDiffusionPipeline.calibrate_cache`) runs the sampler once without skipping with a recording
+cache, which measures how much each block's residual changed from call to call, and
+`schedule_from_changes` marks the calls x blocks that changed least, never the same block at two calls in a
 row (a reused residual is always one call old) and never at the first call.
 """
 

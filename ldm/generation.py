@@ -20,7 +20,7 @@ X0_SAMPLERS = ("ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun")  # samplers th
 
 
 def default_sampler(diffusion: DiffusionConfig) -> str:
-    """DPM-Solver++ 2M for the discrete chain, Euler for rectified flow, two MeanFlow steps for a MeanFlow model."""
+    """DPM-Solver++ 2M for the discrete chain, Euler for rectified flow, MeanFlow steps for a MeanFlow model."""
     return {"flow": "flow-euler", "meanflow": "meanflow"}.get(diffusion.objective, "dpm++2m")
 
 
@@ -69,7 +69,7 @@ class SamplingSettings:
         object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
         if self.cache is not None:
             if not isinstance(self.cache, CacheSchedule):
-                raise ValueError(f"cache must be a CacheSchedule (see ldm.caching.calibrate), got {type(self.cache).__name__}")
+                raise ValueError(f"cache must be a CacheSchedule (LatentDiffusionPipeline.calibrate_cache makes one), got {type(self.cache).__name__}")
             if self.sampler is not None and self.cache.calls != model_calls(self.sampler, self.num_steps):
                 raise ValueError(f"the cache schedule is for {self.cache.calls} network calls, but {self.sampler} with "
                                  f"{self.num_steps} steps makes {model_calls(self.sampler, self.num_steps)}: calibrate one "
