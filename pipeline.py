@@ -69,10 +69,10 @@ class LatentDiffusionPipeline:
         guide: Optional[DiT] = None,
         precision: str = "float32",
     ) -> None:
-        if tuple(autoencoder.config.latent_shape) != (model.config.in_channels, model.config.input_size, model.config.input_size):
+        if tuple(autoencoder.config.latent_shape) != model.config.latent_shape:
             raise ValueError(
                 f"the autoencoder makes {tuple(autoencoder.config.latent_shape)} latents but the DiT expects "
-                f"{(model.config.in_channels, model.config.input_size, model.config.input_size)}"
+                f"{model.config.latent_shape}"
             )
         if len(stats.mean) not in (1, model.config.in_channels):
             raise ValueError(f"latent statistics for {len(stats.mean)} channels, the DiT has {model.config.in_channels}")
@@ -85,9 +85,9 @@ class LatentDiffusionPipeline:
         self.block_evaluations = {"evaluated": 0, "skipped": 0}  # DiT blocks run and reused by step caching, summed over calls
         self.guide = None
         if guide is not None:
-            ours, theirs = ((c.in_channels, c.input_size, c.num_classes) for c in (model.config, guide.config))
+            ours, theirs = ((c.latent_shape, c.num_classes) for c in (model.config, guide.config))
             if theirs != ours:
-                raise ValueError(f"the guide DiT takes (channels, size, classes) {theirs}, the DiT {ours}")
+                raise ValueError(f"the guide DiT takes (latent shape, classes) {theirs}, the DiT {ours}")
             self.guide = guide.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ loading

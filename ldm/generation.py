@@ -144,7 +144,7 @@ def sample_latents(
         denoiser = InpaintDenoiser(denoiser.model_fn, denoiser.prediction, denoiser.learn_sigma, denoiser.clip_x0,
                                    known=x0.to(device), regenerate=regenerate.to(device))
     schedule = None if diffusion.is_flow else make_schedule(diffusion.schedule, diffusion.num_timesteps)
-    shape = (len(labels), config.in_channels, config.input_size, config.input_size)
+    shape = (len(labels), *config.latent_shape)
     generators = per_sample_generators(settings.seed, len(labels))
     noise = randn_like_per_sample(shape, generators, device, torch.float32)
     x0 = None if x0 is None else x0.to(device, torch.float32)

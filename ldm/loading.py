@@ -119,7 +119,7 @@ def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, 
         problems.append(f"its latents come from {guide.manifest.get('autoencoder')}, not {artifact.manifest.get('autoencoder')}")
     elif guide.manifest.get("latent_stats") != artifact.manifest.get("latent_stats"):
         problems.append("its latents were normalised with other statistics")
-    for name in ("in_channels", "input_size", "num_classes"):
+    for name in ("in_channels", "input_size", "spatial_dims", "num_classes"):
         if getattr(guide_config, name) != getattr(config, name):
             problems.append(f"model.{name} is {getattr(guide_config, name)}, not {getattr(config, name)}")
     meaning = ("objective",) if diffusion.is_flow else ("objective", "schedule", "num_timesteps", "prediction")

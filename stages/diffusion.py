@@ -242,12 +242,12 @@ class DiffusionModule(L.LightningModule):
 
 def check_model_fits_cache(model: DiTConfig, cache: LatentCache) -> None:
     """Raise ValueError when the DiT's input does not match the cache's latents or classes."""
-    channels, height, width = cache.latent_shape
-    if (model.in_channels, model.input_size, model.input_size) != (channels, height, width):
+    shape = tuple(cache.latent_shape)  # (C, H, W) or (C, L)
+    if model.latent_shape != shape:
         raise ValueError(
-            f"the latent cache holds {channels}x{height}x{width} latents but the model expects "
-            f"{model.in_channels}x{model.input_size}x{model.input_size}; set model.in_channels={channels} "
-            f"model.input_size={height}"
+            f"the latent cache holds {'x'.join(map(str, shape))} latents but the model expects "
+            f"{'x'.join(map(str, model.latent_shape))}; set model.in_channels={shape[0]} "
+            f"model.input_size={shape[1]} model.spatial_dims={len(shape) - 1}"
         )
     if cache.num_classes > model.num_classes:
         raise ValueError(f"the cache has {cache.num_classes} classes but model.num_classes is {model.num_classes}")

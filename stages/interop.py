@@ -175,7 +175,7 @@ def import_diffusion(
         raise ValueError(f"diffusion.learn_sigma ({diffusion.learn_sigma}) must match the network's output channels "
                          f"(learn_sigma {config.learn_sigma})")
     ae_config = from_dict(AutoencoderConfig, autoencoder.config()["model"], "model")
-    dit_latents = (config.in_channels, config.input_size, config.input_size)
+    dit_latents = config.latent_shape
     if tuple(ae_config.latent_shape) != dit_latents:
         raise ValueError(
             f"the DiT works on {dit_latents} latents, but {autoencoder.ref} makes {tuple(ae_config.latent_shape)} at its "

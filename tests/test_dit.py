@@ -24,8 +24,8 @@ from ldm.models.dit import (
     gelu_tanh,
     modulate,
     patchify,
-    rope_2d,
-    sincos_pos_embed_2d,
+    rope_tables,
+    sincos_pos_embed,
     timestep_embedding,
     unpatchify,
 )
@@ -134,7 +134,7 @@ def test_dit_config_applies_overrides_and_rejects_unknown_names():
 def test_forward_refuses_latents_of_another_size():
     config = tiny_config()
     x, t, y = inputs(config)
-    with pytest.raises(ValueError, match="8x8"):
+    with pytest.raises(ValueError, match=r"\(N, 4, 8, 8\)"):
         DiT(config)(x[..., :4, :4], t, y)
 
 
@@ -283,7 +283,7 @@ def numpy_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
 
 def test_position_embedding_matches_a_float64_numpy_reference():
     reference = numpy_sincos_pos_embed(64, 16)
-    np.testing.assert_allclose(sincos_pos_embed_2d(64, 16).numpy(), reference, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sincos_pos_embed(64, (16, 16)).numpy(), reference, rtol=0, atol=1e-6)
     model = DiT(tiny_config())
     assert model.pos_embed.shape == (1, 16, 64) and model.pos_embed.dtype == torch.float32
     np.testing.assert_allclose(model.pos_embed[0].numpy(), numpy_sincos_pos_embed(64, 4), rtol=0, atol=1e-6)
@@ -699,7 +699,7 @@ def rotate_pairs(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
 
 def test_rope_tables_are_lightningdits_eva_rotary_embedding():
     for head_dim, grid in ((16, 4), (72, 16)):
-        sin, cos = rope_2d(head_dim, grid)
+        sin, cos = rope_tables(head_dim, (grid, grid))
         reference_sin, reference_cos = lightningdit_rope(head_dim, grid)
         assert sin.shape == cos.shape == (grid * grid, head_dim)
         np.testing.assert_allclose(sin.numpy(), reference_sin, rtol=0, atol=2e-5)
@@ -707,14 +707,14 @@ def test_rope_tables_are_lightningdits_eva_rotary_embedding():
 
 
 def test_rope_is_the_identity_at_the_first_token():
-    sin, cos = rope_2d(16, 4)
+    sin, cos = rope_tables(16, (4, 4))
     q = torch.randn(3, 16)
     assert torch.equal(apply_rot_embed(q, sin[0], cos[0]), q)
 
 
 def test_rope_attention_logits_depend_only_on_the_2d_offset_between_query_and_key():
     grid, head_dim = 8, 16
-    sin, cos = rope_2d(head_dim, grid)
+    sin, cos = rope_tables(head_dim, (grid, grid))
     sin, cos = sin.double(), cos.double()
     generator = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, head_dim, generator=generator, dtype=torch.float64)
@@ -734,7 +734,7 @@ def test_rope_attention_logits_depend_only_on_the_2d_offset_between_query_and_ke
 
 def test_rope_attention_is_attention_on_rotated_queries_and_keys_after_qk_norm():
     attention = randomize_(Attention(dim=32, num_heads=4, qk_norm=True)).double()
-    sin, cos = (table.double() for table in rope_2d(8, 3))  # head width 8, 3x3 tokens
+    sin, cos = (table.double() for table in rope_tables(8, (3, 3)))  # head width 8, 3x3 tokens
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     n, t, d, h, hd = 2, 9, 32, 4, 8
     qkv = x @ attention.qkv.weight.T + attention.qkv.bias
@@ -750,7 +750,7 @@ def test_rope_attention_is_attention_on_rotated_queries_and_keys_after_qk_norm()
 def test_rope_dit_keeps_lightningdits_absolute_sincos_embedding_and_saves_no_tables():
     model = DiT(tiny_config(pos_embed="rope"))
     assert torch.equal(model.pos_embed, DiT(tiny_config()).pos_embed)  # LightningDiT adds both
-    sin, cos = rope_2d(16, 4)
+    sin, cos = rope_tables(16, (4, 4))
     assert torch.equal(model.rope_sin, sin) and torch.equal(model.rope_cos, cos)
     assert not any(name.startswith("rope") for name in model.state_dict())
 
@@ -929,3 +929,78 @@ def test_every_option_combination_trains_one_step(norm, mlp, pos_embed, route_ra
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     optimizer.step()
     assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+# Sequences: the same DiT over 1-D latents (sound)
+
+
+def sequence_config(**overrides) -> DiTConfig:
+    """A 2-block DiT on (4, 16) sequence latents, patch 2: 8 tokens."""
+    return tiny_config(spatial_dims=1, input_size=16, **overrides)
+
+
+def test_patchify_of_a_sequence_cuts_runs_of_p_steps_with_channels_last_inside_a_run():
+    x = torch.randn(2, 3, 12)
+    tokens = patchify(x, 4)  # (2, 3, 12)
+    assert tokens.shape == (2, 3, 4 * 3)
+    for run in range(3):
+        assert torch.equal(tokens[1, run], x[1, :, 4 * run : 4 * run + 4].T.flatten())
+    assert torch.equal(unpatchify(tokens, 4, (3,)), x)
+
+
+def test_sequence_sincos_embedding_spends_every_channel_on_the_one_axis():
+    table = sincos_pos_embed(8, (5,))  # (5, 8): sin then cos of pos * 10000^(-i/4)
+    pos = torch.arange(5, dtype=torch.float64)[:, None]
+    omega = 1.0 / 10000.0 ** (torch.arange(4, dtype=torch.float64) / 4)
+    torch.testing.assert_close(table, torch.cat([torch.sin(pos * omega), torch.cos(pos * omega)], 1).float())
+
+
+def test_sequence_rope_logits_depend_only_on_the_offset_and_cover_the_whole_head():
+    sin, cos = (table.double() for table in rope_tables(8, (12,)))
+    assert sin.shape == (12, 8)
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 8, generator=generator, dtype=torch.float64)
+
+    def logit(i: int, j: int) -> float:
+        return (apply_rot_embed(q, sin[i], cos[i]) @ apply_rot_embed(k, sin[j], cos[j])).item()
+
+    assert logit(7, 3) == pytest.approx(logit(4, 0), abs=1e-6)
+    assert logit(0, 1) != pytest.approx(logit(0, 2), abs=1e-3)
+    # Every channel pair turns (none is left at angle 0 for all positions): the whole head is rotary.
+    assert (sin[1].abs() > 0).all()
+
+
+def test_grid_and_sequence_dits_differ_only_in_the_patch_maps():
+    grid, sequence = DiT(tiny_config()).state_dict(), DiT(sequence_config()).state_dict()
+    assert grid.keys() == sequence.keys()
+    differing = {name for name in grid if grid[name].shape != sequence[name].shape}
+    assert differing == {"x_embedder.proj.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
+def test_sequence_dit_matches_a_token_by_token_reference(pos_embed):
+    model = randomize_(DiT(sequence_config(pos_embed=pos_embed))).eval()
+    cfg = model.config
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 16, generator=generator)
+    t, y = torch.tensor([5.0, 500.0, 999.0]), torch.tensor([0, 3, cfg.null_class])
+    with torch.no_grad():
+        out = model(x, t, y)
+        weight, bias = model.x_embedder.proj.weight, model.x_embedder.proj.bias  # (D, C, p)
+        tokens = torch.stack([
+            torch.stack([torch.einsum("dcp,cp->d", weight, x[n, :, 2 * j : 2 * j + 2]) + bias for j in range(8)])
+            for n in range(3)
+        ]) + sincos_pos_embed(cfg.hidden_size, (8,))  # (N, 8, D)
+        c_act = torch.nn.functional.silu(model.t_embedder(t) + model.y_embedder(y))
+        rope = rope_tables(cfg.hidden_size // cfg.num_heads, (8,)) if pos_embed == "rope" else None
+        for block in model.blocks:
+            tokens = block(tokens.clone(), c_act, rope)
+        patches = model.final_layer(tokens, c_act)  # (N, 8, p * C_out)
+    assert out.shape == (3, 4, 16)
+    for j in range(8):
+        torch.testing.assert_close(out[:, :, 2 * j : 2 * j + 2], patches[:, j].reshape(3, 2, 4).transpose(1, 2))
+
+
+def test_sequence_dit_refuses_a_grid_latent_by_shape():
+    with pytest.raises(ValueError, match=r"\(N, 4, 16\)"):
+        DiT(sequence_config())(torch.randn(1, 4, 4, 4), torch.zeros(1), torch.zeros(1, dtype=torch.long))

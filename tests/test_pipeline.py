@@ -144,7 +144,7 @@ def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_oth
         "prediction is 'v'": save_dit(copy, DIT, replace(DIFFUSION, prediction="v"), 9, lineage),
         "num_classes is 5": save_dit(copy, replace(DIT, num_classes=5), DIFFUSION, 10, lineage),
     }
-    with pytest.raises(ValueError, match=r"guide DiT takes .*\(4, 8, 5\)"):  # built by hand, not from artifacts
+    with pytest.raises(ValueError, match=r"guide DiT takes .*\(\(4, 8, 8\), 5\)"):  # built by hand, not from artifacts
         LatentDiffusionPipeline(plain.model, plain.autoencoder, plain.diffusion, plain.stats,
                                 guide=DiT(replace(DIT, num_classes=5)))
     for reason, artifact in refused.items():

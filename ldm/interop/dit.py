@@ -31,7 +31,7 @@ from ldm.models.dit import (
     TIMESTEP_FREQUENCY_DIM,
     DiT,
     DiTConfig,
-    sincos_pos_embed_2d,
+    sincos_pos_embed,
 )
 
 # diffusers' DiTTransformer2DModel defaults, for the keys a config.json may leave out.
@@ -60,7 +60,7 @@ DIFFUSERS_DIT_DEFAULTS: dict[str, Any] = {
 def dit_state_dict_to_original(state_dict: dict[str, Tensor], config: DiTConfig) -> dict[str, Tensor]:
     """Our DiT state dict under the facebookresearch/DiT names, with its fixed `pos_embed` (1, T, D) added."""
     out = {re.sub(r"\.adaLN_modulation\.", ".adaLN_modulation.1.", k): v for k, v in state_dict.items()}
-    out["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, config.grid_size).unsqueeze(0)
+    out["pos_embed"] = sincos_pos_embed(config.hidden_size, config.grid_shape).unsqueeze(0)
     return out
 
 
@@ -115,7 +115,7 @@ def dit_config_from_original(state_dict: dict[str, Tensor], num_heads: int | Non
 
 def _check_pos_embed(pos_embed: Tensor, config: DiTConfig, where: str) -> None:
     """Refuse a position embedding other than the fixed 2D sin-cos one that our DiT computes."""
-    expected = sincos_pos_embed_2d(config.hidden_size, config.grid_size).unsqueeze(0)
+    expected = sincos_pos_embed(config.hidden_size, config.grid_shape).unsqueeze(0)
     difference = (pos_embed.float() - expected).abs().max().item()
     if difference > 2e-3:  # fp16 storage of values in [-1, 1] is within 5e-4
         raise InteropError(

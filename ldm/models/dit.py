@@ -1,10 +1,11 @@
 """Diffusion Transformer (DiT) with adaLN-Zero conditioning.
 
 Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv:2212.09748).
-A latent (N, C, H, W) is cut into p x p patches, each patch becomes a token, the tokens pass
+A latent (N, C, H, W) is cut into p x p patches (a sequence (N, C, L), as sound's latents are, into
+runs of p steps), each patch becomes a token, the tokens pass
 through `depth` transformer blocks whose LayerNorms are modulated by the timestep + class
 embedding (adaptive LayerNorm with zero-initialised gates), and a final layer maps each token
-back to a p x p patch of `out_channels` (the noise prediction, plus the variance interpolation
+back to its patch of `out_channels` (the noise prediction, plus the variance interpolation
 when `learn_sigma`).
 
 Recipe options, each a `DiTConfig` field that is off by default: RMSNorm, SwiGLU and 2-D RoPE as in
@@ -33,7 +34,7 @@ TIMESTEP_FREQUENCY_DIM = 256
 class DiTConfig:
     """Architecture of a DiT; the defaults are DiT-XL/2 on 32x32x4 latents of 256 px ImageNet."""
 
-    input_size: int = 32  # latent height = width
+    input_size: int = 32  # latent height = width (spatial_dims 2), or sequence length (spatial_dims 1)
     patch_size: int = 2
     in_channels: int = 4
     hidden_size: int = 1152
@@ -65,15 +66,20 @@ class DiTConfig:
     # network wants 0.001 (flow time t in [0, 1], as SiT and MeanFlow embed it): its target contains the
     # derivative du/dt, and at 1000 t the fastest embedding channels turn 1000x faster in t.
     time_input_scale: float = 1.0
+    # 2: latents are (C, H, W) grids cut into p x p patches (images); 1: (C, L) sequences cut into runs of
+    # p steps (sound). Everything else (blocks, conditioning, samplers) is the same code for both.
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
+        if self.spatial_dims not in (1, 2):
+            raise ValueError(f"spatial_dims must be 1 (sequences) or 2 (grids), got {self.spatial_dims}")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            # The 2D sin-cos position embedding splits the width into 4 equal sin/cos parts.
-            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4")
+        if self.hidden_size % (2 * self.spatial_dims):
+            # The sin-cos position embedding splits the width into a sin and a cos part per axis.
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of {2 * self.spatial_dims}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
         if self.timestep_freq_shift not in (0, 1):
@@ -89,9 +95,9 @@ class DiTConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         head_dim = self.hidden_size // self.num_heads
-        if self.pos_embed == "rope" and head_dim % 4:
-            # Each head's channels split into a row half and a column half of (cos, sin) pairs.
-            raise ValueError(f"pos_embed 'rope' needs a head width divisible by 4, got {head_dim}")
+        if self.pos_embed == "rope" and head_dim % (2 * self.spatial_dims):
+            # Each head's channels split into one part per axis of (cos, sin) pairs.
+            raise ValueError(f"pos_embed 'rope' needs a head width divisible by {2 * self.spatial_dims}, got {head_dim}")
         if not 0.0 <= self.route_ratio < 1.0:
             raise ValueError(f"route_ratio must lie in [0, 1), got {self.route_ratio}")
         if self.route_ratio > 0:
@@ -125,9 +131,24 @@ class DiTConfig:
         return self.input_size // self.patch_size
 
     @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Tokens along each latent axis: (h, w) for grids, (l,) for sequences."""
+        return (self.grid_size,) * self.spatial_dims
+
+    @property
     def num_patches(self) -> int:
         """Sequence length T."""
-        return self.grid_size**2
+        return self.grid_size**self.spatial_dims
+
+    @property
+    def patch_volume(self) -> int:
+        """Latent positions per token: p*p for grids, p for sequences."""
+        return self.patch_size**self.spatial_dims
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent the model takes: (C, H, W), or (C, L) for sequences."""
+        return (self.in_channels, *(self.input_size,) * self.spatial_dims)
 
     @property
     def null_class(self) -> int:
@@ -146,45 +167,50 @@ class DiTConfig:
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Return the non-overlapping p x p patches of x (N, C, H, W) as tokens (N, T, p*p*C), row-major."""
-    n, c, h, w = x.shape
-    p = patch_size
-    x = x.reshape(n, c, h // p, p, w // p, p)  # (N, C, h, p, w, q)
-    x = torch.einsum("nchpwq->nhwpqc", x)  # (N, h, w, p, q, C)
-    return x.reshape(n, (h // p) * (w // p), p * p * c)  # (N, T, p*p*C)
+    """Return the non-overlapping patches of x (N, C, *S) as tokens (N, T, p**d * C), row-major; d = len(S) is 1 or 2.
 
-
-def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Return the image (N, C, h*p, w*p) whose patches are the tokens x (N, h*w, p*p*C); inverse of `patchify`."""
-    n, t, d = x.shape
-    h, w = grid
-    p = patch_size
-    c = d // (p * p)
-    assert t == h * w and d == p * p * c, f"tokens {tuple(x.shape)} do not tile a {h}x{w} grid of {p}x{p} patches"
-    x = x.reshape(n, h, w, p, p, c)  # (N, h, w, p, q, C)
-    x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, q)
-    return x.reshape(n, c, h * p, w * p)
-
-
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
-    """Return the fixed 2D sin-cos position embedding (grid_size**2, embed_dim), tokens in row-major order.
-
-    The first half of the channels encodes the column (x) coordinate and the second half the
-    row (y) coordinate, each as [sin(pos * omega), cos(pos * omega)] with
-    omega_i = 10000^(-i / (embed_dim / 4)), the MAE / DiT convention. Computed in float64 so that
-    the large arguments keep their precision, then cast to float32.
+    A grid (N, C, H, W) gives p x p patches, a sequence (N, C, L) runs of p steps; one code path for both.
     """
-    assert embed_dim % 4 == 0, "embed_dim must be a multiple of 4"
-    quarter = embed_dim // 4
-    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each; token k = row * G + col
+    n, c, *sizes = x.shape
+    p, d = patch_size, len(sizes)
+    x = x.reshape(n, c, *(part for size in sizes for part in (size // p, p)))  # (N, C, h, p, w, q) or (N, C, l, p)
+    # Token axes first (h, w), then the offsets within a patch (p, q), then the channels.
+    x = x.permute(0, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2), 1)  # (N, h, w, p, q, C) or (N, l, p, C)
+    return x.reshape(n, math.prod(sizes) // p**d, p**d * c)  # (N, T, p**d * C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """Return the latent (N, C, *(g*p for g in grid)) whose patches are the tokens x (N, T, p**d * C); inverse of `patchify`."""
+    n, t, dim = x.shape
+    p, d = patch_size, len(grid)
+    c = dim // p**d
+    assert t == math.prod(grid) and dim == p**d * c, f"tokens {tuple(x.shape)} do not tile a {grid} grid of {p}-patches"
+    x = x.reshape(n, *grid, *(p,) * d, c)  # (N, h, w, p, q, C) or (N, l, p, C)
+    # Channels first, then each token axis followed by its offset axis.
+    x = x.permute(0, 2 * d + 1, *(axis for i in range(d) for axis in (1 + i, 1 + d + i)))  # (N, C, h, p, w, q)
+    return x.reshape(n, c, *(g * p for g in grid))
+
+
+def sincos_pos_embed(embed_dim: int, grid_shape: tuple[int, ...]) -> torch.Tensor:
+    """Return the fixed sin-cos position embedding (prod(grid_shape), embed_dim), tokens in row-major order.
+
+    The channels split into one part per axis, the last axis first: for a grid the first half encodes
+    the column (x) coordinate and the second half the row (y) coordinate, each as
+    [sin(pos * omega), cos(pos * omega)] with omega_i = 10000^(-i / (embed_dim / 4)), the MAE / DiT
+    convention; a sequence uses all channels for its one axis (omega over embed_dim / 2). Computed in
+    float64 so that the large arguments keep their precision, then cast to float32.
+    """
+    axes = len(grid_shape)
+    assert embed_dim % (2 * axes) == 0, f"embed_dim must be a multiple of {2 * axes}"
+    part = embed_dim // (2 * axes)
+    omega = 1.0 / 10000.0 ** (torch.arange(part, dtype=torch.float64) / part)  # (D/(2 axes),)
+    coords = torch.meshgrid(*(torch.arange(g, dtype=torch.float64) for g in grid_shape), indexing="ij")
 
     def embed_1d(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.reshape(-1, 1) * omega  # (G*G, D/4)
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (G*G, D/2)
+        angles = pos.reshape(-1, 1) * omega  # (T, D/(2 axes))
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (T, D/axes)
 
-    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()  # (G*G, D)
+    return torch.cat([embed_1d(axis) for axis in reversed(coords)], dim=1).float()  # (T, D)
 
 
 def timestep_embedding(
@@ -209,14 +235,18 @@ def timestep_embedding(
     return embedding
 
 
-def rope_2d(head_dim: int, grid_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the (sin, cos) tables (grid_size**2, head_dim) of the 2-D rotary embedding, tokens in row-major order.
+def rope_tables(head_dim: int, grid_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (sin, cos) tables (prod(grid_shape), head_dim) of the rotary embedding, tokens in row-major order.
 
-    EVA-02's VisionRotaryEmbeddingFast, as LightningDiT builds it for use_rope, here from timm: channel pair
-    (2i, 2i+1) of the first half of a head turns by row * omega_i, of the second half by col * omega_i,
-    omega_i = 10000^(-i / (head_dim/4)). Apply with timm's `apply_rot_embed(x, sin, cos)`.
+    EVA-02's VisionRotaryEmbeddingFast, as LightningDiT builds it for use_rope, here from timm: on a grid,
+    channel pair (2i, 2i+1) of the first half of a head turns by row * omega_i, of the second half by
+    col * omega_i, omega_i = 10000^(-i / (head_dim/4)); on a sequence every pair turns by its position,
+    omega_i = 10000^(-i / (head_dim/2)) (the 1-D RoPE of Su et al. 2021). Apply with timm's
+    `apply_rot_embed(x, sin, cos)`.
     """
-    return build_rotary_pos_embed([grid_size, grid_size], dim=head_dim, in_pixels=False, temperature=10000.0)
+    # timm's tables have dim / 2 channels per axis: a grid fills a head with dim = head_dim, a sequence with 2 * head_dim.
+    dim = 2 * head_dim // len(grid_shape)
+    return build_rotary_pos_embed(list(grid_shape), dim=dim, in_pixels=False, temperature=10000.0)
 
 
 def route_keep_indices(n: int, num_tokens: int, route_ratio: float, device: torch.device) -> torch.Tensor:
@@ -268,15 +298,16 @@ def add_gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor, inplace
 
 
 class PatchEmbed(nn.Module):
-    """Linear embedding of p x p patches, written as a convolution with kernel = stride = p."""
+    """Linear embedding of p x p patches (or runs of p steps), written as a convolution with kernel = stride = p."""
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, spatial_dims: int = 2):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv1d
+        self.proj = conv(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return tokens (N, T, D) for latents x (N, C, H, W)."""
-        x = self.proj(x)  # (N, D, H/p, W/p)
+        """Return tokens (N, T, D) for latents x (N, C, H, W) or (N, C, L)."""
+        x = self.proj(x)  # (N, D, H/p, W/p) or (N, D, L/p)
         # One copy to token-major memory here; left as a transposed view, every LayerNorm of
         # every block would copy the residual stream again and elementwise ops would run strided.
         return x.flatten(2).transpose(1, 2).contiguous()  # (N, T, D)
@@ -355,7 +386,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Return softmax(q k^T / sqrt(d)) v for tokens x (N, T, D), projected back to (N, T, D).
 
-        rope: (sin, cos) tables (T, d) or per sample (N, 1, T, d) of `rope_2d`, applied to q and k (after QK-norm).
+        rope: (sin, cos) tables (T, d) or per sample (N, 1, T, d) of `rope_tables`, applied to q and k (after QK-norm).
         """
         n, t, d = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, d)
@@ -440,16 +471,16 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated pre-norm and a linear map from each token to its p x p x C_out patch."""
+    """adaLN-modulated pre-norm and a linear map from each token to its patch of C_out channels."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
         self.norm_final = pre_norm(norm, hidden_size, eps=1e-6)
         self.adaLN_modulation = nn.Linear(hidden_size, 2 * hidden_size)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        """Return per-token patches (N, T, p*p*C_out) for tokens x (N, T, D) and c_act = SiLU(c) (N, D)."""
+        """Return per-token patches (N, T, p**d * C_out) for tokens x (N, T, D) and c_act = SiLU(c) (N, D)."""
         shift, scale = self.adaLN_modulation(c_act).unsqueeze(1).chunk(2, dim=-1)  # 2 x (N, 1, D)
         return self.linear(modulate(self.norm_final(x), shift, scale, inplace=not torch.is_grad_enabled()))
 
@@ -461,21 +492,21 @@ class DiT(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d, config.spatial_dims)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         if config.interval_embed:
             self.r_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         # Fixed, not learned (as in DiT); not saved either, since the config determines it.
         self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(d, config.grid_size).unsqueeze(0), persistent=False
+            "pos_embed", sincos_pos_embed(d, config.grid_shape).unsqueeze(0), persistent=False
         )  # (1, T, D)
         if config.pos_embed == "rope":
-            rope_sin, rope_cos = rope_2d(d // config.num_heads, config.grid_size)  # 2 x (T, D / heads)
+            rope_sin, rope_cos = rope_tables(d // config.num_heads, config.grid_shape)  # 2 x (T, D / heads)
             self.register_buffer("rope_sin", rope_sin, persistent=False)
             self.register_buffer("rope_cos", rope_cos, persistent=False)
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
-        self.final_layer = FinalLayer(d, config.patch_size, config.out_channels, config.norm)
+        self.final_layer = FinalLayer(d, config.patch_volume, config.out_channels, config.norm)
         self.initialize_weights()
         # Step caching in sampling (ldm.caching.BlockCache): reuses block residuals between network calls.
         self.block_cache = None
@@ -518,7 +549,9 @@ class DiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_block: int | None = None,
         r: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Return the prediction (N, C_out, H, W) for noisy latents x (N, C, H, W), timesteps t (N,), labels y (N,).
+        """Return the prediction (N, C_out, *S) for noisy latents x (N, C, *S), timesteps t (N,), labels y (N,).
+
+        S is (H, W) for a grid model and (L,) for a sequence model (`spatial_dims`).
 
         With learn_sigma the first C output channels are the mean prediction (e.g. eps) and the
         last C the variance interpolation v. Label index `null_class` requests the unconditional
@@ -531,8 +564,8 @@ class DiT(nn.Module):
         None: r = t) and the interval t - r enters the conditioning; a DiT without it refuses r.
         """
         cfg = self.config
-        if x.shape[-2:] != (cfg.input_size, cfg.input_size):
-            raise ValueError(f"expected latents of size {cfg.input_size}x{cfg.input_size}, got {tuple(x.shape)}")
+        if tuple(x.shape[1:]) != cfg.latent_shape:
+            raise ValueError(f"expected latents of shape (N, {', '.join(map(str, cfg.latent_shape))}), got {tuple(x.shape)}")
         if return_block is not None and not 0 <= return_block < cfg.depth:
             raise ValueError(f"return_block {return_block} is not a block index 0..{cfg.depth - 1}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
@@ -573,8 +606,8 @@ class DiT(nn.Module):
                     tokens = put_tokens(stream, keep, x)  # (N, T, D), the routed tokens as they wait
                 else:
                     tokens = x.clone()  # a copy: without autograd the later blocks update x in place
-        x = self.final_layer(x, c_act)  # (N, T, p*p*C_out)
-        out = unpatchify(x, cfg.patch_size, (cfg.grid_size, cfg.grid_size))  # (N, C_out, H, W)
+        x = self.final_layer(x, c_act)  # (N, T, p**d * C_out)
+        out = unpatchify(x, cfg.patch_size, cfg.grid_shape)  # (N, C_out, H, W) or (N, C_out, L)
         return out if return_block is None else (out, tokens)
 
 
@@ -626,7 +659,7 @@ def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
     T - int(route_ratio T) tokens; the default counts the inference forward, all T tokens everywhere.
     """
     d, t = config.hidden_size, config.num_patches
-    p2 = config.patch_size**2
+    p2 = config.patch_volume
     mlp_matrices = 3 if config.mlp == "swiglu" else 2
 
     def macs_per_block(tokens: int) -> int:
