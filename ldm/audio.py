@@ -28,7 +28,8 @@ from torch import nn
 
 from ldm.artifacts import write_atomic
 
-_CONVERT_HINT = "convert it to 16-bit PCM, e.g. with `sox in.wav -b 16 -e signed-integer out.wav` or `ffmpeg -i in.wav -c:a pcm_s16le out.wav`"
+_CONVERT_HINT = ("convert it to 16-bit PCM, e.g. with `sox in.wav -b 16 -e signed-integer out.wav` "
+                 "or `ffmpeg -i in.wav -c:a pcm_s16le out.wav`")
 # WAVE format tags that ``wave`` refuses as "unknown format", named so the message says what the file is.
 _FORMAT_NAMES: dict[int, str] = {
     3: "IEEE float", 6: "A-law", 7: "mu-law", 0x11: "IMA ADPCM", 0x55: "MP3", 0xFFFE: "WAVE_FORMAT_EXTENSIBLE",
@@ -136,7 +137,8 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float = 0.0
     """Return float32 triangular filters (n_mels, n_fft // 2 + 1) equally spaced on the HTK mel scale, peaks of 1."""
     f_max = sample_rate / 2 if f_max is None else f_max
     if not 0.0 <= f_min < f_max <= sample_rate / 2:
-        raise ValueError(f"mel_filterbank needs 0 <= f_min < f_max <= sample_rate / 2, got {f_min}, {f_max}, {sample_rate}")
+        raise ValueError(f"mel_filterbank needs 0 <= f_min < f_max <= sample_rate / 2, "
+                         f"got {f_min}, {f_max}, {sample_rate}")
     bins = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)  # (F,) bin frequencies
     mels = torch.linspace(_hz_to_mel(torch.tensor(f_min, dtype=torch.float64)).item(),
                           _hz_to_mel(torch.tensor(f_max, dtype=torch.float64)).item(), n_mels + 2, dtype=torch.float64)
@@ -157,8 +159,9 @@ def _cached_filterbank(n_mels: int, n_fft: int, sample_rate: int, device: torch.
     return mel_filterbank(n_mels, n_fft, sample_rate).to(device)
 
 
-def log_mel(x: torch.Tensor, sample_rate: int, n_fft: int = 256, hop_length: int = 64, n_mels: int = 64) -> torch.Tensor:
-    """Return log(max(mel-filtered STFT magnitude (not power), 1e-5)), shape (N, n_mels, frames), of x (N, T) or (N, 1, T)."""
+def log_mel(x: torch.Tensor, sample_rate: int, n_fft: int = 256, hop_length: int = 64,
+            n_mels: int = 64) -> torch.Tensor:
+    """Return log(max(mel-filtered STFT magnitude (not power), 1e-5)) (N, n_mels, frames) of x (N, T) or (N, 1, T)."""
     magnitude = stft_magnitude(x, n_fft, hop_length)  # (N, F, frames)
     filters = _cached_filterbank(n_mels, n_fft, sample_rate, magnitude.device).to(magnitude.dtype)  # (n_mels, F)
     return torch.log(torch.matmul(filters, magnitude).clamp(min=1e-5))  # (N, n_mels, frames)

@@ -77,7 +77,8 @@ def _load_clips(files: list[Path], length: int, sample_rate: int, normalize: boo
         signal, rate = read_wav(path)  # (T,)
         if rate != sample_rate:
             raise ValueError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz; resample it, e.g. "
-                             f"`sox {path.name} -r {sample_rate} out.wav` or `ffmpeg -i {path.name} -ar {sample_rate} out.wav`")
+                             f"`sox {path.name} -r {sample_rate} out.wav` or "
+                             f"`ffmpeg -i {path.name} -ar {sample_rate} out.wav`")
         kept = signal[:length]  # zero padding at the end comes from torch.zeros
         clips[i, 0, : len(kept)] = kept
     return peak_normalize(clips) if normalize else clips
@@ -126,7 +127,7 @@ def _recordings(folder: Path) -> list[Path]:
 
 
 def verify_fsdd(folder: str | Path) -> dict[str, str]:
-    """Return ``{recording name: sha256}`` of ``folder/recordings``, checked against ``folder/SHA256SUMS`` if present."""
+    """Return ``{recording name: sha256}`` of ``folder/recordings``, checked against ``folder/SHA256SUMS`` if there."""
     folder = Path(folder)
     hashes = {path.name: _sha256(path) for path in _recordings(folder)}
     sums = folder / "SHA256SUMS"
