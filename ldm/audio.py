@@ -191,6 +191,11 @@ class MultiResolutionSTFTLoss(nn.Module):
                 raise ValueError(f"each resolution needs hop > 0 and 0 < win_length <= n_fft, got {(n_fft, hop, win)}")
         self.resolutions = tuple(tuple(r) for r in resolutions)
 
+    def describe(self) -> str:
+        """A label for logs and reports: what this loss is."""
+        sizes = "/".join(str(n_fft) for n_fft, _, _ in self.resolutions)
+        return f"multi-resolution STFT loss (Yamamoto et al. 2020), FFT sizes {sizes}"
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Return the loss (N,) of estimate ``y`` against reference ``x``, each (N, T) or (N, 1, T)."""
         # Magnitudes and their logs lose too much in half precision, so autocast is switched off.
@@ -232,3 +237,17 @@ _DEFAULT_MR_STFT = MultiResolutionSTFTLoss()  # holds no tensors, so one instanc
 def mr_stft_distance(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Return the default ``MultiResolutionSTFTLoss`` (N,) of ``estimate`` against ``reference``."""
     return _DEFAULT_MR_STFT(reference, estimate)
+
+
+# A picture's dB range: log magnitudes below the floor are black. A peak-0.9 clip's loudest bins reach
+# about log(0.9 * 128) ~ 4.7 with the 256-point window, so [-7, 5] keeps speech and its noise floor visible.
+PICTURE_LOG_RANGE = (-7.0, 5.0)
+
+
+def spectrogram_pictures(signals: torch.Tensor, n_fft: int = 256, hop_length: int = 64) -> torch.Tensor:
+    """Return log-magnitude spectrograms (N, 1, n_fft/2 + 1, frames) in [-1, 1] of signals (N, 1, L), low frequencies at the bottom."""
+    low, high = PICTURE_LOG_RANGE
+    magnitude = stft_magnitude(signals.detach().float().cpu().clamp(-1, 1), n_fft, hop_length)  # (N, F, frames)
+    scaled = (magnitude.log().clamp(low, high) - low) / (high - low) * 2 - 1
+    return scaled.flip(1).unsqueeze(1)  # row 0 is the highest frequency, as a spectrogram is read
+

@@ -1,4 +1,9 @@
-"""Pictures people look at: image grids, reconstruction side-by-sides, loss curves (PNG, no matplotlib)."""
+"""Pictures people look at: image grids, reconstruction side-by-sides, loss curves (PNG, no matplotlib).
+
+Sound is drawn as what a person can see of it: a batch of signals (N, 1, L) becomes spectrograms
+(`ldm.audio.spectrogram_pictures`) wherever a grid takes images, so every picture-writing call works
+for both domains.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm.artifacts import write_atomic
+from ldm.audio import spectrogram_pictures
 
 
 ROUND_OFF = 1e-3  # how far outside its range an input may stray by float round-off (e.g. a resize, x / 127.5 - 1 in half)
@@ -46,7 +52,9 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """Return one PIL image tiling a batch (N, C, H, W) in [-1, 1], `nrow` images per row."""
+    """Return one PIL image tiling a batch (N, C, H, W) in [-1, 1] (or the spectrograms of signals (N, 1, L)), `nrow` per row."""
+    if images.ndim == 3:
+        images = spectrogram_pictures(images)  # (N, 1, F, frames)
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -77,7 +85,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
 def save_side_by_side(inputs: torch.Tensor, recons: torch.Tensor, path: str | Path, pairs_per_row: int = 8, scale: int = 2) -> Path:
     """Write a PNG where each input is followed by its reconstruction (input | reconstruction pairs)."""
     n = min(len(inputs), len(recons))
-    pairs = torch.stack([inputs[:n].cpu(), recons[:n].cpu()], dim=1).flatten(0, 1)  # (2N, C, H, W)
+    pairs = torch.stack([inputs[:n].cpu(), recons[:n].cpu()], dim=1).flatten(0, 1)  # (2N, C, H, W) or (2N, 1, L)
     return save_grid(pairs, path, nrow=2 * pairs_per_row, scale=scale)
 
 

@@ -1,4 +1,9 @@
-"""Stage 1: train the KL autoencoder (reconstruction + LPIPS + KL, optional PatchGAN) and store it."""
+"""Stage 1: train the KL autoencoder (reconstruction + LPIPS + KL, optional PatchGAN) and store it.
+
+Sound takes the same stage with `model.spatial_dims: 1`: the perceptual term is then the
+multi-resolution STFT loss, the discriminator judges spectrograms, and `train_crop` trains the
+convolutional network on random crops of the clips (it encodes whole clips afterwards).
+"""
 
 from __future__ import annotations
 
@@ -54,6 +59,10 @@ class AutoencoderStageConfig:
     # sample and down2 a 2x2 average. Latents whose half-size version decodes to the half-size image
     # carry less high-frequency detail, which a DiT learns sooner. Costs a decode at a quarter of the pixels.
     equivariance_weight: float = 0.0
+    # 1-D signals: train on a random crop of this many samples of each clip (0: whole clips). The network is
+    # convolutional, so it learns the same map from shorter windows at a fraction of the cost (as audio codecs
+    # train on short segments); crops start inside the recording, not in the zero padding after it.
+    train_crop: int = 0
     run_dir: str = "runs/autoencoder"
 
     def __post_init__(self) -> None:
@@ -63,6 +72,14 @@ class AutoencoderStageConfig:
             raise ValueError(f"train_parts must be 'all' or 'decoder', got {self.train_parts!r}")
         if self.equivariance_weight < 0:
             raise ValueError(f"equivariance_weight must be >= 0, got {self.equivariance_weight}")
+        if self.train_crop and (self.model.spatial_dims != 1 or self.train_crop % self.model.downsample_factor
+                                or not 0 < self.train_crop <= self.data.length):
+            raise ValueError(f"train_crop {self.train_crop} must be a multiple of f={self.model.downsample_factor} "
+                             f"in (0, data.length={self.data.length}], and only 1-D signals are cropped")
+        if self.model.spatial_dims == 1 and not self.data.is_sound:
+            raise ValueError(f"model.spatial_dims 1 is for sound, but data.name is {self.data.name!r} (images)")
+        if self.model.spatial_dims == 2 and self.data.is_sound:
+            raise ValueError(f"data.name {self.data.name!r} is sound: set model.spatial_dims: 1 (e.g. model: fsdd-f64)")
         if self.train_parts == "decoder" and not self.init_from:
             raise ValueError("train_parts: decoder keeps the encoder frozen, which only makes sense from trained weights: "
                              "set init_from to an autoencoder reference (e.g. --set init_from=autoencoder@latest)")
@@ -79,7 +96,7 @@ class AutoencoderModule(L.LightningModule):
         if config.train_parts == "decoder":
             self.autoencoder.encoder.requires_grad_(False)
             self.autoencoder.quant_conv.requires_grad_(False)
-        self.loss = AutoencoderLoss(config.loss)
+        self.loss = AutoencoderLoss(config.loss, config.model.spatial_dims)
         self.__dict__["train_forward"] = compiled(self.autoencoder, config.trainer.compile)  # not a submodule
         self.steps_per_batch = 2 if config.loss.disc_enabled else 1
         self.register_buffer("preview", torch.empty(0), persistent=False)
@@ -102,20 +119,27 @@ class AutoencoderModule(L.LightningModule):
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether to run channels_last: a layout of 4-D tensors, so images only."""
+        return self.config.trainer.channels_last and self.config.model.spatial_dims == 2
+
     def on_fit_start(self) -> None:
-        if self.config.trainer.channels_last:
+        if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, _ = batch
-        if self.config.trainer.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         schedulers = self.lr_schedulers()
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         step = self.step
-        seed_step(self.config.trainer.seed, step, self.global_rank, self.trainer.world_size)  # posterior noise
+        seed_step(self.config.trainer.seed, step, self.global_rank, self.trainer.world_size)  # posterior noise, crops
+        if self.config.train_crop:
+            images = random_crop(images, self.config.train_crop, self.config.model.downsample_factor)
         recon, posterior = self.train_forward(images)
 
         # Generator (autoencoder) step.
@@ -169,14 +193,30 @@ class AutoencoderModule(L.LightningModule):
 def scale_equivariance_loss(autoencoder: AutoencoderKL, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """|D(down2(z)) - down2(x)| summed over an image's pixels, averaged over the batch (the reconstruction term's form).
 
-    The half-size latent must decode to the half-size image.
+    The half-size latent must decode to the half-size image (for signals: the half-length latent, the half-rate signal).
     """
-    return (autoencoder.decode(F.avg_pool2d(z, 2)) - F.avg_pool2d(images, 2)).abs().sum() / len(images)
+    pool = F.avg_pool2d if images.ndim == 4 else F.avg_pool1d
+    return (autoencoder.decode(pool(z, 2)) - pool(images, 2)).abs().sum() / len(images)
+
+
+def random_crop(signals: torch.Tensor, length: int, multiple: int) -> torch.Tensor:
+    """Return a random window (N, C, length) of each signal (N, C, L), starting at a multiple of `multiple`.
+
+    A window starts no later than half a window before the recording's end (its last non-zero sample), so
+    it is never all padding; starts on the latent grid keep the crop's latents those of the whole clip.
+    """
+    n, _, total = signals.shape
+    voiced = signals.abs().amax(dim=1) > 0  # (N, L)
+    end = torch.where(voiced.any(1), total - voiced.flip(1).int().argmax(1), total)  # (N,) one past the last sound
+    latest = ((end - length // 2).clamp(0, total - length) // multiple).to(torch.float64)  # (N,) in grid units
+    start = (torch.rand(n, dtype=torch.float64, device=signals.device) * (latest + 1)).floor().long() * multiple
+    index = start[:, None] + torch.arange(length, device=signals.device)  # (N, length)
+    return signals.gather(2, index[:, None, :].expand(-1, signals.shape[1], -1))
 
 
 def preview_images(config: AutoencoderStageConfig) -> torch.Tensor:
     """Return a fixed batch of held-out images to reconstruct during training."""
-    split = "test" if config.data.name == "fmnist" else "train"
+    split = "test" if config.data.name in ("fmnist", "fsdd") else "train"
     dataset = build_dataset(replace(config.data, hflip=False), split)
     count = min(config.preview_images, len(dataset))
     return torch.stack([dataset[i][0] for i in range(count)])
@@ -221,7 +261,6 @@ def run(
         run_dir, ["train/rec", "train/nll", "train/kl", "train/total"], run_dir / "loss.png",
         "autoencoder losses", step_divisor=module.steps_per_batch,
     )
-    latent = config.model.resolution // config.model.downsample_factor
     state = module.autoencoder.state_dict()
     artifact = store.save(
         "autoencoder",
@@ -231,8 +270,8 @@ def run(
         data_fingerprint=fingerprint,
         metadata={
             "encoder_sha256": encoder_fingerprint(state),
-            "latent_shape": [config.model.latent_channels, latent, latent],
-            "image_shape": [config.model.in_channels, config.model.resolution, config.model.resolution],
+            "latent_shape": list(config.model.latent_shape),
+            "image_shape": [config.model.in_channels, *(config.model.resolution,) * config.model.spatial_dims],
             "perceptual": perceptual,
             "training": {
                 "steps": module.step,

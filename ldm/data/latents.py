@@ -27,7 +27,7 @@ class LatentStats:
     mode: str = "channel"  # channel | global
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Return (z - mean) / std for latents (N, C, h, w)."""
+        """Return (z - mean) / std for latents (N, C, h, w) or (N, C, l)."""
         mean, std = self._tensors(z)
         return (z - mean) / std
 
@@ -37,7 +37,7 @@ class LatentStats:
         return z * std + mean
 
     def _tensors(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (z.ndim - 2)  # channels on dim 1, whatever the latent's spatial dims
         mean = torch.tensor(self.mean, dtype=z.dtype, device=z.device).view(shape)
         std = torch.tensor(self.std, dtype=z.dtype, device=z.device).view(shape)
         return mean, std
@@ -75,12 +75,12 @@ class Moments:
 
     @classmethod
     def of(cls, mean: torch.Tensor, std: torch.Tensor) -> Moments:
-        """Return the moments of posterior means and stds (n, V, C, h, w)."""
-        others = (0, 1, 3, 4)  # every dimension but the channel
+        """Return the moments of posterior means and stds (n, V, C, h, w) or (n, V, C, l)."""
+        others = tuple(dim for dim in range(mean.ndim) if dim != 2)  # every dimension but the channel
         # Contiguous float64 copies: the reductions then see one memory layout whatever the input's.
         means = mean.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
         center = means.mean(others)
-        m2 = means.sub_(center.view(1, 1, -1, 1, 1)).square_().sum(others)
+        m2 = means.sub_(center.view((1, 1, -1) + (1,) * (mean.ndim - 3))).square_().sum(others)
         variance_sum = std.to(torch.float64, memory_format=torch.contiguous_format, copy=True).square_().sum(others)
         return cls(mean[:, :, 0].numel(), center, m2, variance_sum)
 

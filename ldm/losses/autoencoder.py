@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.audio import MultiResolutionSTFTLoss
 from ldm.losses.lpips import PerceptualConfig, PerceptualLoss, build_lpips
-from ldm.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+from ldm.models.discriminator import DiscriminatorConfig, PatchDiscriminator, SpectrogramDiscriminator
 
 
 @dataclass
@@ -111,18 +112,29 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class AutoencoderLoss(nn.Module):
-    """Holds the frozen LPIPS network, the discriminator and (optionally) the learned logvar."""
+def build_perceptual(config: PerceptualConfig, spatial_dims: int) -> Optional[nn.Module]:
+    """The perceptual term: LPIPS for images, the multi-resolution STFT loss for signals (None at weight 0)."""
+    if config.weight == 0:
+        return None
+    if (config.kind == "stft") != (spatial_dims == 1):
+        raise ValueError(f"perceptual.kind {config.kind!r} does not fit {spatial_dims}-D data: use 'lpips' for "
+                         f"images and 'stft' for sound (or perceptual.weight 0)")
+    return MultiResolutionSTFTLoss() if config.kind == "stft" else build_lpips(config)
 
-    def __init__(self, config: Optional[AutoencoderLossConfig] = None) -> None:
+
+class AutoencoderLoss(nn.Module):
+    """Holds the frozen perceptual network, the discriminator and (optionally) the learned logvar.
+
+    spatial_dims 2 (images): LPIPS and a PatchGAN; 1 (signals): the multi-resolution STFT loss and a
+    PatchGAN per STFT resolution. The weighting, adaptive GAN weight and warm-up are the same for both.
+    """
+
+    def __init__(self, config: Optional[AutoencoderLossConfig] = None, spatial_dims: int = 2) -> None:
         super().__init__()
         self.config = config = config or AutoencoderLossConfig()
-        self.perceptual: Optional[PerceptualLoss] = (
-            build_lpips(config.perceptual) if config.perceptual.weight > 0 else None
-        )
-        self.discriminator: Optional[PatchDiscriminator] = (
-            PatchDiscriminator(config.discriminator) if config.disc_enabled else None
-        )
+        self.perceptual: Optional[PerceptualLoss | MultiResolutionSTFTLoss] = build_perceptual(config.perceptual, spatial_dims)
+        discriminator = PatchDiscriminator if spatial_dims == 2 else SpectrogramDiscriminator
+        self.discriminator: Optional[nn.Module] = discriminator(config.discriminator) if config.disc_enabled else None
         self.logvar: Optional[nn.Parameter] = nn.Parameter(torch.zeros(())) if config.learn_logvar else None
 
     def perceptual_description(self) -> str:
@@ -150,7 +162,7 @@ class AutoencoderLoss(nn.Module):
         return self.disc_factor(global_step - self.config.disc_pretrain_steps)
 
     def pixel_loss(self, inputs: Tensor, recon: Tensor) -> Tensor:
-        """Per-element L1 or L2 reconstruction error, shape (N, C, H, W)."""
+        """Per-element L1 or L2 reconstruction error, shape (N, C, H, W) or (N, C, L)."""
         diff = inputs.float() - recon.float()  # float32: under bf16 autocast the sums below would lose digits
         return diff.abs() if self.config.rec_loss == "l1" else diff.square()
 
@@ -174,7 +186,7 @@ class AutoencoderLoss(nn.Module):
         p_loss = torch.zeros(n, device=inputs.device)
         if self.perceptual is not None:
             p_loss = self.perceptual(inputs, recon).float()  # (N,)
-            rec = pixel + self.config.perceptual.weight * p_loss.view(n, 1, 1, 1)
+            rec = pixel + self.config.perceptual.weight * p_loss.view(n, *(1,) * (pixel.ndim - 1))
         nll = rec / torch.exp(self.logvar) + self.logvar if self.logvar is not None else rec
         nll_loss = nll.sum() / n
 

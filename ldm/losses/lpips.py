@@ -34,8 +34,10 @@ from torchvision import models as tv_models
 
 @dataclass
 class PerceptualConfig:
-    """Which LPIPS network to build and where its backbone weights come from."""
+    """Which perceptual term to build: LPIPS (its network and where its backbone weights come from) or, for sound, the STFT loss."""
 
+    # lpips: images; stft: 1-D signals, the multi-resolution STFT loss (Yamamoto et al. 2020), which needs no weights.
+    kind: str = "lpips"
     net: str = "vgg"  # vgg | alex | squeeze (LDM and taming use vgg)
     backbone: str = "pretrained"  # pretrained: torchvision ImageNet weights | random: seeded random init
     weights_path: Optional[str] = None  # torchvision backbone file; None: look in the torch hub cache
@@ -44,6 +46,8 @@ class PerceptualConfig:
     random_seed: int = 0  # seed of the random backbone, so runs with `backbone: random` are repeatable
 
     def __post_init__(self) -> None:
+        if self.kind not in ("lpips", "stft"):
+            raise ValueError(f"perceptual.kind must be 'lpips' (images) or 'stft' (sound), got {self.kind!r}")
         if self.net not in BACKBONES:
             raise ValueError(f"perceptual.net must be one of {sorted(BACKBONES)}, got {self.net!r}")
         if self.backbone not in ("pretrained", "random"):

@@ -14,6 +14,10 @@ ResNet stack:
              -> [num_res_blocks + 1 ResnetBlocks, then nearest 2x Upsample + 3x3 conv] per level,
              lowest resolution first -> GroupNorm, SiLU, conv_out
 
+The same module runs on 1-D signals (sound) with `spatial_dims: 1`: every conv is a Conv1d, a level
+may downsample by a stride s > 2 (a strided conv of kernel 2s, undone by a transposed conv of kernel
+2s, as the strided encoders of SoundStream and Stable Audio's VAE), and the attention runs over time.
+
 The decoder has one ResnetBlock more per level than the encoder, as in LDM; the module structure
 (and so the parameter count) is the same as diffusers' `AutoencoderKL` for the same channels, and
 `ldm.interop.autoencoder.state_dict_from_diffusers` maps a diffusers checkpoint onto this module.
@@ -30,6 +34,7 @@ so an in-place SiLU makes autograd save a copy and costs more than it saves.) Up
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,7 +50,7 @@ class AutoencoderConfig:
 
     in_channels: int = 1
     out_channels: Optional[int] = None  # None: same as in_channels
-    resolution: int = 32  # training image size; the network itself runs at any multiple of f
+    resolution: int = 32  # training image size (clip length in samples for 1-D); the network runs at any multiple of f
     ch: int = 32  # base channel count; level i has ch * ch_mult[i] channels
     ch_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; f = 2 ** (len(ch_mult) - 1)
     num_res_blocks: int = 1  # ResnetBlocks per encoder level (the decoder has one more)
@@ -54,9 +59,23 @@ class AutoencoderConfig:
     dropout: float = 0.0
     norm_groups: int = 8  # lowered to a divisor where a layer has fewer/indivisible channels
     gradient_checkpointing: bool = False  # recompute each level in backward: less memory, more time
+    spatial_dims: int = 2  # 2: images (C, H, W); 1: signals (C, L) such as sound
+    # Downsampling stride of each level transition (len(ch_mult) - 1 entries); () means 2 everywhere.
+    # Strides other than 2 are for 1-D signals, where 8 kHz audio needs f in the tens to hundreds.
+    down_strides: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)  # YAML gives lists
+        self.down_strides = tuple(int(s) for s in self.down_strides)
+        if self.spatial_dims not in (1, 2):
+            raise ValueError(f"spatial_dims must be 1 (signals) or 2 (images), got {self.spatial_dims}")
+        if self.down_strides and len(self.down_strides) != len(self.ch_mult) - 1:
+            raise ValueError(f"down_strides needs one stride per level transition ({len(self.ch_mult) - 1}), "
+                             f"got {self.down_strides}")
+        if self.spatial_dims == 2 and any(s != 2 for s in self.down_strides):
+            raise ValueError(f"images downsample by 2 per level; down_strides {self.down_strides} is for 1-D signals")
+        if any(s < 2 or s % 2 for s in self.down_strides):
+            raise ValueError(f"down_strides must be even numbers >= 2, got {self.down_strides}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
         if min(self.in_channels, self.ch, self.num_res_blocks, self.latent_channels, self.norm_groups) < 1:
@@ -72,9 +91,14 @@ class AutoencoderConfig:
         return AUTOENCODER_PRESETS
 
     @property
+    def strides(self) -> tuple[int, ...]:
+        """The downsampling stride of each level transition."""
+        return self.down_strides or (2,) * (len(self.ch_mult) - 1)
+
+    @property
     def downsample_factor(self) -> int:
-        """Spatial reduction f between image and latent (one halving per level after the first)."""
-        return 2 ** (len(self.ch_mult) - 1)
+        """Spatial reduction f between image and latent (the product of the level strides)."""
+        return math.prod(self.strides)
 
     @property
     def image_channels_out(self) -> int:
@@ -82,10 +106,10 @@ class AutoencoderConfig:
         return self.in_channels if self.out_channels is None else self.out_channels
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the latent of one `resolution` x `resolution` image."""
+    def latent_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of the latent of one `resolution` x `resolution` image; (C, L) for a 1-D signal."""
         side = self.resolution // self.downsample_factor
-        return (self.latent_channels, side, side)
+        return (self.latent_channels, *(side,) * self.spatial_dims)
 
 
 AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
@@ -100,6 +124,12 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     # 4x cheaper again (~0.1 GFLOP per image), for a one-to-two-minute end-to-end demo.
     "fmnist-f4-quick": AutoencoderConfig(
         in_channels=1, resolution=32, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=4
+    ),
+    # 8 kHz speech, 8192-sample clips -> (8, 128) latents: f = 64 (strides 4, 4, 4), 8x fewer numbers
+    # than samples. Sized for a quarter of an hour on two CPU cores.
+    "fsdd-f64": AutoencoderConfig(
+        in_channels=1, resolution=8192, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, latent_channels=8,
+        norm_groups=8, spatial_dims=1, down_strides=(4, 4, 4),
     ),
     # The LDM KL autoencoders for 256x256 RGB; kl-f8 is the Stable Diffusion v1 VAE's shape
     # (83.7M parameters). LDM's kl-f16 also has attention inside its 16x16 level; ours has the
@@ -125,26 +155,32 @@ def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def conv_class(spatial_dims: int) -> type[nn.Module]:
+    """nn.Conv2d for images, nn.Conv1d for signals."""
+    return nn.Conv2d if spatial_dims == 2 else nn.Conv1d
+
+
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) x 2, 1x1 shortcut if C changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm_groups: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm_groups: int, spatial_dims: int = 2) -> None:
         super().__init__()
+        conv = conv_class(spatial_dims)
         self.norm1 = group_norm(in_channels, norm_groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.shortcut = conv(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return h.add_(self.shortcut(x))  # (N, C_out, H, W)
+        return h.add_(self.shortcut(x))  # (N, C_out, H, W) or (N, C_out, L)
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection."""
+    """Single-head self-attention over the H*W (or L) positions, with a residual connection."""
 
     def __init__(self, channels: int, norm_groups: int) -> None:
         super().__init__()
@@ -153,11 +189,11 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
+        n, c, *size = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C); a view when x is channels_last
         q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # each (N, 1, HW, C)
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (N, HW, C), softmax(q k^T / sqrt(C)) v
-        out = self.proj(out).transpose(1, 2).reshape(n, c, h, w)  # a view with channels_last strides
+        out = self.proj(out).transpose(1, 2).reshape(n, c, *size)  # a view with channels_last strides
         return x + out  # (N, C, H, W) in x's memory format
 
 
@@ -172,6 +208,40 @@ class Downsample(nn.Module):
         # LDM's asymmetric padding (right and bottom only): output pixel i sees input rows
         # 2i..2i+2, so the latent grid is aligned with the top-left of the image.
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (N, C, H/2, W/2)
+
+
+class SignalDownsample(nn.Module):
+    """Shorten a signal (N, C, L) by an even stride s: a conv of kernel 2s and stride s, padded by s/2 each side."""
+
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 2 * stride, stride=stride, padding=stride // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)  # (N, C, L/s): output i sees inputs s*i - s/2 .. s*i + 3s/2 - 1
+
+
+class SignalUpsample(nn.Module):
+    """Lengthen a signal (N, C, L) by an even stride s: the transposed conv of kernel 2s, each input spread over 2s outputs."""
+
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        # Kernel 2s = twice the stride: every output sums two overlapping input frames, which avoids the
+        # periodic artifacts of a kernel equal to the stride (Odena et al. 2016).
+        self.conv = nn.ConvTranspose1d(channels, channels, 2 * stride, stride=stride, padding=stride // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)  # (N, C, L*s)
+
+
+def downsample(channels: int, stride: int, spatial_dims: int) -> nn.Module:
+    """The level transition of the encoder: LDM's stride-2 conv for images, a strided conv for signals."""
+    return Downsample(channels) if spatial_dims == 2 else SignalDownsample(channels, stride)
+
+
+def upsample(channels: int, stride: int, spatial_dims: int) -> nn.Module:
+    """The level transition of the decoder: LDM's upsample-then-conv for images, a transposed conv for signals."""
+    return Upsample(channels) if spatial_dims == 2 else SignalUpsample(channels, stride)
 
 
 class Upsample(nn.Module):
@@ -195,10 +265,10 @@ class Upsample(nn.Module):
 
 def middle_block(channels: int, config: AutoencoderConfig) -> nn.Sequential:
     """Resnet, (Attention), Resnet at the lowest resolution: the only place with a global view."""
-    layers = [ResnetBlock(channels, channels, config.dropout, config.norm_groups)]
+    layers = [ResnetBlock(channels, channels, config.dropout, config.norm_groups, config.spatial_dims)]
     if config.attn_at_lowest:
         layers.append(AttentionBlock(channels, config.norm_groups))
-    layers.append(ResnetBlock(channels, channels, config.dropout, config.norm_groups))
+    layers.append(ResnetBlock(channels, channels, config.dropout, config.norm_groups, config.spatial_dims))
     return nn.Sequential(*layers)
 
 
@@ -213,26 +283,27 @@ def run_stages(stages: list[nn.Module], h: Tensor, gradient_checkpointing: bool)
 
 
 class Encoder(nn.Module):
-    """Image (N, C_in, H, W) -> posterior moments (N, 2 * latent_channels, H/f, W/f)."""
+    """Image (N, C_in, H, W) -> posterior moments (N, 2 * latent_channels, H/f, W/f); signals (N, C_in, L) alike."""
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         self.gradient_checkpointing = config.gradient_checkpointing
         widths = [config.ch * m for m in config.ch_mult]
-        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        conv, dims = conv_class(config.spatial_dims), config.spatial_dims
+        self.conv_in = conv(config.in_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()  # one nn.Sequential per level, highest resolution first
         in_width = widths[0]
         for level, width in enumerate(widths):
             layers: list[nn.Module] = []
             for _ in range(config.num_res_blocks):
-                layers.append(ResnetBlock(in_width, width, config.dropout, config.norm_groups))
+                layers.append(ResnetBlock(in_width, width, config.dropout, config.norm_groups, dims))
                 in_width = width
             if level < len(widths) - 1:
-                layers.append(Downsample(width))
+                layers.append(downsample(width, config.strides[level], dims))
             self.down.append(nn.Sequential(*layers))
         self.mid = middle_block(widths[-1], config)
         self.norm_out = group_norm(widths[-1], config.norm_groups)
-        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = conv(widths[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (N, ch, H, W)
@@ -241,26 +312,27 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (N, latent_channels, h, w) -> image (N, C_out, h*f, w*f)."""
+    """Latent (N, latent_channels, h, w) -> image (N, C_out, h*f, w*f); signals (N, latent_channels, l) alike."""
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         self.gradient_checkpointing = config.gradient_checkpointing
         widths = [config.ch * m for m in config.ch_mult]
-        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        conv, dims = conv_class(config.spatial_dims), config.spatial_dims
+        self.conv_in = conv(config.latent_channels, widths[-1], 3, padding=1)
         self.mid = middle_block(widths[-1], config)
         self.up = nn.ModuleList()  # one nn.Sequential per level, lowest resolution first
         in_width = widths[-1]
         for level in reversed(range(len(widths))):
             layers: list[nn.Module] = []
             for _ in range(config.num_res_blocks + 1):
-                layers.append(ResnetBlock(in_width, widths[level], config.dropout, config.norm_groups))
+                layers.append(ResnetBlock(in_width, widths[level], config.dropout, config.norm_groups, dims))
                 in_width = widths[level]
             if level > 0:
-                layers.append(Upsample(in_width))
+                layers.append(upsample(in_width, config.strides[level - 1], dims))
             self.up.append(nn.Sequential(*layers))
         self.norm_out = group_norm(widths[0], config.norm_groups)
-        self.conv_out = nn.Conv2d(widths[0], config.image_channels_out, 3, padding=1)
+        self.conv_out = conv(widths[0], config.image_channels_out, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.conv_in(z)  # (N, ch*m[-1], h, w)
@@ -317,8 +389,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(config)
         # 1x1 convs between the networks and the latent, kept from LDM so its (and diffusers')
         # checkpoints map one to one onto this module.
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        conv = conv_class(config.spatial_dims)
+        self.quant_conv = conv(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = conv(config.latent_channels, config.latent_channels, 1)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Posterior over latents (N, latent_channels, H/f, W/f) for images x (N, C, H, W) in [-1, 1]."""

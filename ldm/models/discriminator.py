@@ -20,9 +20,12 @@ S >= 48. `patch_grid_size` and `receptive_field` compute these; `forward` refuse
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor, nn
+
+from ldm.audio import stft_magnitude
 
 
 @dataclass
@@ -74,6 +77,29 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "group":
         return nn.GroupNorm(math.gcd(32, channels), channels)
     return nn.Identity()
+
+
+class SpectrogramDiscriminator(nn.Module):
+    """Multi-resolution discriminator for signals: one PatchGAN per STFT resolution on the log magnitude.
+
+    Signals (N, 1, L) -> logits (N, K), all patches of all resolutions. A spectrogram is an image of
+    frequency against time, so the image PatchGAN judges it as is; several resolutions trade time for
+    frequency detail, as the multi-resolution discriminator of UnivNet (Jang et al. 2021).
+    """
+
+    def __init__(self, config: DiscriminatorConfig, resolutions: tuple[tuple[int, int], ...] = ((128, 32), (256, 64), (512, 128))):
+        super().__init__()
+        self.config = config
+        self.resolutions = resolutions  # (n_fft, hop) pairs; sized for 8 kHz speech
+        self.discriminators = nn.ModuleList(PatchDiscriminator(replace(config, in_channels=1)) for _ in resolutions)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits (N, K) for signals x (N, 1, L); positive means "real"."""
+        logits = []
+        for (n_fft, hop), discriminator in zip(self.resolutions, self.discriminators):
+            spectrogram = stft_magnitude(x.float(), n_fft, hop).log().unsqueeze(1)  # (N, 1, F, frames)
+            logits.append(discriminator(spectrogram).flatten(1))
+        return torch.cat(logits, dim=1)
 
 
 class PatchDiscriminator(nn.Module):
