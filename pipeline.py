@@ -10,6 +10,9 @@
     edited = pipe.img2img(images, strength=0.5, class_labels=[3, 3, 3, 3])
     filled = pipe.inpaint(images, mask, class_labels=[0, 1, 2, 3])  # mask (N, 1, H, W): 1 = paint anew
 
+A sound model is used the same way: `sample` returns signals (N, 1, L) in [-1, 1], and
+`pipe.save_audio(signals, "out/")` writes them as WAV files at `pipe.sample_rate` (None for images).
+
 The diffusion artifact names the autoencoder its latent cache was encoded with and the latent
 statistics it was trained on; `from_artifacts` loads exactly that autoencoder (checksums verified)
 and applies the statistics here and nowhere else, so the scale can never be mismatched.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -27,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore
+from ldm.audio import write_wav
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.caching import BlockCache, CacheSchedule, schedule_from_changes
@@ -68,7 +73,12 @@ class LatentDiffusionPipeline:
         provenance: Optional[Provenance] = None,
         guide: Optional[DiT] = None,
         precision: str = "float32",
+        sample_rate: Optional[int] = None,
     ) -> None:
+        if (sample_rate is not None) != (autoencoder.config.spatial_dims == 1):
+            raise ValueError(f"sample_rate is for sound (a 1-D autoencoder) only; got {sample_rate} for a "
+                             f"{autoencoder.config.spatial_dims}-D autoencoder")
+        self.sample_rate = sample_rate  # Hz of the signals a sound model makes; None for images
         if tuple(autoencoder.config.latent_shape) != model.config.latent_shape:
             raise ValueError(
                 f"the autoencoder makes {tuple(autoencoder.config.latent_shape)} latents but the DiT expects "
@@ -132,7 +142,9 @@ class LatentDiffusionPipeline:
             guide = guide_artifact.ref
         provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override,
                                 artifact.manifest["autoencoder"], guide)
-        return cls(dit, decoder, diffusion, stats, provenance, guide_model, precision)
+        data = chosen.config().get("data", {})
+        sample_rate = int(data.get("sample_rate", 8000)) if decoder.config.spatial_dims == 1 else None
+        return cls(dit, decoder, diffusion, stats, provenance, guide_model, precision, sample_rate)
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +153,13 @@ class LatentDiffusionPipeline:
     @property
     def num_classes(self) -> int:
         return self.model.config.num_classes
+
+    def save_audio(self, signals: torch.Tensor, folder: Union[str, Path], prefix: str = "sample") -> list[Path]:
+        """Write signals (N, 1, L) of a sound model as 16-bit WAV files `<prefix>-NNNNNN.wav` in folder; return their paths."""
+        if self.sample_rate is None:
+            raise ValueError("save_audio is for sound models; this pipeline makes images (use output='pil' or ldm.images)")
+        folder = Path(folder)
+        return [write_wav(folder / f"{prefix}-{i:06d}.wav", signal, self.sample_rate) for i, signal in enumerate(signals.cpu())]
 
     # ------------------------------------------------------------------ latents <-> images
 
@@ -170,7 +189,7 @@ class LatentDiffusionPipeline:
         on_model_call: Optional[Callable[[], None]] = None,
         **options,
     ):
-        """Class-conditional images (N, C, H, W) in [-1, 1], or a list of PIL images with output="pil".
+        """Class-conditional images (N, C, H, W) in [-1, 1] (signals (N, 1, L) for sound), or PIL images with output="pil".
 
         `settings` (a SamplingSettings) and/or its fields by name (`num_steps=20, guidance_scale=2.0,
         seed=0, ...`, which override those of `settings`) say how: the sampler, steps, classifier-free
@@ -229,6 +248,8 @@ class LatentDiffusionPipeline:
         `options` as in `sample`.
         """
         settings = self.settings(settings, **options)
+        if self.sample_rate is not None:
+            raise ValueError("inpaint takes image masks; this pipeline makes sound (img2img works on signals too)")
         self._check_images(images)
         if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, len(images)):
             raise ValueError(f"mask must be (N or 1, 1, H, W) matching images {tuple(images.shape)}, got {tuple(mask.shape)}")
@@ -277,6 +298,13 @@ class LatentDiffusionPipeline:
     def _check_images(self, images: torch.Tensor) -> None:
         config = self.autoencoder.config
         f = config.downsample_factor
+        if config.spatial_dims == 1:
+            length = self.model.config.input_size * f
+            if images.ndim != 3 or tuple(images.shape[1:]) != (config.in_channels, length):
+                raise ValueError(f"signals must be (N, {config.in_channels}, {length}) in [-1, 1] for this model, "
+                                 f"got {tuple(images.shape)}")
+            check_range("signals", images, -1.0, 1.0, "the autoencoder's range")
+            return
         if images.ndim != 4 or images.shape[1] != config.in_channels:
             raise ValueError(f"images must be (N, {config.in_channels}, H, W) in [-1, 1], got {tuple(images.shape)}")
         if images.shape[-2] != self.model.config.input_size * f or images.shape[-1] != self.model.config.input_size * f:
@@ -331,5 +359,7 @@ class LatentDiffusionPipeline:
     def _output(images: torch.Tensor, output: str, latents: Optional[torch.Tensor] = None):
         if output not in ("tensor", "pil"):
             raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
+        if output == "pil" and images.ndim == 3:
+            raise ValueError("output='pil' is for images; a sound model returns signals (output='tensor', then save_audio)")
         result: Union[torch.Tensor, list[Image.Image]] = to_pil(images) if output == "pil" else images
         return (result, latents) if latents is not None else result

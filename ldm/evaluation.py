@@ -85,7 +85,7 @@ class SampleReference:
 def sample_reference(store: ArtifactStore, pipe, n: int, classifier_ref: str, features: str, batch_size: int,
                      device: torch.device) -> SampleReference:
     """Measure the test split and the two floors of `evaluate_samples` with n images (fewer if a split is smaller)."""
-    extractor = feature_extractor(store, features, classifier_ref, device)
+    extractor = feature_extractor(store, features, classifier_ref, device, sound=pipe.sample_rate is not None)
     classifier_artifact = store.load(classifier_ref, stage="classifier")
     classifier = load_classifier(classifier_artifact, device)
 

@@ -67,9 +67,16 @@ def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.devic
     return model.to(device).eval()
 
 
-def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, device: torch.device):
-    """Return the feature extractor for a Frechet distance: Inception when asked or available, else our classifier."""
-    if choice in ("auto", "inception"):
+def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, device: torch.device, sound: bool = False):
+    """Return the feature extractor for a Frechet distance: Inception when asked or available, else our classifier.
+
+    Sound always uses the classifier (a spoken-digit classifier trained by `ldm train classifier`):
+    Inception sees photographs, not spectrograms.
+    """
+    if sound and choice == "inception":
+        raise ValueError("Inception features are for images; sound is measured with the project's classifier "
+                         "(--features classifier, or auto)")
+    if choice in ("auto", "inception") and not sound:
         available, reason = inception_available()
         if available:
             return InceptionFeatures().to(device)
@@ -80,7 +87,12 @@ def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, de
         artifact = store.load(classifier_ref, stage="classifier")
     except ArtifactError as err:
         raise ArtifactError(f"{err}\nThe Frechet distance needs a feature classifier: run `ldm train classifier` first") from None
-    return ClassifierFeatures(load_classifier(artifact, device), artifact.ref)
+    classifier = load_classifier(artifact, device)
+    if sound != (classifier.config.front_end == "logmel"):
+        raise ArtifactError(f"{artifact.ref} classifies {'sound' if classifier.config.front_end == 'logmel' else 'images'}, "
+                            f"but the data is {'sound' if sound else 'images'}: pass --classifier with a classifier of "
+                            f"the same data (ldm train classifier --config configs/<data>/classifier.yaml)")
+    return ClassifierFeatures(classifier, artifact.ref)
 
 
 def load_decoder(store: ArtifactStore, artifact: Artifact, autoencoder: str | None = None,

@@ -1,4 +1,7 @@
-"""The evaluation classifier: a Fashion-MNIST CNN whose features give our Frechet distance, stored as an artifact."""
+"""The evaluation classifier: a CNN whose features give our Frechet distance, stored as an artifact.
+
+Images (Fashion-MNIST) go in as they are; sound (spoken digits) through the model's log-mel front end.
+"""
 
 from __future__ import annotations
 
@@ -29,14 +32,28 @@ class ClassifierStageConfig:
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=_trainer_defaults)
-    shift: int = 2  # random translation augmentation, in pixels (0: none)
+    shift: int = 2  # random translation augmentation, in pixels (samples for sound; 0: none)
     run_dir: str = "runs/classifier"
+
+    def __post_init__(self) -> None:
+        if self.data.is_sound != (self.model.front_end == "logmel"):
+            raise ValueError(f"data {self.data.name!r} needs model.front_end "
+                             f"{'logmel' if self.data.is_sound else 'none'}, got {self.model.front_end!r}")
 
 
 def random_shift(images: torch.Tensor, pixels: int, background: float = -1.0) -> torch.Tensor:
-    """Return images translated by a random integer offset in [-pixels, pixels] each (one gather, no loops)."""
+    """Return images translated by a random integer offset in [-pixels, pixels] each (one gather, no loops).
+
+    Signals (N, C, L) are shifted in time the same way, with `background` (0: silence) filling in.
+    """
     if pixels <= 0:
         return images
+    if images.ndim == 3:
+        n, c, length = images.shape
+        padded = F.pad(images, (pixels, pixels), value=background)  # (N, C, L+2p)
+        start = torch.randint(0, 2 * pixels + 1, (n,), device=images.device)
+        index = (start[:, None] + torch.arange(length, device=images.device))[:, None, :].expand(-1, c, -1)
+        return padded.gather(2, index)
     n, _, h, w = images.shape
     padded = F.pad(images, (pixels,) * 4, value=background)  # (N, C, H+2p, W+2p)
     dy = torch.randint(0, 2 * pixels + 1, (n,), device=images.device)
@@ -65,7 +82,8 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         seed_step(self.config.trainer.seed, self.global_step, self.global_rank, self.trainer.world_size)  # the shifts
-        logits = self.classifier(random_shift(images, self.config.shift))
+        background = 0.0 if self.config.data.is_sound else -1.0  # silence, or a black border
+        logits = self.classifier(random_shift(images, self.config.shift, background))
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
         self.log_dict({"train/loss": loss, "train/accuracy": accuracy}, prog_bar=True, on_step=True)
@@ -101,5 +119,5 @@ def run(
         },
     )
     print(f"\nwrote {artifact.ref}  ({artifact.path})")
-    print(f"  test accuracy {accuracy:.4f} on {len(test)} images, {trainer.global_step} steps in {format_seconds(seconds)}")
+    print(f"  test accuracy {accuracy:.4f} on {len(test)} {'clips' if config.data.is_sound else 'images'}, {trainer.global_step} steps in {format_seconds(seconds)}")
     return artifact

@@ -24,7 +24,7 @@ class EncodeConfig:
     """How a latent cache is made."""
 
     split: str = "train"
-    flips: bool = True  # also cache each image's horizontal flip (V = 2 views)
+    flips: bool = True  # also cache each image's horizontal flip (V = 2 views); never for sound
     stats: str = "channel"  # channel | global normalisation statistics | source (an imported autoencoder's own)
     batch_size: int = 500
     shard_size: int = 16384  # images per shard file
@@ -108,6 +108,9 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
         )
     data_config = data or from_dict(DataConfig, autoencoder.config()["data"], "data")
     data_config = replace(data_config, hflip=False)
+    if data_config.is_sound and config.flips:
+        print("flips do not apply to sound (a clip played backwards is not the same word): one view per clip")
+        config = replace(config, flips=False)
     fingerprint = data_fingerprint(data_config, config.split)
     key = cache_key(autoencoder, fingerprint, config)
     existing = find_existing(store, key)
@@ -129,7 +132,7 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
         shards = ShardWriter(writer, config.shard_size)
         for images, labels in iterate_images(dataset, config.batch_size, config.limit):
             views = [images, images.flip(-1)] if config.flips else [images]
-            batch = torch.cat(views).to(device)  # (V*B, C, H, W): one encoder pass for all views
+            batch = torch.cat(views).to(device)  # (V*B, C, H, W) or (V*B, C, L): one encoder pass for all views
             with autocast:
                 posterior = model.encode(batch)
             mean = posterior.mean.float().unflatten(0, (len(views), -1)).transpose(0, 1)  # (B, V, C, h, w)

@@ -1,4 +1,9 @@
-"""Reconstruction evaluation of an autoencoder artifact: PSNR, SSIM, LPIPS, rFID, class accuracy and throughput."""
+"""Reconstruction evaluation of an autoencoder artifact: PSNR, SSIM, LPIPS, rFID, class accuracy and throughput.
+
+For a sound autoencoder the per-item measures are SI-SDR, the multi-resolution STFT distance and the
+log-mel distance instead of PSNR, SSIM and LPIPS; the Frechet distance and class accuracy use the
+spoken-digit classifier, and a few input/reconstruction pairs are written as WAV files to listen to.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ldm.artifacts import ArtifactError, ArtifactStore, write_atomic
+from ldm.audio import log_mel_distance, mr_stft_distance, si_sdr, write_wav
 from ldm.config import from_dict
 from ldm.data import (
     DataConfig,
@@ -44,19 +50,26 @@ def evaluate_reconstruction(
     model = load_autoencoder(artifact, device)
     data_config = replace(with_data(from_dict(DataConfig, artifact.config()["data"], "data"), data), hflip=False)
     dataset = build_dataset(data_config, split)
-    extractor = feature_extractor(store, features, classifier_ref, device)
-    perceptual = perceptual_metric(lpips).to(device)
+    sound = data_config.is_sound
+    extractor = feature_extractor(store, features, classifier_ref, device, sound=sound)
+    if sound:
+        measures = {"si_sdr_db": si_sdr, "mr_stft": mr_stft_distance,
+                    "log_mel_distance": lambda a, b: log_mel_distance(a, b, data_config.sample_rate)}
+    else:
+        perceptual = perceptual_metric(lpips).to(device)
+        measures = {"psnr_db": psnr, "ssim": ssim, "lpips": perceptual}
     try:  # the class accuracy of reconstructions caps that of samples decoded by this autoencoder
         classifier_artifact = store.load(classifier_ref, stage="classifier")
         classifier = load_classifier(classifier_artifact, device)
     except ArtifactError:
         classifier_artifact = classifier = None  # Inception features need no classifier: accuracy is left out
     real_stats, recon_stats = FeatureStats(), FeatureStats()
-    totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "real_correct": 0, "recon_correct": 0}
+    totals = {**dict.fromkeys(measures, 0.0), "real_correct": 0, "recon_correct": 0}
     count, encode_seconds, decode_seconds = 0, 0.0, 0.0
     first_inputs = first_recons = None
     total = min(limit, len(dataset)) if limit else len(dataset)
-    print(f"evaluating {artifact.ref} on {total} {split} images ...")
+    items = "clips" if sound else "images"
+    print(f"evaluating {artifact.ref} on {total} {split} {items} ...")
     for images, labels in iterate_images(dataset, batch_size, limit):
         images, labels = images.to(device), labels.to(device)
         synchronize(device)
@@ -69,9 +82,8 @@ def evaluate_reconstruction(
         encode_seconds += middle - start
         decode_seconds += time.perf_counter() - middle
         n = len(images)
-        totals["psnr"] += float(psnr(recons, images).sum())
-        totals["ssim"] += float(ssim(recons, images).sum())
-        totals["lpips"] += float(perceptual(recons, images).sum())
+        for name, measure in measures.items():
+            totals[name] += float(measure(recons, images).sum())
         real_stats.update(extractor(images))
         recon_stats.update(extractor(recons))
         if classifier is not None:
@@ -87,10 +99,8 @@ def evaluate_reconstruction(
         "autoencoder": artifact.ref,
         "data": {"name": data_config.name, "split": split, "images": count, "fingerprint": data_fingerprint(data_config, split)},
         "latent_shape": artifact.manifest.get("latent_shape"),
-        "psnr_db": totals["psnr"] / count,
-        "ssim": totals["ssim"] / count,
-        "lpips": totals["lpips"] / count,
-        "lpips_backbone": perceptual.describe(),
+        **{name: totals[name] / count for name in measures},
+        **({} if sound else {"lpips_backbone": perceptual.describe()}),
         "rfid": rfid,
         "rfid_features": extractor.name,
         "rfid_is_standard_fid": bool(extractor.is_standard),
@@ -105,9 +115,15 @@ def evaluate_reconstruction(
     out_dir = Path(out_dir or Path("runs") / "eval" / f"recon-{artifact.version}-{split}")
     write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     picture = save_side_by_side(first_inputs, first_recons, out_dir / "reconstructions.png")
-    metrics = {k: report[k] for k in ("psnr_db", "ssim", "lpips", "rfid", "class_accuracy", "real_class_accuracy",
+    if sound:  # what a person would rather hear: the first clips and their reconstructions
+        for i, (clip, recon) in enumerate(zip(first_inputs[:8], first_recons[:8])):
+            write_wav(out_dir / "audio" / f"{i:02d}-input.wav", clip, data_config.sample_rate)
+            write_wav(out_dir / "audio" / f"{i:02d}-reconstruction.wav", recon, data_config.sample_rate)
+    metrics = {k: report[k] for k in (*measures, "rfid", "class_accuracy", "real_class_accuracy",
                                       "encode_images_per_s", "decode_images_per_s")}
-    metrics.update(images=count, lpips_backbone=report["lpips_backbone"], rfid_features=report["rfid_features"])
+    metrics.update(images=count, rfid_features=report["rfid_features"])
+    if not sound:
+        metrics.update(lpips_backbone=report["lpips_backbone"])
     store.update_manifest(artifact, metrics={f"recon_{split}": metrics})
     print_report(report, out_dir, picture)
     return report
@@ -116,10 +132,17 @@ def evaluate_reconstruction(
 def print_report(report: dict, out_dir: Path, picture: Path) -> None:
     """Print the reconstruction numbers as a short table."""
     fid_name = "rFID" if report["rfid_is_standard_fid"] else "rFD (not Inception FID)"
-    print(f"reconstruction of {report['data']['images']} {report['data']['split']} images by {report['autoencoder']}")
-    print(f"  PSNR      {report['psnr_db']:8.3f} dB")
-    print(f"  SSIM      {report['ssim']:8.4f}")
-    print(f"  LPIPS     {report['lpips']:8.4f}   [{report['lpips_backbone']}]")
+    sound = "si_sdr_db" in report
+    print(f"reconstruction of {report['data']['images']} {report['data']['split']} {'clips' if sound else 'images'} "
+          f"by {report['autoencoder']}")
+    if sound:
+        print(f"  SI-SDR    {report['si_sdr_db']:8.3f} dB")
+        print(f"  MR-STFT   {report['mr_stft']:8.4f}   (multi-resolution STFT distance, FFT 128/256/512)")
+        print(f"  log-mel   {report['log_mel_distance']:8.4f}   (mean |log mel difference|)")
+    else:
+        print(f"  PSNR      {report['psnr_db']:8.3f} dB")
+        print(f"  SSIM      {report['ssim']:8.4f}")
+        print(f"  LPIPS     {report['lpips']:8.4f}   [{report['lpips_backbone']}]")
     print(f"  {fid_name:<9} {report['rfid']:8.4f}   [{report['rfid_features']}]")
     if report["class_accuracy"] is not None:
         print(f"  class acc {report['class_accuracy']:8.4f}   (real images {report['real_class_accuracy']:.4f}; "

@@ -1,6 +1,7 @@
 """Stage 3: sample a trained DiT, decode through its autoencoder, and measure the samples.
 
-`write_samples` is `ldm sample` (a grid PNG and the single images); `evaluate_samples` is
+`write_samples` is `ldm sample` (a grid PNG and the single images; for a sound model a spectrogram grid,
+one row per class, and the single clips as WAV files); `evaluate_samples` is
 `ldm eval samples` (Frechet distance to real images over named features, class accuracy under the
 project's classifier, time per image; a JSON report and a grid).
 """
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore, write_atomic
+from ldm.audio import write_wav
 from ldm.caching import CacheSchedule
 from ldm.evaluation import (check_folder, evaluation_name, guidance_text, measure_samples, report_metrics, report_settings,
                             sample_reference)
@@ -28,7 +30,7 @@ from ldm.runtime import synchronize
 from pipeline import LatentDiffusionPipeline
 
 GRID_MAX = 256  # grid.png shows every image up to this many; beyond, the first whole rows of classes that fit
-SAMPLE_PNG = re.compile(r"\d{6}-class\d+\.png")  # images/NNNNNN-classC.png: the single images write_samples names
+SAMPLE_FILE = re.compile(r"\d{6}-class\d+\.(png|wav)")  # images/NNNNNN-classC.png or audio/NNNNNN-classC.wav
 
 
 def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor:
@@ -62,15 +64,18 @@ def write_samples(
 ) -> dict:
     """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json, and return the report.
 
+    A sound model writes audio/NNNNNN-classC.wav instead of the PNGs, and grid.png shows spectrograms.
+
     Streams: each batch's images are written as soon as they are decoded and samples.json is
     rewritten after every batch ("complete": false until the end), so a run stopped early keeps
     what it made. Only the images of the grid stay in memory. Image i uses seed + i whatever the batch size.
     """
     _check_count(n)
     out_dir = Path(out_dir)
-    check_folder(out_dir / "images" if single_images else out_dir)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
                                                   guide=guide_ref, precision=precision)
+    singles = out_dir / ("images" if pipe.sample_rate is None else "audio")
+    check_folder(singles if single_images else out_dir)
     settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction)
     labels = parse_classes(classes, n, pipe.num_classes)
     for path in earlier_samples(out_dir, overwrite):  # --overwrite: our earlier outputs only, never the folder or other files
@@ -88,9 +93,12 @@ def write_samples(
             images = pipe.sample(batch, settings, seed=settings.seed + start, on_model_call=bar.update)
             synchronize(pipe.device)
             seconds += time.perf_counter() - began
-            if single_images:
+            if single_images and pipe.sample_rate is not None:
+                for i, (signal, label) in enumerate(zip(images.cpu(), batch.tolist()), start=start):
+                    write_wav(singles / f"{i:06d}-class{label}.wav", signal, pipe.sample_rate)
+            elif single_images:
                 for i, (image, label) in enumerate(zip(to_pil(images), batch.tolist()), start=start):
-                    save_png(image, out_dir / "images" / f"{i:06d}-class{label}.png")
+                    save_png(image, singles / f"{i:06d}-class{label}.png")
             if start < in_grid:
                 grid_images.append(images[: in_grid - start].cpu())
             done = start + len(batch)
@@ -102,7 +110,7 @@ def write_samples(
     print(f"{n} samples from {report['model']} ({settings.sampler}, {settings.num_steps} steps, {guidance_text(report)}, "
           f"seed {settings.seed}) "
           f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
-    print(f"  grid {grid}" + (f"   images {out_dir / 'images'}" if single_images else ""))
+    print(f"  grid {grid}" + (f"   {singles.name} {singles}" if single_images else ""))
     return report
 
 
@@ -132,13 +140,14 @@ def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiff
 def earlier_samples(out_dir: Path, overwrite: bool) -> list[Path]:
     """Return the files an earlier `ldm sample` left in out_dir, to remove; raise FileExistsError if any, unless overwrite."""
     ours = [out_dir / name for name in ("grid.png", "samples.json") if (out_dir / name).is_file()]
-    pngs = sorted((out_dir / "images").glob("*.png")) if (out_dir / "images").is_dir() else []
-    if (ours or pngs) and not overwrite:
-        found = ", ".join(str(path.relative_to(out_dir)) for path in (ours + pngs)[:3])
-        raise FileExistsError(f"--out {out_dir} already holds samples ({found}{', ...' if len(ours + pngs) > 3 else ''}): "
-                              f"pass --overwrite to replace them (it removes grid.png, samples.json and "
-                              f"images/NNNNNN-classC.png, nothing else), or another --out")
-    return ours + [path for path in pngs if SAMPLE_PNG.fullmatch(path.name)]
+    singles = [path for folder, pattern in (("images", "*.png"), ("audio", "*.wav")) if (out_dir / folder).is_dir()
+               for path in sorted((out_dir / folder).glob(pattern))]
+    if (ours or singles) and not overwrite:
+        found = ", ".join(str(path.relative_to(out_dir)) for path in (ours + singles)[:3])
+        raise FileExistsError(f"--out {out_dir} already holds samples ({found}{', ...' if len(ours + singles) > 3 else ''}): "
+                              f"pass --overwrite to replace them (it removes grid.png, samples.json, "
+                              f"images/NNNNNN-classC.png and audio/NNNNNN-classC.wav, nothing else), or another --out")
+    return ours + [path for path in singles if SAMPLE_FILE.fullmatch(path.name)]
 
 
 def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:

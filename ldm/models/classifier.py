@@ -6,6 +6,10 @@ feature space that separates Fashion-MNIST classes well and runs on a CPU. Its p
 layer plays the role of Inception's pool3: `features(x)` returns it. Distances measured in
 it are only comparable to other distances measured with the same weights.
 
+Sound takes the same network behind a front end (`front_end: logmel`): the waveform (N, 1, L) becomes
+its log-mel spectrogram (N, 1, n_mels, frames), batch-normalised, and the CNN classifies that picture
+of the sound as it would an image.
+
 Layout (width w): a stem at 32x32, then two stages of two conv-BN-ReLU blocks each at 16x16
 and 8x8, each stage ending with a 2x2 max pool, a global average pool, one feature layer and
 a linear head.
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ldm.audio import log_mel
+
 
 @dataclass
 class ClassifierConfig:
@@ -28,6 +34,15 @@ class ClassifierConfig:
     width: int = 32  # channels of the stem; the stages use 2w and 4w
     feature_dim: int = 256  # size of the penultimate features used for the Frechet distance
     dropout: float = 0.3  # before the head only, so the features themselves are deterministic in eval
+    front_end: str = "none"  # none: images | logmel: waveforms (N, 1, L) through a log-mel spectrogram first
+    sample_rate: int = 8000  # logmel: the signal's rate, for the mel scale
+    n_fft: int = 256  # logmel: 32 ms windows at 8 kHz
+    hop_length: int = 128  # logmel: 16 ms hops (65 frames for an 8192-sample clip)
+    n_mels: int = 64
+
+    def __post_init__(self) -> None:
+        if self.front_end not in ("none", "logmel"):
+            raise ValueError(f"front_end must be 'none' (images) or 'logmel' (sound), got {self.front_end!r}")
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -46,6 +61,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.config = config = config or ClassifierConfig()
         w = config.width
+        # A fixed log-mel map has no scale that suits every data set; one BatchNorm learns it.
+        self.input_norm = nn.BatchNorm2d(1) if config.front_end == "logmel" else None
         self.body = nn.Sequential(
             # One block at full resolution: with a single input channel it is cheap, and the
             # 2x2 pools below bring the costly wide blocks down to 16x16 and 8x8.
@@ -68,13 +85,17 @@ class Classifier(nn.Module):
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        """Penultimate activations (N, feature_dim) of images x (N, C, H, W) in [-1, 1]."""
+        """Penultimate activations (N, feature_dim) of images x (N, C, H, W) in [-1, 1] (or signals (N, 1, L))."""
+        if self.input_norm is not None:
+            cfg = self.config
+            mel = log_mel(x.flatten(1), cfg.sample_rate, cfg.n_fft, cfg.hop_length, cfg.n_mels)  # (N, n_mels, frames)
+            x = self.input_norm(mel.unsqueeze(1))  # (N, 1, n_mels, frames)
         h = self.body(x)  # (N, 4w, H/8, W/8)
         h = self.pool(h).flatten(1)  # (N, 4w)
         return self.feature_layer(h)  # (N, feature_dim), non-negative like Inception's pool3
 
     def forward(self, x: Tensor) -> Tensor:
-        """Class logits (N, num_classes) of images x (N, C, H, W) in [-1, 1]."""
+        """Class logits (N, num_classes) of images x (N, C, H, W) in [-1, 1] (or signals (N, 1, L))."""
         return self.head(self.dropout(self.features(x)))
 
     @torch.no_grad()
