@@ -167,6 +167,49 @@ def log_mel(x: torch.Tensor, sample_rate: int, n_fft: int = 256, hop_length: int
     return torch.log(torch.matmul(filters, magnitude).clamp(min=1e-5))  # (N, n_mels, frames)
 
 
+# ----------------------------------------------------------------------------- spectrogram features and their inversion
+
+# log|STFT| of the spectrogram front end is mapped by (log|X| - SPECTROGRAM_CENTER) / SPECTROGRAM_SCALE: the floor
+# 1e-4 (-9.2) goes to about -1.1 and a peak-0.9 clip's loudest bins (log(0.9 * 128) ~ 4.7 at 256 points) to 2.
+SPECTROGRAM_FLOOR, SPECTROGRAM_CENTER, SPECTROGRAM_SCALE = 1e-4, -4.0, 4.5
+
+
+def spectrogram_features(x: torch.Tensor, n_fft: int, hop_length: int) -> torch.Tensor:
+    """Return scaled log-magnitude STFT features (N, n_fft // 2 + 1, T // hop_length) of signals x (N, 1, T).
+
+    Frequency bins become channels over frames, a 1-D signal an ordinary 1-D network takes. The
+    centred STFT has T / hop + 1 frames; the last is dropped so that frames = T / hop, a length the
+    network's strides divide (`griffin_lim` repeats it back).
+    """
+    magnitude = stft_magnitude(x, n_fft, hop_length)[..., :-1]  # (N, F, T / hop)
+    return (magnitude.clamp(min=SPECTROGRAM_FLOOR).log() - SPECTROGRAM_CENTER) / SPECTROGRAM_SCALE
+
+
+def griffin_lim(features: torch.Tensor, n_fft: int, hop_length: int, n_iter: int = 32, momentum: float = 0.99,
+                seed: int = 0) -> torch.Tensor:
+    """Return signals (N, 1, frames * hop_length) whose STFT magnitude matches `spectrogram_features` output (N, F, frames).
+
+    Fast Griffin-Lim (Perraudin, Balazs & Sondergaard 2013): alternate between the signal whose STFT
+    is closest to magnitude x phase, and the phase of that signal's STFT, with momentum on the phase.
+    The starting phase is drawn from a generator seeded with `seed`, so a decode is repeatable.
+    """
+    magnitude = (features.float() * SPECTROGRAM_SCALE + SPECTROGRAM_CENTER).exp()  # (N, F, frames)
+    magnitude = torch.cat([magnitude, magnitude[..., -1:]], dim=-1)  # the dropped last frame, repeated
+    length = (magnitude.shape[-1] - 1) * hop_length
+    window = torch.hann_window(n_fft, periodic=True, device=magnitude.device)
+    generator = torch.Generator(device=magnitude.device).manual_seed(seed)
+    phase = torch.exp(2j * torch.pi * torch.rand(magnitude.shape, generator=generator, device=magnitude.device))
+    previous = torch.zeros_like(phase)
+    for _ in range(n_iter):
+        signal = torch.istft(magnitude * phase, n_fft, hop_length, window=window, center=True, length=length)
+        rebuilt = torch.stft(signal, n_fft, hop_length, window=window, center=True, pad_mode="reflect", return_complex=True)
+        phase = rebuilt - previous * (momentum / (1 + momentum))  # the accelerated step
+        phase = phase / phase.abs().clamp(min=1e-16)
+        previous = rebuilt
+    signal = torch.istft(magnitude * phase, n_fft, hop_length, window=window, center=True, length=length)
+    return signal.unsqueeze(1)  # (N, 1, T)
+
+
 # ----------------------------------------------------------------------------- losses and metrics
 
 

@@ -76,6 +76,10 @@ class AutoencoderStageConfig:
                                 or not 0 < self.train_crop <= self.data.length):
             raise ValueError(f"train_crop {self.train_crop} must be a multiple of f={self.model.downsample_factor} "
                              f"in (0, data.length={self.data.length}], and only 1-D signals are cropped")
+        if self.model.front_end == "stft" and (self.loss.perceptual.weight > 0 or self.loss.disc_enabled):
+            raise ValueError("with model.front_end stft the network reconstructs log-magnitude spectrograms, whose L1 "
+                             "loss is the spectral term already: set loss.perceptual.weight 0 and loss.disc_enabled false "
+                             "(a spectrogram discriminator for this front end is not built yet)")
         if self.model.spatial_dims == 1 and not self.data.is_sound:
             raise ValueError(f"model.spatial_dims 1 is for sound, but data.name is {self.data.name!r} (images)")
         if self.model.spatial_dims == 2 and self.data.is_sound:
@@ -141,6 +145,7 @@ class AutoencoderModule(L.LightningModule):
         if self.config.train_crop:
             images = random_crop(images, self.config.train_crop, self.config.model.downsample_factor)
         recon, posterior = self.train_forward(images)
+        images = self.autoencoder.analysis(images)  # the reconstruction's target: the data, or its spectrogram features
 
         # Generator (autoencoder) step.
         g_loss, logs = self.loss.generator_loss(images, recon, posterior, step, self.autoencoder.last_layer)
@@ -196,7 +201,7 @@ def scale_equivariance_loss(autoencoder: AutoencoderKL, images: torch.Tensor, z:
     The half-size latent must decode to the half-size image (for signals: the half-length latent, the half-rate signal).
     """
     pool = F.avg_pool2d if images.ndim == 4 else F.avg_pool1d
-    return (autoencoder.decode(pool(z, 2)) - pool(images, 2)).abs().sum() / len(images)
+    return (autoencoder.decode_features(pool(z, 2)) - pool(images, 2)).abs().sum() / len(images)
 
 
 def random_crop(signals: torch.Tensor, length: int, multiple: int) -> torch.Tensor:

@@ -70,10 +70,16 @@ USER_ERRORS = (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, F
 
 
 def _train(ctx: click.Context, config_class: type, run, config_path: str | None, overrides: tuple[str, ...], resume: bool,
-           allow_changes: tuple[str, ...], **fields: str | None) -> None:
+           allow_changes: tuple[str, ...], data: str | None = None, **fields: str | None) -> None:
     """Load a stage's config (fields given as options win over the file and --set) and run the stage."""
+    from dataclasses import replace
+
+    from ldm.data import with_data
+
     try:
         config = load_config(config_class, config_path, overrides)
+        if data is not None:  # replace() runs the config's checks again on the new data
+            config = replace(config, data=with_data(config.data, data))
         for key, value in fields.items():
             if value:  # set as given, not parsed as YAML: a version prefix like 0123 stays a string
                 setattr(config, key, value)
@@ -89,7 +95,15 @@ def train_options(command):
     return command
 
 
+data_option = click.option(
+    "--data", default=None,
+    help="Train on this data instead of the config's: fmnist or an image folder; for a sound config fsdd, a folder "
+         "holding FSDD's recordings/ (else $LDM_DATA/fsdd, ~/.cache/ldm/fsdd or a download), or a folder of WAV files.",
+)
+
+
 @train.command("autoencoder")
+@data_option
 @train_options
 def train_autoencoder(ctx: click.Context, **options) -> None:
     """Stage 1: train the KL autoencoder (L1/L2 + LPIPS + KL, optional PatchGAN) and store an `autoencoder` artifact."""
@@ -99,9 +113,11 @@ def train_autoencoder(ctx: click.Context, **options) -> None:
 
 
 @train.command("classifier")
+@data_option
 @train_options
 def train_classifier(ctx: click.Context, **options) -> None:
-    """Train the Fashion-MNIST classifier whose features measure Frechet distances; store a `classifier` artifact."""
+    """Train the classifier whose features measure Frechet distances and class accuracy (images, or spoken digits
+    through a log-mel front end); store a `classifier` artifact."""
     from stages.classifier import ClassifierStageConfig, run
 
     _train(ctx, ClassifierStageConfig, run, **options)
@@ -119,7 +135,7 @@ def train_diffusion(ctx: click.Context, **options) -> None:
 
 @main.command("encode")
 @click.option("--autoencoder", "autoencoder_ref", default="autoencoder@latest", show_default=True, help="Autoencoder artifact reference.")
-@click.option("--data", default=None, help="fmnist, or an image folder path (default: the data the autoencoder was trained on).")
+@click.option("--data", default=None, help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).")
 @click.option("--split", default="train", show_default=True)
 @set_option
 @click.pass_context
@@ -153,7 +169,7 @@ def evaluate() -> None:
 
 @evaluate.command("recon")
 @click.option("--autoencoder", "autoencoder_ref", default="autoencoder@latest", show_default=True, help="Autoencoder artifact reference.")
-@click.option("--data", default=None, help="fmnist, or an image folder path (default: the data the autoencoder was trained on).")
+@click.option("--data", default=None, help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).")
 @click.option("--split", default="test", show_default=True, help="Data split (fmnist: train or test; folders: a subfolder).")
 @click.option("--n", "limit", default=0, show_default=True, help="Evaluate only the first N images (0: all).")
 @click.option("--batch-size", default=250, show_default=True)
@@ -225,12 +241,12 @@ def MEASUREMENT_OPTIONS(command):
 @DECODER_OPTION
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed + i, whatever the batch size.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--out", "out_dir", default="out/samples", show_default=True, help="Folder for grid.png, images/ and samples.json.")
-@click.option("--no-images", is_flag=True, help="Write only the grid, not one PNG per image.")
+@click.option("--out", "out_dir", default="out/samples", show_default=True, help="Folder for grid.png, images/ (audio/ for a sound model: WAV files) and samples.json.")
+@click.option("--no-images", is_flag=True, help="Write only the grid, not one PNG (or WAV) per sample.")
 @PRECISION_OPTION
 @CACHE_OPTION
 @click.option("--overwrite", is_flag=True,
-              help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png; nothing else).")
+              help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png, audio/NNNNNN-classC.wav; nothing else).")
 @click.option("--device", default="cpu", show_default=True)
 @click.pass_context
 def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, out_dir: str, no_images: bool,

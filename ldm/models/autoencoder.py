@@ -16,7 +16,10 @@ ResNet stack:
 
 The same module runs on 1-D signals (sound) with `spatial_dims: 1`: every conv is a Conv1d, a level
 may downsample by a stride s > 2 (a strided conv of kernel 2s, undone by a transposed conv of kernel
-2s, as the strided encoders of SoundStream and Stable Audio's VAE), and the attention runs over time.
+2s, as the strided encoders of SoundStream and Stable Audio's VAE), and the attention runs over time. With `front_end: stft` the network sees sound as its scaled
+log-magnitude spectrogram instead, frequency bins as channels over frames (`ldm.audio.spectrogram_features`),
+and `decode` turns the decoded spectrogram back into a waveform by Griffin-Lim: the network then
+never has to model phase, which a waveform decoder learns only slowly.
 
 The decoder has one ResnetBlock more per level than the encoder, as in LDM; the module structure
 (and so the parameter count) is the same as diffusers' `AutoencoderKL` for the same channels, and
@@ -43,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.audio import griffin_lim, spectrogram_features
+
 
 @dataclass
 class AutoencoderConfig:
@@ -63,6 +68,12 @@ class AutoencoderConfig:
     # Downsampling stride of each level transition (len(ch_mult) - 1 entries); () means 2 everywhere.
     # Strides other than 2 are for 1-D signals, where 8 kHz audio needs f in the tens to hundreds.
     down_strides: tuple[int, ...] = ()
+    # Sound only. "none": the network takes the waveform. "stft": it takes the scaled log-magnitude STFT
+    # (n_fft // 2 + 1 channels over resolution / hop_length frames), and decode inverts by Griffin-Lim.
+    front_end: str = "none"
+    n_fft: int = 256
+    hop_length: int = 64
+    griffin_lim_iters: int = 32
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)  # YAML gives lists
@@ -76,6 +87,12 @@ class AutoencoderConfig:
             raise ValueError(f"images downsample by 2 per level; down_strides {self.down_strides} is for 1-D signals")
         if any(s < 2 or s % 2 for s in self.down_strides):
             raise ValueError(f"down_strides must be even numbers >= 2, got {self.down_strides}")
+        if self.front_end not in ("none", "stft"):
+            raise ValueError(f"front_end must be 'none' or 'stft', got {self.front_end!r}")
+        if self.front_end == "stft" and (self.spatial_dims != 1 or self.in_channels != 1 or self.image_channels_out != 1):
+            raise ValueError("front_end 'stft' is for mono sound: spatial_dims 1 and in_channels 1")
+        if min(self.n_fft, self.hop_length, self.griffin_lim_iters) < 1 or self.hop_length > self.n_fft:
+            raise ValueError(f"n_fft, hop_length and griffin_lim_iters must be positive with hop_length <= n_fft: {self}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
         if min(self.in_channels, self.ch, self.num_res_blocks, self.latent_channels, self.norm_groups) < 1:
@@ -97,8 +114,18 @@ class AutoencoderConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial reduction f between image and latent (the product of the level strides)."""
-        return math.prod(self.strides)
+        """Reduction f between data and latent: the product of the level strides (times the STFT hop with the stft front end)."""
+        return math.prod(self.strides) * (self.hop_length if self.front_end == "stft" else 1)
+
+    @property
+    def network_channels(self) -> int:
+        """Channels the encoder takes: the data's, or the spectrogram's frequency bins with the stft front end."""
+        return self.n_fft // 2 + 1 if self.front_end == "stft" else self.in_channels
+
+    @property
+    def network_channels_out(self) -> int:
+        """Channels the decoder makes: the output data's, or the spectrogram's frequency bins."""
+        return self.n_fft // 2 + 1 if self.front_end == "stft" else self.image_channels_out
 
     @property
     def image_channels_out(self) -> int:
@@ -130,6 +157,12 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     "fsdd-f64": AutoencoderConfig(
         in_channels=1, resolution=8192, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, latent_channels=8,
         norm_groups=8, spatial_dims=1, down_strides=(4, 4, 4),
+    ),
+    # The same clips as spectrograms: 129 frequency bins over 128 frames (n_fft 256, hop 64), strides 2, 2
+    # -> (16, 32) latents, f = 256 samples per latent step; decoded by Griffin-Lim. Minutes, not hours, on a CPU.
+    "fsdd-spec": AutoencoderConfig(
+        in_channels=1, resolution=8192, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16,
+        norm_groups=8, spatial_dims=1, down_strides=(2, 2), front_end="stft", n_fft=256, hop_length=64,
     ),
     # The LDM KL autoencoders for 256x256 RGB; kl-f8 is the Stable Diffusion v1 VAE's shape
     # (83.7M parameters). LDM's kl-f16 also has attention inside its 16x16 level; ours has the
@@ -290,7 +323,7 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = config.gradient_checkpointing
         widths = [config.ch * m for m in config.ch_mult]
         conv, dims = conv_class(config.spatial_dims), config.spatial_dims
-        self.conv_in = conv(config.in_channels, widths[0], 3, padding=1)
+        self.conv_in = conv(config.network_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList()  # one nn.Sequential per level, highest resolution first
         in_width = widths[0]
         for level, width in enumerate(widths):
@@ -332,7 +365,7 @@ class Decoder(nn.Module):
                 layers.append(upsample(in_width, config.strides[level - 1], dims))
             self.up.append(nn.Sequential(*layers))
         self.norm_out = group_norm(widths[0], config.norm_groups)
-        self.conv_out = conv(widths[0], config.image_channels_out, 3, padding=1)
+        self.conv_out = conv(widths[0], config.network_channels_out, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.conv_in(z)  # (N, ch*m[-1], h, w)
@@ -393,21 +426,37 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = conv(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = conv(config.latent_channels, config.latent_channels, 1)
 
+    def analysis(self, x: Tensor) -> Tensor:
+        """What the network sees of data x: x itself, or its spectrogram features (N, F, frames) with the stft front end."""
+        cfg = self.config
+        return spectrogram_features(x, cfg.n_fft, cfg.hop_length) if cfg.front_end == "stft" else x
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        """Posterior over latents (N, latent_channels, H/f, W/f) for images x (N, C, H, W) in [-1, 1]."""
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
+        """Posterior over latents (N, latent_channels, H/f, W/f) for images x (N, C, H, W) in [-1, 1] (or signals (N, 1, L))."""
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(self.analysis(x))))
+
+    def decode_features(self, z: Tensor) -> Tensor:
+        """The decoder's output for latents z: images, signals, or spectrogram features with the stft front end."""
+        return self.decoder(self.post_quant_conv(z))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Images (N, C_out, h*f, w*f), roughly in [-1, 1], for latents z (N, latent_channels, h, w)."""
-        return self.decoder(self.post_quant_conv(z))
+        """Images (N, C_out, h*f, w*f), roughly in [-1, 1], for latents z (N, latent_channels, h, w); signals alike.
+
+        With the stft front end the decoded spectrogram is inverted by Griffin-Lim (no gradient flows through it).
+        """
+        cfg = self.config
+        features = self.decode_features(z)
+        if cfg.front_end == "stft":
+            return griffin_lim(features, cfg.n_fft, cfg.hop_length, cfg.griffin_lim_iters).clamp(-1, 1)
+        return features
 
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruction of x through a posterior sample (or its mean), and the posterior."""
+        """Reconstruction of `analysis(x)` (x itself, or its spectrogram features) through a posterior sample (or its mean), and the posterior."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z), posterior
+        return self.decode_features(z), posterior
 
     @property
     def last_layer(self) -> nn.Parameter:
