@@ -107,12 +107,13 @@ def test_fsdd_clips_are_peak_normalised(fsdd_train):
 
 
 @needs_fsdd
-def test_fsdd_order_is_digit_speaker_index(fsdd_test):
+def test_fsdd_order_is_index_speaker_digit_so_any_prefix_is_balanced(fsdd_test):
     def key(path: Path) -> tuple[int, str, int]:
         digit, speaker, index = path.stem.split("_")
-        return int(digit), speaker, int(index)
+        return int(index), speaker, int(digit)
 
     assert fsdd_test.files == sorted(fsdd_test.files, key=key)
+    assert torch.bincount(fsdd_test.labels[:60], minlength=10).tolist() == [6] * 10
     assert FSDD("test", root=REAL_FSDD, download=False).files == fsdd_test.files
 
 
@@ -257,12 +258,13 @@ def test_sound_folder_labels_come_from_sorted_subfolders(tmp_path):
     torch.testing.assert_close(data.signals.abs().amax(dim=(1, 2)), torch.full((3,), 0.9))
 
 
-def test_sound_folder_labels_come_from_file_name_prefixes_sorted_numerically(tmp_path):
+def test_sound_folder_labels_come_from_file_name_prefixes_sorted_numerically_in_round_robin_order(tmp_path):
     for name in ("10_a.wav", "2_b.wav", "2_c_d.wav", "1_x.wav"):
         write_wav(tmp_path / name, _tone(50), 8000)
     files, labels, classes = scan_sound_folder(tmp_path)
     assert classes == ("1", "2", "10")
-    assert [p.name for p in files] == ["1_x.wav", "2_b.wav", "2_c_d.wav", "10_a.wav"] and labels == [0, 1, 1, 2]
+    # One file of each class in turn, so that the first n files are balanced over the classes.
+    assert [p.name for p in files] == ["1_x.wav", "2_b.wav", "10_a.wav", "2_c_d.wav"] and labels == [0, 1, 2, 1]
 
 
 def test_sound_folder_refuses_a_wrong_sample_rate_by_name(tmp_path):

@@ -275,9 +275,19 @@ def ensure_fsdd(root: Optional[str | Path] = None, download: bool = True) -> Pat
 
 
 def _fsdd_key(name: str) -> tuple[int, str, int]:
-    """(digit, speaker, index) of a recording name, the data set's sort order."""
+    """(digit, speaker, index) of a recording name."""
     digit, speaker, index = _FSDD_NAME.fullmatch(name).groups()
     return int(digit), speaker, int(index)
+
+
+def _fsdd_order(name: str) -> tuple[int, str, int]:
+    """The data set's sort key (index, speaker, digit): every run of 60 items holds each digit by each speaker.
+
+    So the first n items of a split (what the evaluation's real-data floors and the previews take) are
+    balanced over digits and speakers, not all zeros by one speaker.
+    """
+    digit, speaker, index = _fsdd_key(name)
+    return index, speaker, digit
 
 
 def check_fsdd_split(split: str) -> None:
@@ -287,9 +297,9 @@ def check_fsdd_split(split: str) -> None:
 
 
 def _split_names(hashes: dict[str, str], split: str) -> list[str]:
-    """The recording names of ``split``, sorted by (digit, speaker, index)."""
+    """The recording names of ``split``, sorted by (index, speaker, digit)."""
     check_fsdd_split(split)
-    return sorted((name for name in hashes if _fsdd_key(name)[2] in FSDD_SPLITS[split]), key=_fsdd_key)
+    return sorted((name for name in hashes if _fsdd_key(name)[2] in FSDD_SPLITS[split]), key=_fsdd_order)
 
 
 def fsdd_fingerprint(root: str | Path, split: str) -> str:
@@ -362,9 +372,11 @@ def scan_sound_folder(root: str | Path) -> tuple[list[Path], list[int], tuple[st
         for path in loose:
             per_class.setdefault(path.stem.split("_", 1)[0], []).append(path)
     classes = tuple(sorted(per_class, key=_class_order))
-    files = [path for name in classes for path in per_class[name]]
-    labels = [label for label, name in enumerate(classes) for _ in per_class[name]]
-    return files, labels, classes
+    # Round robin over the classes (each class's files in name order): the first n files are balanced
+    # over classes, which the evaluation's real-data floors and the previews rely on.
+    ranked = [(rank, label, path) for label, name in enumerate(classes) for rank, path in enumerate(per_class[name])]
+    ranked.sort(key=lambda item: item[:2])
+    return [path for _, _, path in ranked], [label for _, label, _ in ranked], classes
 
 
 class SoundFolderDataset(Dataset):
