@@ -1,4 +1,6 @@
 import os
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -13,3 +15,18 @@ needs_fmnist = pytest.mark.skipif(
     not os.path.isdir(FMNIST_DIR) and not os.environ.get("LDM_DATA"),
     reason="Fashion-MNIST missing: sudo apt-get install -y dataset-fashion-mnist (or set LDM_DATA)",
 )
+
+
+@pytest.fixture
+def offline_data(tmp_path, monkeypatch):
+    """No LDM_DATA, an empty user cache, and no network but localhost (where tests serve their own mirrors)."""
+    monkeypatch.delenv("LDM_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    real_urlopen = urllib.request.urlopen
+
+    def localhost_only(url, *args, **kwargs):
+        if not str(url).startswith("http://127.0.0.1:"):
+            raise urllib.error.URLError("network disabled in tests")
+        return real_urlopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", localhost_only)

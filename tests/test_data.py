@@ -9,7 +9,6 @@ import os
 import stat
 import subprocess
 import threading
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +32,8 @@ needs_fmnist = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def isolated_search_path(tmp_path, monkeypatch):
-    """No test sees the user's LDM_DATA or cache, and none can reach the network."""
-    monkeypatch.delenv("LDM_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-    real_urlopen = fmnist.urllib.request.urlopen
-
-    def localhost_only(url, *args, **kwargs):
-        if not str(url).startswith("http://127.0.0.1:"):
-            raise urllib.error.URLError("network disabled in tests")
-        return real_urlopen(url, *args, **kwargs)
-
-    monkeypatch.setattr(fmnist.urllib.request, "urlopen", localhost_only)
+def isolated_search_path(offline_data):
+    """No test sees the user's LDM_DATA or cache, and none can reach the network (conftest's offline_data)."""
 
 
 def fmnist_copy(folder: Path, replace: dict[str, bytes] | None = None) -> Path:

@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import threading
-import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 from ldm.audio import read_wav, write_wav
-from ldm.data import sound
 from ldm.data.sound import (
     FSDD, FSDD_COMMIT, FSDD_LISTING_SHA256, FSDD_URL, SoundFolderDataset, download_fsdd, ensure_fsdd, find_fsdd,
     fsdd_fingerprint, listing_sha256, read_sha256sums, scan_sound_folder,
@@ -40,18 +38,8 @@ needs_fsdd = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def isolated_search_path(tmp_path, monkeypatch):
-    """No test sees the user's LDM_DATA or cache, and none can reach the network."""
-    monkeypatch.delenv("LDM_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    real_urlopen = sound.urllib.request.urlopen
-
-    def localhost_only(url, *args, **kwargs):
-        if not str(url).startswith("http://127.0.0.1:"):
-            raise urllib.error.URLError("network disabled in tests")
-        return real_urlopen(url, *args, **kwargs)
-
-    monkeypatch.setattr(sound.urllib.request, "urlopen", localhost_only)
+def isolated_search_path(offline_data):
+    """No test sees the user's LDM_DATA or cache, and none can reach the network (conftest's offline_data)."""
 
 
 @pytest.fixture(scope="module")

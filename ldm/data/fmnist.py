@@ -21,8 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ldm.artifacts import plain_mode
+from ldm.data.fetch import stream_download, user_cache_dir
 
 FMNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -143,8 +142,7 @@ def _read_verified(path: Path, stem: str) -> np.ndarray:
 
 def _cache_dir() -> Path:
     """The user cache folder that downloads go to (``XDG_CACHE_HOME`` respected)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ldm" / "fashion-mnist"
+    return user_cache_dir("fashion-mnist")
 
 
 def candidate_dirs(root: Optional[str | Path] = None) -> list[Path]:
@@ -209,19 +207,10 @@ def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, plain_mode())
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            done, last_shown = 0, 0.0
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-                done += len(chunk)
-                if time.monotonic() - last_shown > 0.2 or done == total:
-                    last_shown = time.monotonic()
-                    of_total = f"/{total / 1e6:.1f} MB {100 * done / total:5.1f}%" if total else " MB"
-                    print(f"\r  {dest.name}: {done / 1e6:6.1f}{of_total}", end="", file=sys.stderr)
+        with os.fdopen(fd, "wb") as out:
+            stream_download(url, out, dest.name, timeout)
             out.flush()
             os.fsync(out.fileno())
-        print(file=sys.stderr)
         stem = dest.name.removesuffix(".gz")
         _read_verified(tmp, stem)  # verify before the rename, so a bad download never looks whole
         os.replace(tmp, dest)

@@ -28,8 +28,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
-import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
@@ -40,6 +38,7 @@ from torch.utils.data import Dataset
 
 from ldm.artifacts import plain_mode
 from ldm.audio import read_wav
+from ldm.data.fetch import stream_download, user_cache_dir
 
 FSDD_SOURCE = "github.com/Jakobovski/free-spoken-digit-dataset"
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"  # 2024-05-02
@@ -158,8 +157,7 @@ def verify_fsdd(folder: str | Path) -> dict[str, str]:
 
 def _cache_dir() -> Path:
     """The user cache folder that downloads go to (``XDG_CACHE_HOME`` respected)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ldm" / "fsdd"
+    return user_cache_dir("fsdd")
 
 
 def candidate_dirs(root: Optional[str | Path] = None) -> list[Path]:
@@ -186,15 +184,8 @@ def find_fsdd(root: Optional[str | Path] = None) -> Optional[Path]:
 
 def _download_archive(url: str, dest: Path, timeout: float) -> None:
     """Stream ``url`` to ``dest``, showing progress on stderr."""
-    with open(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-        done, last_shown = 0, 0.0
-        while chunk := response.read(1 << 16):
-            out.write(chunk)
-            done += len(chunk)
-            if time.monotonic() - last_shown > 0.2:
-                last_shown = time.monotonic()
-                print(f"\r  FSDD archive: {done / 1e6:6.1f} MB", end="", file=sys.stderr)
-    print(f"\r  FSDD archive: {done / 1e6:6.1f} MB", file=sys.stderr)
+    with open(dest, "wb") as out:
+        stream_download(url, out, "FSDD archive", timeout)
 
 
 def _extract_recordings(archive: Path, folder: Path) -> dict[str, str]:
