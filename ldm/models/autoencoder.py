@@ -16,10 +16,11 @@ ResNet stack:
 
 The same module runs on 1-D signals (sound) with `spatial_dims: 1`: every conv is a Conv1d, a level
 may downsample by a stride s > 2 (a strided conv of kernel 2s, undone by a transposed conv of kernel
-2s, as the strided encoders of SoundStream and Stable Audio's VAE), and the attention runs over time. With `front_end: stft` the network sees sound as its scaled
-log-magnitude spectrogram instead, frequency bins as channels over frames (`ldm.audio.spectrogram_features`),
-and `decode` turns the decoded spectrogram back into a waveform by Griffin-Lim: the network then
-never has to model phase, which a waveform decoder learns only slowly.
+2s, as the strided encoders of SoundStream and Stable Audio's VAE), and the attention runs over time.
+With `front_end: stft` the network sees sound as its scaled log-magnitude spectrogram instead,
+frequency bins as channels over frames (`ldm.audio.spectrogram_features`), and `decode` turns the
+decoded spectrogram back into a waveform by Griffin-Lim: the network then never has to model phase,
+which a waveform decoder learns only slowly.
 
 The decoder has one ResnetBlock more per level than the encoder, as in LDM; the module structure
 (and so the parameter count) is the same as diffusers' `AutoencoderKL` for the same channels, and
@@ -57,7 +58,7 @@ class AutoencoderConfig:
     out_channels: Optional[int] = None  # None: same as in_channels
     resolution: int = 32  # training image size (clip length in samples for 1-D); the network runs at any multiple of f
     ch: int = 32  # base channel count; level i has ch * ch_mult[i] channels
-    ch_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; f = 2 ** (len(ch_mult) - 1)
+    ch_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; f = 2 ** (len(ch_mult) - 1) unless down_strides
     num_res_blocks: int = 1  # ResnetBlocks per encoder level (the decoder has one more)
     attn_at_lowest: bool = True  # self-attention in the middle block, at the lowest resolution
     latent_channels: int = 4
