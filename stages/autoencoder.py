@@ -82,6 +82,9 @@ class AutoencoderStageConfig:
                              "(a spectrogram discriminator for this front end is not built yet)")
         if self.model.spatial_dims == 1 and not self.data.is_sound:
             raise ValueError(f"model.spatial_dims 1 is for sound, but data.name is {self.data.name!r} (images)")
+        if self.model.spatial_dims == 1 and self.model.resolution != self.data.length:
+            raise ValueError(f"model.resolution {self.model.resolution} must equal data.length {self.data.length}: the "
+                             "clip length the latents are made for (set both)")
         if self.model.spatial_dims == 2 and self.data.is_sound:
             raise ValueError(f"data.name {self.data.name!r} is sound: set model.spatial_dims: 1 (e.g. model: fsdd-f64)")
         if self.train_parts == "decoder" and not self.init_from:

@@ -88,6 +88,11 @@ def test_spectrogram_front_end_refuses_a_waveform_loss():
                     ["loss.perceptual.kind=stft", "loss.perceptual.weight=1.0"])
 
 
+def test_a_clip_length_other_than_the_models_is_refused():
+    with pytest.raises(ValueError, match="must equal data.length 4096"):
+        load_config(autoencoder.AutoencoderStageConfig, ROOT / "configs/fsdd/autoencoder.yaml", ["data.length=4096"])
+
+
 def test_signal_strides_are_checked_against_the_levels_and_the_domain():
     with pytest.raises(ValueError, match="one stride per level"):
         signal_config(down_strides=(4,))
