@@ -9,6 +9,9 @@ Losses and metrics, each returning one value per sample, shape (N,):
     resolutions (Yamamoto, Song & Kim 2020, Parallel WaveGAN, arXiv 1910.11480),
   - ``si_sdr``: scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019),
   - ``log_mel_distance`` and ``mr_stft_distance``: distances for evaluation.
+
+``spectrogram_features`` and ``griffin_lim`` are the spectrogram front end of the sound autoencoder
+and its inversion; ``spectrogram_pictures`` is how sound is drawn in grids.
 """
 
 from __future__ import annotations
