@@ -31,6 +31,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore
+from ldm.config import from_dict
+from ldm.data import DataConfig
 from ldm.audio import write_wav
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
@@ -142,8 +144,9 @@ class LatentDiffusionPipeline:
             guide = guide_artifact.ref
         provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override,
                                 artifact.manifest["autoencoder"], guide)
-        data = chosen.config().get("data", {})
-        sample_rate = int(data.get("sample_rate", 8000)) if decoder.config.spatial_dims == 1 else None
+        sample_rate = None
+        if decoder.config.spatial_dims == 1:  # the rate of the sound the autoencoder was trained on
+            sample_rate = from_dict(DataConfig, chosen.config()["data"], "data").sample_rate
         return cls(dit, decoder, diffusion, stats, provenance, guide_model, precision, sample_rate)
 
     @property

@@ -223,13 +223,16 @@ def _same_shape(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
+# (n_fft, hop, window) of the multi-resolution STFT loss and discriminator, sized for 8 kHz speech: 16, 32 and 64 ms
+# windows with 75% overlap (Parallel WaveGAN's (1024, 120, 600), (2048, 240, 1200), (512, 50, 240) are for 24 kHz).
+SPEECH_STFT_RESOLUTIONS: tuple[tuple[int, int, int], ...] = ((128, 32, 128), (256, 64, 256), (512, 128, 512))
+
+
 class MultiResolutionSTFTLoss(nn.Module):
     """Multi-resolution STFT loss of Parallel WaveGAN (Yamamoto et al. 2020): per sample, averaged over resolutions."""
 
-    def __init__(self, resolutions: Sequence[tuple[int, int, int]] = ((128, 32, 128), (256, 64, 256), (512, 128, 512))):
+    def __init__(self, resolutions: Sequence[tuple[int, int, int]] = SPEECH_STFT_RESOLUTIONS):
         super().__init__()
-        # Defaults are sized for 8 kHz speech: 16, 32 and 64 ms windows with 75% overlap (the paper's
-        # (1024, 120, 600), (2048, 240, 1200), (512, 50, 240) are for 24 kHz).
         if not resolutions:
             raise ValueError("MultiResolutionSTFTLoss needs at least one resolution")
         for n_fft, hop, win in resolutions:
@@ -283,6 +286,12 @@ _DEFAULT_MR_STFT = MultiResolutionSTFTLoss()  # holds no tensors, so one instanc
 def mr_stft_distance(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Return the default ``MultiResolutionSTFTLoss`` (N,) of ``estimate`` against ``reference``."""
     return _DEFAULT_MR_STFT(reference, estimate)
+
+
+def take_windows(signals: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+    """Return signals[n, :, start[n] : start[n] + length] for every n: windows (N, C, length) of signals (N, C, L), one gather."""
+    index = start[:, None] + torch.arange(length, device=signals.device)  # (N, length)
+    return signals.gather(2, index[:, None, :].expand(-1, signals.shape[1], -1))
 
 
 # A picture's dB range: log magnitudes below the floor are black. A peak-0.9 clip's loudest bins reach

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from ldm.artifacts import Artifact, ArtifactStore
+from ldm.audio import take_windows
 from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.images import save_side_by_side
@@ -147,8 +148,8 @@ class AutoencoderModule(L.LightningModule):
         seed_step(self.config.trainer.seed, step, self.global_rank, self.trainer.world_size)  # posterior noise, crops
         if self.config.train_crop:
             images = random_crop(images, self.config.train_crop, self.config.model.downsample_factor)
+        images = self.autoencoder.analysis(images)  # what the network sees and rebuilds: the data, or its spectrogram features
         recon, posterior = self.train_forward(images)
-        images = self.autoencoder.analysis(images)  # the reconstruction's target: the data, or its spectrogram features
 
         # Generator (autoencoder) step.
         g_loss, logs = self.loss.generator_loss(images, recon, posterior, step, self.autoencoder.last_layer)
@@ -218,8 +219,7 @@ def random_crop(signals: torch.Tensor, length: int, multiple: int) -> torch.Tens
     end = torch.where(voiced.any(1), total - voiced.flip(1).int().argmax(1), total)  # (N,) one past the last sound
     latest = ((end - length // 2).clamp(0, total - length) // multiple).to(torch.float64)  # (N,) in grid units
     start = (torch.rand(n, dtype=torch.float64, device=signals.device) * (latest + 1)).floor().long() * multiple
-    index = start[:, None] + torch.arange(length, device=signals.device)  # (N, length)
-    return signals.gather(2, index[:, None, :].expand(-1, signals.shape[1], -1))
+    return take_windows(signals, start, length)
 
 
 def preview_images(config: AutoencoderStageConfig) -> torch.Tensor:

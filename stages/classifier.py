@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from ldm.artifacts import Artifact, ArtifactStore
+from ldm.audio import take_windows
 from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.metrics import classifier_accuracy
@@ -49,11 +50,9 @@ def random_shift(images: torch.Tensor, pixels: int, background: float = -1.0) ->
     if pixels <= 0:
         return images
     if images.ndim == 3:
-        n, c, length = images.shape
         padded = F.pad(images, (pixels, pixels), value=background)  # (N, C, L+2p)
-        start = torch.randint(0, 2 * pixels + 1, (n,), device=images.device)
-        index = (start[:, None] + torch.arange(length, device=images.device))[:, None, :].expand(-1, c, -1)
-        return padded.gather(2, index)
+        start = torch.randint(0, 2 * pixels + 1, (len(images),), device=images.device)
+        return take_windows(padded, start, images.shape[-1])
     n, _, h, w = images.shape
     padded = F.pad(images, (pixels,) * 4, value=background)  # (N, C, H+2p, W+2p)
     dy = torch.randint(0, 2 * pixels + 1, (n,), device=images.device)

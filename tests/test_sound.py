@@ -64,8 +64,9 @@ def test_spectrogram_front_end_encodes_waveforms_reconstructs_features_and_decod
     model = AutoencoderKL(replace(config, ch=8, griffin_lim_iters=2)).eval()
     x = torch.randn(2, 1, 8192).clamp(-1, 1) * 0.5
     assert config.downsample_factor == 256 and config.latent_shape == (16, 32)
-    features, posterior = model(x)
+    features, posterior = model(model.analysis(x))
     assert features.shape == model.analysis(x).shape == (2, 129, 128) and posterior.mean.shape == (2, 16, 32)
+    torch.testing.assert_close(model.encode(x).mean, posterior.mean)
     decoded = model.decode(posterior.mode())
     assert decoded.shape == (2, 1, 8192) and decoded.abs().max() <= 1
 

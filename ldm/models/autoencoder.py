@@ -434,7 +434,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """Posterior over latents (N, latent_channels, H/f, W/f) for images x (N, C, H, W) in [-1, 1] (or signals (N, 1, L))."""
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(self.analysis(x))))
+        return self.encode_features(self.analysis(x))
+
+    def encode_features(self, features: Tensor) -> DiagonalGaussian:
+        """Posterior over latents for `analysis(x)`: the data itself, or its spectrogram features."""
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(features)))
 
     def decode_features(self, z: Tensor) -> Tensor:
         """The decoder's output for latents z: images, signals, or spectrogram features with the stft front end."""
@@ -454,8 +458,9 @@ class AutoencoderKL(nn.Module):
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruction of `analysis(x)` (x itself, or its spectrogram features) through a posterior sample (or its mean), and the posterior."""
-        posterior = self.encode(x)
+        """Reconstruction of features = `analysis(data)` (the data itself, or its spectrogram features) through a posterior
+        sample (or its mean), and the posterior. The training step computes `analysis` once, for input and target."""
+        posterior = self.encode_features(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode_features(z), posterior
 

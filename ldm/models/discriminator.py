@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from ldm.audio import stft_magnitude
+from ldm.audio import SPEECH_STFT_RESOLUTIONS, stft_magnitude
 
 
 @dataclass
@@ -87,17 +87,17 @@ class SpectrogramDiscriminator(nn.Module):
     frequency detail, as the multi-resolution discriminator of UnivNet (Jang et al. 2021).
     """
 
-    def __init__(self, config: DiscriminatorConfig, resolutions: tuple[tuple[int, int], ...] = ((128, 32), (256, 64), (512, 128))):
+    def __init__(self, config: DiscriminatorConfig, resolutions: tuple[tuple[int, int, int], ...] = SPEECH_STFT_RESOLUTIONS):
         super().__init__()
         self.config = config
-        self.resolutions = resolutions  # (n_fft, hop) pairs; sized for 8 kHz speech
+        self.resolutions = resolutions  # (n_fft, hop, window), the STFT loss's
         self.discriminators = nn.ModuleList(PatchDiscriminator(replace(config, in_channels=1)) for _ in resolutions)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits (N, K) for signals x (N, 1, L); positive means "real"."""
         logits = []
-        for (n_fft, hop), discriminator in zip(self.resolutions, self.discriminators):
-            spectrogram = stft_magnitude(x.float(), n_fft, hop).log().unsqueeze(1)  # (N, 1, F, frames)
+        for (n_fft, hop, window), discriminator in zip(self.resolutions, self.discriminators):
+            spectrogram = stft_magnitude(x.float(), n_fft, hop, window).log().unsqueeze(1)  # (N, 1, F, frames)
             logits.append(discriminator(spectrogram).flatten(1))
         return torch.cat(logits, dim=1)
 
