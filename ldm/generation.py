@@ -80,6 +80,9 @@ class SamplingSettings:
         sampler = self.sampler or default_sampler(diffusion)
         if (sampler in FLOW_SAMPLERS) != diffusion.is_flow or (sampler == "meanflow" and diffusion.objective != "meanflow"):
             raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
+        if diffusion.built_in_guidance and (self.guidance_scale != 1 or self.guide_scale != 1):
+            raise ValueError(f"this model was distilled with classifier-free guidance {diffusion.built_in_guidance:g} built "
+                             f"in (one call is one guided pass); sample it with guidance_scale 1 (--cfg 1) and no guide")
         return replace(self, sampler=sampler)
 
     def sampler_options(self) -> dict[str, Any]:

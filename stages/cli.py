@@ -133,6 +133,17 @@ def train_diffusion(ctx: click.Context, **options) -> None:
     _train(ctx, DiffusionStageConfig, run, **options)
 
 
+@train.command("distill")
+@click.option("--teacher", default=None, help="Rectified-flow `diffusion` artifact to distil (default: the config's `teacher`, diffusion@latest).")
+@train_options
+def train_distill(ctx: click.Context, **options) -> None:
+    """Distil a flow DiT into a student that samples in 1, 2 or 4 calls with its guidance built in; store a
+    `diffusion` artifact that names its teacher (on the teacher's own latents only)."""
+    from stages.distill import DistillStageConfig, run
+
+    _train(ctx, DistillStageConfig, run, **options)
+
+
 @main.command("encode")
 @click.option("--autoencoder", "autoencoder_ref", default="autoencoder@latest", show_default=True, help="Autoencoder artifact reference.")
 @click.option("--data", default=None, help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).")
@@ -233,7 +244,7 @@ def MEASUREMENT_OPTIONS(command):
 @click.option("--classes", default=None, help="Class indices, e.g. 3 or 0,2,5 (cycled); default: every class in turn.")
 @click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun and flow-heun make 2 per step).")
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
-@click.option("--cfg", default=2.0, show_default=True, help="Classifier-free guidance scale (1: no guidance).")
+@click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale (1: no guidance). Default: 2, or 1 for a distilled student (guidance built in).")
 @SPACING_OPTION
 @CFG_INTERVAL_OPTION
 @GUIDE_OPTION
@@ -259,11 +270,21 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
     from stages.sample import write_samples
 
     try:
-        settings = _sampling_settings(guide_ref, **options)
+        settings = _sampling_settings(guide_ref, **_default_cfg(ctx, model_ref, 2.0, options))
         write_samples(_store(ctx), model_ref, settings, n, classes, out_dir, device, not no_images, autoencoder_ref, guide_ref,
                       overwrite, precision, cache_fraction)
     except USER_ERRORS as err:
         _fail(err)
+
+
+def _default_cfg(ctx: click.Context, model_ref: str, default: float, options: dict) -> dict:
+    """`options` with --cfg filled in when not given: 1 for a student with guidance built in, else `default`."""
+    if options["cfg"] is not None:
+        return options
+    from ldm.loading import dit_configs
+
+    built_in = dit_configs(_store(ctx).load(model_ref, stage="diffusion", verify=False))[1].built_in_guidance
+    return {**options, "cfg": 1.0 if built_in else default}
 
 
 def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float, spacing: str,
@@ -284,7 +305,7 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @click.option("--n", default=10_000, show_default=True, help="Samples (class-balanced); also the number of real images compared.")
 @click.option("--steps", default=20, show_default=True)
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
-@click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
+@click.option("--cfg", type=float, default=None, help="Guidance scale for the measurement (often lower than for pictures). Default: 1.5, or 1 for a distilled student (guidance built in).")
 @SPACING_OPTION
 @CFG_INTERVAL_OPTION
 @GUIDE_OPTION
@@ -305,7 +326,7 @@ def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str
     from stages.sample import evaluate_samples
 
     try:
-        settings = _sampling_settings(guide_ref, **options)
+        settings = _sampling_settings(guide_ref, **_default_cfg(ctx, model_ref, 1.5, options))
         evaluate_samples(_store(ctx), model_ref, settings, n, classifier_ref, features, out_dir, device, autoencoder_ref,
                          guide_ref, precision, cache_fraction)
     except USER_ERRORS as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -92,10 +92,7 @@ class DiffusionStageConfig:
             raise ValueError(f"diffusion.objective {self.diffusion.objective!r} with model.interval_embed "
                              f"{self.model.interval_embed}: a MeanFlow network takes the interval t - r (set both "
                              f"diffusion.objective=meanflow and model.interval_embed=true), and only a MeanFlow network does")
-        if self.diffusion.objective == "meanflow" and self.model.time_input_scale > 0.01:
-            raise ValueError(f"model.time_input_scale {self.model.time_input_scale:g} with objective 'meanflow': set it to 0.001 "
-                             f"(flow time in [0, 1] at the embedder, as MeanFlow and SiT). At 1000 t the target's du/dt is "
-                             f"1000x larger in the fast embedding channels; a tiny DiT's loss then grew 4x in 100 steps")
+        self.check_meanflow_time_scale()
         for sigma_rel in self.posthoc_ema:
             check_sigma_rel(sigma_rel)
         if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
@@ -105,6 +102,14 @@ class DiffusionStageConfig:
         if not self.posthoc_ema and self.posthoc_snapshot_every != 0:
             raise ValueError("posthoc_snapshot_every is set but posthoc_ema is empty: name the profiles to keep, "
                              "e.g. posthoc_ema=[0.05,0.10], or leave posthoc_snapshot_every at 0")
+
+
+    def check_meanflow_time_scale(self) -> None:
+        """Refuse the MeanFlow identity's objective at DiT's 0-999 timestep range (a distilled student takes no derivative)."""
+        if self.diffusion.objective == "meanflow" and self.model.time_input_scale > 0.01:
+            raise ValueError(f"model.time_input_scale {self.model.time_input_scale:g} with objective 'meanflow': set it to 0.001 "
+                             f"(flow time in [0, 1] at the embedder, as MeanFlow and SiT). At 1000 t the target's du/dt is "
+                             f"1000x larger in the fast embedding channels; a tiny DiT's loss then grew 4x in 100 steps")
 
 
 def ema_decay_at(step: int, max_decay: float) -> float:
@@ -162,7 +167,7 @@ class DiffusionModule(L.LightningModule):
         # Timesteps, noise and label dropout depend on (seed, step, rank) alone, so a resumed run
         # draws exactly what the uninterrupted run would have drawn.
         seed_step(self.config.trainer.seed, self.global_step, self.global_rank, self.trainer.world_size)
-        losses = training_losses(self.train_forward, z, y, self.config.diffusion, self.schedule, depth=self.config.model.depth)
+        losses = self.batch_losses(z, y)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             self._stop_non_finite(f"loss is {loss.item()}")
@@ -171,6 +176,10 @@ class DiffusionModule(L.LightningModule):
         self.log_dict(logs, on_step=True, prog_bar=False)
         self.log("loss", loss, prog_bar=True, on_step=True, logger=False)
         return loss
+
+    def batch_losses(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample losses (B,) of a batch: dict(loss, mse, t, and the terms the config turns on)."""
+        return training_losses(self.train_forward, z, y, self.config.diffusion, self.schedule, depth=self.config.model.depth)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -278,10 +287,25 @@ def run(
     store = store or ArtifactStore()
     cache = open_cache(store, config)
     check_model_fits_cache(config.model, cache)
-    run_dir, checkpoint = start_run(config, resume, allow_changes)
-
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref}
-    module = DiffusionModule(config, lineage)
+    return train_and_store(store, config, cache, lambda: DiffusionModule(config, lineage), resume, callbacks, allow_changes)
+
+
+def train_and_store(
+    store: ArtifactStore,
+    config: DiffusionStageConfig,
+    cache: LatentCache,
+    make_module: Callable[[], DiffusionModule],
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    allow_changes: Sequence[str] = (),
+    parents: Optional[dict[str, str]] = None,
+    metadata: Optional[dict] = None,
+) -> Artifact | None:
+    """Open the run, train the module `make_module` builds (after the run seeded every RNG) on the cache and
+    store its EMA and raw weights as a `diffusion` artifact with `parents` (default: the cache) and `metadata` added."""
+    run_dir, checkpoint = start_run(config, resume, allow_changes)
+    module = make_module()
     module.run_dir = run_dir
     module.batches = LatentBatches(cache, config.trainer.batch_size, seed=config.trainer.seed)
     autoencoder = load_autoencoder(store.load(cache.autoencoder_ref, stage="autoencoder"))
@@ -305,7 +329,7 @@ def run(
         "diffusion",
         tensors={"weights.safetensors": module.ema.state_dict(), "raw.safetensors": module.model.state_dict()},
         config=to_dict(config),
-        parents={"latents": cache.artifact.ref},
+        parents=parents or {"latents": cache.artifact.ref},
         data_fingerprint=cache.artifact.manifest.get("data_fingerprint"),
         metadata={
             "autoencoder": cache.autoencoder_ref,
@@ -322,6 +346,7 @@ def run(
                 "run_dir": str(run_dir),
                 **({"posthoc_ema": posthoc_ema_record(config, run_dir)} if config.posthoc_ema else {}),
             },
+            **(metadata or {}),
         },
     )
     print(f"\nwrote {artifact.ref}  ({artifact.path})")

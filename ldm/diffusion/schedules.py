@@ -66,6 +66,9 @@ class DiffusionConfig:
     # meanflow: adaptive loss weight 1 / (err + c)^p on each sample's squared error (MeanFlow sec. 4.3, p = 1, c = 1e-3)
     meanflow_weight_power: float = 1.0
     meanflow_weight_c: float = 1.0e-3
+    # A student of `ldm train distill` learned its teacher's velocity under classifier-free guidance at this
+    # scale: one network pass is one guided evaluation, and sampling it with guidance again is refused. 0: none.
+    built_in_guidance: float = 0.0
 
     @property
     def is_flow(self) -> bool:
@@ -112,6 +115,9 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.dispersive_block = {self.dispersive_block}; must be a block index >= 0, or -1 for the middle block")
         if not self.dispersive_temperature > 0:
             raise ValueError(f"diffusion.dispersive_temperature = {self.dispersive_temperature}; must be positive")
+        if not (self.built_in_guidance == 0 or (self.built_in_guidance >= 1 and self.is_flow)):
+            raise ValueError(f"diffusion.built_in_guidance = {self.built_in_guidance}; 0 (none), or a guidance scale >= 1 "
+                             f"that a distilled flow student learned (set by ldm train distill)")
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
