@@ -14,8 +14,10 @@ precision and caching family, one point per setting.
 
     python bench/inference.py --store artifacts --model diffusion@latest --classifier classifier@latest --n 1000
     python bench/inference.py ... --setting flow-heun:10 --setting flow-heun:10:int8 --setting flow-euler:20:cache0.3
+    python bench/inference.py ... --student diffusion@<distilled> --setting flow-heun:10 --setting student:meanflow:1
 
-A setting is SAMPLER:STEPS[:int8|bf16][:cacheF] (F: the share of block evaluations to skip).
+A setting is [student:]SAMPLER:STEPS[:int8|bf16][:cacheF] (F: the share of block evaluations to skip); "student:"
+samples the --student model (`ldm train distill`) with its built-in guidance instead of --model at --cfg.
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ class Setting:
     steps: int
     precision: str = "float32"
     cache: float = 0.0  # share of block evaluations to skip (0: no caching)
+    student: bool = False  # the --student model, sampled at guidance 1 (its guidance is built in)
 
     @classmethod
     def parse(cls, spec: str) -> "Setting":
         parts = spec.split(":")
+        student = parts[0] == "student"
+        parts = parts[1:] if student else parts
         if len(parts) < 2:
-            raise SystemExit(f"setting {spec!r}: expected SAMPLER:STEPS[:int8|bf16][:cacheF]")
+            raise SystemExit(f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF]")
         precision, cache = "float32", 0.0
         for part in parts[2:]:
             if part in ("int8", "bf16", "float32"):
@@ -70,15 +75,23 @@ class Setting:
                 cache = float(part[len("cache"):])
             else:
                 raise SystemExit(f"setting {spec!r}: unknown part {part!r}")
-        return cls(spec, parts[0], int(parts[1]), precision, cache)
+        return cls(spec, parts[0], int(parts[1]), precision, cache, student)
 
     @property
     def family(self) -> str:
-        return self.precision + (" + cache" if self.cache else "")
+        return ("student " if self.student else "") + self.precision + (" + cache" if self.cache else "")
+
+    def model(self, args) -> str:
+        if self.student and not args.student:
+            raise SystemExit(f"setting {self.spec!r} needs --student diffusion@<a distilled model>")
+        return args.student if self.student else args.model
+
+    def cfg(self, args) -> float:
+        return 1.0 if self.student else args.cfg
 
 
 def sampling_settings(pipe, setting: Setting, args):
-    settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=args.cfg,
+    settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=setting.cfg(args),
                              batch_size=args.batch, seed=args.seed)
     if setting.cache:
         settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache))
@@ -120,7 +133,7 @@ def peak_memory(args, setting: Setting) -> tuple[float, float]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=peak_memory_child,
-                            args=(queue, args.store, args.model, setting, args.cfg, args.batch, args.threads))
+                            args=(queue, args.store, setting.model(args), setting, setting.cfg(args), args.batch, args.threads))
     child.start()
     result = queue.get()
     child.join()
@@ -131,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="artifacts")
     parser.add_argument("--model", default="diffusion@latest")
+    parser.add_argument("--student", default=None, help="a distilled model (ldm train distill) for student: settings")
     parser.add_argument("--classifier", default="classifier@latest")
     parser.add_argument("--setting", action="append", default=None, help="SAMPLER:STEPS[:int8|bf16][:cacheF] (repeatable)")
     parser.add_argument("--n", type=int, default=1000, help="samples per setting for FD and class accuracy")
@@ -149,16 +163,20 @@ def main() -> None:
     store, out = ArtifactStore(args.store), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    pipes = {p: LatentDiffusionPipeline.from_artifacts(args.model, store=store, precision=p)
-             for p in dict.fromkeys(s.precision for s in settings_list)}
-    first = pipes[settings_list[0].precision]
-    print(f"model {first.provenance.diffusion}, {args.n} samples per setting, cfg {args.cfg}, seed {args.seed}, "
+    pipes = {}
+    for setting in settings_list:
+        key = (setting.model(args), setting.precision)
+        if key not in pipes:
+            pipes[key] = LatentDiffusionPipeline.from_artifacts(key[0], store=store, precision=key[1])
+    first = pipes[settings_list[0].model(args), settings_list[0].precision]
+    print(f"model {first.provenance.diffusion}" + (f", student {args.student} (guidance built in)" if args.student else "")
+          + f", {args.n} samples per setting, cfg {args.cfg}, seed {args.seed}, "
           f"{args.threads} threads; measuring the reference images ...")
     reference = sample_reference(store, first, args.n, args.classifier, "classifier", args.batch, torch.device("cpu"))
 
     rows, prepared = [], []
     for setting in settings_list:
-        pipe = pipes[setting.precision]
+        pipe = pipes[setting.model(args), setting.precision]
         settings = sampling_settings(pipe, setting, args)
         prepared.append((pipe, settings))
         pipe.block_evaluations = {"evaluated": 0, "skipped": 0}
@@ -204,7 +222,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     write_atomic(out / "inference.json", json.dumps({
-        "model": first.provenance.diffusion, "n": args.n, "cfg": args.cfg, "seed": args.seed, "threads": args.threads,
+        "model": first.provenance.diffusion, "student": args.student, "n": args.n, "cfg": args.cfg, "seed": args.seed, "threads": args.threads,
         "features": reference.extractor.name, "real_floor": reference.reference_distance,
         "reconstruction_floor": reference.autoencoder_distance, "rows": rows}, indent=2).encode())
     families: dict[str, list[tuple[float, float]]] = {}

@@ -1,6 +1,7 @@
 """Few-step distillation (`ldm train distill`): the target against a slow reference and an analytic flow map,
 guidance built into the student, and the stage's lineage and refusals."""
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,6 +13,7 @@ from ldm.diffusion.distill import DistillConfig, distillation_target, guided_vel
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.generation import SamplingSettings
 from ldm.loading import load_dit
+from ldm.training import read_metrics
 from stages import diffusion, distill
 from stages.cli import main
 from stages.encode import EncodeConfig, encode
@@ -155,7 +157,8 @@ def distill_config(tmp_path, teacher, *extra):
 @needs_fmnist
 def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path, store_with_cache, teacher):  # noqa: F811
     store = store_with_cache[0]
-    config = distill_config(tmp_path, teacher, "trainer.max_steps=30", "distill.finest_steps=4")
+    config = distill_config(tmp_path, teacher, "trainer.max_steps=60", "distill.finest_steps=4", "trainer.lr=2e-3",
+                            "trainer.warmup_steps=5")
     module_teacher = load_dit(teacher)
     student_model, _ = distill.student_configs(module_teacher.config, DiffusionConfig(objective="flow", learn_sigma=False),
                                                config.distill)
@@ -169,6 +172,8 @@ def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path
         torch.testing.assert_close(student(x, t, y, r=torch.tensor([0.0, 250.0, 100.0])), module_teacher(x, t, y))
 
     artifact = distill.run(config, store)
+    mse = [v for _, v in read_metrics(tmp_path / "run")["train/mse"]]
+    assert np.mean(mse[-15:]) < 0.8 * np.mean(mse[:15])  # the student learns its targets on real latents
     assert artifact.parents == {"latents": teacher.parents["latents"], "teacher": teacher.ref}
     assert artifact.manifest["distillation"]["teacher"] == teacher.ref
     assert teacher.ref in [a.ref for a in store.lineage(artifact)]
