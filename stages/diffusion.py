@@ -103,7 +103,6 @@ class DiffusionStageConfig:
             raise ValueError("posthoc_snapshot_every is set but posthoc_ema is empty: name the profiles to keep, "
                              "e.g. posthoc_ema=[0.05,0.10], or leave posthoc_snapshot_every at 0")
 
-
     def check_meanflow_time_scale(self) -> None:
         """Refuse the MeanFlow identity's objective at DiT's 0-999 timestep range (a distilled student takes no derivative)."""
         if self.diffusion.objective == "meanflow" and self.model.time_input_scale > 0.01:
