@@ -270,31 +270,35 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
     from stages.sample import write_samples
 
     try:
-        settings = _sampling_settings(guide_ref, **_default_cfg(ctx, model_ref, 2.0, options))
+        settings = _default_cfg(ctx, model_ref, 2.0, options["cfg"], _sampling_settings(guide_ref, **options))
         write_samples(_store(ctx), model_ref, settings, n, classes, out_dir, device, not no_images, autoencoder_ref, guide_ref,
                       overwrite, precision, cache_fraction)
     except USER_ERRORS as err:
         _fail(err)
 
 
-def _default_cfg(ctx: click.Context, model_ref: str, default: float, options: dict) -> dict:
-    """`options` with --cfg filled in when not given: 1 for a student with guidance built in, else `default`."""
-    if options["cfg"] is not None:
-        return options
+def _default_cfg(ctx: click.Context, model_ref: str, default: float, cfg: float | None, settings):
+    """`settings` with the guidance scale --cfg gave, or when it gave none: 1 for a student with guidance built in,
+    else `default`. The other options were checked already, before the model is looked up."""
+    from dataclasses import replace
+
     from ldm.loading import dit_configs
 
+    if cfg is not None:
+        return settings
     built_in = dit_configs(_store(ctx).load(model_ref, stage="diffusion", verify=False))[1].built_in_guidance
-    return {**options, "cfg": 1.0 if built_in else default}
+    return replace(settings, guidance_scale=1.0 if built_in else default)
 
 
-def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float, spacing: str,
+def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float | None, spacing: str,
                        cfg_interval: tuple[float, float] | None, guide_scale: float, seed: int, batch_size: int):
     """The SamplingSettings of `ldm sample` / `ldm eval samples` options (validated as they are built)."""
     from dataclasses import replace
 
     from ldm.generation import SamplingSettings
 
-    settings = SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=cfg, guidance_interval=cfg_interval,
+    # cfg None (not given): 1 here; _default_cfg picks the model's default once the other options are checked
+    settings = SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=1.0 if cfg is None else cfg, guidance_interval=cfg_interval,
                                 spacing=spacing, seed=seed, batch_size=batch_size, guide_scale=guide_scale)
     # Checked above all the same; the autoguidance scale means nothing without a guide.
     return settings if guide_ref else replace(settings, guide_scale=1.0)
@@ -326,7 +330,7 @@ def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str
     from stages.sample import evaluate_samples
 
     try:
-        settings = _sampling_settings(guide_ref, **_default_cfg(ctx, model_ref, 1.5, options))
+        settings = _default_cfg(ctx, model_ref, 1.5, options["cfg"], _sampling_settings(guide_ref, **options))
         evaluate_samples(_store(ctx), model_ref, settings, n, classifier_ref, features, out_dir, device, autoencoder_ref,
                          guide_ref, precision, cache_fraction)
     except USER_ERRORS as err:

@@ -211,3 +211,10 @@ def test_distill_refuses_a_teacher_of_other_latents_and_student_settings(tmp_pat
         distill.run(distill_config(tmp_path, teacher, "model.depth=3"), store)
     with pytest.raises(ValueError, match="rectified-flow teacher"):
         distill.student_configs(load_dit(teacher).config, DiffusionConfig(), DistillConfig())
+
+
+@pytest.mark.parametrize("domain", ["fmnist", "fsdd"])
+def test_distill_presets_load(domain):
+    config = load_config(distill.DistillStageConfig, ROOT / f"configs/{domain}/distill.yaml")
+    assert config.preview.guidance_scale == 1 and config.distill.guidance_scale > 1
+    assert config.run_dir == f"runs/{domain}/distill" and config.latents == ""
