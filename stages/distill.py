@@ -110,16 +110,15 @@ def run(
                          "from its teacher (distill.* and trainer.* are the settings of this stage)")
     teacher_artifact = store.load(config.teacher, stage="diffusion")
     teacher_latents = teacher_artifact.parents.get("latents")
-    cache_artifact = store.load(config.latents or teacher_latents, stage="latents", verify=False)
-    if cache_artifact.ref != teacher_latents:
+    cache = open_cache(store, replace(config, latents=config.latents or teacher_latents))
+    if cache.artifact.ref != teacher_latents:
         raise ArtifactError(
             f"teacher {teacher_artifact.ref} was trained on {teacher_latents}, but the student would train on "
-            f"{cache_artifact.ref}: a student learns its teacher's velocity on the teacher's own latents. Leave latents "
-            f"unset (the teacher's cache) or name a teacher trained on {cache_artifact.ref}"
+            f"{cache.artifact.ref}: a student learns its teacher's velocity on the teacher's own latents. Leave latents "
+            f"unset (the teacher's cache) or name a teacher trained on {cache.artifact.ref}"
         )
     model, diffusion = student_configs(*dit_configs(teacher_artifact), config.distill)
-    config = replace(config, model=model, diffusion=diffusion, latents=cache_artifact.ref)
-    cache = open_cache(store, config)
+    config = replace(config, model=model, diffusion=diffusion, latents=cache.artifact.ref)
     check_model_fits_cache(config.model, cache)
     teacher = load_dit(teacher_artifact, precision="float32")
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref, "teacher": teacher_artifact.ref}

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.objectives import FLOW_TIME_SCALE, flow_interpolate, mean_flat
+from ldm.diffusion.samplers import cfg_denoiser
 from ldm.diffusion.schedules import expand_to
 
 # velocity(x (N, C, ...), t (N,) flow times, y (N,) labels) -> (N, C, ...)
@@ -58,18 +59,11 @@ class DistillConfig:
 
 
 def guided_velocity(model: Callable[..., Tensor], null_class: int, scale: float) -> Velocity:
-    """Return the velocity field v(x, t, y) of a flow network with classifier-free guidance at `scale`.
-
-    v = v_uncond + scale (v_cond - v_uncond), both halves in one batched call; scale 1 makes one plain call.
-    """
+    """Return the velocity field v(x, t, y) of a flow network with classifier-free guidance at `scale`: the
+    samplers' `cfg_denoiser` (both halves in one batched call; scale 1 one plain call), for any labels and flow times."""
 
     def velocity(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        if scale == 1.0:
-            return model(x, t * FLOW_TIME_SCALE, y).to(x.dtype)
-        both = model(torch.cat([x, x]), torch.cat([t, t]) * FLOW_TIME_SCALE,
-                     torch.cat([y, torch.full_like(y, null_class)])).to(x.dtype)
-        cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
+        return cfg_denoiser(model, y, null_class, scale)(x, t * FLOW_TIME_SCALE).to(x.dtype)
 
     return velocity
 
