@@ -92,7 +92,7 @@ class DistillModule(DiffusionModule):
 
     def batch_losses(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg = self.config.distill
-        teacher = guided_velocity(self.teacher, self.teacher.null_class, cfg.guidance_scale)
+        teacher = guided_velocity(self.teacher, self.teacher.null_class, cfg.guidance_scale, cfg.guidance_interval)
         return distillation_losses(self.train_forward, self.model, teacher, z, y, cfg)
 
 
@@ -122,12 +122,14 @@ def run(
     check_model_fits_cache(config.model, cache)
     teacher = load_dit(teacher_artifact, precision="float32")
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref, "teacher": teacher_artifact.ref}
-    print(f"distilling {teacher_artifact.ref} (guidance {config.distill.guidance_scale:g} built in) into a student of "
+    within = "" if config.distill.guidance_interval is None else " at timesteps {:g}-{:g}".format(*config.distill.guidance_interval)
+    print(f"distilling {teacher_artifact.ref} (guidance {config.distill.guidance_scale:g}{within} built in) into a student of "
           f"{', '.join(str(round(1 / d)) for d in config.distill.interval_levels)} steps")
     return train_and_store(
         store, config, cache, lambda: DistillModule(config, lineage, teacher), resume, callbacks, allow_changes,
         parents={"latents": cache.artifact.ref, "teacher": teacher_artifact.ref},
         metadata={"distillation": {"teacher": teacher_artifact.ref, "guidance_scale": config.distill.guidance_scale,
+                                   "guidance_interval": config.distill.guidance_interval,
                                    "finest_steps": config.distill.finest_steps, "anchor_share": config.distill.anchor_share,
                                    "sampler": "meanflow", "note": "sample with 1, 2, 4 ... finest_steps steps and guidance 1"}},
     )

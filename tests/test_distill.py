@@ -115,6 +115,13 @@ def test_guided_velocity_is_classifier_free_guidance_in_one_batched_call():
     torch.testing.assert_close(guided, uncond + 3.0 * (cond - uncond))
     assert calls[0] == 10  # both halves in one call
     assert torch.equal(guided_velocity(model, 9, 1.0)(x, t, y), cond)
+    # with an interval of network timesteps, guided inside it and conditional outside
+    t = torch.tensor([0.1, 0.3, 0.5, 0.85, 0.95])
+    within = guided_velocity(model, 9, 3.0, (220.0, 840.0))(x, t, y)
+    cond, uncond = model(x, t * 1000, y), model(x, t * 1000, torch.full_like(y, 9))
+    inside = torch.tensor([False, True, True, False, False])
+    torch.testing.assert_close(within[inside], (uncond + 3.0 * (cond - uncond))[inside])
+    torch.testing.assert_close(within[~inside], cond[~inside])
 
 
 def test_distill_config_refuses_bad_settings():
@@ -124,6 +131,8 @@ def test_distill_config_refuses_bad_settings():
         DistillConfig(guidance_scale=0.5)
     with pytest.raises(ValueError, match="anchor_share"):
         DistillConfig(anchor_share=1.0)
+    with pytest.raises(ValueError, match="reversed"):
+        DistillConfig(guidance_interval=(840, 220))
 
 
 def test_a_student_with_guidance_built_in_refuses_guidance_again():

@@ -13,8 +13,9 @@ the teacher for more than one step:
   self-consistency target (Frans et al. 2024, arXiv 2410.12557), here anchored on a teacher's
   trajectory instead of the data's conditional velocity.
 
-The teacher's velocity carries classifier-free guidance at `guidance_scale`, so the student learns the
-guided flow and one sampler step is one network pass (guidance built in, as guided distillation does,
+The teacher's velocity carries classifier-free guidance at `guidance_scale` (only inside
+`guidance_interval` when one is set, as the samplers' --cfg-interval), so the student learns the guided
+flow and one sampler step is one network pass (guidance built in, as guided distillation does,
 Meng et al. 2023); a student is sampled with guidance scale 1.
 Times are flow times in [0, 1]; networks get FLOW_TIME_SCALE * t, as every flow model here.
 """
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.objectives import FLOW_TIME_SCALE, flow_interpolate, mean_flat
-from ldm.diffusion.samplers import cfg_denoiser
+from ldm.diffusion.samplers import cfg_denoiser, check_guidance_interval
 from ldm.diffusion.schedules import expand_to
 
 # velocity(x (N, C, ...), t (N,) flow times, y (N,) labels) -> (N, C, ...)
@@ -42,8 +43,12 @@ class DistillConfig:
     guidance_scale: float = 2.0  # classifier-free guidance of the teacher's velocity, built into the student (1: none)
     finest_steps: int = 8  # the finest sampler grid taught; a power of 2. Intervals 1, 1/2, ... 1/finest_steps
     anchor_share: float = 0.25  # share of each batch with r = t (the teacher's velocity itself)
+    # Guide the teacher only at network timesteps (1000 t) in [lo, hi], its conditional velocity elsewhere
+    # (Kynkaanniemi et al. 2024; `--cfg-interval` of the samplers). None: guide at every time.
+    guidance_interval: Optional[tuple[float, float]] = None
 
     def __post_init__(self) -> None:
+        self.guidance_interval = check_guidance_interval(self.guidance_interval)
         if not self.guidance_scale >= 1.0:
             raise ValueError(f"distill.guidance_scale must be >= 1 (1: no guidance), got {self.guidance_scale}")
         steps = self.finest_steps
@@ -58,12 +63,14 @@ class DistillConfig:
         return [1.0 / 2**k for k in range(self.finest_steps.bit_length())]
 
 
-def guided_velocity(model: Callable[..., Tensor], null_class: int, scale: float) -> Velocity:
-    """Return the velocity field v(x, t, y) of a flow network with classifier-free guidance at `scale`: the
-    samplers' `cfg_denoiser` (both halves in one batched call; scale 1 one plain call), for any labels and flow times."""
+def guided_velocity(model: Callable[..., Tensor], null_class: int, scale: float,
+                    interval: Optional[tuple[float, float]] = None) -> Velocity:
+    """Return the velocity field v(x, t, y) of a flow network with classifier-free guidance at `scale` (inside
+    `interval`, network timesteps, when given): the samplers' `cfg_denoiser` (both halves in one batched call;
+    scale 1 one plain call), for any labels and flow times."""
 
     def velocity(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        return cfg_denoiser(model, y, null_class, scale)(x, t * FLOW_TIME_SCALE).to(x.dtype)
+        return cfg_denoiser(model, y, null_class, scale, interval)(x, t * FLOW_TIME_SCALE).to(x.dtype)
 
     return velocity
 
