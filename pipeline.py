@@ -269,20 +269,22 @@ class LatentDiffusionPipeline:
         return self._output(result, output)
 
     def calibrate_cache(self, settings: Optional[SamplingSettings] = None, fraction: float = 0.3, n: Optional[int] = None,
-                        seed: int = 1_000_000, **options) -> CacheSchedule:
+                        seed: int = 1_000_000, extrapolate: bool = False, **options) -> CacheSchedule:
         """A step-caching schedule for these settings that skips `fraction` of the DiT's block evaluations.
 
         Samples n class-balanced latents (default 4 per class) once without skipping, from seeds far from
         those an evaluation uses, and marks the (call, block) pairs whose residual changed least from the
         previous call (`ldm.caching.schedule_from_changes`). Pass the result as `sample(..., cache=schedule)`.
+        `extrapolate`: skipped blocks add a linear forecast of their residual in t instead of the last one, and
+        the pairs chosen are those where that forecast erred least.
         """
         settings = self.settings(settings, **options)
         labels = torch.arange(n or 4 * self.num_classes) % self.num_classes
-        recorder = BlockCache(record=True)
+        recorder = BlockCache(record=True, extrapolate=extrapolate)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             sample_latents(self.model, self.diffusion, labels, replace(settings, seed=seed, cache=None), guide=self.guide,
                            cache=recorder)
-        return schedule_from_changes(recorder.changes, fraction)
+        return replace(schedule_from_changes(recorder.changes, fraction), extrapolate=extrapolate)
 
     # ------------------------------------------------------------------ internals
 

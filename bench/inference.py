@@ -16,7 +16,8 @@ precision and caching family, one point per setting.
     python bench/inference.py ... --setting flow-heun:10 --setting flow-heun:10:int8 --setting flow-euler:20:cache0.3
     python bench/inference.py ... --student diffusion@<distilled> --setting flow-heun:10 --setting student:meanflow:1
 
-A setting is [student:]SAMPLER:STEPS[:int8|bf16][:cacheF] (F: the share of block evaluations to skip); "student:"
+A setting is [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]] (F: the share of block evaluations to skip;
+forecast: skipped blocks add a linear forecast of their residual instead of the last one); "student:"
 samples the --student model (`ldm train distill`) with its built-in guidance instead of --model at --cfg.
 """
 
@@ -58,6 +59,7 @@ class Setting:
     steps: int
     precision: str = "float32"
     cache: float = 0.0  # share of block evaluations to skip (0: no caching)
+    forecast: bool = False  # skipped blocks forecast their residual linearly in t (ldm.caching)
     student: bool = False  # the --student model, sampled at guidance 1 (its guidance is built in)
 
     @classmethod
@@ -66,20 +68,25 @@ class Setting:
         student = parts[0] == "student"
         parts = parts[1:] if student else parts
         if len(parts) < 2:
-            raise SystemExit(f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF]")
-        precision, cache = "float32", 0.0
+            raise SystemExit(f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]]")
+        precision, cache, forecast = "float32", 0.0, False
         for part in parts[2:]:
             if part in ("int8", "bf16", "float32"):
                 precision = part
             elif part.startswith("cache"):
                 cache = float(part[len("cache"):])
+            elif part == "forecast":
+                forecast = True
             else:
                 raise SystemExit(f"setting {spec!r}: unknown part {part!r}")
-        return cls(spec, parts[0], int(parts[1]), precision, cache, student)
+        if forecast and not cache:
+            raise SystemExit(f"setting {spec!r}: forecast needs cacheF")
+        return cls(spec, parts[0], int(parts[1]), precision, cache, forecast, student)
 
     @property
     def family(self) -> str:
-        return ("student " if self.student else "") + self.precision + (" + cache" if self.cache else "")
+        caching = (" + cache forecast" if self.forecast else " + cache") if self.cache else ""
+        return ("student " if self.student else "") + self.precision + caching
 
     def model(self, args) -> str:
         if self.student and not args.student:
@@ -94,7 +101,7 @@ def sampling_settings(pipe, setting: Setting, args):
     settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=setting.cfg(args),
                              batch_size=args.batch, seed=args.seed)
     if setting.cache:
-        settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache))
+        settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, extrapolate=setting.forecast))
     return settings
 
 
@@ -112,7 +119,8 @@ def peak_memory_child(queue, store: str, model: str, setting: Setting, cfg: floa
     pipe = LatentDiffusionPipeline.from_artifacts(model, store=ArtifactStore(store), precision=setting.precision)
     settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=cfg, batch_size=batch)
     if setting.cache:
-        settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, n=batch))
+        settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, n=batch,
+                                                                extrapolate=setting.forecast))
     gc.collect()
     loaded, peak, done = resident_mb(), [0.0], threading.Event()
 

@@ -9,6 +9,11 @@ call instead of evaluating it. The schedule is fixed per model and sampler setti
 cache, which measures how much each block's residual changed from call to call, and
 `schedule_from_changes` marks the calls x blocks that changed least, never the same block at two calls in a
 row (a reused residual is always one call old) and never at the first call.
+
+With `extrapolate`, a skipped block adds a forecast instead of the stale residual: the line through
+its last two evaluated residuals, continued to the current timestep (a first-order Taylor forecast
+in time, as TaylorSeer does, Liu et al. 2025, arXiv 2503.06923). Reuse is exact only for a residual
+that does not change; the forecast is exact for one that changes linearly in t.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class CacheSchedule:
     calls: int  # network calls of one sampling run
     depth: int  # blocks of the DiT
     skips: tuple[tuple[int, int], ...]  # (call, block) pairs that reuse the residual of call - 1
+    extrapolate: bool = False  # forecast the residual linearly in t from the last two evaluations instead of reusing it
 
     def __post_init__(self) -> None:
         for call, block in self.skips:
@@ -49,11 +55,12 @@ class CacheSchedule:
 
     def to_dict(self) -> dict:
         return {"calls": self.calls, "depth": self.depth, "skips": [list(pair) for pair in self.skips],
-                "fraction": round(self.fraction, 4)}
+                "extrapolate": self.extrapolate, "fraction": round(self.fraction, 4)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "CacheSchedule":
-        return cls(int(data["calls"]), int(data["depth"]), tuple((int(c), int(b)) for c, b in data["skips"]))
+        return cls(int(data["calls"]), int(data["depth"]), tuple((int(c), int(b)) for c, b in data["skips"]),
+                   bool(data.get("extrapolate", False)))
 
 
 class BlockCache:
@@ -62,25 +69,45 @@ class BlockCache:
     Set it as `model.block_cache` (see `cached`); the DiT calls `begin` at every forward and `run` for
     every block. A call whose batch differs from the one the residuals were made with (a guidance
     interval switches between N and 2N) and calls past the schedule evaluate every block. With
-    `record`, `changes[i][k]` is the relative change ||R_k(i) - R_k(i-1)|| / ||R_k(i)|| of block k's residual.
+    `record`, `changes[i][k]` is the relative change ||R_k(i) - R_k(i-1)|| / ||R_k(i)|| of block k's residual,
+    or with `extrapolate` the relative error of its forecast ||R_k(i) - F_k(i)|| / ||R_k(i)||.
     """
 
-    def __init__(self, schedule: Optional[CacheSchedule] = None, record: bool = False):
+    def __init__(self, schedule: Optional[CacheSchedule] = None, record: bool = False,
+                 extrapolate: Optional[bool] = None):
         self.evaluate = None if schedule is None else schedule.mask()
+        self.extrapolate = (schedule is not None and schedule.extrapolate) if extrapolate is None else extrapolate
         self.record = record
         self.call = -1
         self.batch = None
-        self.residuals: dict[int, torch.Tensor] = {}
+        self.t: Optional[float] = None  # this call's network timestep
+        self.residuals: dict[int, torch.Tensor] = {}  # block: its last evaluated residual
+        self.times: dict[int, float] = {}  # block: the timestep of that residual (with extrapolate)
+        self.older: dict[int, tuple[torch.Tensor, float]] = {}  # block: the last evaluation at another timestep
         self.changes: list[list[float]] = []
         self.evaluated = self.skipped = 0
 
-    def begin(self, batch: int) -> None:
+    def begin(self, batch: int, t: Optional[torch.Tensor] = None) -> None:
+        """Start a network call of `batch` samples at network timesteps `t` (N,) (all equal in a sampler's call)."""
         self.call += 1
         if batch != self.batch:
-            self.residuals.clear()
+            for memory in (self.residuals, self.times, self.older):
+                memory.clear()
             self.batch = batch
+        # One host read per call, and only for a forecast (a sampler's call has one timestep for the batch).
+        self.t = float(t.reshape(-1)[0]) if self.extrapolate and t is not None else None
         if self.record:
             self.changes.append([])
+
+    def _forecast(self, index: int) -> torch.Tensor:
+        """The residual to add for a skipped block: the last one, or its linear forecast to this call's t."""
+        newer = self.residuals[index]
+        if not self.extrapolate or index not in self.older or self.t is None:
+            return newer
+        older, t_older = self.older[index]
+        t_newer = self.times[index]
+        # The slope comes from two timesteps that differ: Heun's corrector and the next predictor share one.
+        return newer + (newer - older) * ((self.t - t_newer) / (t_newer - t_older))
 
     def _evaluates(self, index: int) -> bool:
         if index not in self.residuals or self.evaluate is None or self.call >= len(self.evaluate):
@@ -91,14 +118,18 @@ class BlockCache:
         """Return block(x, *args), or x plus the block's residual of the previous call."""
         if not self._evaluates(index):
             self.skipped += 1
-            return x.add_(self.residuals[index])  # x is the forward's own tensor (no autograd in sampling)
+            return x.add_(self._forecast(index))  # x is the forward's own tensor (no autograd in sampling)
         before = x.clone()
         x = block(x, *args)  # updates x in place without autograd
         residual = x - before
         if self.record:
-            previous = self.residuals.get(index)
+            previous = self._forecast(index) if index in self.residuals else None
             change = float("nan") if previous is None else float((residual - previous).norm() / residual.norm().clamp_min(1e-12))
             self.changes[-1].append(change)
+        if self.t is not None:
+            if index in self.times and self.times[index] != self.t:
+                self.older[index] = (self.residuals[index], self.times[index])
+            self.times[index] = self.t
         self.residuals[index] = residual
         self.evaluated += 1
         return x

@@ -214,11 +214,20 @@ GUIDE_OPTION = click.option(
          "--cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
 )
 GUIDE_SCALE_OPTION = click.option("--guide-scale", default=2.0, show_default=True, help="Autoguidance scale (with --guide).")
-CACHE_OPTION = click.option(
-    "--cache-fraction", type=click.FloatRange(0.0, 0.9), default=0.0, show_default=True,
-    help="Step caching: skip this share of the DiT's block evaluations, reusing residuals of the previous call "
-         "(a schedule calibrated once per model and setting, kept in the artifact's manifest).",
-)
+
+
+def CACHE_OPTION(command):
+    """--cache-fraction and --cache-forecast of the commands that sample."""
+    command = click.option(
+        "--cache-forecast", is_flag=True,
+        help="With --cache-fraction: a skipped block adds the linear forecast in t of its last two residuals "
+             "instead of the last one (TaylorSeer's first order).")(command)
+    return click.option(
+        "--cache-fraction", type=click.FloatRange(0.0, 0.9), default=0.0, show_default=True,
+        help="Step caching: skip this share of the DiT's block evaluations, reusing residuals of the previous call "
+             "(a schedule calibrated once per model and setting, kept in the artifact's manifest).")(command)
+
+
 PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(["float32", "bf16", "int8"]), default=None,
     help="DiT arithmetic: int8 block linears (CPU), bf16 autocast, or float32. Default: the artifact's own (float32, "
@@ -262,7 +271,7 @@ def MEASUREMENT_OPTIONS(command):
 @click.pass_context
 def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, out_dir: str, no_images: bool,
                    overwrite: bool, autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None,
-                   cache_fraction: float, **options) -> None:
+                   cache_fraction: float, cache_forecast: bool, **options) -> None:
     """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder.
 
     Images are written batch by batch as they are made; samples.json says "complete": true once all are.
@@ -272,7 +281,7 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
     try:
         settings = _default_cfg(ctx, model_ref, 2.0, options["cfg"], _sampling_settings(guide_ref, **options))
         write_samples(_store(ctx), model_ref, settings, n, classes, out_dir, device, not no_images, autoencoder_ref, guide_ref,
-                      overwrite, precision, cache_fraction)
+                      overwrite, precision, cache_fraction, cache_forecast)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -325,14 +334,14 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @click.pass_context
 def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str, features: str, out_dir: str | None,
                  autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None, cache_fraction: float,
-                 **options) -> None:
+                 cache_forecast: bool, **options) -> None:
     """Sample quality: Frechet distance to the test split, class accuracy, time per image; numbers go into the manifest."""
     from stages.sample import evaluate_samples
 
     try:
         settings = _default_cfg(ctx, model_ref, 1.5, options["cfg"], _sampling_settings(guide_ref, **options))
         evaluate_samples(_store(ctx), model_ref, settings, n, classifier_ref, features, out_dir, device, autoencoder_ref,
-                         guide_ref, precision, cache_fraction)
+                         guide_ref, precision, cache_fraction, cache_forecast)
     except USER_ERRORS as err:
         _fail(err)
 

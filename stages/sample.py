@@ -61,6 +61,7 @@ def write_samples(
     overwrite: bool = False,
     precision: Optional[str] = None,
     cache_fraction: float = 0.0,
+    cache_forecast: bool = False,
 ) -> dict:
     """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json, and return the report.
 
@@ -76,7 +77,7 @@ def write_samples(
                                                   guide=guide_ref, precision=precision)
     singles = out_dir / ("images" if pipe.sample_rate is None else "audio")
     check_folder(singles if single_images else out_dir)
-    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction)
+    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
     labels = parse_classes(classes, n, pipe.num_classes)
     for path in earlier_samples(out_dir, overwrite):  # --overwrite: our earlier outputs only, never the folder or other files
         path.unlink(missing_ok=True)
@@ -115,22 +116,23 @@ def write_samples(
 
 
 def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiffusionPipeline, settings: SamplingSettings,
-                          fraction: float) -> SamplingSettings:
-    """`settings` with a step-caching schedule that skips `fraction` of the block evaluations (0: none).
+                          fraction: float, forecast: bool = False) -> SamplingSettings:
+    """`settings` with a step-caching schedule that skips `fraction` of the block evaluations (0: none); with
+    `forecast`, skipped blocks add a linear forecast of their residual (`ldm.caching`) instead of the last one.
 
-    The schedule is calibrated once per model and setting (`pipe.calibrate_cache`) and kept in the
-    artifact's manifest under metrics["cache-<sampler>-<steps>-cfg<scale>-f<fraction>"]; later runs reuse it.
+    The schedule is calibrated once per model and setting (`pipe.calibrate_cache`) and kept in the artifact's
+    manifest under metrics["cache-<sampler>-<steps>-cfg<scale>-f<fraction>[-forecast]"]; later runs reuse it.
     """
     if not fraction:
         return settings
-    name = f"cache-{settings.sampler}-{settings.num_steps}-cfg{settings.guidance_scale:g}-f{fraction:g}"
+    name = f"cache-{settings.sampler}-{settings.num_steps}-cfg{settings.guidance_scale:g}-f{fraction:g}" + ("-forecast" if forecast else "")
     artifact = store.load(model_ref, stage="diffusion", verify=False)
     stored = artifact.manifest.get("metrics", {}).get(name)
     if stored is not None:
         schedule = CacheSchedule.from_dict(stored)
         print(f"step caching: the stored schedule {name} skips {schedule.fraction:.1%} of the block evaluations")
     else:
-        schedule = pipe.calibrate_cache(settings, fraction=fraction)
+        schedule = pipe.calibrate_cache(settings, fraction=fraction, extrapolate=forecast)
         store.update_manifest(artifact, metrics={name: schedule.to_dict()})
         print(f"step caching: calibrated {name} ({schedule.fraction:.1%} of the block evaluations skipped), stored in "
               f"{artifact.ref}'s manifest")
@@ -188,6 +190,7 @@ def evaluate_samples(
     guide_ref: Optional[str] = None,
     precision: Optional[str] = None,
     cache_fraction: float = 0.0,
+    cache_forecast: bool = False,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -202,7 +205,7 @@ def evaluate_samples(
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
                                                   guide=guide_ref, precision=precision)
-    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction)
+    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
     reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, device_)
     report, first = measure_samples(pipe, settings, n, reference)
     if settings.cache is not None:

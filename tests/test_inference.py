@@ -1,5 +1,7 @@
 """Fast inference: int8 block linears (and their stored artifact), bf16 autocast, step caching."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -170,6 +172,63 @@ def test_a_skipped_block_adds_its_residual_of_the_previous_call():
     assert cache.changes[1][0] > 0 and len(cache.changes[1]) == 2  # blocks 0 and 2 ran at the second call
 
 
+class LinearInTime(nn.Module):
+    """A block whose residual is a + b t for the timestep t it is given: what a forecast gets exactly right."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.randn(3, 5), torch.randn(3, 5)
+
+    def forward(self, x, t):
+        return x + self.a + self.b * t
+
+
+def forecast_run(extrapolate, times, skips):
+    block, outputs = LinearInTime(), []
+    cache = BlockCache(CacheSchedule(len(times), 1, skips, extrapolate=extrapolate))
+    for t in times:
+        cache.begin(3, torch.full((3,), t))
+        outputs.append(cache.run(0, block, torch.zeros(3, 5), t))
+    return outputs, [block(torch.zeros(3, 5), t) for t in times]
+
+
+def test_a_forecast_residual_continues_the_last_two_in_time():
+    # Euler-like calls at falling timesteps: the skipped call 2 is forecast exactly, reuse is one step stale
+    times = [1.0, 0.8, 0.5, 0.3]
+    outputs, exact = forecast_run(True, times, ((2, 0),))
+    torch.testing.assert_close(outputs[2], exact[2])
+    stale, exact = forecast_run(False, times, ((2, 0),))
+    torch.testing.assert_close(stale[2], exact[1])
+    # Heun-like calls (corrector and next predictor share a timestep): the slope comes from two timesteps that differ
+    times = [1.0, 0.75, 0.75, 0.5, 0.5]
+    outputs, exact = forecast_run(True, times, ((3, 0),))
+    torch.testing.assert_close(outputs[3], exact[3])
+    # only one evaluation before the skip: nothing to draw a line through, so the residual is reused
+    outputs, exact = forecast_run(True, [1.0, 0.5, 0.2], ((1, 0),))
+    torch.testing.assert_close(outputs[1], exact[0])
+    schedule = CacheSchedule(4, 1, ((2, 0),), extrapolate=True)
+    assert CacheSchedule.from_dict(schedule.to_dict()) == schedule
+    assert CacheSchedule.from_dict({"calls": 4, "depth": 1, "skips": [[2, 0]]}).extrapolate is False  # older manifests
+
+
+def test_forecast_calibration_records_forecast_errors_and_stays_close():
+    model = random_dit()
+    settings = SamplingSettings(sampler="flow-euler", num_steps=12, guidance_scale=2.0)
+    plain = run(model, settings)
+    changes = {}
+    for extrapolate in (False, True):
+        recorder = BlockCache(record=True, extrapolate=extrapolate)
+        assert torch.equal(run(model, settings, recorder), plain)  # recording never changes the samples
+        changes[extrapolate] = recorder.changes
+        schedule = replace(schedule_from_changes(recorder.changes, 0.3), extrapolate=extrapolate)
+        cache = BlockCache(schedule)
+        out = run(model, settings, cache)
+        assert cache.skipped / (cache.skipped + cache.evaluated) >= 0.3
+        assert not torch.equal(out, plain) and (out - plain).norm() / plain.norm() < 0.1
+    # call 1 has one residual before it, so its forecast is that residual; from call 2 on the errors differ
+    assert changes[True][1] == changes[False][1] and changes[True][2] != changes[False][2]
+
+
 def test_calibrated_schedule_saves_the_asked_fraction_and_stays_close():
     model = random_dit()
     settings = SamplingSettings(sampler="flow-heun", num_steps=10, guidance_scale=2.0)
@@ -298,3 +357,6 @@ def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_
     second = runner.invoke(main, [*args, "--out", str(tmp_path / "b")])
     assert second.exit_code == 0 and "the stored schedule" in second.output
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
+    forecast = runner.invoke(main, [*args, "--cache-forecast", "--out", str(tmp_path / "c")])
+    assert forecast.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-f0.3-forecast" in forecast.output
+    assert store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3-forecast"]["extrapolate"] is True

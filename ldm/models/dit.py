@@ -586,7 +586,7 @@ class DiT(nn.Module):
         block_rope, tokens = rope, None
         cache = None if torch.is_grad_enabled() else self.block_cache
         if cache is not None:
-            cache.begin(x.shape[0])
+            cache.begin(x.shape[0], t)
         for index, block in enumerate(self.blocks):
             if route and index == route_start:
                 keep = route_keep_indices(x.shape[0], x.shape[1], cfg.route_ratio, x.device)  # (N, K)
