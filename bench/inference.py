@@ -16,8 +16,9 @@ precision and caching family, one point per setting.
     python bench/inference.py ... --setting flow-heun:10 --setting flow-heun:10:int8 --setting flow-euler:20:cache0.3
     python bench/inference.py ... --student diffusion@<distilled> --setting flow-heun:10 --setting student:meanflow:1
 
-A setting is [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]] (F: the share of block evaluations to skip;
-forecast: skipped blocks add a linear forecast of their residual instead of the last one); "student:"
+A setting is [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI] (F: the share of block
+evaluations to skip; forecast: skipped blocks add a linear forecast of their residual instead of the last one;
+interval: --cfg only at network timesteps LO-HI, as `--cfg-interval LO HI`); "student:"
 samples the --student model (`ldm train distill`) with its built-in guidance instead of --model at --cfg.
 """
 
@@ -35,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -61,6 +63,7 @@ class Setting:
     cache: float = 0.0  # share of block evaluations to skip (0: no caching)
     forecast: bool = False  # skipped blocks forecast their residual linearly in t (ldm.caching)
     student: bool = False  # the --student model, sampled at guidance 1 (its guidance is built in)
+    interval: Optional[tuple[float, float]] = None  # guide only at these network timesteps
 
     @classmethod
     def parse(cls, spec: str) -> "Setting":
@@ -68,8 +71,8 @@ class Setting:
         student = parts[0] == "student"
         parts = parts[1:] if student else parts
         if len(parts) < 2:
-            raise SystemExit(f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]]")
-        precision, cache, forecast = "float32", 0.0, False
+            raise SystemExit(f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI]")
+        precision, cache, forecast, interval = "float32", 0.0, False, None
         for part in parts[2:]:
             if part in ("int8", "bf16", "float32"):
                 precision = part
@@ -77,11 +80,13 @@ class Setting:
                 cache = float(part[len("cache"):])
             elif part == "forecast":
                 forecast = True
+            elif part.startswith("interval") and not student:
+                interval = tuple(float(t) for t in part[len("interval"):].split("-"))
             else:
                 raise SystemExit(f"setting {spec!r}: unknown part {part!r}")
         if forecast and not cache:
             raise SystemExit(f"setting {spec!r}: forecast needs cacheF")
-        return cls(spec, parts[0], int(parts[1]), precision, cache, forecast, student)
+        return cls(spec, parts[0], int(parts[1]), precision, cache, forecast, student, interval)
 
     @property
     def family(self) -> str:
@@ -99,7 +104,7 @@ class Setting:
 
 def sampling_settings(pipe, setting: Setting, args):
     settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=setting.cfg(args),
-                             batch_size=args.batch, seed=args.seed)
+                             guidance_interval=setting.interval, batch_size=args.batch, seed=args.seed)
     if setting.cache:
         settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, extrapolate=setting.forecast))
     return settings
@@ -117,7 +122,8 @@ def peak_memory_child(queue, store: str, model: str, setting: Setting, cfg: floa
     torch.set_num_threads(threads)
     tune_cpu_allocator()
     pipe = LatentDiffusionPipeline.from_artifacts(model, store=ArtifactStore(store), precision=setting.precision)
-    settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=cfg, batch_size=batch)
+    settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=cfg,
+                             guidance_interval=setting.interval, batch_size=batch)
     if setting.cache:
         settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, n=batch,
                                                                 extrapolate=setting.forecast))

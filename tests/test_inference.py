@@ -360,3 +360,21 @@ def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_
     forecast = runner.invoke(main, [*args, "--cache-forecast", "--out", str(tmp_path / "c")])
     assert forecast.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-f0.3-forecast" in forecast.output
     assert store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3-forecast"]["extrapolate"] is True
+
+
+def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.inference import Setting
+
+    setting = Setting.parse("flow-euler:20:cache0.3:forecast:interval220-840")
+    assert (setting.sampler, setting.steps, setting.cache, setting.forecast, setting.interval) == (
+        "flow-euler", 20, 0.3, True, (220.0, 840.0))
+    assert setting.family == "float32 + cache forecast"
+    assert Setting.parse("student:meanflow:2").student and Setting.parse("flow-heun:10").interval is None
+    with pytest.raises(SystemExit, match="forecast needs"):
+        Setting.parse("flow-euler:20:forecast")
+    with pytest.raises(SystemExit, match="unknown part"):
+        Setting.parse("student:meanflow:1:interval220-840")  # a student's guidance is built in
