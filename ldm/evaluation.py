@@ -158,16 +158,21 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
     return report, torch.cat(grid_images)
 
 
-def evaluation_name(pipe, settings: SamplingSettings, n: int) -> str:
-    """`samples-dpm++2m-20-cfg1.5-n10000`: the name of a measurement in a manifest's metrics and of its folder."""
+def trajectory_name(pipe, settings: SamplingSettings) -> str:
+    """`dpm++2m-20-cfg1.5[-t220-840][-guide2-<id>]`: what decides a sampling run's path through the DiT, in the
+    names of its measurements and of its step-caching schedules."""
     interval = f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
     spaced = "" if settings.spacing == "trailing" else f"-{settings.spacing}"
-    decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
     guided = f"-guide{settings.guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
+    return f"{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}"
+
+
+def evaluation_name(pipe, settings: SamplingSettings, n: int) -> str:
+    """`samples-dpm++2m-20-cfg1.5-n10000`: the name of a measurement in a manifest's metrics and of its folder."""
+    decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
     precision = "" if pipe.precision == "float32" else f"-{pipe.precision}"
     precision += f"-cache{settings.cache.fraction:.2g}" if settings.cache is not None else ""
-    return (f"samples-{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}{decoder}"
-            f"{precision}-n{n}")
+    return f"samples-{trajectory_name(pipe, settings)}{decoder}{precision}-n{n}"
 
 
 METRIC_KEYS = ("frechet_distance", "real_reference_distance", "autoencoder_reference_distance", "class_accuracy",

@@ -23,7 +23,7 @@ from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.audio import write_wav
 from ldm.caching import CacheSchedule
 from ldm.evaluation import (check_folder, evaluation_name, guidance_text, measure_samples, report_metrics, report_settings,
-                            sample_reference)
+                            sample_reference, trajectory_name)
 from ldm.generation import SamplingSettings, model_calls
 from ldm.images import save_grid, save_png, to_pil
 from ldm.runtime import synchronize
@@ -121,11 +121,13 @@ def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiff
     `forecast`, skipped blocks add a linear forecast of their residual (`ldm.caching`) instead of the last one.
 
     The schedule is calibrated once per model and setting (`pipe.calibrate_cache`) and kept in the artifact's
-    manifest under metrics["cache-<sampler>-<steps>-cfg<scale>-f<fraction>[-forecast]"]; later runs reuse it.
+    manifest under metrics["cache-<sampler>-<steps>-cfg<scale>[-t<interval>][-guide...][-<precision>]-f<fraction>[-forecast]"]
+    (the setting's whole trajectory, so another guidance interval or guide never reuses it); later runs reuse it.
     """
     if not fraction:
         return settings
-    name = f"cache-{settings.sampler}-{settings.num_steps}-cfg{settings.guidance_scale:g}-f{fraction:g}" + ("-forecast" if forecast else "")
+    precision = "" if pipe.precision == "float32" else f"-{pipe.precision}"
+    name = f"cache-{trajectory_name(pipe, settings)}{precision}-f{fraction:g}" + ("-forecast" if forecast else "")
     artifact = store.load(model_ref, stage="diffusion", verify=False)
     stored = artifact.manifest.get("metrics", {}).get(name)
     if stored is not None:

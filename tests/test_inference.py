@@ -360,6 +360,9 @@ def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_
     forecast = runner.invoke(main, [*args, "--cache-forecast", "--out", str(tmp_path / "c")])
     assert forecast.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-f0.3-forecast" in forecast.output
     assert store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3-forecast"]["extrapolate"] is True
+    # Guidance in an interval takes another path through the DiT: it gets its own schedule, never the one above.
+    interval = runner.invoke(main, [*args, "--cfg-interval", "200", "800", "--out", str(tmp_path / "d")])
+    assert interval.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-t200-800-f0.3" in interval.output, interval.output
 
 
 def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings():
