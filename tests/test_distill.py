@@ -189,7 +189,7 @@ def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path
     from pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_artifacts(artifact.ref, store=store)
-    assert pipe.settings().sampler == "meanflow" and pipe.diffusion.built_in_guidance == 2.0
+    assert pipe.settings().sampler == "meanflow" and pipe.diffusion.built_in_guidance == config.distill.guidance_scale == 3.0
     calls = []
     images = pipe.sample([0, 1, 2], num_steps=1, on_model_call=lambda: calls.append(1))
     assert images.shape[0] == 3 and torch.isfinite(images).all() and len(calls) == 1  # guidance inside: one pass
