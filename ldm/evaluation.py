@@ -167,12 +167,16 @@ def trajectory_name(pipe, settings: SamplingSettings) -> str:
     return f"{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}"
 
 
+def precision_name(pipe) -> str:
+    """`-int8` or `-bf16` for a pipeline that does not run the DiT in float32, else empty: a part of names."""
+    return "" if pipe.precision == "float32" else f"-{pipe.precision}"
+
+
 def evaluation_name(pipe, settings: SamplingSettings, n: int) -> str:
     """`samples-dpm++2m-20-cfg1.5-n10000`: the name of a measurement in a manifest's metrics and of its folder."""
     decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
-    precision = "" if pipe.precision == "float32" else f"-{pipe.precision}"
-    precision += f"-cache{settings.cache.fraction:.2g}" if settings.cache is not None else ""
-    return f"samples-{trajectory_name(pipe, settings)}{decoder}{precision}-n{n}"
+    cached = f"-cache{settings.cache.fraction:.2g}" if settings.cache is not None else ""
+    return f"samples-{trajectory_name(pipe, settings)}{decoder}{precision_name(pipe)}{cached}-n{n}"
 
 
 METRIC_KEYS = ("frechet_distance", "real_reference_distance", "autoencoder_reference_distance", "class_accuracy",

@@ -23,7 +23,7 @@ from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.audio import write_wav
 from ldm.caching import CacheSchedule
 from ldm.evaluation import (check_folder, evaluation_name, guidance_text, measure_samples, report_metrics, report_settings,
-                            sample_reference, trajectory_name)
+                            precision_name, sample_reference, trajectory_name)
 from ldm.generation import SamplingSettings, model_calls
 from ldm.images import save_grid, save_png, to_pil
 from ldm.runtime import synchronize
@@ -126,8 +126,7 @@ def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiff
     """
     if not fraction:
         return settings
-    precision = "" if pipe.precision == "float32" else f"-{pipe.precision}"
-    name = f"cache-{trajectory_name(pipe, settings)}{precision}-f{fraction:g}" + ("-forecast" if forecast else "")
+    name = f"cache-{trajectory_name(pipe, settings)}{precision_name(pipe)}-f{fraction:g}" + ("-forecast" if forecast else "")
     artifact = store.load(model_ref, stage="diffusion", verify=False)
     stored = artifact.manifest.get("metrics", {}).get(name)
     if stored is not None:
