@@ -287,3 +287,14 @@ def test_meanflow_objective_and_interval_embedding_go_together(tmp_path, store_w
         dit_config(tmp_path, store_with_cache, "model.interval_embed=true")
     with pytest.raises(ValueError, match="time_input_scale 1 with objective 'meanflow'"):
         dit_config(tmp_path, store_with_cache, "diffusion.objective=meanflow", "model.interval_embed=true")
+
+
+def test_adamw_betas_come_from_the_config_and_bad_ones_are_refused():
+    def module(*extra):
+        config = load_config(diffusion.DiffusionStageConfig, ROOT / "configs/fmnist/diffusion-quick.yaml", [*TINY_DIT, *extra])
+        return diffusion.DiffusionModule(config, lineage={})
+
+    assert module().configure_optimizers()["optimizer"].defaults["betas"] == (0.9, 0.999)
+    assert module("betas=[0.9,0.95]").configure_optimizers()["optimizer"].defaults["betas"] == (0.9, 0.95)
+    with pytest.raises(ValueError, match=r"betas must be two AdamW decay rates in \[0, 1\)"):
+        module("betas=[0.9,1.5]")
