@@ -89,7 +89,7 @@ class Recipe:
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
-        """NAME=PRESET[:key=value,...], e.g. rms=configs/fmnist/diffusion-flow.yaml:model.hidden_size=256."""
+        """NAME=PRESET[:key=value,...], e.g. rms=configs/fmnist/diffusion-flow.yaml:model.hidden_size=256,betas=[0.9,0.95]."""
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
             raise ValueError(f"--recipe must look like NAME=PRESET[:key=value,...], got {text!r}")
@@ -99,7 +99,18 @@ class Recipe:
         path = Path(preset)
         if not path.is_file() and (ROOT / path).is_file():
             path = ROOT / path
-        return cls(name, path, tuple(o for o in overrides.split(",") if o))
+        return cls(name, path, tuple(o for o in split_overrides(overrides) if o))
+
+
+def split_overrides(text: str) -> list[str]:
+    """Split `a=1,b=[0.9,0.95]` at the commas outside brackets: ['a=1', 'b=[0.9,0.95]']."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,9 @@ def test_convergence_bench_writes_rows_of_both_lines_at_the_evaluation_points_an
     assert (out / "convergence.png").stat().st_size > 0
     setup = json.loads((out / "convergence.json").read_text())
     assert setup["real_floor"]["fd"] > 0 and setup["recipes"]["tiny"]["sampler"] == "flow-euler"  # the quick preset is a flow
+
+
+def test_recipe_overrides_split_at_commas_outside_list_values():
+    recipe = convergence.Recipe.parse("b=configs/fmnist/diffusion-fast.yaml:trainer.lr=1e-3,betas=[0.9,0.95],posthoc_ema=[0.05,0.1]")
+    assert recipe.overrides == ("trainer.lr=1e-3", "betas=[0.9,0.95]", "posthoc_ema=[0.05,0.1]")
+    assert recipe.preset.resolve() == ROOT / "configs/fmnist/diffusion-fast.yaml"
