@@ -90,7 +90,18 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class ProgressBar(TQDMProgressBar):
-    """The tqdm bar without the version number, which means nothing to a reader of the logs."""
+    """The tqdm bar in batches (Lightning counts optimiser steps), without the version number, which means nothing to a reader."""
+
+    def __init__(self, steps_per_batch: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps_per_batch = steps_per_batch
+
+    @property
+    def total_train_batches(self) -> int | float:
+        # Lightning's total is the optimiser steps left: twice the batches for an autoencoder with a
+        # discriminator, so its bar ended at 50% with an ETA twice too long.
+        total = super().total_train_batches
+        return total if math.isinf(total) else math.ceil(total / self.steps_per_batch)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -238,7 +249,7 @@ def build_trainer(
         use_distributed_sampler=False,
     )
     if config.progress:
-        kwargs["callbacks"].append(ProgressBar(refresh_rate=10))
+        kwargs["callbacks"].append(ProgressBar(steps_per_batch, refresh_rate=10))
     kwargs["callbacks"].append(LearningRateFromConfig(config.lr))
     kwargs.update(overrides)
     return L.Trainer(**kwargs)

@@ -260,3 +260,20 @@ def test_tensorboard_logger_writes_event_files_beside_the_csv_the_curves_come_fr
     autoencoder.run(config, ArtifactStore(tmp_path / "store"))
     assert list((tmp_path / "run" / "tensorboard" / "part000").glob("events.out.tfevents.*"))
     assert "train/rec" in read_metrics(tmp_path / "run")
+
+
+def test_progress_bar_counts_batches_when_a_batch_takes_two_optimiser_steps():
+    from types import SimpleNamespace
+
+    from ldm.training import ProgressBar
+
+    def total(steps_per_batch, max_steps, global_step):
+        bar = ProgressBar(steps_per_batch)
+        # Lightning's trainer counts optimiser steps: an autoencoder with a discriminator takes 2 a batch
+        bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=max_steps * steps_per_batch,
+                                       global_step=global_step * steps_per_batch, num_training_batches=float("inf"))
+        return bar.total_train_batches
+
+    assert total(2, 5000, 0) == 5000  # was 10000: the bar ended at 50%
+    assert total(2, 5000, 1200) == 3800  # resumed
+    assert total(1, 2300, 0) == 2300
