@@ -148,8 +148,7 @@ class DiffusionModule(L.LightningModule):
         # The fused AdamW updates every parameter in one kernel per step instead of a dozen small
         # ops per tensor: ~6% of a DiT-F/2 step on the CPU (bench/dit.py --optimizer), more on GPUs.
         fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(self.config.betas), weight_decay=cfg.weight_decay,
-                                      fused=fused)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=self.config.betas, weight_decay=cfg.weight_decay, fused=fused)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps, self.config.lr_schedule)
         )
