@@ -37,7 +37,7 @@ def report_settings(pipe, settings: SamplingSettings) -> dict:
     return {
         "model": pipe.provenance.diffusion if pipe.provenance else None,
         "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
-        "sampler": settings.sampler, "steps": settings.num_steps, "spacing": settings.spacing,
+        "sampler": settings.sampler, "steps": settings.num_steps, "spacing": settings.spacing, "shift": settings.shift,
         "guidance_scale": settings.guidance_scale,
         "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None, "seed": settings.seed,
         "guide": pipe.provenance.guide if pipe.provenance else None,  # autoguidance: the weaker DiT that guides
@@ -159,10 +159,11 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
 
 
 def trajectory_name(pipe, settings: SamplingSettings) -> str:
-    """`dpm++2m-20[-leading]-cfg1.5[-t220-840][-guide2-<id>]`: what decides a sampling run's path through the DiT, in the
+    """`dpm++2m-20[-leading]-cfg1.5[-t220-840][-guide2-<id>]` (a flow sampler: `flow-heun-10[-shift2]-cfg...`): what decides a sampling run's path through the DiT, in the
     names of its measurements and of its step-caching schedules."""
     interval = f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
     spaced = "" if settings.spacing == "trailing" else f"-{settings.spacing}"
+    spaced += "" if settings.shift == 1.0 else f"-shift{settings.shift:g}"
     guided = f"-guide{settings.guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
     return f"{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}"
 

@@ -27,7 +27,8 @@ def default_sampler(diffusion: DiffusionConfig) -> str:
 VARIANCES = ("small", "large")  # ddpm's fixed variance when the model does not learn it (beta-tilde, beta)
 # The options of `ldm sample` / `ldm eval samples` that set a field, named in its errors.
 FLAGS = {"num_steps": "--steps", "guidance_scale": "--cfg", "guide_scale": "--guide-scale", "seed": "--seed",
-         "batch_size": "--batch-size", "guidance_interval": "--cfg-interval", "spacing": "--spacing", "sampler": "--sampler"}
+         "batch_size": "--batch-size", "guidance_interval": "--cfg-interval", "spacing": "--spacing", "sampler": "--sampler",
+         "shift": "--shift"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class SamplingSettings:
         sampler = self.sampler or default_sampler(diffusion)
         if (sampler in FLOW_SAMPLERS) != diffusion.is_flow or (sampler == "meanflow" and diffusion.objective != "meanflow"):
             raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
+        if self.shift != 1.0 and sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"shift (--shift) {self.shift:g} moves the time grid of the flow samplers; {sampler!r} has "
+                             f"its own grid (--spacing, rho): leave shift at 1")
         if diffusion.built_in_guidance and (self.guidance_scale != 1 or self.guide_scale != 1):
             raise ValueError(f"this model was distilled with classifier-free guidance {diffusion.built_in_guidance:g} built "
                              f"in (one call is one guided pass); sample it with guidance_scale 1 (--cfg 1) and no guide")

@@ -204,6 +204,8 @@ SAMPLERS = click.Choice(samplers.SAMPLERS)
 # Options shared by `ldm sample` and `ldm eval samples`.
 SPACING_OPTION = click.option("--spacing", type=click.Choice(samplers.SPACINGS), default="trailing", show_default=True,
                               help="Timestep grid of ddpm, ddim and dpm++2m(-sde) (euler and heun use Karras sigmas).")
+SHIFT_OPTION = click.option("--shift", default=1.0, show_default=True,
+                            help="Time shift of the flow samplers' grid (SD3): above 1 spends more steps at high noise.")
 DECODER_OPTION = click.option(
     "--autoencoder", "autoencoder_ref", default=None,
     help="Decode with this autoencoder instead of the lineage's; it must share the lineage's encoder (a decoder fine-tune).",
@@ -255,6 +257,7 @@ def MEASUREMENT_OPTIONS(command):
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
 @click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale (1: no guidance). Default: 2, or 1 for a distilled student (guidance built in).")
 @SPACING_OPTION
+@SHIFT_OPTION
 @CFG_INTERVAL_OPTION
 @GUIDE_OPTION
 @GUIDE_SCALE_OPTION
@@ -299,7 +302,7 @@ def _default_cfg(ctx: click.Context, model_ref: str, default: float, cfg: float 
     return replace(settings, guidance_scale=1.0 if built_in else default)
 
 
-def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float | None, spacing: str,
+def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float | None, spacing: str, shift: float,
                        cfg_interval: tuple[float, float] | None, guide_scale: float, seed: int, batch_size: int):
     """The SamplingSettings of `ldm sample` / `ldm eval samples` options (validated as they are built)."""
     from dataclasses import replace
@@ -308,7 +311,7 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 
     # cfg None (not given): 1 here; _default_cfg picks the model's default once the other options are checked
     settings = SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=1.0 if cfg is None else cfg, guidance_interval=cfg_interval,
-                                spacing=spacing, seed=seed, batch_size=batch_size, guide_scale=guide_scale)
+                                spacing=spacing, shift=shift, seed=seed, batch_size=batch_size, guide_scale=guide_scale)
     # Checked above all the same; the autoguidance scale means nothing without a guide.
     return settings if guide_ref else replace(settings, guide_scale=1.0)
 
@@ -320,6 +323,7 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
 @click.option("--cfg", type=float, default=None, help="Guidance scale for the measurement (often lower than for pictures). Default: 1.5, or 1 for a distilled student (guidance built in).")
 @SPACING_OPTION
+@SHIFT_OPTION
 @CFG_INTERVAL_OPTION
 @GUIDE_OPTION
 @GUIDE_SCALE_OPTION
@@ -356,6 +360,7 @@ def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str
 @click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
 @click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
 @SPACING_OPTION
+@SHIFT_OPTION
 @CFG_INTERVAL_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=250, show_default=True)

@@ -1,5 +1,6 @@
 """Fast inference: int8 block linears (and their stored artifact), bf16 autocast, step caching."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.caching import BlockCache, CacheSchedule, cached, schedule_from_changes
 from ldm.diffusion.schedules import DiffusionConfig
+from ldm.evaluation import trajectory_name
 from ldm.generation import SamplingSettings, model_calls, sample_latents
 from ldm.models.dit import DiT, DiTConfig, unpatchify
 from ldm.quantize import Int8Linear, int8_layer_names, quantize_int8, quantize_weight, weight_bytes
@@ -381,3 +383,27 @@ def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings()
         Setting.parse("flow-euler:20:forecast")
     with pytest.raises(SystemExit, match="unknown part"):
         Setting.parse("student:meanflow:1:interval220-840")  # a student's guidance is built in
+
+
+def test_shift_option_moves_the_flow_grid_is_recorded_and_is_refused_off_a_flow_sampler(store, tmp_path):
+    runner = CliRunner()
+    ref = store.list("diffusion")[0].ref
+    args = ["--store", str(store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "4",
+            "--cfg", "2", "--no-images"]
+
+    def grid(name, *extra):
+        result = runner.invoke(main, [*args, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        return (tmp_path / name / "grid.png").read_bytes(), json.loads((tmp_path / name / "samples.json").read_text())
+
+    plain, plain_report = grid("plain")
+    unit, _ = grid("unit", "--shift", "1")
+    shifted, report = grid("shifted", "--shift", "3")
+    assert unit == plain and shifted != plain
+    assert plain_report["shift"] == 1.0 and report["shift"] == 3.0
+    pipe = LatentDiffusionPipeline.from_artifacts(ref, store=store)
+    assert trajectory_name(pipe, pipe.settings(sampler="flow-heun", num_steps=4, shift=3.0)) == "flow-heun-4-shift3-cfg1"
+    with pytest.raises(ValueError, match=r"shift \(--shift\) 3 .*'ddim'"):
+        SamplingSettings(sampler="ddim", shift=3.0).resolved(DiffusionConfig())
+    bad = runner.invoke(main, [*args, "--shift", "0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "--shift" in bad.output and "positive" in bad.output
