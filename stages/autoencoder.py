@@ -60,6 +60,12 @@ class AutoencoderStageConfig:
     # sample and down2 a 2x2 average. Latents whose half-size version decodes to the half-size image
     # carry less high-frequency detail, which a DiT learns sooner. Costs a decode at a quarter of the pixels.
     equivariance_weight: float = 0.0
+    # Noise-augmented decoding: the decoder reconstructs from z + s * sigma_c * eps, s ~ U[0, decoder_noise] per
+    # example and sigma_c each latent channel's std over the batch. A DiT's samples lie a little off the
+    # encoder's latents; a decoder trained on such neighbours maps them to clean images. The idea is the noise
+    # conditioning augmentation of cascaded diffusion (Ho et al. 2022), applied to the stage-1 decoder; meant for a
+    # decoder-only fine-tune (train_parts: decoder), where the latent space and any DiT on it stay valid.
+    decoder_noise: float = 0.0
     # 1-D signals: train on a random crop of this many samples of each clip (0: whole clips). The network is
     # convolutional, so it learns the same map from shorter windows at a fraction of the cost (as audio codecs
     # train on short segments); crops start inside the recording, not in the zero padding after it.
@@ -73,6 +79,9 @@ class AutoencoderStageConfig:
             raise ValueError(f"train_parts must be 'all' or 'decoder', got {self.train_parts!r}")
         if self.equivariance_weight < 0:
             raise ValueError(f"equivariance_weight must be >= 0, got {self.equivariance_weight}")
+        if not 0 <= self.decoder_noise <= 2:
+            raise ValueError(f"decoder_noise must be in [0, 2] (the largest noise std, in units of each latent channel's "
+                             f"std; 0: off), got {self.decoder_noise}")
         if self.train_crop and (self.model.spatial_dims != 1 or self.train_crop % self.model.downsample_factor
                                 or not 0 < self.train_crop <= self.data.length):
             raise ValueError(f"train_crop {self.train_crop} must be a multiple of f={self.model.downsample_factor} "
@@ -149,7 +158,7 @@ class AutoencoderModule(L.LightningModule):
         if self.config.train_crop:
             images = random_crop(images, self.config.train_crop, self.config.model.downsample_factor)
         images = self.autoencoder.analysis(images)  # what the network sees and rebuilds: the data, or its spectrogram features
-        recon, posterior = self.train_forward(images)
+        recon, posterior = self.train_forward(images, latent_noise=self.config.decoder_noise)
 
         # Generator (autoencoder) step.
         g_loss, logs = self.loss.generator_loss(images, recon, posterior, step, self.autoencoder.last_layer)
