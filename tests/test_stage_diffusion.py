@@ -12,10 +12,12 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import needs_fmnist
 from ldm.artifacts import ArtifactError, ArtifactStore
-from ldm.config import load_config
+from ldm.config import load_config, to_dict
+from ldm.data import DataConfig
 from ldm.data.latents import LatentBatches, LatentCache, measure_stats
 from ldm.generation import SamplingSettings
 from ldm.loading import load_autoencoder
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.training import read_metrics
 from stages import autoencoder, diffusion
 from stages.encode import EncodeConfig, encode
@@ -49,7 +51,7 @@ def store_with_cache(tmp_path_factory):
          "trainer.lr=2e-3", "trainer.progress=false", "trainer.image_every=0", f"run_dir={root / 'ae'}"],
     )
     ae = autoencoder.run(config, store)
-    cache = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=500, shard_size=768))
+    cache = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=500, shard_size=768, flips=True))  # 2 views, on purpose
     return store, ae, cache
 
 
@@ -112,10 +114,31 @@ def test_cache_is_memory_mapped_and_gathers_items_across_shards(store_with_cache
     torch.testing.assert_close(std, cache.std[indices, views], rtol=0, atol=0)
 
 
+def test_only_image_folders_are_mirror_invariant():
+    assert DataConfig(name="folder", path="x").mirror_invariant
+    assert not DataConfig(name="fmnist").mirror_invariant and not DataConfig(name="fsdd").mirror_invariant
+
+
+@needs_fmnist
+def test_fashion_mnist_cache_holds_no_flips_by_default_and_warns_when_asked_for_them(tmp_path, capsys):
+    # Every Fashion-MNIST shoe faces one way; a cache with flips taught the DiT mirrored shoes (docs/results.md).
+    store = ArtifactStore(tmp_path / "store")
+    torch.manual_seed(0)
+    config = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)
+    ae = store.save("autoencoder", tensors={"weights.safetensors": AutoencoderKL(config).state_dict()},
+                    config={"model": to_dict(config), "data": to_dict(DataConfig())})
+    plain = encode(store, ae.ref, EncodeConfig(limit=50, batch_size=50))
+    assert plain.manifest["views"] == 1 and LatentCache(plain).num_views == 1
+    assert "warning" not in capsys.readouterr().out
+    flipped = encode(store, ae.ref, EncodeConfig(limit=50, batch_size=50, flips=True))
+    assert flipped.manifest["views"] == 2 and flipped.ref != plain.ref
+    assert "warning: flips=true on 'fmnist'" in capsys.readouterr().out
+
+
 @needs_fmnist
 def test_encoding_again_with_the_same_inputs_returns_the_stored_cache(store_with_cache, capsys):
     store, ae, artifact = store_with_cache
-    again = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=250, shard_size=768))
+    again = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=250, shard_size=768, flips=True))
     assert again.ref == artifact.ref
     assert "nothing to encode" in capsys.readouterr().out
     assert len(store.list("latents")) == 1

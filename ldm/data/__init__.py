@@ -78,6 +78,13 @@ class DataConfig:
 
 
     @property
+    def mirror_invariant(self) -> bool:
+        """Whether a horizontally flipped item is still an item of this data (so a latent cache may hold flips):
+        photographs in an image folder are, as in DiT's ImageNet training; Fashion-MNIST's are not (every shoe and
+        bag faces one way, and the measuring classifier never sees a mirrored one); sound never."""
+        return self.name == "folder"
+
+    @property
     def is_sound(self) -> bool:
         """Whether the items are 1-D signals (sound) rather than images."""
         return self.name in SOUND_DATASETS
