@@ -159,8 +159,8 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
 
 
 def trajectory_name(pipe, settings: SamplingSettings) -> str:
-    """`dpm++2m-20[-leading]-cfg1.5[-t220-840][-guide2-<id>]` (a flow sampler: `flow-heun-10[-shift2]-cfg...`): what decides a sampling run's path through the DiT, in the
-    names of its measurements and of its step-caching schedules."""
+    """`dpm++2m-20[-leading]-cfg1.5[-t220-840][-guide2-<id>]` (a flow sampler: `flow-heun-10[-shift2]-cfg...`): what
+    decides a sampling run's path through the DiT, in the names of its measurements and of its step-caching schedules."""
     interval = f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
     spaced = "" if settings.spacing == "trailing" else f"-{settings.spacing}"
     spaced += "" if settings.shift == 1.0 else f"-shift{settings.shift:g}"
