@@ -163,9 +163,9 @@ def trajectory_name(pipe, settings: SamplingSettings) -> str:
     decides a sampling run's path through the DiT, in the names of its measurements and of its step-caching schedules."""
     interval = f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
     spaced = "" if settings.spacing == "trailing" else f"-{settings.spacing}"
-    spaced += "" if settings.shift == 1.0 else f"-shift{settings.shift:g}"
+    shifted = "" if settings.shift == 1.0 else f"-shift{settings.shift:g}"
     guided = f"-guide{settings.guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
-    return f"{settings.sampler}-{settings.num_steps}{spaced}-cfg{settings.guidance_scale:g}{interval}{guided}"
+    return f"{settings.sampler}-{settings.num_steps}{spaced}{shifted}-cfg{settings.guidance_scale:g}{interval}{guided}"
 
 
 def precision_name(pipe) -> str:
