@@ -80,6 +80,10 @@ class DiffusionStageConfig:
     # EDM2 keeps [0.05, 0.10]; empty: off.
     posthoc_ema: list[float] = field(default_factory=list)
     posthoc_snapshot_every: int = 0
+    # Continue training: start from this diffusion artifact's weights (trained and EMA) instead of a fresh DiT,
+    # with a new optimizer and learning-rate schedule (a warm restart). It must have this run's model settings
+    # and have been trained on this run's latent cache; the new artifact names it as a parent.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.model.learn_sigma != self.diffusion.learn_sigma:
@@ -291,7 +295,35 @@ def run(
     cache = open_cache(store, config)
     check_model_fits_cache(config.model, cache)
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref}
-    return train_and_store(store, config, cache, lambda: DiffusionModule(config, lineage), resume, callbacks, allow_changes)
+    if not config.init_from:
+        return train_and_store(store, config, cache, lambda: DiffusionModule(config, lineage), resume, callbacks, allow_changes)
+    start = starting_point(store, config, cache.artifact.ref)
+
+    def make_module() -> DiffusionModule:
+        module = DiffusionModule(config, lineage)
+        module.model.load_state_dict(start.load_tensors("raw.safetensors"))
+        module.ema.load_state_dict(start.load_tensors("weights.safetensors"))
+        return module
+
+    print(f"starting from {start.ref} ({start.manifest.get('training', {}).get('steps', '?')} steps)")
+    return train_and_store(store, config, cache, make_module, resume, callbacks, allow_changes,
+                           parents={"latents": cache.artifact.ref, "diffusion": start.ref})
+
+
+def starting_point(store: ArtifactStore, config: DiffusionStageConfig, latents_ref: str) -> Artifact:
+    """The artifact `init_from` names, checked: a DiT of this run's model settings trained on this run's cache."""
+    start = store.load(config.init_from, stage="diffusion")
+    if start.config().get("model") != to_dict(config)["model"]:
+        raise ValueError(f"init_from {start.ref} has model settings {start.config().get('model')}, this run "
+                         f"{to_dict(config)['model']}: continue with the same model settings (the same preset and options)")
+    if start.parents.get("latents") != latents_ref:
+        raise ArtifactError(f"init_from {start.ref} was trained on {start.parents.get('latents')}, this run trains on "
+                            f"{latents_ref}: another cache is another latent space. Pass --latents "
+                            f"{start.parents.get('latents')} or start from a DiT trained on {latents_ref}")
+    if "raw.safetensors" not in start.manifest.get("files", {}):
+        raise ArtifactError(f"init_from {start.ref} holds no raw.safetensors (trained weights), only EMA ones: "
+                            f"it cannot be continued; start from a diffusion artifact that `ldm train diffusion` wrote")
+    return start
 
 
 def train_and_store(

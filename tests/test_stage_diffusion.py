@@ -226,6 +226,36 @@ def test_crashed_and_resumed_run_ends_with_the_same_ema_weights_and_step_as_an_u
             assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
 
 
+class WeightsAtStart(Callback):
+    def on_train_start(self, trainer, module):
+        self.raw = {k: v.clone() for k, v in module.model.state_dict().items()}
+        self.ema = {k: v.clone() for k, v in module.ema.state_dict().items()}
+
+
+@needs_fmnist
+def test_init_from_continues_from_both_weight_sets_and_records_the_start_as_a_parent(tmp_path, store_with_cache):
+    store, _, cache = store_with_cache
+    first = diffusion.run(dit_config(tmp_path / "a", store_with_cache, "trainer.max_steps=4"), store)
+    start = WeightsAtStart()
+    config = dit_config(tmp_path / "b", store_with_cache, "trainer.max_steps=2", f"init_from={first.ref}")
+    second = diffusion.run(config, store, callbacks=[start])
+
+    for name, seen in (("raw.safetensors", start.raw), ("weights.safetensors", start.ema)):
+        stored = first.load_tensors(name)
+        assert all(torch.equal(stored[key], seen[key]) for key in stored), f"{name} was not the start of the new run"
+    assert second.parents == {"latents": cache.ref, "diffusion": first.ref}
+    assert not torch.equal(second.load_tensors("raw.safetensors")["final_layer.linear.weight"],
+                           first.load_tensors("raw.safetensors")["final_layer.linear.weight"])  # and it trained on
+
+    with pytest.raises(ValueError, match="continue with the same model settings"):
+        diffusion.run(dit_config(tmp_path / "c", store_with_cache, "trainer.max_steps=2", "model.depth=3",
+                                 f"init_from={first.ref}"), store)
+    elsewhere = store.save("diffusion", tensors={"raw.safetensors": {"w": torch.zeros(1)}}, config=to_dict(config),
+                           parents={"latents": "latents@0123456789ab"})
+    with pytest.raises(ArtifactError, match="another cache is another latent space"):
+        diffusion.run(dit_config(tmp_path / "d", store_with_cache, "trainer.max_steps=2", f"init_from={elsewhere.ref}"), store)
+
+
 @needs_fmnist
 def test_a_cache_from_another_autoencoder_is_refused(tmp_path, store_with_cache):
     store = store_with_cache[0]
