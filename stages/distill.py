@@ -108,6 +108,9 @@ def run(
     if config.model != DiTConfig() or config.diffusion != DiffusionConfig():
         raise ValueError("a distillation config sets no model.* or diffusion.*: the student's network and objective come "
                          "from its teacher (distill.* and trainer.* are the settings of this stage)")
+    if config.init_from:
+        raise ValueError(f"init_from ({config.init_from}) continues `ldm train diffusion` runs; a student starts from its "
+                         f"teacher (--teacher): leave init_from unset")
     teacher_artifact = store.load(config.teacher, stage="diffusion")
     teacher_latents = teacher_artifact.parents.get("latents")
     cache = open_cache(store, replace(config, latents=config.latents or teacher_latents))

@@ -218,6 +218,8 @@ def test_distill_refuses_a_teacher_of_other_latents_and_student_settings(tmp_pat
     assert result.exit_code != 0 and "the teacher's own latents" in result.output
     with pytest.raises(ValueError, match="no model"):
         distill.run(distill_config(tmp_path, teacher, "model.depth=3"), store)
+    with pytest.raises(ValueError, match="a student starts from its teacher"):
+        distill.run(distill_config(tmp_path, teacher, f"init_from={teacher.ref}"), store)
     with pytest.raises(ValueError, match="rectified-flow teacher"):
         distill.student_configs(load_dit(teacher).config, DiffusionConfig(), DistillConfig())
 
