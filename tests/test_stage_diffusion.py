@@ -1,5 +1,6 @@
 """Stage 2 end to end: the latent cache, DiT training, exact resume, lineage checks, 2-process DDP."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -252,8 +253,11 @@ def test_init_from_continues_from_both_weight_sets_and_records_the_start_as_a_pa
                                  f"init_from={first.ref}"), store)
     elsewhere = store.save("diffusion", tensors={"raw.safetensors": {"w": torch.zeros(1)}}, config=to_dict(config),
                            parents={"latents": "latents@0123456789ab"})
-    with pytest.raises(ArtifactError, match="another cache is another latent space"):
-        diffusion.run(dit_config(tmp_path / "d", store_with_cache, "trainer.max_steps=2", f"init_from={elsewhere.ref}"), store)
+    try:
+        with pytest.raises(ArtifactError, match="another cache is another latent space"):
+            diffusion.run(dit_config(tmp_path / "d", store_with_cache, "trainer.max_steps=2", f"init_from={elsewhere.ref}"), store)
+    finally:  # the store is the module's: leave no stand-in behind for the other tests' listings
+        shutil.rmtree(elsewhere.path)
 
 
 @needs_fmnist
