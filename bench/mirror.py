@@ -15,6 +15,7 @@ import torch
 
 from ldm.artifacts import ArtifactStore
 from ldm.data import DataConfig, build_dataset, iterate_images
+from ldm.evaluation import real_statistics
 from ldm.loading import feature_extractor, load_classifier
 from ldm.metrics import FeatureStats, frechet_distance
 
@@ -34,14 +35,12 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     extractor = feature_extractor(store, "classifier", artifact.ref, torch.device("cpu"))
     classifier = load_classifier(artifact)
     data = DataConfig(name=args.data, path=args.path)
-    test = FeatureStats()
+    test = real_statistics(extractor, build_dataset(data, "test"), args.n, 500, torch.device("cpu"))
     rows = {"as they are": FeatureStats(), "half flipped": FeatureStats(), "all flipped": FeatureStats()}
     correct = dict.fromkeys(rows, 0)
     generator = torch.Generator().manual_seed(args.seed)
     seen = 0
     with torch.no_grad():
-        for images, _ in iterate_images(build_dataset(data, "test"), 500, args.n):
-            test.update(extractor(images))
         for images, labels in iterate_images(build_dataset(data, "train"), 500, args.n):
             flip = (torch.rand(len(images), generator=generator) < 0.5).view(-1, *[1] * (images.ndim - 1))
             variants = {"as they are": images, "half flipped": torch.where(flip, images.flip(-1), images),
