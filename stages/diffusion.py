@@ -20,7 +20,7 @@ from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.ema import SNAPSHOT_FOLDER, PowerFunctionEMA, check_sigma_rel, list_snapshots, remove_snapshots_after
 from ldm.generation import SamplingSettings, sample_latents
 from ldm.images import save_grid
-from ldm.loading import load_autoencoder
+from ldm.loading import DIT_WEIGHT_FILES, load_autoencoder
 from ldm.models.dit import DiT, DiTConfig
 from ldm.training import (
     compiled,
@@ -295,19 +295,20 @@ def run(
     cache = open_cache(store, config)
     check_model_fits_cache(config.model, cache)
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref}
-    if not config.init_from:
-        return train_and_store(store, config, cache, lambda: DiffusionModule(config, lineage), resume, callbacks, allow_changes)
-    start = starting_point(store, config, cache.artifact.ref)
+    start = starting_point(store, config, cache.artifact.ref) if config.init_from else None
 
     def make_module() -> DiffusionModule:
         module = DiffusionModule(config, lineage)
-        module.model.load_state_dict(start.load_tensors("raw.safetensors"))
-        module.ema.load_state_dict(start.load_tensors("weights.safetensors"))
+        if start is not None:
+            module.model.load_state_dict(start.load_tensors(DIT_WEIGHT_FILES["raw"]))
+            module.ema.load_state_dict(start.load_tensors(DIT_WEIGHT_FILES["ema"]))
         return module
 
-    print(f"starting from {start.ref} ({start.manifest.get('training', {}).get('steps', '?')} steps)")
-    return train_and_store(store, config, cache, make_module, resume, callbacks, allow_changes,
-                           parents={"latents": cache.artifact.ref, "diffusion": start.ref})
+    parents = None
+    if start is not None:
+        print(f"starting from {start.ref} ({start.manifest.get('training', {}).get('steps', '?')} steps)")
+        parents = {"latents": cache.artifact.ref, "diffusion": start.ref}
+    return train_and_store(store, config, cache, make_module, resume, callbacks, allow_changes, parents=parents)
 
 
 def starting_point(store: ArtifactStore, config: DiffusionStageConfig, latents_ref: str) -> Artifact:
@@ -320,8 +321,8 @@ def starting_point(store: ArtifactStore, config: DiffusionStageConfig, latents_r
         raise ArtifactError(f"init_from {start.ref} was trained on {start.parents.get('latents')}, this run trains on "
                             f"{latents_ref}: another cache is another latent space. Pass --latents "
                             f"{start.parents.get('latents')} or start from a DiT trained on {latents_ref}")
-    if "raw.safetensors" not in start.manifest.get("files", {}):
-        raise ArtifactError(f"init_from {start.ref} holds no raw.safetensors (trained weights), only EMA ones: "
+    if DIT_WEIGHT_FILES["raw"] not in start.manifest.get("files", {}):
+        raise ArtifactError(f"init_from {start.ref} holds no {DIT_WEIGHT_FILES['raw']} (trained weights), only EMA ones: "
                             f"it cannot be continued; start from a diffusion artifact that `ldm train diffusion` wrote")
     return start
 
