@@ -46,6 +46,10 @@ class AutoencoderStageConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     betas: tuple[float, float] = (0.5, 0.9)  # Adam betas of both optimisers, as in the LDM autoencoders
+    # The discriminator's learning rate is trainer.lr times this. A faster discriminator is the two time-scale
+    # update rule (TTUR; Heusel et al. 2017, who train D at 4x G's rate): it keeps D ahead of a decoder that
+    # would otherwise hold it at chance, where the adaptive GAN weight only amplifies noise.
+    disc_lr_scale: float = 1.0
     lr_schedule: str = "constant"  # constant | cosine (after trainer.warmup_steps of linear warm-up)
     train_subset: int = 0  # train on the first N images only (0: all); for smoke runs
     preview_images: int = 16
@@ -60,12 +64,6 @@ class AutoencoderStageConfig:
     # sample and down2 a 2x2 average. Latents whose half-size version decodes to the half-size image
     # carry less high-frequency detail, which a DiT learns sooner. Costs a decode at a quarter of the pixels.
     equivariance_weight: float = 0.0
-    # Noise-augmented decoding: the decoder reconstructs from z + s * sigma_c * eps, s ~ U[0, decoder_noise] per
-    # example and sigma_c each latent channel's std over the batch. A DiT's samples lie a little off the
-    # encoder's latents; a decoder trained on such neighbours maps them to clean images. The idea is the noise
-    # conditioning augmentation of cascaded diffusion (Ho et al. 2022), applied to the stage-1 decoder; meant for a
-    # decoder-only fine-tune (train_parts: decoder), where the latent space and any DiT on it stay valid.
-    decoder_noise: float = 0.0
     # 1-D signals: train on a random crop of this many samples of each clip (0: whole clips). The network is
     # convolutional, so it learns the same map from shorter windows at a fraction of the cost (as audio codecs
     # train on short segments); crops start inside the recording, not in the zero padding after it.
@@ -75,13 +73,12 @@ class AutoencoderStageConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not self.disc_lr_scale > 0:
+            raise ValueError(f"disc_lr_scale must be > 0 (the discriminator's lr over trainer.lr), got {self.disc_lr_scale}")
         if self.train_parts not in ("all", "decoder"):
             raise ValueError(f"train_parts must be 'all' or 'decoder', got {self.train_parts!r}")
         if self.equivariance_weight < 0:
             raise ValueError(f"equivariance_weight must be >= 0, got {self.equivariance_weight}")
-        if not 0 <= self.decoder_noise <= 2:
-            raise ValueError(f"decoder_noise must be in [0, 2] (the largest noise std, in units of each latent channel's "
-                             f"std; 0: off), got {self.decoder_noise}")
         if self.train_crop and (self.model.spatial_dims != 1 or self.train_crop % self.model.downsample_factor
                                 or not 0 < self.train_crop <= self.data.length):
             raise ValueError(f"train_crop {self.train_crop} must be a multiple of f={self.model.downsample_factor} "
@@ -131,7 +128,8 @@ class AutoencoderModule(L.LightningModule):
         opt_ae = torch.optim.Adam(generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay)
         optimizers = [opt_ae]
         if cfg.loss.disc_enabled:
-            optimizers.append(torch.optim.Adam(self.loss.discriminator_parameters(), lr=cfg.trainer.lr, betas=cfg.betas))
+            disc_lr = cfg.trainer.lr * cfg.disc_lr_scale
+            optimizers.append(torch.optim.Adam(self.loss.discriminator_parameters(), lr=disc_lr, betas=cfg.betas))
         schedule = lambda step: lr_factor(step, cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.lr_schedule)  # noqa: E731
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
@@ -158,7 +156,7 @@ class AutoencoderModule(L.LightningModule):
         if self.config.train_crop:
             images = random_crop(images, self.config.train_crop, self.config.model.downsample_factor)
         images = self.autoencoder.analysis(images)  # what the network sees and rebuilds: the data, or its spectrogram features
-        recon, posterior = self.train_forward(images, latent_noise=self.config.decoder_noise)
+        recon, posterior = self.train_forward(images)
 
         # Generator (autoencoder) step.
         g_loss, logs = self.loss.generator_loss(images, recon, posterior, step, self.autoencoder.last_layer)

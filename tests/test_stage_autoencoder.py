@@ -22,7 +22,7 @@ from ldm.artifacts import ArtifactStore
 from ldm.config import from_dict, load_config
 from ldm.data import DataConfig, build_dataset, iterate_images
 from ldm.loading import load_autoencoder, load_classifier
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint, perturb_latents
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.training import read_metrics
 from stages import autoencoder, classifier
 from stages.cli import main
@@ -232,40 +232,17 @@ def test_equivariance_weight_adds_its_logged_term_to_the_total(tmp_path):
         tiny_config(tmp_path, "equivariance_weight=-1")
 
 
-def test_perturbed_latents_draw_a_uniform_scale_per_example_in_units_of_each_channels_std():
-    generator = torch.Generator().manual_seed(0)
-    stds = torch.tensor([0.5, 1.0, 2.0, 4.0])
-    z = (torch.randn(4000, 4, 4, 4, generator=generator) * stds[:, None, None] + 3.0).requires_grad_()
-    noisy = perturb_latents(z, 0.3, generator)
-    relative = ((noisy - z) / stds[:, None, None]).detach()  # the noise in units of its channel's std
-    per_example = relative.flatten(1).std(1)  # ~ that example's scale s ~ U[0, 0.3]
-    assert per_example.max() < 0.3 * 1.25 and per_example.min() < 0.01
-    assert per_example.mean().item() == pytest.approx(0.15, rel=0.05)
-    assert (per_example > 0.2).float().mean().item() == pytest.approx(1 / 3, abs=0.04)  # uniform: a third above 0.2
-    assert relative[:, 3].std().item() == pytest.approx(relative[:, 0].std().item(), rel=0.05)  # the same in every channel
-    noisy.sum().backward()  # sigma is detached: z passes straight through
-    assert torch.equal(z.grad, torch.ones_like(z))
-    ae = AutoencoderKL(AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4, norm_groups=4))
-    x = torch.rand(2, 1, 32, 32) * 2 - 1
-    plain, _ = ae(x, generator=torch.Generator().manual_seed(1))
-    unchanged, _ = ae(x, generator=torch.Generator().manual_seed(1), latent_noise=0.0)
-    perturbed, _ = ae(x, generator=torch.Generator().manual_seed(1), latent_noise=0.5)
-    assert torch.equal(plain, unchanged) and not torch.allclose(plain, perturbed)
-
-
-@needs_fmnist
-def test_decoder_noise_trains_a_decoder_only_fine_tune_and_is_checked(tmp_path):
-    store = ArtifactStore(tmp_path / "store")
-    base = autoencoder.run(tiny_config(tmp_path / "a", "trainer.max_steps=2"), store)
-    tune = ("trainer.max_steps=2", "train_parts=decoder", f"init_from={base.ref}")
-    tuned = autoencoder.run(tiny_config(tmp_path / "b", *tune, "decoder_noise=0.3"), store)
-    clean = autoencoder.run(tiny_config(tmp_path / "c", *tune), store)  # the same steps and seeds, no noise
-    assert tuned.config()["decoder_noise"] == 0.3
-    before, after, control = load_autoencoder(base), load_autoencoder(tuned), load_autoencoder(clean)
-    assert encoder_fingerprint(before.state_dict()) == encoder_fingerprint(after.state_dict())
-    assert not torch.equal(control.decoder.conv_out.weight, after.decoder.conv_out.weight)  # the noise reached the decoder
-    with pytest.raises(ValueError, match=r"decoder_noise must be in \[0, 2\]"):
-        tiny_config(tmp_path, "decoder_noise=-0.1")
+def test_disc_lr_scale_gives_the_discriminator_its_own_learning_rate(tmp_path):
+    gan = ("loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small", "trainer.lr=3e-4")
+    module = autoencoder.AutoencoderModule(tiny_config(tmp_path, *gan, "disc_lr_scale=4"))
+    (opt_ae, opt_disc), _ = module.configure_optimizers()
+    assert [group["initial_lr"] for group in opt_ae.param_groups] == [3e-4]
+    assert [group["initial_lr"] for group in opt_disc.param_groups] == [pytest.approx(1.2e-3)]
+    assert {id(p) for p in opt_disc.param_groups[0]["params"]} == {id(p) for p in module.loss.discriminator_parameters()}
+    (_, opt_same), _ = autoencoder.AutoencoderModule(tiny_config(tmp_path, *gan)).configure_optimizers()
+    assert opt_same.param_groups[0]["initial_lr"] == 3e-4  # the default: both at trainer.lr
+    with pytest.raises(ValueError, match="disc_lr_scale must be > 0"):
+        tiny_config(tmp_path, "disc_lr_scale=0")
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):

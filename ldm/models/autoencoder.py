@@ -456,15 +456,12 @@ class AutoencoderKL(nn.Module):
         return features
 
     def forward(
-        self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None, latent_noise: float = 0.0
+        self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
     ) -> tuple[Tensor, DiagonalGaussian]:
         """Reconstruction of features = `analysis(data)` (the data itself, or its spectrogram features) through a posterior
-        sample (or its mean), and the posterior. The training step computes `analysis` once, for input and target.
-        `latent_noise` > 0 decodes a noisy neighbour of that latent instead (see `perturb_latents`)."""
+        sample (or its mean), and the posterior. The training step computes `analysis` once, for input and target."""
         posterior = self.encode_features(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        if latent_noise > 0:
-            z = perturb_latents(z, latent_noise, generator)
         return self.decode_features(z), posterior
 
     @property
@@ -474,16 +471,6 @@ class AutoencoderKL(nn.Module):
 
 
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # everything that maps images to the latent posterior
-
-
-def perturb_latents(z: Tensor, max_scale: float, generator: Optional[torch.Generator] = None) -> Tensor:
-    """z + s * sigma_c * eps: s ~ U[0, max_scale] for each example, sigma_c the std of channel c over the batch and
-    positions (detached: the noise is an input, not a path for gradients), eps ~ N(0, I). (N, C, ...) -> same."""
-    reduce = [0, *range(2, z.ndim)]
-    sigma = z.detach().std(dim=reduce, keepdim=True)  # (1, C, 1...)
-    scale = torch.rand((len(z),) + (1,) * (z.ndim - 1), generator=generator, device=z.device, dtype=z.dtype) * max_scale
-    noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    return z + scale * sigma * noise
 
 
 def encoder_fingerprint(state_dict: dict[str, Tensor]) -> str:
