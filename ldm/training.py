@@ -217,12 +217,14 @@ def build_trainer(
     *,
     steps_per_batch: int = 1,
     callbacks: Sequence[Callback] = (),
+    lr_scales: Sequence[float] = (),
     **overrides: Any,
 ) -> L.Trainer:
     """Return a Lightning Trainer for a stage: precision, strategy, devices and nodes come from the config.
 
     `steps_per_batch` is the number of optimiser steps one batch takes (2 for an autoencoder with a
-    discriminator): Lightning counts every optimiser step, we count batches.
+    discriminator): Lightning counts every optimiser step, we count batches. `lr_scales`: each
+    optimiser's learning rate over config.lr (see LearningRateFromConfig).
     """
     every = max(1, config.checkpoint_every) * steps_per_batch
     if torch.cuda.is_available():  # no effect on CPUs; 32-true stays exact fp32 there
@@ -250,7 +252,7 @@ def build_trainer(
     )
     if config.progress:
         kwargs["callbacks"].append(ProgressBar(steps_per_batch, refresh_rate=10))
-    kwargs["callbacks"].append(LearningRateFromConfig(config.lr))
+    kwargs["callbacks"].append(LearningRateFromConfig(config.lr, lr_scales))
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
 
@@ -280,19 +282,26 @@ class LearningRateFromConfig(Callback):
 
     A fresh run already has it; a resume restores the checkpoint's, so without this a learning rate
     changed on resume (--allow-change trainer.lr) would be ignored. The lr of the current step is
-    recomputed from the base and the schedule, exactly as the scheduler's own step would.
+    recomputed from the base and the schedule, exactly as the scheduler's own step would. `scales`, one
+    per optimiser in configure_optimizers' order (empty: all 1), give optimisers their own multiple of
+    the config's lr (an autoencoder's discriminator with disc_lr_scale).
     """
 
-    def __init__(self, lr: float):
+    def __init__(self, lr: float, scales: Sequence[float] = ()):
         self.lr = lr
+        self.scales = tuple(scales)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for config in trainer.lr_scheduler_configs:
+        configs = trainer.lr_scheduler_configs
+        if self.scales and len(self.scales) != len(configs):
+            raise ValueError(f"{len(self.scales)} learning-rate scales for {len(configs)} optimisers: give one per optimiser")
+        for config, scale in zip(configs, self.scales or (1.0,) * len(configs)):
             scheduler = config.scheduler
-            scheduler.base_lrs = [self.lr] * len(scheduler.base_lrs)
+            base = self.lr * scale
+            scheduler.base_lrs = [base] * len(scheduler.base_lrs)
             for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
-                group["initial_lr"] = self.lr
-                group["lr"] = self.lr * factor(scheduler.last_epoch)
+                group["initial_lr"] = base
+                group["lr"] = base * factor(scheduler.last_epoch)
 
 
 class ResumeDataOrder(Callback):
@@ -315,6 +324,7 @@ def fit_stage(
     batches: Any,
     callbacks: Sequence[Callback] = (),
     steps_per_batch: int = 1,
+    lr_scales: Sequence[float] = (),
     **overrides: Any,
 ) -> tuple[L.Trainer, float] | None:
     """The part every stage shares: build the Trainer, train (resuming from `checkpoint`), and return
@@ -325,7 +335,7 @@ def fit_stage(
     logging anything leaves no empty log folder behind. A non-finite loss stops a stage through
     `non_finite_message`.
     """
-    trainer = build_trainer(config, run_dir, steps_per_batch=steps_per_batch,
+    trainer = build_trainer(config, run_dir, steps_per_batch=steps_per_batch, lr_scales=lr_scales,
                             callbacks=[*callbacks, ResumeDataOrder(batches, steps_per_batch)], **overrides)
     timer = Timer()
     try:

@@ -128,11 +128,16 @@ class AutoencoderModule(L.LightningModule):
         opt_ae = torch.optim.Adam(generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay)
         optimizers = [opt_ae]
         if cfg.loss.disc_enabled:
-            disc_lr = cfg.trainer.lr * cfg.disc_lr_scale
+            disc_lr = cfg.trainer.lr * self.lr_scales[1]
             optimizers.append(torch.optim.Adam(self.loss.discriminator_parameters(), lr=disc_lr, betas=cfg.betas))
         schedule = lambda step: lr_factor(step, cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.lr_schedule)  # noqa: E731
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
+
+    @property
+    def lr_scales(self) -> tuple[float, ...]:
+        """Each optimiser's learning rate over trainer.lr: the autoencoder's, then the discriminator's if any."""
+        return (1.0, self.config.disc_lr_scale) if self.config.loss.disc_enabled else (1.0,)
 
     @property
     def channels_last(self) -> bool:
@@ -266,7 +271,8 @@ def run(
     print(f"autoencoder: {sum(p.numel() for p in module.autoencoder.parameters()) / 1e6:.2f}M parameters, "
           f"f={config.model.downsample_factor}, latent channels {config.model.latent_channels}")
     print(f"perceptual loss: {perceptual}")
-    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, batches, callbacks, module.steps_per_batch)
+    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, batches, callbacks, module.steps_per_batch,
+                        lr_scales=module.lr_scales)
     if trained is None:
         return None
     trainer, seconds = trained

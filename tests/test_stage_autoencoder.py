@@ -232,15 +232,28 @@ def test_equivariance_weight_adds_its_logged_term_to_the_total(tmp_path):
         tiny_config(tmp_path, "equivariance_weight=-1")
 
 
-def test_disc_lr_scale_gives_the_discriminator_its_own_learning_rate(tmp_path):
-    gan = ("loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small", "trainer.lr=3e-4")
+class RecordLearningRates(Callback):
+    """Records each optimiser's learning rate at the first batch, after every on_train_start hook."""
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if not hasattr(self, "lrs"):
+            self.lrs = [opt.param_groups[0]["lr"] for opt in trainer.optimizers]
+
+
+@needs_fmnist
+def test_disc_lr_scale_gives_the_discriminator_its_own_learning_rate_in_training(tmp_path):
+    gan = ("loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small",
+           "trainer.lr=3e-4", "trainer.warmup_steps=0", "trainer.max_steps=1")
     module = autoencoder.AutoencoderModule(tiny_config(tmp_path, *gan, "disc_lr_scale=4"))
     (opt_ae, opt_disc), _ = module.configure_optimizers()
-    assert [group["initial_lr"] for group in opt_ae.param_groups] == [3e-4]
-    assert [group["initial_lr"] for group in opt_disc.param_groups] == [pytest.approx(1.2e-3)]
     assert {id(p) for p in opt_disc.param_groups[0]["params"]} == {id(p) for p in module.loss.discriminator_parameters()}
-    (_, opt_same), _ = autoencoder.AutoencoderModule(tiny_config(tmp_path, *gan)).configure_optimizers()
-    assert opt_same.param_groups[0]["initial_lr"] == 3e-4  # the default: both at trainer.lr
+    # In a run: the trainer's start-of-training lr reset (there for resumes) must keep the discriminator's own rate.
+    probe = RecordLearningRates()
+    autoencoder.run(tiny_config(tmp_path, *gan, "disc_lr_scale=4"), ArtifactStore(tmp_path / "store"), callbacks=[probe])
+    assert probe.lrs == [pytest.approx(3e-4), pytest.approx(1.2e-3)]
+    default = RecordLearningRates()
+    autoencoder.run(tiny_config(tmp_path, *gan, f"run_dir={tmp_path / 'b'}"), ArtifactStore(tmp_path / "store"), callbacks=[default])
+    assert default.lrs == [pytest.approx(3e-4), pytest.approx(3e-4)]  # the default: both at trainer.lr
     with pytest.raises(ValueError, match="disc_lr_scale must be > 0"):
         tiny_config(tmp_path, "disc_lr_scale=0")
 
