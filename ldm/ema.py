@@ -36,6 +36,23 @@ SNAPSHOT_FOLDER = "ema-snapshots"  # inside a training run folder
 SNAPSHOT_NAME = re.compile(r"step(\d+)-sigma([0-9.e+-]+)\.safetensors")
 
 
+def ema_decay_at(step: int, max_decay: float) -> float:
+    """Return the EMA decay after `step` updates: (1 + step) / (10 + step), capped at `max_decay`.
+
+    Without the warm-up, a short run's EMA stays close to the initial weights (for a DiT, an adaLN-Zero
+    output layer of zeros, whose EMA model then under-predicts the noise and sampling diverges).
+    """
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter (buffers are copied)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
+        ema_buffer.copy_(buffer)
+
+
 def gamma_to_sigma_rel(gamma: float) -> float:
     """Return sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) of the profile with exponent gamma (Eq. 123)."""
     if not gamma > -1:

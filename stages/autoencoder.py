@@ -7,6 +7,7 @@ convolutional network on random crops of the clips (it encodes whole clips after
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ from ldm.artifacts import Artifact, ArtifactStore
 from ldm.audio import take_windows
 from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
+from ldm.ema import ema_decay_at, update_ema
 from ldm.images import save_side_by_side
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
@@ -50,6 +52,10 @@ class AutoencoderStageConfig:
     # update rule (TTUR; Heusel et al. 2017, who train D at 4x G's rate): it keeps D ahead of a decoder that
     # would otherwise hold it at chance, where the adaptive GAN weight only amplifies noise.
     disc_lr_scale: float = 1.0
+    # > 0: keep an EMA of the autoencoder's weights (decay warmed up as the DiT's) and store it instead of the
+    # last iterate; the run folder's checkpoints hold both. A GAN-trained generator's running average is
+    # smoother than its final step (Karras et al. 2018, ProGAN; StyleGAN's G_ema). 0: off.
+    ema_decay: float = 0.0
     lr_schedule: str = "constant"  # constant | cosine (after trainer.warmup_steps of linear warm-up)
     train_subset: int = 0  # train on the first N images only (0: all); for smoke runs
     preview_images: int = 16
@@ -75,6 +81,8 @@ class AutoencoderStageConfig:
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not self.disc_lr_scale > 0:
             raise ValueError(f"disc_lr_scale must be > 0 (the discriminator's lr over trainer.lr), got {self.disc_lr_scale}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA, store the last weights), got {self.ema_decay}")
         if self.train_parts not in ("all", "decoder"):
             raise ValueError(f"train_parts must be 'all' or 'decoder', got {self.train_parts!r}")
         if self.equivariance_weight < 0:
@@ -110,6 +118,8 @@ class AutoencoderModule(L.LightningModule):
         if config.train_parts == "decoder":
             self.autoencoder.encoder.requires_grad_(False)
             self.autoencoder.quant_conv.requires_grad_(False)
+        # The stored weights' running average (its copy of the start is made in `run`, after any init_from).
+        self.ema = copy.deepcopy(self.autoencoder).requires_grad_(False).eval() if config.ema_decay > 0 else None
         self.loss = AutoencoderLoss(config.loss, config.model.spatial_dims)
         self.__dict__["train_forward"] = compiled(self.autoencoder, config.trainer.compile)  # not a submodule
         self.steps_per_batch = 2 if config.loss.disc_enabled else 1
@@ -133,6 +143,11 @@ class AutoencoderModule(L.LightningModule):
         schedule = lambda step: lr_factor(step, cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.lr_schedule)  # noqa: E731
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
+
+    @property
+    def stored(self) -> AutoencoderKL:
+        """The autoencoder the artifact stores and the previews show: the EMA if kept, else the trained weights."""
+        return self.ema if self.ema is not None else self.autoencoder
 
     @property
     def lr_scales(self) -> tuple[float, ...]:
@@ -174,6 +189,8 @@ class AutoencoderModule(L.LightningModule):
         self.manual_backward(g_loss)
         self.clip_gradients(optimizers[0], gradient_clip_val=self.config.trainer.grad_clip or None)
         optimizers[0].step()
+        if self.ema is not None:
+            update_ema(self.ema, self.autoencoder, ema_decay_at(step, self.config.ema_decay))
 
         # Discriminator step, on detached reconstructions (inside discriminator_loss).
         if self.config.loss.disc_enabled:
@@ -204,10 +221,11 @@ class AutoencoderModule(L.LightningModule):
         """Write an input | reconstruction PNG of the fixed preview images (posterior mode) into the run folder."""
         if self.run_dir is None or self.preview.numel() == 0:
             return None
-        was_training = self.autoencoder.training
-        self.autoencoder.eval()
-        recon = self.autoencoder.decode(self.autoencoder.encode(self.preview).mode())
-        self.autoencoder.train(was_training)
+        model = self.stored
+        was_training = model.training
+        model.eval()
+        recon = model.decode(model.encode(self.preview).mode())
+        model.train(was_training)
         return save_side_by_side(self.preview, recon, self.run_dir / "images" / name)
 
 
@@ -265,6 +283,8 @@ def run(
         module.autoencoder.load_state_dict(start.load_tensors(device="cpu"))
         parents["autoencoder"] = start.ref
         print(f"starting from {start.ref} (training {config.train_parts})")
+    if module.ema is not None:
+        module.ema.load_state_dict(module.autoencoder.state_dict())  # the average starts at the start
     module.run_dir = run_dir
     module.preview = preview_images(config)
     perceptual = module.loss.perceptual_description()
@@ -282,7 +302,7 @@ def run(
         run_dir, ["train/rec", "train/nll", "train/kl", "train/total"], run_dir / "loss.png",
         "autoencoder losses", step_divisor=module.steps_per_batch,
     )
-    state = module.autoencoder.state_dict()
+    state = module.stored.state_dict()
     artifact = store.save(
         "autoencoder",
         tensors={"weights.safetensors": state},

@@ -17,7 +17,15 @@ from ldm.config import TrainerConfig, to_dict
 from ldm.data.latents import LatentBatches, LatentCache
 from ldm.diffusion.objectives import dispersive_block_index, training_losses
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
-from ldm.ema import SNAPSHOT_FOLDER, PowerFunctionEMA, check_sigma_rel, list_snapshots, remove_snapshots_after
+from ldm.ema import (
+    SNAPSHOT_FOLDER,
+    PowerFunctionEMA,
+    check_sigma_rel,
+    ema_decay_at,
+    list_snapshots,
+    remove_snapshots_after,
+    update_ema,
+)
 from ldm.generation import SamplingSettings, sample_latents
 from ldm.images import save_grid
 from ldm.loading import DIT_WEIGHT_FILES, load_autoencoder
@@ -119,15 +127,6 @@ class DiffusionStageConfig:
                              f"1000x larger in the fast embedding channels; a tiny DiT's loss then grew 4x in 100 steps")
 
 
-def ema_decay_at(step: int, max_decay: float) -> float:
-    """Return the EMA decay after `step` updates: (1 + step) / (10 + step), capped at `max_decay`.
-
-    Without the warm-up, a short run's EMA stays close to the initial weights, whose adaLN-Zero
-    output layer is zero: the EMA model then under-predicts the noise and sampling diverges.
-    """
-    return min(max_decay, (1 + step) / (10 + step))
-
-
 class DiffusionModule(L.LightningModule):
     """DiT training: AdamW, warm-up, EMA (and post-hoc EMA profiles), label dropout (inside the DiT), NaN/inf guard."""
 
@@ -214,12 +213,8 @@ class DiffusionModule(L.LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """ema <- decay * ema + (1 - decay) * model, for every parameter (buffers are copied)."""
-        ema_params = list(self.ema.parameters())
-        decay = ema_decay_at(self.global_step, self.config.ema_decay)
-        torch._foreach_lerp_(ema_params, [p.detach() for p in self.model.parameters()], 1.0 - decay)
-        for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers()):
-            ema_buffer.copy_(buffer)
+        """ema <- decay * ema + (1 - decay) * model, the decay warmed up by ema_decay_at."""
+        update_ema(self.ema, self.model, ema_decay_at(self.global_step, self.config.ema_decay))
 
     @torch.no_grad()
     def update_posthoc_ema(self, step: int) -> None:

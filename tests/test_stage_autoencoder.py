@@ -258,6 +258,42 @@ def test_disc_lr_scale_gives_the_discriminator_its_own_learning_rate_in_training
         tiny_config(tmp_path, "disc_lr_scale=0")
 
 
+class RecordDecoderOutputWeights(Callback):
+    """Records the decoder's output conv weight after every batch (the iterates an EMA averages)."""
+
+    def __init__(self):
+        self.iterates = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.iterates.append(module.autoencoder.decoder.conv_out.weight.detach().clone())
+
+
+@needs_fmnist
+def test_ema_decay_stores_the_running_average_of_a_decoder_fine_tune(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    start = autoencoder.run(tiny_config(tmp_path, "trainer.max_steps=2", f"run_dir={tmp_path / 'start'}"), store)
+    probe = RecordDecoderOutputWeights()
+    tuned = autoencoder.run(tiny_config(
+        tmp_path, "trainer.max_steps=4", f"init_from={start.ref}", "train_parts=decoder", "ema_decay=0.2",
+        "loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small",
+        f"run_dir={tmp_path / 'tuned'}",
+    ), store, callbacks=[probe])
+    # The reference: e <- d_b e + (1 - d_b) w_b from the start's weights, d_b = min(0.2, (1 + b) / (10 + b)).
+    expected = start.load_tensors()["decoder.conv_out.weight"]
+    for b, weight in enumerate(probe.iterates):
+        decay = min(0.2, (1 + b) / (10 + b))
+        expected = decay * expected + (1 - decay) * weight
+    stored = tuned.load_tensors()
+    assert len(probe.iterates) == 4
+    assert torch.allclose(stored["decoder.conv_out.weight"], expected, atol=1e-6)
+    assert not torch.allclose(stored["decoder.conv_out.weight"], probe.iterates[-1], atol=1e-6)  # not the last step
+    assert tuned.manifest["encoder_sha256"] == start.manifest["encoder_sha256"]  # the frozen encoder's average is itself
+    checkpoint = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert torch.equal(checkpoint["state_dict"]["ema.decoder.conv_out.weight"], stored["decoder.conv_out.weight"])
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        tiny_config(tmp_path, "ema_decay=1")
+
+
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     result = CliRunner().invoke(
         main, ["--store", str(tmp_path), "train", "autoencoder", "--config",
