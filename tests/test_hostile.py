@@ -288,8 +288,10 @@ def test_a_non_finite_stop_after_a_checkpoint_names_it(tmp_path):
 
 @needs_fmnist
 def test_crashed_and_resumed_autoencoder_logs_the_same_losses_and_ends_with_the_same_weights(tmp_path):
-    # Flips, the posterior noise and the discriminator all take part; every logged number must match.
-    common = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "train_subset=40", "data.hflip=true", *GAN]
+    # Flips, the posterior noise, the discriminator at its own learning rate and the stored EMA all take part;
+    # every logged number and every stored (averaged) weight must match.
+    common = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "train_subset=40", "data.hflip=true", *GAN,
+              "disc_lr_scale=4", "ema_decay=0.5"]
     store = ArtifactStore(tmp_path / "store")
     straight = autoencoder.run(config_of(tmp_path / "a", *common), store)
 
