@@ -12,7 +12,8 @@ import torch
 
 from ldm.caching import BlockCache, CacheSchedule, cached
 from ldm.diffusion.samplers import (FLOW_SAMPLERS, SAMPLERS, SPACINGS, Denoiser, InpaintDenoiser, cfg_denoiser,
-                                    check_guidance_interval, per_sample_generators, randn_like_per_sample, run_sampler)
+                                    check_guidance_interval, model_calls, per_sample_generators, randn_like_per_sample,
+                                    run_sampler)
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
 
@@ -162,9 +163,3 @@ def sample_latents(
     with nullcontext() if cache is None else cached(model, cache):
         return run_sampler(settings.sampler, denoiser, noise, schedule, settings.num_steps, generators=generators,
                            strength=strength, x0=x0, **settings.sampler_options())
-
-
-def model_calls(sampler: str, num_steps: int, strength: float = 1.0) -> int:
-    """Network forwards one sampling run makes (heun and flow-heun evaluate twice per step but the last)."""
-    kept = num_steps if strength >= 1.0 else min(num_steps, int(num_steps * strength + 0.5))
-    return 2 * kept - 1 if sampler in ("heun", "flow-heun") and kept else kept

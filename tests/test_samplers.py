@@ -23,6 +23,7 @@ from ldm.diffusion.samplers import (
     karras_sigmas,
     per_sample_generators,
     randn_like_per_sample,
+    SamplerExtras,
     run_sampler,
     sample,
     sample_ddim,
@@ -204,8 +205,8 @@ def test_ddim_with_eta_one_is_ddpm_step_for_step():
     x_T = prior_draw(standard_normal(64, seed=3))
     timesteps = timestep_spacing("trailing", 1000, 25)
     denoiser = Denoiser(exact_vp_model("v"), "v")
-    ddpm = sample_ddpm(denoiser, x_T, SCHEDULE, timesteps, "small", per_sample_generators(0, 64))
-    ddim = sample_ddim(denoiser, x_T, SCHEDULE, timesteps, 1.0, per_sample_generators(0, 64))
+    ddpm = sample_ddpm(denoiser, x_T, timesteps, SamplerExtras(SCHEDULE, per_sample_generators(0, 64), variance="small"))
+    ddim = sample_ddim(denoiser, x_T, timesteps, SamplerExtras(SCHEDULE, per_sample_generators(0, 64), eta=1.0))
     torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
 
 
@@ -228,8 +229,8 @@ def test_learned_variance_at_its_bounds_is_the_fixed_variance(var_value, fixed):
     timesteps = timestep_spacing("trailing", 1000, 10)
     learned = Denoiser(exact_vp_model("eps", var_value), "eps", learn_sigma=True)
     fixed_model = Denoiser(exact_vp_model("eps"), "eps")
-    a = sample_ddpm(learned, x_T, SCHEDULE, timesteps, generators=per_sample_generators(5, 32))
-    b = sample_ddpm(fixed_model, x_T, SCHEDULE, timesteps, fixed, per_sample_generators(5, 32))
+    a = sample_ddpm(learned, x_T, timesteps, SamplerExtras(SCHEDULE, per_sample_generators(5, 32)))
+    b = sample_ddpm(fixed_model, x_T, timesteps, SamplerExtras(SCHEDULE, per_sample_generators(5, 32), variance=fixed))
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
@@ -424,3 +425,20 @@ def test_sample_latents_counts_every_network_call_and_matches_sampler_to_objecti
     wrong = "dpm++2m" if objective == "flow" else "flow-heun"
     with pytest.raises(ValueError, match=re.escape(f"sampler '{wrong}' does not fit the '{objective}' objective")):
         sample_latents(model, diffusion, torch.tensor([0]), SamplingSettings(sampler=wrong, num_steps=steps))
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun", "flow-euler", "flow-heun"])
+def test_every_sampler_calls_back_once_per_step_with_the_state_it_returns(name):
+    steps, seen = 7, []
+    x = run(name, standard_normal(4), steps, generators=per_sample_generators(0, 4),
+            callback=lambda i, state: seen.append((i, state.clone())))
+    assert [i for i, _ in seen] == list(range(steps))
+    assert torch.equal(seen[-1][1], x)
+
+
+def test_samplers_of_one_family_share_the_registry_grid_so_euler_and_heun_differ_only_in_the_step():
+    from ldm.diffusion.samplers import SAMPLER_SPECS, model_calls
+
+    assert {SAMPLER_SPECS[n].family for n in ("euler", "heun")} == {"karras"}
+    assert [model_calls(n, 5) for n in ("heun", "flow-heun", "euler", "dpm++2m", "meanflow")] == [9, 9, 5, 5, 5]
+    assert model_calls("heun", 10, strength=0.5) == 9 and model_calls("heun", 10, strength=0.04) == 0

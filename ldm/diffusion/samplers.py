@@ -8,15 +8,19 @@ the starting state, a schedule and a step grid, loops, and returns x at the end 
 States are (N, C, H, W); per-step coefficients are Python floats computed in float64 from the
 schedule, so the loop runs in the state's dtype without rounding the schedule.
 
-Discrete samplers (ddpm, ddim, dpm++2m, dpm++2m-sde) start from x_T in the VP scale at the first timestep of the
-grid; Karras samplers (euler, heun) run in the EDM scale x / sqrt(alpha_bar) (`run_sampler` converts);
-flow-euler and flow-heun start from pure noise at t = 1. Stochastic steps draw their noise from per-sample
+Every sampler has one signature, as k-diffusion's: `sample_x(denoiser, x, grid, extras, callback)`, where
+`grid` is the descending step grid of its family (network timesteps, Karras sigmas or flow times),
+`extras` a `SamplerExtras` of which each sampler reads only its own fields, and `callback(i, x)` is called
+after step i. `SAMPLER_SPECS` names each sampler's function and family; `run_sampler` builds the grid and
+the starting state of the family and calls it. Discrete samplers (ddpm, ddim, dpm++2m, dpm++2m-sde) start
+from x_T in the VP scale at the first timestep of the grid; Karras samplers (euler, heun) run in the EDM
+scale x / sqrt(alpha_bar); flow samplers start from pure noise at t = 1. Stochastic steps draw their noise from per-sample
 generators when given, so image i depends only on its own seed, never on the batch it was drawn in.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -28,9 +32,9 @@ from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to
 # r, the start of a MeanFlow model's averaging interval, is passed only to such a model.
 ModelFn = Callable[..., Tensor]
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun", "flow-euler", "flow-heun", "meanflow")
-FLOW_SAMPLERS = ("flow-euler", "flow-heun", "meanflow")  # samplers of the rectified-flow path (meanflow: its models only)
 SPACINGS = ("leading", "trailing", "linspace")
+Callback = Callable[[int, Tensor], None]  # callback(step index, x after that step)
+Grid = Union[Tensor, Sequence[float]]  # descending: int64 network timesteps, Karras sigmas or flow times
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,31 @@ class InpaintDenoiser(Denoiser):
     def __call__(self, x_t: Tensor, t: float, alpha_bar: float) -> Tensor:
         x0 = super().__call__(x_t, t, alpha_bar)
         return torch.lerp(self.known.to(x0.dtype), x0, self.regenerate.to(x0.dtype))
+
+
+@dataclass(frozen=True)
+class SamplerExtras:
+    """What a sampler may read besides its denoiser, state and grid; each sampler reads only its own fields."""
+
+    schedule: Optional[NoiseSchedule] = None  # the VP chain of the discrete and Karras samplers
+    generators: Optional[Sequence[torch.Generator]] = None  # per-sample noise of stochastic steps
+    eta: float = 0.0  # ddim: 0 is the ODE, 1 DDPM's posterior
+    variance: str = "small"  # ddpm's fixed variance when not learned: "small" (beta-tilde) or "large" (beta)
+    sde: bool = False  # dpm++2m: the SDE form
+
+    def vp_schedule(self, name: str) -> NoiseSchedule:
+        """Return the schedule a VP sampler steps on; raise ValueError when there is none."""
+        if self.schedule is None:
+            raise ValueError(f"sampler {name!r} needs a NoiseSchedule")
+        return self.schedule
+
+
+NO_EXTRAS = SamplerExtras()
+
+
+def _after_step(callback: Optional[Callback], i: int, x: Tensor) -> None:
+    if callback is not None:
+        callback(i, x)
 
 
 # ----------------------------------------------------------------------------- noise, seeds
@@ -149,72 +178,61 @@ def flow_times(num_steps: int, shift: float = 1.0) -> list[float]:
 
 
 def sample_ddpm(
-    denoiser: Denoiser,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
-    variance: str = "small",
-    generators: Optional[Sequence[torch.Generator]] = None,
+    denoiser: Denoiser, x: Tensor, timesteps: Tensor, extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2) on the chain respaced to `timesteps`; returns x_0.
 
-    The variance is learned when the denoiser has variance channels, else fixed "small" (beta-tilde)
-    or "large" (beta). Respacing recomputes the betas between kept steps (improved DDPM, sec. 4).
+    The variance is learned when the denoiser has variance channels, else fixed (extras.variance).
+    Respacing recomputes the betas between kept steps (improved DDPM, sec. 4).
     """
-    chain = schedule.respace(timesteps).to(x.device)
-    for i in reversed(range(chain.num_timesteps)):
+    chain = extras.vp_schedule("ddpm").respace(timesteps).to(x.device)
+    for step, i in enumerate(reversed(range(chain.num_timesteps))):
         row = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = denoiser.output(x, float(chain.timestep_map[i]))  # (N, C or 2C, H, W)
-        p = p_mean_variance(out, x, row, chain, denoiser.prediction, denoiser.learn_sigma, variance, denoiser.clip_x0)
+        p = p_mean_variance(out, x, row, chain, denoiser.prediction, denoiser.learn_sigma, extras.variance, denoiser.clip_x0)
         x = p["mean"]
         if i > 0:  # the last step returns the mean of p(x_0 | x_1)
-            x = x + torch.exp(0.5 * p["log_variance"]) * _noise_like(x, generators)
+            x = x + torch.exp(0.5 * p["log_variance"]) * _noise_like(x, extras.generators)
+        _after_step(callback, step, x)
     return x
 
 
 def sample_ddim(
-    denoiser: Denoiser,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
-    eta: float = 0.0,
-    generators: Optional[Sequence[torch.Generator]] = None,
+    denoiser: Denoiser, x: Tensor, timesteps: Tensor, extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
 ) -> Tensor:
-    """DDIM (Song et al. 2021, eq. 12) over descending rows `timesteps`; eta = 0 is the ODE, eta = 1 DDPM's posterior.
+    """DDIM (Song et al. 2021, eq. 12) over descending rows `timesteps`; extras.eta = 0 is the ODE, 1 DDPM's posterior.
 
     The step after the last row lands on clean data (alpha_bar = 1), where x = x0.
     """
+    schedule = extras.vp_schedule("ddim")
     alpha_bars = schedule.alphas_cumprod.cpu()[timesteps.cpu()].tolist() + [1.0]  # the chain ends on clean data
     for i, t in enumerate(schedule.timestep_map.cpu()[timesteps.cpu()].tolist()):
         a, a_next = alpha_bars[i], alpha_bars[i + 1]
         x0 = denoiser(x, t, a)
         eps = (x - a**0.5 * x0) / (1 - a) ** 0.5  # from the (possibly clipped) x0, as improved DDPM
-        sigma = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
+        sigma = extras.eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5
         x = a_next**0.5 * x0 + max(1 - a_next - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            x = x + sigma * _noise_like(x, generators)
+            x = x + sigma * _noise_like(x, extras.generators)
+        _after_step(callback, i, x)
     return x
 
 
 def sample_dpmpp_2m(
-    denoiser: Denoiser,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    timesteps: Tensor,
-    sde: bool = False,
-    generators: Optional[Sequence[torch.Generator]] = None,
+    denoiser: Denoiser, x: Tensor, timesteps: Tensor, extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep on x0 in lambda = log(alpha / sigma).
 
     One network call per timestep; the first step is first order (no history yet) and so is the
     last, which lands on sigma = 0 where the update reduces to x = x0 (lower-order final step).
 
-    sde=True is the same multistep estimate d of x0 in the solver of the reverse diffusion SDE
+    extras.sde is the same multistep estimate d of x0 in the solver of the reverse diffusion SDE
     (SDE-DPM-Solver++(2M), same paper's data-prediction SDE): with h = lambda_next - lambda,
     x_next = (sigma_next / sigma) e^-h x + alpha_next (1 - e^-2h) d + sigma_next sqrt(1 - e^-2h) z.
     Its first-order form (d = x0) is DDPM's posterior step, so it injects fresh noise each step
     as DDPM does, at the ODE solver's cost.
     """
+    schedule = extras.vp_schedule("dpm++2m")
     alpha_bars = schedule.alphas_cumprod.cpu()[timesteps.cpu()].tolist() + [1.0]
     alphas = [a**0.5 for a in alpha_bars]
     sigmas = [(1 - a) ** 0.5 for a in alpha_bars]
@@ -224,6 +242,7 @@ def sample_dpmpp_2m(
         x0 = denoiser(x, t, alpha_bars[i])
         if sigmas[i + 1] == 0:
             x = x0  # the limit h -> inf of the updates below
+            _after_step(callback, i, x)
             break
         h = lambdas[i + 1] - lambdas[i]
         if x0_prev is None:
@@ -231,17 +250,46 @@ def sample_dpmpp_2m(
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        if sde:
+        if extras.sde:
             kept = -math.expm1(-2 * h)  # 1 - e^-2h
             x = (sigmas[i + 1] / sigmas[i] * math.exp(-h)) * x + (alphas[i + 1] * kept) * d
-            x = x + (sigmas[i + 1] * kept**0.5) * _noise_like(x, generators)
+            x = x + (sigmas[i + 1] * kept**0.5) * _noise_like(x, extras.generators)
         else:
             x = (sigmas[i + 1] / sigmas[i]) * x - alphas[i + 1] * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
+        _after_step(callback, i, x)
     return x
 
 
-# ----------------------------------------------------------------------------- Karras (EDM) samplers
+# ----------------------------------------------------------------------------- ODE steps (Karras and flow samplers)
+
+# derivative(x, s) -> dx/ds at grid point s: (x - D(x; sigma)) / sigma in the EDM scale, v(x, t) in flow time
+Derivative = Callable[[Tensor, float], Tensor]
+
+
+def euler_steps(derivative: Derivative, x: Tensor, grid: Sequence[float], callback: Optional[Callback] = None) -> Tensor:
+    """Euler on dx/ds = derivative(x, s) along the descending grid; returns x at its last point."""
+    for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
+        x = x + (s_next - s) * derivative(x, s)
+        _after_step(callback, i, x)
+    return x
+
+
+def heun_steps(derivative: Derivative, x: Tensor, grid: Sequence[float], callback: Optional[Callback] = None) -> Tensor:
+    """Heun's method (Karras et al. 2022, Alg. 1, deterministic) on dx/ds = derivative(x, s) along the grid.
+
+    The step onto s = 0 is Euler, as in Karras' algorithm: one network call fewer, and the network is
+    never queried at the clean end it was (almost) never trained on.
+    """
+    for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
+        d = derivative(x, s)
+        x_euler = x + (s_next - s) * d
+        if s_next == 0:
+            x = x_euler
+        else:
+            x = x + (s_next - s) * (d + derivative(x_euler, s_next)) / 2
+        _after_step(callback, i, x)
+    return x
 
 
 def edm_denoise(denoiser: Denoiser, x: Tensor, sigma: float, schedule: NoiseSchedule) -> Tensor:
@@ -251,72 +299,102 @@ def edm_denoise(denoiser: Denoiser, x: Tensor, sigma: float, schedule: NoiseSche
     return denoiser(x * alpha_bar**0.5, t, alpha_bar)
 
 
-def sample_euler(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, sigmas: Sequence[float]) -> Tensor:
-    """Euler on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022), EDM scale."""
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - edm_denoise(denoiser, x, sigma, schedule)) / sigma
-        x = x + (sigma_next - sigma) * d
-    return x
+def edm_derivative(denoiser: Denoiser, extras: SamplerExtras, name: str) -> Derivative:
+    """dx/dsigma = (x - D(x; sigma)) / sigma, the probability-flow ODE in the EDM scale (Karras et al. 2022)."""
+    schedule = extras.vp_schedule(name)
+    return lambda x, sigma: (x - edm_denoise(denoiser, x, sigma, schedule)) / sigma
 
 
-def sample_heun(denoiser: Denoiser, x: Tensor, schedule: NoiseSchedule, sigmas: Sequence[float]) -> Tensor:
-    """Heun's method (Karras et al. 2022, Alg. 1, deterministic) in EDM scale; Euler on the last step to sigma = 0."""
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - edm_denoise(denoiser, x, sigma, schedule)) / sigma
-        x_euler = x + (sigma_next - sigma) * d
-        if sigma_next == 0:
-            x = x_euler
-        else:
-            d_next = (x_euler - edm_denoise(denoiser, x_euler, sigma_next, schedule)) / sigma_next
-            x = x + (sigma_next - sigma) * (d + d_next) / 2
-    return x
+def sample_euler(
+    denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+) -> Tensor:
+    """Euler on the probability-flow ODE over Karras sigmas, EDM scale."""
+    return euler_steps(edm_derivative(denoiser, extras, "euler"), x, sigmas, callback)
 
 
-# ----------------------------------------------------------------------------- rectified flow
+def sample_heun(
+    denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+) -> Tensor:
+    """Heun on the probability-flow ODE over Karras sigmas, EDM scale; Euler on the last step to sigma = 0."""
+    return heun_steps(edm_derivative(denoiser, extras, "heun"), x, sigmas, callback)
 
 
-def check_velocity_model(denoiser: Denoiser, name: str) -> None:
+def flow_velocity(denoiser: Denoiser, name: str) -> Derivative:
+    """dx/dt = v(x, t) for x_t = (1 - t) x0 + t noise, the network queried at 1000 t."""
     if denoiser.prediction != "velocity":
         raise ValueError(f"{name} needs a velocity model, got prediction {denoiser.prediction!r}")
+    return lambda x, t: denoiser.output(x, t * FLOW_TIME_SCALE)  # (N, C, H, W)
 
 
-def sample_flow_euler(denoiser: Denoiser, x: Tensor, times: Sequence[float]) -> Tensor:
-    """Euler on dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data), for x_t = (1 - t) x0 + t noise."""
-    check_velocity_model(denoiser, "flow-euler")
-    for t, t_next in zip(times[:-1], times[1:]):
-        v = denoiser.output(x, t * FLOW_TIME_SCALE)  # (N, C, H, W)
-        x = x + (t_next - t) * v
-    return x
+def sample_flow_euler(
+    denoiser: Denoiser, x: Tensor, times: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+) -> Tensor:
+    """Euler on dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data)."""
+    return euler_steps(flow_velocity(denoiser, "flow-euler"), x, times, callback)
 
 
-def sample_flow_heun(denoiser: Denoiser, x: Tensor, times: Sequence[float]) -> Tensor:
-    """Heun's method on dx/dt = v(x, t) (Karras et al. 2022, Alg. 1, in flow time, as SiT samples its ODE).
-
-    The step onto t = 0 is Euler, as in Karras' algorithm: one network call fewer, and the network
-    is never queried at the clean end it was (almost) never trained on.
-    """
-    check_velocity_model(denoiser, "flow-heun")
-    for t, t_next in zip(times[:-1], times[1:]):
-        v = denoiser.output(x, t * FLOW_TIME_SCALE)  # (N, C, H, W)
-        x_euler = x + (t_next - t) * v
-        if t_next == 0:
-            x = x_euler
-        else:
-            v_next = denoiser.output(x_euler, t_next * FLOW_TIME_SCALE)
-            x = x + (t_next - t) * (v + v_next) / 2
-    return x
+def sample_flow_heun(
+    denoiser: Denoiser, x: Tensor, times: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+) -> Tensor:
+    """Heun on dx/dt = v(x, t) in flow time, as SiT samples its ODE; Euler on the step onto t = 0."""
+    return heun_steps(flow_velocity(denoiser, "flow-heun"), x, times, callback)
 
 
-def sample_meanflow(denoiser: Denoiser, x: Tensor, times: Sequence[float]) -> Tensor:
+def sample_meanflow(
+    denoiser: Denoiser, x: Tensor, times: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+) -> Tensor:
     """MeanFlow sampling: x_r = x_t - (t - r) u(x_t, r, t) over the grid, one network call per step (Geng et al. 2025, eq. 12).
 
     Exact for any number of steps when u is the true average velocity; one step maps noise to data.
     """
-    check_velocity_model(denoiser, "meanflow")
-    for t, t_next in zip(times[:-1], times[1:]):
+    flow_velocity(denoiser, "meanflow")  # checks the parametrisation
+    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         u = denoiser.mean_velocity(x, t * FLOW_TIME_SCALE, t_next * FLOW_TIME_SCALE)
         x = x - (t - t_next) * u
+        _after_step(callback, i, x)
     return x
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+Sampler = Callable[[Denoiser, Tensor, Grid, SamplerExtras, Optional[Callback]], Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler's function, the family whose grid and starting state it takes, and its network calls per step."""
+
+    function: Sampler
+    family: str  # "vp": network timesteps on --spacing; "karras": Karras sigmas, EDM scale; "flow": flow times
+    second_order: bool = False  # two calls a step, one on the last (heun, flow-heun)
+    extras: Optional[dict] = None  # fixed SamplerExtras fields (dpm++2m-sde: sde=True)
+
+
+SAMPLER_SPECS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(sample_ddpm, "vp"),
+    "ddim": SamplerSpec(sample_ddim, "vp"),
+    "dpm++2m": SamplerSpec(sample_dpmpp_2m, "vp"),
+    "dpm++2m-sde": SamplerSpec(sample_dpmpp_2m, "vp", extras={"sde": True}),
+    "euler": SamplerSpec(sample_euler, "karras"),
+    "heun": SamplerSpec(sample_heun, "karras", second_order=True),
+    "flow-euler": SamplerSpec(sample_flow_euler, "flow"),
+    "flow-heun": SamplerSpec(sample_flow_heun, "flow", second_order=True),
+    "meanflow": SamplerSpec(sample_meanflow, "flow"),  # MeanFlow models only
+}
+SAMPLERS = tuple(SAMPLER_SPECS)
+FLOW_SAMPLERS = tuple(name for name, spec in SAMPLER_SPECS.items() if spec.family == "flow")
+
+
+def kept_steps(num_steps: int, strength: float = 1.0) -> int:
+    """Steps of a num_steps grid that a run at `strength` takes: the last round(strength * num_steps) (SDEdit)."""
+    return num_steps if strength >= 1.0 else min(num_steps, int(num_steps * strength + 0.5))
+
+
+def model_calls(sampler: str, num_steps: int, strength: float = 1.0) -> int:
+    """Network forwards one sampling run makes (heun and flow-heun evaluate twice per step but the last)."""
+    kept = kept_steps(num_steps, strength)
+    return 2 * kept - 1 if SAMPLER_SPECS[sampler].second_order and kept else kept
 
 
 # ----------------------------------------------------------------------------- guidance
@@ -413,53 +491,49 @@ def run_sampler(
     generators: Optional[Sequence[torch.Generator]] = None,
     strength: float = 1.0,
     x0: Optional[Tensor] = None,
+    callback: Optional[Callback] = None,
 ) -> Tensor:
     """Return samples x_0 (N, C, H, W) from x_T (N, C, H, W) ~ N(0, I) with the named sampler.
 
-    ddpm / ddim / dpm++2m(-sde): `num_steps` network calls on the `spacing` grid (ddim: `eta`; ddpm:
-    `variance` when not learned). euler / heun: `num_steps` Karras sigmas (rho) between the
-    schedule's smallest and largest sigma; heun calls the network 2 num_steps - 1 times.
-    flow-euler / flow-heun: `num_steps` steps on the `shift`ed time grid, flow-heun with 2 num_steps - 1
-    network calls; `schedule` is unused (None).
+    vp samplers (ddpm, ddim, dpm++2m(-sde)): `num_steps` network calls on the `spacing` grid (ddim:
+    `eta`; ddpm: `variance` when not learned). karras (euler, heun): `num_steps` Karras sigmas (rho)
+    between the schedule's smallest and largest sigma. flow (flow-euler, flow-heun, meanflow):
+    `num_steps` steps on the `shift`ed time grid; `schedule` is unused (None). heun and flow-heun call
+    the network 2 num_steps - 1 times.
 
     strength < 1 runs only the last round(strength * num_steps) steps of that grid, starting from
     `x0` noised with x_T to the level of the first kept step (SDEdit, Meng et al. 2022); a strength
     that keeps no step returns x0 unchanged.
     """
-    if name not in SAMPLERS:
+    if name not in SAMPLER_SPECS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     if strength < 1.0 and x0 is None:
         raise ValueError("strength < 1 starts from clean latents: pass x0")
-    kept = num_steps if strength >= 1.0 else min(num_steps, int(num_steps * strength + 0.5))
+    kept = kept_steps(num_steps, strength)
     if kept == 0:
         return x0.clone()
+    spec = SAMPLER_SPECS[name]
+    extras = SamplerExtras(schedule, generators, eta, variance, **(spec.extras or {}))
     partial = kept < num_steps
-    if name in FLOW_SAMPLERS:
+    if spec.family == "flow":
         times = flow_times(num_steps, shift)[-(kept + 1):]
         x = (1 - times[0]) * x0 + times[0] * x_T if partial else x_T
-        step = {"flow-euler": sample_flow_euler, "flow-heun": sample_flow_heun, "meanflow": sample_meanflow}[name]
-        return step(denoiser, x, times)
-    if schedule is None:
-        raise ValueError(f"sampler {name!r} needs a NoiseSchedule")
-    if name in ("euler", "heun"):
+        return spec.function(denoiser, x, times, extras, callback)
+    schedule = extras.vp_schedule(name)
+    if spec.family == "karras":
         sigma_min, sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
         sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)[-(kept + 1):]
         # EDM scale x / sqrt(alpha_bar): from pure noise, the VP state at sigma_max scaled up
         x = x0 + sigmas[0] * x_T if partial else x_T * (1 + sigma_max**2) ** 0.5
-        step = sample_euler if name == "euler" else sample_heun
-        return step(denoiser, x, schedule, sigmas)
+        return spec.function(denoiser, x, sigmas, extras, callback)
     timesteps = timestep_spacing(spacing, schedule.num_timesteps, num_steps)[-kept:]
     x = x_T
     if partial:
         alpha_bar = schedule.alphas_cumprod[timesteps[0]].item()
         x = alpha_bar**0.5 * x0 + (1 - alpha_bar) ** 0.5 * x_T
-    if name == "ddpm":
-        return sample_ddpm(denoiser, x, schedule, timesteps, variance, generators)
-    if name == "ddim":
-        return sample_ddim(denoiser, x, schedule, timesteps, eta, generators)
-    return sample_dpmpp_2m(denoiser, x, schedule, timesteps, name == "dpm++2m-sde", generators)
+    return spec.function(denoiser, x, timesteps, extras, callback)
 
 
 def sample(
