@@ -52,25 +52,24 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench.dit import build_diffusers_dit, synchronize  # noqa: E402
-from bench.sample import diffusers_sample, diffusers_scheduler  # noqa: E402
-from ldm.artifacts import ArtifactStore, write_atomic  # noqa: E402
-from ldm.config import from_dict, load_config, to_dict  # noqa: E402
-from ldm.data import DataConfig, build_dataset  # noqa: E402
-from ldm.data.latents import LatentBatches, LatentCache  # noqa: E402
-from ldm.diffusion.samplers import per_sample_generators, randn_like_per_sample  # noqa: E402
-from ldm.evaluation import real_statistics  # noqa: E402
-from ldm.generation import SamplingSettings, model_calls, sample_latents  # noqa: E402
-from ldm.images import CurvePanel, save_curve_panels  # noqa: E402
-from ldm.loading import feature_extractor, load_autoencoder, load_classifier  # noqa: E402
-from ldm.metrics import FeatureStats, frechet_distance  # noqa: E402
-from ldm.models.dit import DiT  # noqa: E402
-from ldm.runtime import tune_cpu_allocator  # noqa: E402
-from ldm.training import seed_step  # noqa: E402
-from pipeline import LatentDiffusionPipeline  # noqa: E402
-from stages import diffusion  # noqa: E402
+from bench.dit import build_diffusers_dit
+from bench.sample import diffusers_sample, diffusers_scheduler
+from ldm.artifacts import ArtifactStore, write_atomic
+from ldm.config import from_dict, load_config, to_dict
+from ldm.data import DataConfig, build_dataset
+from ldm.data.latents import LatentBatches, LatentCache
+from ldm.diffusion.samplers import per_sample_generators, randn_like_per_sample
+from ldm.evaluation import real_statistics
+from ldm.generation import SamplingSettings, model_calls, sample_latents
+from ldm.images import CurvePanel, save_curve_panels
+from ldm.loading import feature_extractor, load_autoencoder, load_classifier
+from ldm.metrics import FeatureStats, frechet_distance
+from ldm.models.dit import DiT
+from ldm.runtime import synchronize, tune_cpu_allocator
+from ldm.training import seed_step
+from pipeline import LatentDiffusionPipeline
+from stages import diffusion
 
 PEER = "diffusers"  # the name of the --peer line in the CSV, the plot and the table
 NO_STEP_LIMIT = 10**7  # max_steps under a minutes-only budget: the lr schedule then never decays

@@ -26,19 +26,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.models.dit import (  # noqa: E402
+from ldm.models.dit import (
     DIT_PRESETS,
     TIMESTEP_FREQUENCY_DIM,
     DiT,
@@ -47,7 +43,7 @@ from ldm.models.dit import (  # noqa: E402
     dit_forward_flops,
     timestep_embedding,
 )
-from ldm.runtime import tune_cpu_allocator  # noqa: E402
+from ldm.runtime import synchronize, tune_cpu_allocator
 
 
 def build_diffusers_dit(config: DiTConfig) -> torch.nn.Module:
@@ -135,11 +131,6 @@ def random_batch(config: DiTConfig, n: int, device: torch.device) -> dict[str, t
         "y": torch.randint(0, config.num_classes, (n,), device=device),
         "target": torch.randn(n, config.out_channels, config.input_size, config.input_size, device=device),
     }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_call(fn: Callable[[], None], device: torch.device) -> float:

@@ -28,13 +28,10 @@ import platform
 import statistics
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.dit import (  # noqa: E402
+from bench.dit import (
     build_diffusers_dit,
     check_same_function,
     interleaved_timings,
@@ -42,9 +39,9 @@ from bench.dit import (  # noqa: E402
     matmul_peak_flops,
     random_batch,
     randomize_,
-    synchronize,
 )
-from ldm.models.dit import DIT_PRESETS, DiT, dit_config, dit_forward_flops  # noqa: E402
+from ldm.models.dit import DIT_PRESETS, DiT, dit_config, dit_forward_flops
+from ldm.runtime import synchronize
 
 PRECISIONS = {  # name: (matmul precision for float32, autocast dtype or None)
     "tf32": ("high", None),

@@ -31,7 +31,6 @@ import gc
 import multiprocessing
 import os
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -40,15 +39,13 @@ from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ldm.artifacts import ArtifactStore, write_atomic  # noqa: E402
-from ldm.evaluation import measure_samples, sample_reference  # noqa: E402
-from ldm.generation import model_calls  # noqa: E402
-from ldm.images import CurvePanel, save_curve_panels  # noqa: E402
-from ldm.quantize import weight_bytes  # noqa: E402
-from ldm.runtime import tune_cpu_allocator  # noqa: E402
-from pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm.artifacts import ArtifactStore, write_atomic
+from ldm.evaluation import measure_samples, sample_reference
+from ldm.generation import model_calls
+from ldm.images import CurvePanel, save_curve_panels
+from ldm.quantize import weight_bytes
+from ldm.runtime import tune_cpu_allocator
+from pipeline import LatentDiffusionPipeline
 
 DEFAULT_SETTINGS = ("flow-heun:10", "flow-heun:5", "flow-euler:20", "flow-heun:10:int8", "flow-heun:5:int8",
                     "flow-heun:10:bf16", "flow-heun:10:cache0.3", "flow-euler:20:cache0.3", "flow-heun:10:int8:cache0.3")

@@ -20,25 +20,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.dit import (  # noqa: E402
+from bench.dit import (
     build_diffusers_dit,
     copy_weights_to_diffusers,
     randomize_,
-    synchronize,
 )
-from ldm.diffusion.schedules import DiffusionConfig  # noqa: E402
-from ldm.generation import SamplingSettings, sample_latents  # noqa: E402
-from ldm.models.dit import DIT_PRESETS, DiT, dit_config  # noqa: E402
-from ldm.runtime import tune_cpu_allocator  # noqa: E402
+from ldm.diffusion.schedules import DiffusionConfig
+from ldm.generation import SamplingSettings, sample_latents
+from ldm.models.dit import DIT_PRESETS, DiT, dit_config
+from ldm.runtime import synchronize, tune_cpu_allocator
 
 
 def diffusers_scheduler(num_timesteps: int):

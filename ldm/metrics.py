@@ -27,6 +27,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from ldm.data import iterate_images
 from ldm.losses.lpips import MissingWeightsError, PerceptualConfig, build_lpips, resolve_backbone_file
+from ldm.runtime import synchronize
 
 # The converted TF Inception-v3 (2015-12-05 graph) that torch-fidelity, and through it
 # torchmetrics, use for FID. torch.hub would save the URL's file under its own basename.
@@ -344,12 +345,7 @@ def frechet_distance_of(
 
 def throughput(fn: Callable[[], object], items_per_call: int, repeats: int = 5, warmup: int = 1) -> float:
     """Items per second of fn(), the median over `repeats` timed calls after `warmup` untimed ones."""
-
-    def synchronize() -> None:
-        # CUDA kernels run asynchronously; without a sync the clock stops before the work does.
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
+    # CUDA kernels run asynchronously; without a sync the clock stops before the work does.
     for _ in range(warmup):
         fn()
     seconds = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import re
 
 import torch
 
@@ -47,7 +48,38 @@ def tune_cpu_allocator() -> bool:
     return _tuned
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued kernels (CUDA runs them asynchronously) before a clock is read; a no-op elsewhere."""
-    if device.type == "cuda":
+def synchronize(device: torch.device | None = None) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously) before a clock is read; a no-op elsewhere.
+
+    device None: the current CUDA device when CUDA is in use.
+    """
+    if device is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    elif device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+DEVICE_FORMS = "cpu, cuda, cuda:N or mps"
+
+
+def check_device(name: str) -> str:
+    """Return `name` when it is a device this machine has (cpu, cuda, cuda:N, mps); else ValueError saying why.
+
+    Checked where a device is chosen (a command's --device, the pipeline's device), so that a typo or a
+    missing GPU is one line before any model loads, not a CUDA traceback halfway through.
+    """
+    match = re.fullmatch(r"(cpu|mps|cuda)(?::(\d+))?", name.strip()) if isinstance(name, str) else None
+    if match is None or (match[2] is not None and match[1] != "cuda"):
+        raise ValueError(f"unknown device {name!r}: use {DEVICE_FORMS}")
+    kind, index = match[1], match[2]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {name!r}: CUDA is not available here ({why}); use cpu")
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA devices (cuda:0 to cuda:{count - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS (Apple GPUs) is not available here; use cpu")
+    return name.strip()

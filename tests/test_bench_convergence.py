@@ -2,7 +2,6 @@
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -15,10 +14,9 @@ from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.classifier import Classifier, ClassifierConfig
 from stages.encode import EncodeConfig, encode
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import convergence
 
-from bench import convergence  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY_RECIPE = ("tiny=configs/fmnist/diffusion-quick.yaml:model.in_channels=4,model.depth=1,model.hidden_size=32,model.num_heads=2,"
                "trainer.batch_size=16,trainer.log_every=1")
