@@ -183,6 +183,16 @@ def test_ldm_data_is_searched_first_as_the_folder_or_its_fashion_mnist_child(tmp
     assert ensure_fmnist(download=False) == folder
 
 
+def test_every_data_set_looks_in_its_ldm_data_child_then_ldm_data_then_the_system_then_the_cache(tmp_path, monkeypatch):
+    from ldm.data import sound
+
+    monkeypatch.setenv("LDM_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data, cache = tmp_path / "data", tmp_path / "cache" / "ldm"
+    assert fmnist.candidate_dirs() == [data / "fashion-mnist", data, fmnist.SYSTEM_DIR, cache / "fashion-mnist"]
+    assert sound.candidate_dirs() == [data / "fsdd", data, cache / "fsdd"]
+
+
 @needs_fmnist
 def test_an_explicit_folder_is_the_only_place_searched(tmp_path):
     folder = fmnist_copy(tmp_path / "mine")

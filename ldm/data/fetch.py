@@ -7,13 +7,23 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 
 def user_cache_dir(name: str) -> Path:
     """The user cache folder of data set `name`, where downloads go (``XDG_CACHE_HOME`` respected)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "ldm" / name
+
+
+def search_dirs(name: str, system: Sequence[Path] = ()) -> list[Path]:
+    """The folders data set `name` is looked for in, in order: ``$LDM_DATA/<name>``, ``$LDM_DATA`` itself
+    (when set), the `system` folders, the user cache."""
+    dirs = []
+    if os.environ.get("LDM_DATA"):
+        env = Path(os.environ["LDM_DATA"]).expanduser()
+        dirs += [env / name, env]
+    return dirs + list(system) + [user_cache_dir(name)]
 
 
 def stream_download(url: str, out: BinaryIO, label: str, timeout: float) -> int:

@@ -2,7 +2,7 @@
 
 The four files are searched for, in order, in
   1. an explicit ``root`` argument (only there, when given),
-  2. ``$LDM_DATA`` itself, then ``$LDM_DATA/fashion-mnist``,
+  2. ``$LDM_DATA/fashion-mnist``, then ``$LDM_DATA`` itself,
   3. ``/usr/share/datasets/fashion-mnist`` (Debian/Ubuntu package ``dataset-fashion-mnist``),
   4. the user cache ``$XDG_CACHE_HOME/ldm/fashion-mnist`` (default ``~/.cache/ldm/fashion-mnist``).
 Either the gzipped files or their decompressed form are accepted.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ldm.artifacts import plain_mode
-from ldm.data.fetch import stream_download, user_cache_dir
+from ldm.data.fetch import search_dirs, stream_download, user_cache_dir
 
 FMNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -147,13 +147,7 @@ def _cache_dir() -> Path:
 
 def candidate_dirs(root: Optional[str | Path] = None) -> list[Path]:
     """Return the folders searched for the four files, in order."""
-    if root is not None:
-        return [Path(root).expanduser()]
-    dirs = []
-    if os.environ.get("LDM_DATA"):
-        env = Path(os.environ["LDM_DATA"]).expanduser()
-        dirs += [env, env / "fashion-mnist"]
-    return dirs + [SYSTEM_DIR, _cache_dir()]
+    return [Path(root).expanduser()] if root is not None else search_dirs("fashion-mnist", system=[SYSTEM_DIR])
 
 
 def _file_in(folder: Path, stem: str) -> Optional[Path]:

@@ -36,9 +36,9 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from ldm.artifacts import plain_mode
+from ldm.artifacts import plain_mode, sha256_file
 from ldm.audio import read_wav
-from ldm.data.fetch import stream_download, user_cache_dir
+from ldm.data.fetch import search_dirs, stream_download, user_cache_dir
 
 FSDD_SOURCE = "github.com/Jakobovski/free-spoken-digit-dataset"
 FSDD_COMMIT = "26eb9aaf76e81b692f806f9140c2d2777410d7a1"  # 2024-05-02
@@ -86,10 +86,6 @@ def _load_clips(files: list[Path], length: int, sample_rate: int, normalize: boo
 # ----------------------------------------------------------------------------- FSDD: checksums
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def listing_sha256(hashes: dict[str, str]) -> str:
     """Return the sha256 of the canonical listing of ``{recording name: sha256}`` (see FSDD_LISTING_SHA256)."""
     lines = sorted(f"{digest}  recordings/{name}\n" for name, digest in hashes.items())
@@ -128,7 +124,7 @@ def _recordings(folder: Path) -> list[Path]:
 def verify_fsdd(folder: str | Path) -> dict[str, str]:
     """Return ``{recording name: sha256}`` of ``folder/recordings``, checked against ``folder/SHA256SUMS`` if there."""
     folder = Path(folder)
-    hashes = {path.name: _sha256(path) for path in _recordings(folder)}
+    hashes = {path.name: sha256_file(path) for path in _recordings(folder)}
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         if len(hashes) != FSDD_NUM_FILES:
@@ -165,11 +161,7 @@ def candidate_dirs(root: Optional[str | Path] = None) -> list[Path]:
     if root is not None:
         root = Path(root).expanduser()
         return [root.parent if root.name == "recordings" and not (root / "recordings").is_dir() else root]
-    dirs = []
-    if os.environ.get("LDM_DATA"):
-        env = Path(os.environ["LDM_DATA"]).expanduser()
-        dirs += [env / "fsdd", env]
-    return dirs + [_cache_dir()]
+    return search_dirs("fsdd")
 
 
 def _holds_recordings(folder: Path) -> bool:

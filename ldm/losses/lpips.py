@@ -18,7 +18,6 @@ machine, but not the LPIPS metric, and `describe()` / `is_standard` say so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -30,6 +29,8 @@ import lpips
 import torch
 from torch import Tensor, nn
 from torchvision import models as tv_models
+
+from ldm.artifacts import sha256_file
 
 
 @dataclass
@@ -105,14 +106,6 @@ def lpips_heads_path(net: str) -> Path:
     return Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _missing_backbone_message(config: PerceptualConfig, backbone: Backbone, looked_at: Path) -> str:
     hub_dir = hub_checkpoint_dir()
     return (
@@ -179,7 +172,7 @@ class PerceptualLoss(nn.Module):
         self.backbone_source = backbone_source  # None for a random backbone
         self.backbone_verified = False
         if backbone_source is not None:
-            self.backbone_verified = _sha256(backbone_source).startswith(BACKBONES[config.net].sha256_prefix)
+            self.backbone_verified = sha256_file(backbone_source).startswith(BACKBONES[config.net].sha256_prefix)
             if not self.backbone_verified:
                 warnings.warn(
                     f"{backbone_source} is not torchvision's {BACKBONES[config.net].filename} (sha256 differs): "
