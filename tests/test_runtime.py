@@ -11,7 +11,7 @@ glibc_only = pytest.mark.skipif(
 )
 
 # Page faults taken by the last of 12 alloc + fill + free rounds of a 36 MB float32 tensor (over
-# glibc's 32 MiB cap on its mmap threshold). Not the first rounds: glibc's posix_memalign, which
+# glibc's 32 MiB cap on its mmap threshold). Not the first ones: glibc's posix_memalign, which
 # PyTorch allocates with, keeps each round's small alignment fragment in a per-thread cache that
 # holds 7, and until it is full those fragments stop the freed buffers from merging into one that fits.
 FAULTS_OF_A_REPEATED_LARGE_BUFFER = """
