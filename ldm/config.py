@@ -20,6 +20,64 @@ class ConfigError(ValueError):
     """A config file or override that does not fit its dataclass."""
 
 
+BRIEF_LIMIT = 80  # characters of a value an error message echoes
+
+
+def brief(value: Any, limit: int = BRIEF_LIMIT) -> str:
+    """Return repr(value), cut to `limit` characters with an ellipsis, so an echoed value cannot flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _few(names: typing.Iterable[Any], n: int = 10) -> str:
+    """The first `n` names, each cut short, and how many there are in all."""
+    names = sorted(str(name) for name in names)
+    shown = ", ".join(name if len(name) <= BRIEF_LIMIT else name[: BRIEF_LIMIT - 3] + "..." for name in names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, less aliases and tags: a config is plain data written out.
+
+    An alias lets a few hundred bytes of nested anchors expand to gigabytes ("billion laughs"), and a
+    tag names a type to construct; neither has a use in a config, so both are refused where they occur.
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in configs: write the value out", event.start_mark)
+        tag = getattr(event, "tag", None)
+        if tag is not None:
+            shown = tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML tags are not allowed in configs (found {brief(shown)}): give plain values",
+                event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, source: str, column_offset: int = 0) -> Any:
+    """Return the plain data of YAML `text`, or raise a one-line ConfigError naming `source`, the place and the problem.
+
+    `column_offset` is added to columns of the first line (an override's value starts after `key=`).
+    """
+
+    def place(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1 + (column_offset if mark.line == 0 else 0)}"
+
+    try:
+        return yaml.load(text, Loader=_ConfigLoader)
+    except yaml.MarkedYAMLError as err:
+        where = f" {place(err.problem_mark)}:" if err.problem_mark is not None else ""
+        context = ""
+        if err.context:  # e.g. "while parsing a flow sequence", where that began
+            context = f" ({err.context}" + (f" at {place(err.context_mark)}" if err.context_mark is not None else "") + ")"
+        raise ConfigError(f"{source}:{where} {err.problem or 'invalid YAML'}{context}") from None
+    except yaml.YAMLError as err:  # ReaderError: a character YAML does not allow
+        raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None
+
+
 @dataclass
 class TrainerConfig:
     """How a stage is trained: everything Lightning's Trainer and the data loader need."""
@@ -88,17 +146,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {brief(value)} fits none of {tp}")
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
         value = _expand_preset(value, tp, where)
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {brief(value)}")
         return from_dict(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {brief(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
@@ -106,22 +164,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {brief(value)}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {brief(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {brief(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {brief(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -130,11 +188,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {brief(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {brief(value)}")
     return value
 
 
@@ -150,8 +208,8 @@ def _expand_preset(value: Any, tp: type, where: str) -> Any:
         return value
     if presets is None:
         raise ConfigError(f"{where}: {tp.__name__} has no presets; give its fields instead")
-    if name not in presets:
-        raise ConfigError(f"{where}: unknown preset {name!r}; presets: {', '.join(presets)}")
+    if not isinstance(name, str) or name not in presets:
+        raise ConfigError(f"{where}: unknown preset {brief(name)}; presets: {', '.join(presets)}")
     fields = to_dict(presets[name])
     if isinstance(value, dict):
         fields.update({k: v for k, v in value.items() if k != "preset"})
@@ -161,14 +219,14 @@ def _expand_preset(value: Any, tp: type, where: str) -> Any:
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Return a `cls` instance filled from `data`; unknown keys are an error naming the valid ones."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {brief(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = [key for key in data if key not in fields]  # YAML keys may be numbers: compared, not sorted
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)} in {cls.__name__}; "
+            f"unknown config key(s) {_few(f'{prefix}{k}' for k in unknown)} in {cls.__name__}; "
             f"valid keys: {', '.join(sorted(fields))}"
         )
     kwargs = {
@@ -200,7 +258,7 @@ def to_dict(config: Any) -> dict:
 def set_key(data: dict, override: str) -> None:
     """Apply one `a.b.c=value` override to a nested dict; the value is parsed as YAML."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value (for example trainer.max_steps=500)")
+        raise ConfigError(f"override {brief(override)} must look like key=value (for example trainer.max_steps=500)")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
     node = data
@@ -209,8 +267,8 @@ def set_key(data: dict, override: str) -> None:
             node[part] = {"preset": node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+            raise ConfigError(f"override {brief(override)}: {part} is not a section")
+    node[parts[-1]] = parse_yaml(raw, f"override {brief(override)}", column_offset=len(key) + 1)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> T:
@@ -220,7 +278,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a config is a YAML file") from None
+        data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     for override in overrides:
