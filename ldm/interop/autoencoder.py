@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm.config import brief
 from ldm.data.latents import LatentStats
 from ldm.interop.checkpoints import (
     ExportReport,
@@ -23,7 +24,9 @@ from ldm.interop.checkpoints import (
     _tensors_only,
     _with_overrides,
     _write_diffusers_folder,
+    check_count,
     check_layout,
+    config_int,
     read_checkpoint,
     read_json,
 )
@@ -65,8 +68,11 @@ def autoencoder_config_from_diffusers(config_json: dict) -> AutoencoderConfig:
 
     class_name = config_json.get("_class_name", "AutoencoderKL")
     if class_name != "AutoencoderKL":
-        raise ValueError(f"_class_name is {class_name!r}: only diffusers' AutoencoderKL maps onto our KL autoencoder")
-    widths = [int(w) for w in get("block_out_channels")]
+        raise ValueError(f"_class_name is {brief(class_name)}: only diffusers' AutoencoderKL maps onto our KL autoencoder")
+    for key in ("block_out_channels", "down_block_types", "up_block_types"):
+        if not isinstance(get(key), list) or not get(key):
+            raise ValueError(f"{key} must be a non-empty list, got {brief(get(key))}")
+    widths = [config_int(w, f"block_out_channels[{i}]") for i, w in enumerate(get("block_out_channels"))]
     down, up = list(get("down_block_types")), list(get("up_block_types"))
     if len(down) != len(widths) or len(up) != len(widths):
         raise ValueError(
@@ -74,36 +80,37 @@ def autoencoder_config_from_diffusers(config_json: dict) -> AutoencoderConfig:
             f"must have one entry per level"
         )
     if any(t != "DownEncoderBlock2D" for t in down):
-        raise ValueError(f"down_block_types {down}: our encoder levels are DownEncoderBlock2D only (no attention inside levels)")
+        raise ValueError(f"down_block_types {brief(down)}: our encoder levels are DownEncoderBlock2D only (no attention inside levels)")
     if any(t != "UpDecoderBlock2D" for t in up):
-        raise ValueError(f"up_block_types {up}: our decoder levels are UpDecoderBlock2D only (no attention inside levels)")
+        raise ValueError(f"up_block_types {brief(up)}: our decoder levels are UpDecoderBlock2D only (no attention inside levels)")
     ch = widths[0]
     if any(w % ch for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first entry; ours are ch * ch_mult")
+        raise ValueError(f"block_out_channels {brief(widths)} are not multiples of the first entry; ours are ch * ch_mult")
     if get("act_fn") != "silu":
-        raise ValueError(f"act_fn is {get('act_fn')!r}; our autoencoder uses silu")
+        raise ValueError(f"act_fn is {brief(get('act_fn'))}; our autoencoder uses silu")
     for key in ("use_quant_conv", "use_post_quant_conv"):
         if not get(key):
             raise ValueError(f"{key} is false; our autoencoder always has the 1x1 quant_conv and post_quant_conv")
-    groups = int(get("norm_num_groups"))
+    groups = config_int(get("norm_num_groups"), "norm_num_groups")
     if any(w % groups for w in widths):
-        raise ValueError(f"norm_num_groups {groups} does not divide every width of block_out_channels {widths}")
+        raise ValueError(f"norm_num_groups {groups} does not divide every width of block_out_channels {brief(widths)}")
     size = get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
-            raise ValueError(f"sample_size {size} is not square; our configs have one resolution")
+            raise ValueError(f"sample_size {brief(size)} is not square; our configs have one resolution")
         size = size[0]
-    in_channels, out_channels = int(get("in_channels")), int(get("out_channels"))
+    size = config_int(size, "sample_size")
+    in_channels, out_channels = (config_int(get(key), key) for key in ("in_channels", "out_channels"))
     try:
         return AutoencoderConfig(
             in_channels=in_channels,
             out_channels=None if out_channels == in_channels else out_channels,
-            resolution=int(size),
+            resolution=size,
             ch=ch,
             ch_mult=tuple(w // ch for w in widths),
-            num_res_blocks=int(get("layers_per_block")),
+            num_res_blocks=config_int(get("layers_per_block"), "layers_per_block"),
             attn_at_lowest=bool(get("mid_block_add_attention")),
-            latent_channels=int(get("latent_channels")),
+            latent_channels=config_int(get("latent_channels"), "latent_channels"),
             norm_groups=groups,
         )
     except ValueError as err:
@@ -248,17 +255,22 @@ def load_diffusers_autoencoder(path: PathLike, overrides: dict[str, Any] | None 
     `overrides`: AutoencoderConfig fields replacing those derived from config.json (e.g. resolution).
     """
     folder = _model_folder(path, "vae")
-    config_json = read_json(folder / "config.json")
+    config_path = folder / "config.json"
+    config_json = read_json(config_path)
     try:
         config = autoencoder_config_from_diffusers(config_json)
-    except ValueError as err:
-        raise InteropError(f"{folder / 'config.json'}: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise InteropError(f"{config_path}: {err}") from err
     config = _with_overrides(config, overrides, "model")
+    where = f"{config_path} (with the model settings given)" if overrides else str(config_path)
     weights = _diffusers_weights(folder)
     source = _modern_attention_names(_tensors_only(read_checkpoint(weights), weights, "diffusers AutoencoderKL"))
+    check_count(source, "encoder.down_blocks.", len(config.ch_mult), "block_out_channels (levels)", where)
+    check_count(source, "encoder.down_blocks.0.resnets.", config.num_res_blocks, "layers_per_block", where)
+    with torch.device("meta"):  # shapes first: the real model is built once they fit
+        expected = autoencoder_state_dict_to_diffusers(AutoencoderKL(config).state_dict(), config)
+    check_layout(source, expected, f"the weights in {weights} (for the model of {where})")
     model = AutoencoderKL(config)
-    expected = autoencoder_state_dict_to_diffusers(model.state_dict(), config)
-    check_layout(source, expected, f"the weights in {weights}", f"(model config: {config})")
     model.load_state_dict(state_dict_from_diffusers(source), strict=True)
     stats, notes = latent_stats_from_diffusers(config_json, config.latent_channels)
     return Imported(model.eval(), config, stats, notes=notes, files=[folder / "config.json", weights])
@@ -434,8 +446,10 @@ def load_compvis_autoencoder(path: PathLike, config: AutoencoderConfig = COMPVIS
     source = {k: v for k, v in source.items() if not k.startswith("loss.")}
     if dropped:
         notes.append(f"dropped {len(dropped)} loss.* tensors (LPIPS / discriminator)")
-    model = AutoencoderKL(config)
-    expected = autoencoder_state_dict_to_compvis(model.state_dict(), config)
+    check_count(source, "encoder.down.", len(config.ch_mult), "model.ch_mult (levels)", str(path))
+    check_count(source, "encoder.down.0.block.", config.num_res_blocks, "model.num_res_blocks", str(path))
+    with torch.device("meta"):  # shapes first: the real model is built once they fit
+        expected = autoencoder_state_dict_to_compvis(AutoencoderKL(config).state_dict(), config)
     hint = ""
     if any(re.match(r"^(encoder\.down|decoder\.up)\.\d+\.attn\.", k) for k in source):
         hint = ("This autoencoder has attention inside its levels (attn_resolutions, as LDM's kl-f16 / kl-f32), "
@@ -445,5 +459,6 @@ def load_compvis_autoencoder(path: PathLike, config: AutoencoderConfig = COMPVIS
         hint = f"The checkpoint's shapes suggest: {settings}"
     shape = ", ".join(f"{k}={getattr(config, k)}" for k in ("in_channels", "ch", "ch_mult", "num_res_blocks", "latent_channels"))
     check_layout(source, expected, f"the weights in {path} (read as {shape})", hint)
+    model = AutoencoderKL(config)
     model.load_state_dict(state_dict_from_compvis(source, config), strict=True)
     return Imported(model.eval(), config, None, notes=notes, files=[path])

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ldm.config import from_dict, to_dict
+from ldm.config import brief, from_dict, to_dict
 from ldm.data.latents import LatentStats
 from ldm.models.autoencoder import AutoencoderConfig
 from ldm.models.dit import DiTConfig
@@ -66,7 +66,8 @@ def _conversion_hint(path: Path, nested: tuple[str, ...]) -> str:
     if nested:
         pick += f"sd = next((sd[k] for k in {nested!r} if k in sd), sd); "
     return (
-        "If you trust the file, convert it once to safetensors and import that file instead:\n"
+        "Converting it to safetensors unpickles it (weights_only=False), which runs any code the file holds: do it only "
+        "for a file from a source you trust, once, then import the .safetensors file it writes:\n"
         f"  python -c \"import torch; from safetensors.torch import save_file; src = '{path}'; {pick}"
         "save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
         f"'{path.with_suffix('.safetensors')}')\""
@@ -150,6 +151,38 @@ def check_layout(source: dict[str, Tensor], expected: dict[str, Tensor], what: s
     bad = [key for key, tensor in source.items() if not tensor.is_floating_point()]
     if bad:
         raise InteropError(f"{what}: tensors {_few(bad)} are not floating point")
+
+
+def config_int(value: Any, key: str) -> int:
+    """`value` of a config.json's `key` as an int >= 1 (every size and count of a model is one); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {brief(value)}")
+    return value
+
+
+def check_count(source: dict[str, Tensor], prefix: str, count: int, key: str, where: str) -> None:
+    """Refuse a config whose `key` asks for `count` repeated parts when the weights hold another number of `prefix`N.
+
+    Checked before the model is built: building costs time per block even on the meta device, and a
+    config.json may ask for millions.
+    """
+    found = len({k[len(prefix):].split(".", 1)[0] for k in source if k.startswith(prefix)})
+    if found != count:
+        raise InteropError(f"{where}: {key} gives {count:,}, but the weights hold {found:,} ({prefix}N)")
+
+
+def check_computed_size(skeleton: nn.Module, where: str, cause: str) -> None:
+    """Refuse a model (built on the meta device) whose computed tables outweigh its weights and 1 GiB.
+
+    Position embeddings are computed from the input size, not read from the weight file, so a config's
+    size is the only bound on them: a sample_size of millions would ask for terabytes.
+    """
+    stored = set(skeleton.state_dict())
+    computed = sum(b.numel() * b.element_size() for name, b in skeleton.named_buffers() if name not in stored)
+    weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    if computed > max(weights, 1 << 30):
+        raise InteropError(f"{where}: {cause} asks for {computed / 1e9:,.1f} GB of position tables, more than the "
+                           f"{weights / 1e6:,.1f} MB of weights; it is not the size this model was trained at")
 
 
 def _model_folder(path: PathLike, subfolder: str) -> Path:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ldm.config import brief
 from ldm.interop.checkpoints import (
     ExportReport,
     Imported,
@@ -22,7 +23,10 @@ from ldm.interop.checkpoints import (
     _tensors_only,
     _with_overrides,
     _write_diffusers_folder,
+    check_computed_size,
+    check_count,
     check_layout,
+    config_int,
     read_checkpoint,
     read_json,
 )
@@ -147,10 +151,15 @@ def load_original_dit(path: PathLike, overrides: dict[str, Any] | None = None) -
     num_heads = overrides.pop("num_heads", None)
     config = dit_config_from_original(state, None if num_heads is None else int(num_heads))
     config = _with_overrides(config, overrides, "model")
-    model = DiT(config)
-    expected = dit_state_dict_to_original(model.state_dict(), config)
+    where = f"{path} with the model settings given" if overrides else str(path)
+    check_count(state, "blocks.", config.depth, "depth", where)
+    with torch.device("meta"):  # shapes and sizes first: the real model is built once they fit
+        skeleton = DiT(config)
+        expected = dit_state_dict_to_original(skeleton.state_dict(), config)
     check_layout(state, expected, f"the DiT weights in {path}", f"(model config: {config})")
+    check_computed_size(skeleton, where, f"input_size {config.input_size}")
     _check_pos_embed(state["pos_embed"], config, str(path))
+    model = DiT(config)
     ours = {re.sub(r"\.adaLN_modulation\.1\.", ".adaLN_modulation.", k): v for k, v in state.items() if k != "pos_embed"}
     model.load_state_dict(ours, strict=True)
     raw_ours = None
@@ -174,30 +183,32 @@ def dit_config_from_diffusers(config_json: dict) -> DiTConfig:
 
     class_name = config_json.get("_class_name", "DiTTransformer2DModel")
     if class_name not in ("DiTTransformer2DModel", "Transformer2DModel"):
-        raise ValueError(f"_class_name is {class_name!r}: expected diffusers' DiTTransformer2DModel")
+        raise ValueError(f"_class_name is {brief(class_name)}: expected diffusers' DiTTransformer2DModel")
     required = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
                 "norm_elementwise_affine": False}
     for key, value in required.items():
         if get(key) != value:
-            raise ValueError(f"{key} is {get(key)!r}; a DiT has {value!r}")
+            raise ValueError(f"{key} is {brief(get(key))}; a DiT has {value!r}")
     for key in ("cross_attention_dim", "num_vector_embeds"):
         if config_json.get(key) is not None:
-            raise ValueError(f"{key} is {config_json[key]!r}: not a class-conditional DiT (expected null)")
+            raise ValueError(f"{key} is {brief(config_json[key])}: not a class-conditional DiT (expected null)")
     if get("patch_size") is None or get("num_embeds_ada_norm") is None:
         raise ValueError("patch_size and num_embeds_ada_norm must be set for a DiT")
-    in_channels = int(get("in_channels"))
-    out_channels = int(get("out_channels") or in_channels)
+    size = {key: config_int(get(key), key) for key in ("in_channels", "num_attention_heads", "attention_head_dim",
+                                                        "sample_size", "patch_size", "num_layers", "num_embeds_ada_norm")}
+    in_channels = size["in_channels"]
+    out_channels = in_channels if get("out_channels") is None else config_int(get("out_channels"), "out_channels")
     if out_channels not in (in_channels, 2 * in_channels):
         raise ValueError(f"out_channels {out_channels} is neither in_channels {in_channels} nor twice it (learn_sigma)")
-    heads, head_dim = int(get("num_attention_heads")), int(get("attention_head_dim"))
+    heads = size["num_attention_heads"]
     return DiTConfig(
-        input_size=int(get("sample_size")),
-        patch_size=int(get("patch_size")),
+        input_size=size["sample_size"],
+        patch_size=size["patch_size"],
         in_channels=in_channels,
-        hidden_size=heads * head_dim,
-        depth=int(get("num_layers")),
+        hidden_size=heads * size["attention_head_dim"],
+        depth=size["num_layers"],
         num_heads=heads,
-        num_classes=int(get("num_embeds_ada_norm")),
+        num_classes=size["num_embeds_ada_norm"],
         learn_sigma=out_channels == 2 * in_channels,
         timestep_freq_shift=1,  # diffusers' Timesteps(downscale_freq_shift=1)
         mlp_norm_eps=float(get("norm_eps")),
@@ -289,18 +300,24 @@ def load_diffusers_dit(path: PathLike, overrides: dict[str, Any] | None = None) 
     diffusers' function.
     """
     folder = _model_folder(path, "transformer")
+    config_path = folder / "config.json"
     try:
-        config = dit_config_from_diffusers(read_json(folder / "config.json"))
-    except ValueError as err:
+        config = dit_config_from_diffusers(read_json(config_path))
+    except (TypeError, ValueError) as err:
         if isinstance(err, InteropError):
             raise
-        raise InteropError(f"{folder / 'config.json'}: {err}") from err
+        raise InteropError(f"{config_path}: {err}") from err
     config = _with_overrides(config, overrides, "model")
+    where = f"{config_path} (with the model settings given)" if overrides else str(config_path)
     weights = _diffusers_weights(folder)
     source = _tensors_only(read_checkpoint(weights), weights, "diffusers DiTTransformer2DModel")
+    check_count(source, "transformer_blocks.", config.depth, "num_layers", where)
+    with torch.device("meta"):  # shapes and sizes first: the real model is built once they fit
+        skeleton = DiT(config)
+        expected = dit_state_dict_to_diffusers(skeleton.state_dict(), config)
+    check_layout(source, expected, f"the weights in {weights} (for the model of {where})")
+    check_computed_size(skeleton, where, f"sample_size {config.input_size}")
     model = DiT(config)
-    expected = dit_state_dict_to_diffusers(model.state_dict(), config)
-    check_layout(source, expected, f"the weights in {weights}", f"(model config: {config})")
     model.load_state_dict(dit_state_dict_from_diffusers(source, config), strict=True)
     return Imported(model.eval(), config, files=[folder / "config.json", weights])
 
