@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.data.fmnist import (
     FMNIST_CLASSES, PAYLOAD_SHA256, SPLIT_FILES, FashionMNIST, check_split, ensure_fmnist, load_fmnist,
 )
-from ldm.data.folder import ON_ERROR_CHOICES, ImageFolderDataset, scan_image_folder
+from ldm.data.folder import DEFAULT_MAX_PIXELS, ON_ERROR_CHOICES, ImageFolderDataset, scan_image_folder
 from ldm.data.sound import FSDD, SoundFolderDataset, check_fsdd_split, ensure_fsdd, fsdd_fingerprint, scan_sound_folder
 
 DATASET_NAMES: tuple[str, ...] = ("fmnist", "folder", "fsdd", "soundfolder")
@@ -41,6 +41,7 @@ class DataConfig:
     channels: int = 1  # 1 (grayscale) or 3 (RGB); Fashion-MNIST is 1
     hflip: bool = False  # random horizontal flip of training items
     on_error: str = "raise"  # unreadable folder image: "raise" or "skip" (counted, warned)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # folder images larger (width x height) are refused from their header, undecoded
     num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
     download: bool = True  # fmnist, fsdd: fetch from the official source when not found locally
     length: int = 8192  # sound: samples per clip; shorter recordings are zero-padded, longer ones keep their start
@@ -57,7 +58,7 @@ class DataConfig:
             raise ValueError(f"data.path is required when data.name is '{self.name}' (the root folder of the files)")
         if self.path is not None and not isinstance(self.path, str):
             raise ValueError(f"data.path must be a string or null, got {self.path!r}")
-        for field, low in (("resolution", 8), ("num_workers", 0), ("length", 64), ("sample_rate", 1000)):
+        for field, low in (("resolution", 8), ("num_workers", 0), ("length", 64), ("sample_rate", 1000), ("max_pixels", 1)):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{field} must be an int >= {low}, got {value!r}")
@@ -127,8 +128,8 @@ def build_dataset(config: DataConfig, split: str) -> Dataset:
         return FSDD(split, length=config.length, root=config.path, download=config.download)
     if config.name == "soundfolder":
         return SoundFolderDataset(_folder_split_root(config.path, split), config.length, config.sample_rate)
-    return ImageFolderDataset(_folder_split_root(config.path, split), config.resolution,
-                              channels=config.channels, on_error=config.on_error, hflip=config.hflip)
+    return ImageFolderDataset(_folder_split_root(config.path, split), config.resolution, channels=config.channels,
+                              on_error=config.on_error, hflip=config.hflip, max_pixels=config.max_pixels)
 
 
 def iterate_images(dataset: Dataset, batch_size: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -27,6 +27,10 @@ from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
+# 4096 x 4096 = 16.8 Mpx: more than a 12 Mpx phone photo, and 16x the side this project trains at most (256
+# px), so no training image needs more. Decoded as RGB it is 50 MB per image (and per DataLoader worker);
+# a 12000 x 12000 PNG of a few kB would be 430 MB. Pillow itself only warns below 89 Mpx.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 class ImageReadError(OSError):
@@ -109,16 +113,35 @@ def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def load_image(path: str | Path, resolution: int, channels: int = 3) -> torch.Tensor:
+def _open_within(path: str | Path, max_pixels: int) -> Image.Image:
+    """Open (not decode) the image at ``path``; ImageReadError if its header gives more than ``max_pixels`` pixels."""
+    with warnings.catch_warnings():  # the cap below is the limit that counts, not Pillow's warning at 89 Mpx
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError:  # over twice Pillow's MAX_IMAGE_PIXELS: refused before we see the size
+            raise ImageReadError(f"image {path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's own limit "
+                                 f"(data.max_pixels = {max_pixels} cannot lift it): shrink the file") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageReadError(f"image {path} is {width}x{height} ({width * height / 1e6:.1f} Mpx), more than "
+                             f"data.max_pixels = {max_pixels}: shrink the file, or raise the cap (--set data.max_pixels=N)")
+    return image
+
+
+def load_image(path: str | Path, resolution: int, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Return the image at ``path`` as float32 (channels, resolution, resolution) in [-1, 1]."""
     try:
-        with Image.open(path) as image:
+        with _open_within(path, max_pixels) as image:
             image.load()  # decode now, so a truncated file fails here and not later
             image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
             image = _flatten_alpha(_to_8bit_mode(image))
             image = image.convert("RGB" if channels == 3 else "L")
             image = center_crop_resize(image, resolution)
             array = np.asarray(image, dtype=np.uint8)  # (R, R, 3) or (R, R)
+    except ImageReadError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageReadError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
     tensor = torch.from_numpy(array.copy())
@@ -130,7 +153,7 @@ class ImageFolderDataset(Dataset):
     """Images under ``root`` as (float32 (channels, R, R) in [-1, 1], label int) pairs."""
 
     def __init__(self, root: str | Path, resolution: int, channels: int = 3, on_error: str = "raise",
-                 hflip: bool = False) -> None:
+                 hflip: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         if on_error not in ON_ERROR_CHOICES:
@@ -140,6 +163,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = scan_image_folder(self.root)
         self.resolution, self.channels, self.on_error, self.hflip = resolution, channels, on_error, hflip
+        self.max_pixels = max_pixels
         self.skipped = 0  # skips seen by this process (each DataLoader worker has its own count)
         self.skipped_files: list[Path] = []
         self._bad: set[int] = set()
@@ -153,7 +177,7 @@ class ImageFolderDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                image = load_image(self.files[i], self.resolution, self.channels)
+                image = load_image(self.files[i], self.resolution, self.channels, self.max_pixels)
             except ImageReadError as err:
                 if self.on_error == "raise":
                     raise
@@ -172,7 +196,7 @@ class ImageFolderDataset(Dataset):
         bad = []
         for path in self.files:
             try:
-                load_image(path, self.resolution, self.channels)
+                load_image(path, self.resolution, self.channels, self.max_pixels)
             except ImageReadError as err:
                 bad.append((path, str(err)))
         return bad
