@@ -220,6 +220,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Return a `cls` instance filled from `data`; unknown keys are an error naming the valid ones."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {brief(data)}")
+    if hasattr(cls, "derive_keys"):  # a key set in one place that another section follows (see its docstring)
+        data = cls.derive_keys(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [key for key in data if key not in fields]  # YAML keys may be numbers: compared, not sorted
@@ -271,20 +273,54 @@ def set_key(data: dict, override: str) -> None:
     node[parts[-1]] = parse_yaml(raw, f"override {brief(override)}", column_offset=len(key) + 1)
 
 
+BASE_KEY = "base"  # a preset's `base: other.yaml` (relative to it): that preset's keys, with this one's on top
+RUN_DIR = "run_dir"  # derived from a preset's path when it gives none, never inherited from its base
+
+
+def read_preset(path: str | os.PathLike, _children: tuple[Path, ...] = ()) -> dict:
+    """Return the keys of the YAML preset at `path` with its `base:` chain merged under them (nearest preset wins)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {_children[-1]})" if _children else ""))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a config is a YAML file") from None
+    data = parse_yaml(text, str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must name another preset file, relative to this one, got {brief(base)}")
+    base_path = path.parent / base
+    if base_path.resolve() in {p.resolve() for p in (*_children, path)}:
+        chain = " -> ".join(str(p) for p in (*_children, path, base_path))
+        raise ConfigError(f"{path}: its base chain returns to itself ({chain}); a preset cannot inherit from itself")
+    inherited = read_preset(base_path, (*_children, path))
+    inherited.pop(RUN_DIR, None)  # a child's runs never go into its base's folder
+    return _merged(inherited, data)
+
+
+def _merged(base: dict, child: dict) -> dict:
+    """`base` with `child`'s keys on top: mappings merge key by key, any other value replaces the base's."""
+    merged = dict(base)
+    for key, value in child.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_maps else value
+    return merged
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: typing.Iterable[str] = ()) -> T:
-    """Return `cls` filled from the YAML file at `path` (optional) with `key=value` overrides applied."""
+    """Return `cls` filled from the YAML preset at `path` (optional; its `base:` chain merged in) with `key=value`
+    overrides applied. A preset that names no `run_dir` runs in `runs/<its folder>/<its name>`."""
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a config is a YAML file") from None
-        data = parse_yaml(text, str(path)) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+        data = read_preset(path)
+        if RUN_DIR not in data and RUN_DIR in {f.name for f in dataclasses.fields(cls)}:
+            data[RUN_DIR] = f"runs/{path.parent.name}/{path.stem}"
     for override in overrides:
         set_key(data, override)
     try:

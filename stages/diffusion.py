@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
 from ldm.config import TrainerConfig, to_dict
 from ldm.data.latents import LatentBatches, LatentCache
+from ldm.destinations import check_run_writable
 from ldm.diffusion.objectives import dispersive_block_index, training_losses
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.ema import (
@@ -36,9 +37,9 @@ from ldm.training import (
     format_seconds,
     lr_factor,
     non_finite_message,
+    open_run,
     save_loss_curves,
     seed_step,
-    start_run,
 )
 
 
@@ -92,6 +93,18 @@ class DiffusionStageConfig:
     # with a new optimizer and learning-rate schedule (a warm restart). It must have this run's model settings
     # and have been trained on this run's latent cache; the new artifact names it as a parent.
     init_from: str = ""
+
+    @staticmethod
+    def derive_keys(data: dict) -> dict:
+        """`diffusion.learn_sigma` says whether the variance is learned, so the DiT's output channels follow it:
+        a preset sets it once, under `diffusion`, and `model.learn_sigma` is that value unless given too."""
+        diffusion, model = data.get("diffusion"), data.get("model")
+        if not isinstance(diffusion, dict) or "learn_sigma" not in diffusion:
+            return data
+        model = {"preset": model} if isinstance(model, str) else {} if model is None else model
+        if not isinstance(model, dict) or "learn_sigma" in model:
+            return data
+        return {**data, "model": {**model, "learn_sigma": diffusion["learn_sigma"]}}
 
     def __post_init__(self) -> None:
         if self.model.learn_sigma != self.diffusion.learn_sigma:
@@ -287,6 +300,7 @@ def run(
 ) -> Artifact | None:
     """Train the DiT on the latent cache and return the stored `diffusion` artifact."""
     store = store or ArtifactStore()
+    check_run_writable(store, config.run_dir)  # fails now rather than after training
     cache = open_cache(store, config)
     check_model_fits_cache(config.model, cache)
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref}
@@ -335,61 +349,63 @@ def train_and_store(
 ) -> Artifact | None:
     """Open the run, train the module `make_module` builds (after the run seeded every RNG) on the cache and
     store its EMA and raw weights as a `diffusion` artifact with `parents` (default: the cache) and `metadata` added."""
-    run_dir, checkpoint = start_run(config, resume, allow_changes)
-    module = make_module()
-    module.run_dir = run_dir
-    module.batches = LatentBatches(cache, config.trainer.batch_size, seed=config.trainer.seed)
-    autoencoder = load_autoencoder(store.load(cache.autoencoder_ref, stage="autoencoder"))
-    module.decoder = (autoencoder, cache.stats)
-    loader = DataLoader(module.batches, batch_size=None, num_workers=0)
-    params = sum(p.numel() for p in module.model.parameters())
-    print(f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, objective {config.diffusion.objective} "
-          f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
-          f"{len(cache)} cached images from {cache.artifact.ref}")
-    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, module.batches, callbacks,
-                        gradient_clip_val=config.trainer.grad_clip or None)
-    if trained is None:
-        return None
-    trainer, seconds = trained
-    steps_this_run = trainer.global_step - module.start_step
-    final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    grid = module.save_preview("samples-final.png")
-    curves = save_loss_curves(run_dir, ["train/loss", "train/mse"], run_dir / "loss.png", "diffusion loss")
-    images_per_s = steps_this_run * config.trainer.batch_size / seconds if steps_this_run else 0.0
-    artifact = store.save(
-        "diffusion",
-        tensors={"weights.safetensors": module.ema.state_dict(), "raw.safetensors": module.model.state_dict()},
-        config=to_dict(config),
-        parents=parents or {"latents": cache.artifact.ref},
-        data_fingerprint=cache.artifact.manifest.get("data_fingerprint"),
-        metadata={
-            "autoencoder": cache.autoencoder_ref,
-            "latent_stats": cache.stats.to_dict(),
-            "latent_shape": list(cache.latent_shape),
-            "num_classes": config.model.num_classes,
-            "weights": "weights.safetensors holds the EMA weights (for sampling); raw.safetensors the trained ones",
-            "training": {
-                "steps": trainer.global_step,
-                "batch_size": config.trainer.batch_size,
-                "seconds_this_run": round(seconds, 1),
-                "latent_images_per_s": round(images_per_s, 1),
-                "final": final,
-                "run_dir": str(run_dir),
-                **({"posthoc_ema": posthoc_ema_record(config, run_dir)} if config.posthoc_ema else {}),
+    with open_run(config, resume, allow_changes) as (run_dir, checkpoint):
+        module = make_module()
+        module.run_dir = run_dir
+        module.batches = LatentBatches(cache, config.trainer.batch_size, seed=config.trainer.seed)
+        autoencoder = load_autoencoder(store.load(cache.autoencoder_ref, stage="autoencoder"))
+        module.decoder = (autoencoder, cache.stats)
+        loader = DataLoader(module.batches, batch_size=None, num_workers=0)
+        params = sum(p.numel() for p in module.model.parameters())
+        print(f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, objective {config.diffusion.objective} "
+              f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
+              f"{len(cache)} cached images from {cache.artifact.ref}")
+        trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, module.batches, callbacks,
+                            gradient_clip_val=config.trainer.grad_clip or None)
+        if trained is None:
+            return None
+        trainer, seconds = trained
+        steps_this_run = trainer.global_step - module.start_step
+        final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        grid = module.save_preview("samples-final.png")
+        curves = save_loss_curves(run_dir, ["train/loss", "train/mse"], run_dir / "loss.png", "diffusion loss")
+        # None when a resume found the run finished: it trained nothing, and has no throughput.
+        images_per_s = round(steps_this_run * config.trainer.batch_size / seconds, 1) if steps_this_run else None
+        artifact = store.save(
+            "diffusion",
+            tensors={"weights.safetensors": module.ema.state_dict(), "raw.safetensors": module.model.state_dict()},
+            config=to_dict(config),
+            parents=parents or {"latents": cache.artifact.ref},
+            data_fingerprint=cache.artifact.manifest.get("data_fingerprint"),
+            metadata={
+                "autoencoder": cache.autoencoder_ref,
+                "latent_stats": cache.stats.to_dict(),
+                "latent_shape": list(cache.latent_shape),
+                "num_classes": config.model.num_classes,
+                "weights": "weights.safetensors holds the EMA weights (for sampling); raw.safetensors the trained ones",
+                "training": {
+                    "steps": trainer.global_step,
+                    "batch_size": config.trainer.batch_size,
+                    "seconds_this_run": round(seconds, 1),
+                    "latent_images_per_s": images_per_s,
+                    "final": final,
+                    "run_dir": str(run_dir),
+                    **({"posthoc_ema": posthoc_ema_record(config, run_dir)} if config.posthoc_ema else {}),
+                },
+                **(metadata or {}),
             },
-            **(metadata or {}),
-        },
-    )
-    print(f"\nwrote {artifact.ref}  ({artifact.path})")
-    print(f"  {trainer.global_step} steps, {format_seconds(seconds)} this run, {images_per_s:.0f} latents/s, "
-          f"final loss {final.get('loss', float('nan')):.4f}")
-    print(f"  samples: {grid}   loss curve: {curves}")
-    if config.posthoc_ema:
-        record = artifact.manifest["training"]["posthoc_ema"]
-        print(f"  post-hoc EMA: {len(record['snapshot_steps'])} snapshots of sigma_rel {config.posthoc_ema} in "
-              f"{record['snapshots']} ({record['bytes'] / 2**20:.1f} MiB, kept there, not in the artifact); "
-              f"ldm ema --model {artifact.ref} --sigma-rel ... reconstructs and measures other EMA lengths")
-    return artifact
+        )
+        print(f"\nwrote {artifact.ref}  ({artifact.path})")
+        this_run = (f", {format_seconds(seconds)} this run, {images_per_s:.0f} latents/s, final loss {final['loss']:.4f}"
+                    if images_per_s is not None and "loss" in final else "")
+        print(f"  {trainer.global_step} steps{this_run}")
+        print(f"  samples: {grid}   loss curve: {curves}")
+        if config.posthoc_ema:
+            record = artifact.manifest["training"]["posthoc_ema"]
+            print(f"  post-hoc EMA: {len(record['snapshot_steps'])} snapshots of sigma_rel {config.posthoc_ema} in "
+                  f"{record['snapshots']} ({record['bytes'] / 2**20:.1f} MiB, kept there, not in the artifact); "
+                  f"ldm ema --model {artifact.ref} --sigma-rel ... reconstructs and measures other EMA lengths")
+        return artifact
 
 
 def posthoc_ema_record(config: DiffusionStageConfig, run_dir: Path) -> dict:

@@ -1,0 +1,88 @@
+"""Presets: `base:` inheritance, run folders derived from the preset's path, and every shipped preset resolving to
+the configuration it had before presets inherited (tests/data/presets-resolved.json)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ldm.config import ConfigError, load_config, to_dict
+from stages.autoencoder import AutoencoderStageConfig
+from stages.classifier import ClassifierStageConfig
+from stages.diffusion import DiffusionStageConfig
+from stages.distill import DistillStageConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+RESOLVED = json.loads((ROOT / "tests/data/presets-resolved.json").read_text())
+# The decoder fine-tunes refuse to load without the autoencoder they fine-tune.
+NEEDS_INIT_FROM = {"configs/fmnist/autoencoder-gan.yaml", "configs/fmnist/autoencoder-fast-gan.yaml"}
+
+
+def stage_config(name: str) -> type:
+    stem = Path(name).stem
+    if stem.startswith("distill"):
+        return DistillStageConfig
+    if stem.startswith("diffusion"):
+        return DiffusionStageConfig
+    return ClassifierStageConfig if stem.startswith("classifier") else AutoencoderStageConfig
+
+
+def test_every_preset_is_recorded_and_nothing_recorded_is_missing():
+    shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
+    assert shipped == set(RESOLVED)
+
+
+@pytest.mark.parametrize("name", sorted(RESOLVED))
+def test_each_preset_resolves_to_the_configuration_it_had_before_inheritance(name):
+    overrides = ["init_from=autoencoder@stand-in"] if name in NEEDS_INIT_FROM else []
+    config = load_config(stage_config(name), ROOT / name, overrides)
+    assert json.loads(json.dumps(to_dict(config))) == RESOLVED[name]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_child_overrides_its_base_key_by_key_and_runs_in_its_own_folder(tmp_path):
+    write(tmp_path / "presets/base.yaml", "model: {preset: DiT-T/2, in_channels: 8}\ndiffusion: {learn_sigma: false}\n"
+                                          "trainer: {max_steps: 100, lr: 0.001}\n"
+                                          "run_dir: runs/elsewhere\n")
+    child = write(tmp_path / "presets/child.yaml", "base: base.yaml\ntrainer: {max_steps: 7}\n")
+    config = load_config(DiffusionStageConfig, child)
+    assert (config.trainer.max_steps, config.trainer.lr) == (7, 0.001)  # merged within trainer
+    assert (config.model.in_channels, config.model.depth) == (8, load_config(DiffusionStageConfig, tmp_path / "presets/base.yaml").model.depth)
+    assert config.run_dir == "runs/presets/child"  # derived, never the base's folder
+    assert load_config(DiffusionStageConfig, child, ["run_dir=mine"]).run_dir == "mine"
+
+
+def test_a_base_chain_is_followed_relative_to_each_file(tmp_path):
+    write(tmp_path / "a/root.yaml", "trainer: {lr: 0.5, max_steps: 3}\n")
+    write(tmp_path / "b/middle.yaml", "base: ../a/root.yaml\ntrainer: {max_steps: 4}\n")
+    leaf = write(tmp_path / "c/leaf.yaml", "base: ../b/middle.yaml\ntrainer: {batch_size: 8}\n")
+    trainer = load_config(ClassifierStageConfig, leaf).trainer
+    assert (trainer.lr, trainer.max_steps, trainer.batch_size) == (0.5, 4, 8)
+
+
+def test_a_base_that_returns_to_itself_is_refused_naming_the_chain(tmp_path):
+    write(tmp_path / "one.yaml", "base: two.yaml\n")
+    write(tmp_path / "two.yaml", "base: one.yaml\n")
+    with pytest.raises(ConfigError, match=r"returns to itself .*one.yaml -> .*two.yaml -> .*one.yaml"):
+        load_config(ClassifierStageConfig, tmp_path / "one.yaml")
+
+
+def test_a_missing_or_malformed_base_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"gone.yaml does not exist \(the base of .*child.yaml\)"):
+        load_config(ClassifierStageConfig, write(tmp_path / "child.yaml", "base: gone.yaml\n"))
+    with pytest.raises(ConfigError, match="base must name another preset file"):
+        load_config(ClassifierStageConfig, write(tmp_path / "bad.yaml", "base: [a.yaml]\n"))
+
+
+def test_learn_sigma_is_set_once_under_diffusion_and_the_dit_follows(tmp_path):
+    learned = write(tmp_path / "learned.yaml", "model: DiT-T/2\ndiffusion: {learn_sigma: true}\n")
+    fixed = write(tmp_path / "fixed.yaml", "model: {preset: DiT-S/2}\ndiffusion: {learn_sigma: false}\n")
+    assert load_config(DiffusionStageConfig, learned).model.learn_sigma is True  # DiT-T/2 alone predicts no variance
+    assert load_config(DiffusionStageConfig, fixed).model.learn_sigma is False  # DiT-S/2 alone does
+    with pytest.raises(ConfigError, match="must agree"):  # an explicit disagreement is still refused
+        load_config(DiffusionStageConfig, fixed, ["model.learn_sigma=true"])
