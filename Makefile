@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev,bench]'
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -19,3 +19,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -ra
+
+# Every test but those marked slow (end-to-end training, subprocesses, DDP, benches): a few minutes on two cores.
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -ra -m "not slow"

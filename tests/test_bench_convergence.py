@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import needs_fmnist
@@ -22,6 +23,7 @@ TINY_RECIPE = ("tiny=configs/fmnist/diffusion-quick.yaml:model.in_channels=4,mod
                "trainer.batch_size=16,trainer.log_every=1")
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_convergence_bench_writes_rows_of_both_lines_at_the_evaluation_points_and_the_plot(tmp_path):
     store = ArtifactStore(tmp_path / "store")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import needs_fmnist
+from conftest import ROOT, TINY_DIT, needs_fmnist, toy_average_velocity, toy_slope
 from ldm.artifacts import ArtifactError
 from ldm.config import load_config
 from ldm.diffusion.distill import DistillConfig, distillation_target, guided_velocity, sample_intervals
@@ -17,12 +17,10 @@ from ldm.training import read_metrics
 from stages import diffusion, distill
 from stages.cli import main
 from stages.encode import EncodeConfig, encode
-from test_inference import toy_average_velocity, toy_slope
-from test_stage_diffusion import ROOT, TINY_DIT, store_with_cache  # noqa: F401 (a fixture)
 
 
 def toy_velocity(x, t, y):
-    """The toy's flow velocity in flow time (test_inference's Gaussian: every trajectory scales as s_t)."""
+    """The toy's flow velocity in flow time (conftest's Gaussian toy: every trajectory scales as s_t)."""
     return toy_slope(t, t).view(-1, *[1] * (x.ndim - 1)) * x
 
 
@@ -148,7 +146,7 @@ def test_a_student_with_guidance_built_in_refuses_guidance_again():
 
 
 @pytest.fixture(scope="module")
-def teacher(store_with_cache, tmp_path_factory):  # noqa: F811
+def teacher(store_with_cache, tmp_path_factory):
     """A briefly trained tiny rectified-flow teacher on the fixture's cache."""
     store, _, cache = store_with_cache
     root = tmp_path_factory.mktemp("teacher")
@@ -163,8 +161,9 @@ def distill_config(tmp_path, teacher, *extra):
                         "trainer.progress=false", f"run_dir={tmp_path / 'run'}", *extra])
 
 
+@pytest.mark.slow
 @needs_fmnist
-def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path, store_with_cache, teacher):  # noqa: F811
+def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path, store_with_cache, teacher):
     store = store_with_cache[0]
     config = distill_config(tmp_path, teacher, "trainer.max_steps=60", "distill.finest_steps=4", "trainer.lr=2e-3",
                             "trainer.warmup_steps=5")
@@ -205,8 +204,9 @@ def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path
     assert refused.exit_code != 0 and "--cfg 1" in refused.output
 
 
+@pytest.mark.slow
 @needs_fmnist
-def test_distill_refuses_a_teacher_of_other_latents_and_student_settings(tmp_path, store_with_cache, teacher):  # noqa: F811
+def test_distill_refuses_a_teacher_of_other_latents_and_student_settings(tmp_path, store_with_cache, teacher):
     store, ae, _ = store_with_cache
     other = encode(store, ae.ref, EncodeConfig(limit=600, batch_size=300, shard_size=600))
     assert other.ref != teacher.parents["latents"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import needs_fmnist
+from conftest import CrashAt, dit_config, needs_fmnist
 from ldm.ema import (PowerFunctionEMA, gamma_to_sigma_rel, list_snapshots, posthoc_coefficients, profile_inner_products,
                      reconstruct, sigma_rel_to_gamma)
 from ldm.models.classifier import Classifier, ClassifierConfig
@@ -14,7 +14,6 @@ from ldm.models.dit import DiTConfig
 from pipeline import LatentDiffusionPipeline
 from stages import diffusion
 from stages.cli import main
-from test_stage_diffusion import CrashAt, dit_config, store_with_cache  # noqa: F401 (a fixture)
 
 POSTHOC = ["posthoc_ema=[0.05,0.10]", "posthoc_snapshot_every=3"]
 
@@ -158,6 +157,7 @@ def test_the_profiles_are_module_state_only_when_posthoc_ema_is_on():
     assert all(not p.requires_grad for p in profiled.power_ema.parameters())  # the optimizer never sees them
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_keeping_profiles_leaves_the_trained_weights_and_ema_bit_identical(tmp_path, store_with_cache):
     store = store_with_cache[0]
@@ -171,6 +171,7 @@ def test_keeping_profiles_leaves_the_trained_weights_and_ema_bit_identical(tmp_p
         assert all(torch.equal(a[key], b[key]) for key in a), name
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_training_writes_snapshots_and_a_crashed_run_resumes_its_profiles_exactly(tmp_path, store_with_cache, capsys):
     store, _, cache = store_with_cache
@@ -203,6 +204,7 @@ def test_training_writes_snapshots_and_a_crashed_run_resumes_its_profiles_exactl
         assert all(torch.equal(a[key], b[key]) for key in a), name
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_ldm_ema_stores_the_lowest_fd_length_as_a_child_artifact_the_pipeline_loads(tmp_path, store_with_cache):
     store, _, cache = store_with_cache
@@ -239,6 +241,7 @@ def test_ldm_ema_stores_the_lowest_fd_length_as_a_child_artifact_the_pipeline_lo
     assert images.shape == (2, 1, 32, 32) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_ldm_ema_refuses_a_model_trained_without_profiles(tmp_path, store_with_cache):
     store = store_with_cache[0]

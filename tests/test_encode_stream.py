@@ -201,6 +201,7 @@ PEAK_MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset and read peak RSS")
 def test_peak_memory_of_encoding_stays_near_one_shard_for_a_cache_many_shards_large(tmp_path):
     data = image_folder(tmp_path / "images", 8000)

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from click.testing import CliRunner
 
+from conftest import TOY_SIGMA, save_autoencoder, save_dit, toy_average_velocity, toy_slope
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.caching import BlockCache, CacheSchedule, cached, schedule_from_changes
 from ldm.diffusion.schedules import DiffusionConfig
@@ -18,7 +19,6 @@ from ldm.quantize import Int8Linear, int8_layer_names, quantize_int8, quantize_w
 from pipeline import LatentDiffusionPipeline
 from stages.cli import main
 from stages.interop import quantize_diffusion
-from test_pipeline import save_autoencoder, save_dit
 
 DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2, num_classes=10, learn_sigma=False)
 FLOW = DiffusionConfig(objective="flow", learn_sigma=False)
@@ -34,7 +34,8 @@ def random_dit(seed=0, config=DIT):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def flow_store(tmp_path_factory):
+    """A store with a random autoencoder and a random three-block flow DiT (conftest's `store` holds a DDPM one)."""
     store = ArtifactStore(tmp_path_factory.mktemp("inference") / "store")
     ae = save_autoencoder(store, 0)
     save_dit(store, DIT, FLOW, 3, ae.ref)
@@ -81,55 +82,55 @@ def test_quantize_int8_replaces_only_block_linears_and_shrinks_the_weights_3_5x(
     assert before / weight_bytes(model) >= 3.5
 
 
-def test_int8_artifact_round_trip_gives_the_same_samples_as_before_export(store, tmp_path):
-    float_ref = store.list("diffusion")[-1].ref
-    in_memory = LatentDiffusionPipeline.from_artifacts(float_ref, store=store, precision="int8")
+def test_int8_artifact_round_trip_gives_the_same_samples_as_before_export(flow_store, tmp_path):
+    float_ref = flow_store.list("diffusion")[-1].ref
+    in_memory = LatentDiffusionPipeline.from_artifacts(float_ref, store=flow_store, precision="int8")
     settings = SamplingSettings(sampler="flow-heun", num_steps=4, guidance_scale=2.0)
     before = in_memory.sample([0, 1, 2], settings)
-    quantized = quantize_diffusion(store, float_ref)
+    quantized = quantize_diffusion(flow_store, float_ref)
     assert quantized.manifest["precision"] == "int8" and quantized.parents["diffusion"] == float_ref
-    assert quantized.manifest["files"]["weights.safetensors"]["bytes"] < store.load(float_ref).manifest["files"]["weights.safetensors"]["bytes"] / 2.5
-    loaded = LatentDiffusionPipeline.from_artifacts(quantized.ref, store=store)  # int8 from its manifest
+    assert quantized.manifest["files"]["weights.safetensors"]["bytes"] < flow_store.load(float_ref).manifest["files"]["weights.safetensors"]["bytes"] / 2.5
+    loaded = LatentDiffusionPipeline.from_artifacts(quantized.ref, store=flow_store)  # int8 from its manifest
     assert loaded.precision == "int8" and isinstance(loaded.model.blocks[0].mlp.fc1, Int8Linear)
     assert torch.equal(loaded.sample([0, 1, 2], settings), before)
-    plain = LatentDiffusionPipeline.from_artifacts(float_ref, store=store).sample([0, 1, 2], settings)
+    plain = LatentDiffusionPipeline.from_artifacts(float_ref, store=flow_store).sample([0, 1, 2], settings)
     assert 0 < (before - plain).abs().max() < 0.2  # quantised, and close
     with pytest.raises(ArtifactError, match="int8 sampling weights only"):
-        LatentDiffusionPipeline.from_artifacts(quantized.ref, store=store, precision="float32")
+        LatentDiffusionPipeline.from_artifacts(quantized.ref, store=flow_store, precision="float32")
     with pytest.raises(ArtifactError, match="int8 sampling weights only"):
-        LatentDiffusionPipeline.from_artifacts(quantized.ref, store=store, weights="raw")
+        LatentDiffusionPipeline.from_artifacts(quantized.ref, store=flow_store, weights="raw")
     with pytest.raises(ArtifactError, match="stored as int8 already"):
-        quantize_diffusion(store, quantized.ref)
+        quantize_diffusion(flow_store, quantized.ref)
 
 
-def test_export_quantize_command_and_its_usage_errors(store, tmp_path):
+def test_export_quantize_command_and_its_usage_errors(flow_store, tmp_path):
     runner = CliRunner()
-    float_ref = store.list("diffusion")[0].ref
-    result = runner.invoke(main, ["--store", str(store.root), "export", "diffusion", float_ref, "--quantize", "int8",
+    float_ref = flow_store.list("diffusion")[0].ref
+    result = runner.invoke(main, ["--store", str(flow_store.root), "export", "diffusion", float_ref, "--quantize", "int8",
                                   "--keep", "blocks.*.adaLN_modulation"])
     assert result.exit_code == 0, result.output
     assert "smaller" in result.output and "kept float32: blocks.*.adaLN_modulation" in result.output
-    newest = [a for a in store.list("diffusion") if a.manifest.get("precision") == "int8"
+    newest = [a for a in flow_store.list("diffusion") if a.manifest.get("precision") == "int8"
               and not any("adaLN" in name for name in a.manifest["int8_layers"])]
     assert newest, "the --keep layers stay float32 in the stored artifact"
-    result = runner.invoke(main, ["--store", str(store.root), "export", "diffusion", float_ref])
+    result = runner.invoke(main, ["--store", str(flow_store.root), "export", "diffusion", float_ref])
     assert result.exit_code != 0 and "either --to-diffusers DIR or --quantize int8" in result.output
-    result = runner.invoke(main, ["--store", str(store.root), "export", "diffusion", newest[0].ref,
+    result = runner.invoke(main, ["--store", str(flow_store.root), "export", "diffusion", newest[0].ref,
                                   "--to-diffusers", str(tmp_path / "out")])
     assert result.exit_code != 0 and "export the model it was quantised from" in result.output
 
 
-def test_bf16_precision_samples_in_float32_close_to_float32(store):
+def test_bf16_precision_samples_in_float32_close_to_float32(flow_store):
     settings = SamplingSettings(sampler="flow-euler", num_steps=4, guidance_scale=2.0)
-    float_ref = store.list("diffusion")[0].ref
-    plain = LatentDiffusionPipeline.from_artifacts(float_ref, store=store)
-    bf16 = LatentDiffusionPipeline.from_artifacts(float_ref, store=store, precision="bf16")
+    float_ref = flow_store.list("diffusion")[0].ref
+    plain = LatentDiffusionPipeline.from_artifacts(float_ref, store=flow_store)
+    bf16 = LatentDiffusionPipeline.from_artifacts(float_ref, store=flow_store, precision="bf16")
     _, latents = plain.sample([0, 5], settings, return_latents=True)
     _, low = bf16.sample([0, 5], settings, return_latents=True)
     assert low.dtype == torch.float32
     assert 0 < (low - latents).abs().max() < 0.1 * latents.abs().max()
     with pytest.raises(ValueError, match="precision must be one of"):
-        LatentDiffusionPipeline.from_artifacts(float_ref, store=store, precision="fp8")
+        LatentDiffusionPipeline.from_artifacts(float_ref, store=flow_store, precision="fp8")
 
 
 # ----------------------------------------------------------------------------- step caching
@@ -259,8 +260,8 @@ def test_schedule_rules_and_errors():
         SamplingSettings(sampler="flow-heun", num_steps=4, cache=CacheSchedule(4, 2, ()))
 
 
-def test_pipeline_calibrates_and_counts_saved_block_evaluations(store):
-    pipe = LatentDiffusionPipeline.from_artifacts(store.list("diffusion")[0].ref, store=store)
+def test_pipeline_calibrates_and_counts_saved_block_evaluations(flow_store):
+    pipe = LatentDiffusionPipeline.from_artifacts(flow_store.list("diffusion")[0].ref, store=flow_store)
     settings = pipe.settings(sampler="flow-heun", num_steps=6, guidance_scale=2.0)
     schedule = pipe.calibrate_cache(settings, fraction=0.3, n=10)
     assert schedule.calls == 11 and schedule.depth == DIT.depth
@@ -271,36 +272,13 @@ def test_pipeline_calibrates_and_counts_saved_block_evaluations(store):
 
 
 # ----------------------------------------------------------------------------- MeanFlow (few-step generation)
-# Toy: data x0 ~ N(0, SIGMA^2), noise ~ N(0, 1), path x_t = (1 - t) x0 + t noise. Then x_t ~ N(0, s_t^2) with
-# s_t^2 = (1 - t)^2 SIGMA^2 + t^2, every ODE trajectory scales as s_t, and the average velocity over [r, t] is
-# u(x, r, t) = x (1 - s_r / s_t) / (t - r) (at r = t: the flow velocity x s_t' / s_t).
-SIGMA = 0.5
-
-
-def toy_s(t):
-    return ((1 - t) ** 2 * SIGMA**2 + t**2).sqrt()
-
-
-def toy_slope(r, t):
-    """u(x, r, t) / x of the toy, its r -> t limit where r = t."""
-    ds = ((t - 1) * SIGMA**2 + t) / toy_s(t)  # s_t'
-    gap = (t - r).clamp_min(1e-12)
-    return torch.where(t - r > 1e-6, (1 - toy_s(r) / toy_s(t)) / gap, ds / toy_s(t))
-
-
-def toy_average_velocity(x, t_net, y, r=None):
-    t = t_net / 1000
-    r = t if r is None else r / 1000
-    return toy_slope(r, t).view(-1, *[1] * (x.ndim - 1)) * x
-
-
 def test_meanflow_target_of_the_true_average_velocity_is_unbiased_on_a_gaussian_toy():
     from ldm.diffusion.objectives import meanflow_target
 
     torch.manual_seed(0)
     n = 200_000
     for r_value, t_value in ((0.2, 0.9), (0.0, 1.0), (0.5, 0.5)):
-        x0, noise = SIGMA * torch.randn(n, 1), torch.randn(n, 1)
+        x0, noise = TOY_SIGMA * torch.randn(n, 1), torch.randn(n, 1)
         t, r = torch.full((n,), t_value), torch.full((n,), r_value)
         u, target = meanflow_target(toy_average_velocity, x0, noise, torch.zeros(n, dtype=torch.long), t, r)
         x_t = (1 - t_value) * x0 + t_value * noise
@@ -311,7 +289,7 @@ def test_meanflow_target_of_the_true_average_velocity_is_unbiased_on_a_gaussian_
         assert torch.allclose(u, true * x_t, atol=1e-5)
     # the true u is a fixed point of the target; a network that ignores r (the flow velocity) is not where r < t
     wrong = lambda x, t_net, y, r=None: toy_average_velocity(x, t_net, y)  # noqa: E731
-    x0, noise = SIGMA * torch.randn(n, 1), torch.randn(n, 1)
+    x0, noise = TOY_SIGMA * torch.randn(n, 1), torch.randn(n, 1)
     t, r = torch.full((n,), 1.0), torch.full((n,), 0.0)
     u, target = meanflow_target(wrong, x0, noise, torch.zeros(n, dtype=torch.long), t, r)
     own = float(u[0] / noise[0])  # x_1 = noise; the velocity's slope at t = 1 is 1
@@ -324,10 +302,10 @@ def test_one_meanflow_step_of_the_true_average_velocity_maps_noise_to_the_data_l
     denoiser = Denoiser(lambda x, t, r=None: toy_average_velocity(x, t, None, r), "velocity")
     noise = torch.randn(4096, 2, 2, 2, generator=torch.Generator().manual_seed(1))
     one = run_sampler("meanflow", denoiser, noise, None, 1)
-    assert torch.allclose(one, SIGMA * noise, atol=1e-6)  # x_0 = x_1 s_0 / s_1: exactly N(0, SIGMA^2)
+    assert torch.allclose(one, TOY_SIGMA * noise, atol=1e-6)  # x_0 = x_1 s_0 / s_1: exactly N(0, TOY_SIGMA^2)
     assert torch.allclose(run_sampler("meanflow", denoiser, noise, None, 2), one, atol=1e-6)  # exact at any step count
     euler = run_sampler("flow-euler", denoiser, noise, None, 1)  # one Euler step of the velocity is not
-    assert not torch.allclose(euler, SIGMA * noise, atol=1e-2)
+    assert not torch.allclose(euler, TOY_SIGMA * noise, atol=1e-2)
 
 
 def test_meanflow_sampler_fits_only_a_meanflow_model_and_makes_one_call_per_step():
@@ -346,22 +324,22 @@ def test_meanflow_sampler_fits_only_a_meanflow_model_and_makes_one_call_per_step
         random_dit()(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.tensor([0]), r=torch.tensor([0.0]))
 
 
-def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_model(store, tmp_path):
+def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_model(flow_store, tmp_path):
     runner = CliRunner()
-    ref = store.list("diffusion")[0].ref
-    args = ["--store", str(store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "6",
+    ref = flow_store.list("diffusion")[0].ref
+    args = ["--store", str(flow_store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "6",
             "--cfg", "2", "--cache-fraction", "0.3", "--no-images"]
     first = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     assert "calibrated cache-flow-heun-6-cfg2-f0.3" in first.output
-    stored = store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3"]
+    stored = flow_store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3"]
     assert CacheSchedule.from_dict(stored).calls == 11 and stored["fraction"] >= 0.3
     second = runner.invoke(main, [*args, "--out", str(tmp_path / "b")])
     assert second.exit_code == 0 and "the stored schedule" in second.output
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png").read_bytes()
     forecast = runner.invoke(main, [*args, "--cache-forecast", "--out", str(tmp_path / "c")])
     assert forecast.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-f0.3-forecast" in forecast.output
-    assert store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3-forecast"]["extrapolate"] is True
+    assert flow_store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3-forecast"]["extrapolate"] is True
     # Guidance in an interval takes another path through the DiT: it gets its own schedule, never the one above.
     interval = runner.invoke(main, [*args, "--cfg-interval", "200", "800", "--out", str(tmp_path / "d")])
     assert interval.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-t200-800-f0.3" in interval.output, interval.output
@@ -385,10 +363,10 @@ def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings()
         Setting.parse("student:meanflow:1:interval220-840")  # a student's guidance is built in
 
 
-def test_shift_option_moves_the_flow_grid_is_recorded_and_is_refused_off_a_flow_sampler(store, tmp_path):
+def test_shift_option_moves_the_flow_grid_is_recorded_and_is_refused_off_a_flow_sampler(flow_store, tmp_path):
     runner = CliRunner()
-    ref = store.list("diffusion")[0].ref
-    args = ["--store", str(store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "4",
+    ref = flow_store.list("diffusion")[0].ref
+    args = ["--store", str(flow_store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "4",
             "--cfg", "2", "--no-images"]
 
     def grid(name, *extra):
@@ -401,7 +379,7 @@ def test_shift_option_moves_the_flow_grid_is_recorded_and_is_refused_off_a_flow_
     shifted, report = grid("shifted", "--shift", "3")
     assert unit == plain and shifted != plain
     assert plain_report["shift"] == 1.0 and report["shift"] == 3.0
-    pipe = LatentDiffusionPipeline.from_artifacts(ref, store=store)
+    pipe = LatentDiffusionPipeline.from_artifacts(ref, store=flow_store)
     assert trajectory_name(pipe, pipe.settings(sampler="flow-heun", num_steps=4, shift=3.0)) == "flow-heun-4-shift3-cfg1"
     with pytest.raises(ValueError, match=r"shift \(--shift\) 3 .*'ddim'"):
         SamplingSettings(sampler="ddim", shift=3.0).resolved(DiffusionConfig())

@@ -7,57 +7,18 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import needs_fmnist
-
+from conftest import AE, DIFFUSION, DIT, STATS, needs_fmnist, save_dit
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import to_dict
 from ldm.data import DataConfig, build_dataset, iterate_images
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.generation import SamplingSettings
-from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.classifier import Classifier, ClassifierConfig
-from ldm.models.dit import DiT, DiTConfig
+from ldm.models.dit import DiT
 from pipeline import LatentDiffusionPipeline
 from stages.cli import main
-
-AE = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)
-DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False)
-DIFFUSION = DiffusionConfig(objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False)
-STATS = LatentStats(mean=[0.1, -0.2, 0.0, 0.3], std=[2.0, 1.5, 1.0, 0.5])
-
-
-def save_autoencoder(store, seed):
-    torch.manual_seed(seed)
-    model = AutoencoderKL(AE)
-    return store.save("autoencoder", tensors={"weights.safetensors": model.state_dict()},
-                      config={"model": to_dict(AE), "data": to_dict(DataConfig())}, metadata={"seed": seed})
-
-
-def save_dit(store, config, diffusion, seed, autoencoder_ref, stats=STATS):
-    torch.manual_seed(seed)
-    dit = DiT(config)
-    with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0: give it a non-trivial function
-        for p in dit.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return store.save("diffusion", tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
-                      config={"model": to_dict(config), "diffusion": to_dict(diffusion)},
-                      metadata={"autoencoder": autoencoder_ref, "latent_stats": stats.to_dict()})
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A store with two random autoencoders and a random DiT whose lineage names the first one."""
-    store = ArtifactStore(tmp_path_factory.mktemp("pipeline") / "store")
-    ae = save_autoencoder(store, 0)
-    save_autoencoder(store, 1)
-    save_dit(store, DIT, DIFFUSION, 2, ae.ref)
-    return store
-
-
-@pytest.fixture(scope="module")
-def pipe(store):
-    return LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store)
 
 
 def test_from_artifacts_loads_the_lineage_autoencoder_and_its_statistics(store, pipe):

@@ -36,6 +36,7 @@ def faults_of_a_repeated_large_buffer(mode: str) -> tuple[str, int]:
     return " ".join(out[:-1]), int(out[-1])
 
 
+@pytest.mark.slow
 @glibc_only
 def test_tuned_allocator_reuses_a_large_freed_buffer_instead_of_faulting_in_fresh_pages():
     tuned, faults = faults_of_a_repeated_large_buffer("tune")
@@ -43,6 +44,7 @@ def test_tuned_allocator_reuses_a_large_freed_buffer_instead_of_faulting_in_fres
     assert faults < 100  # 36 MB is 9,216 pages of 4 kB
 
 
+@pytest.mark.slow
 @glibc_only
 def test_default_allocator_maps_a_large_buffer_fresh_on_every_call():
     # The reason for the tuning: without it every round touches fresh pages.

@@ -140,6 +140,7 @@ def test_imagenet_folder_encodes_to_a_sharded_cache_of_32x32x4_latents_with_wnid
     assert artifact.manifest["num_classes"] == 3
 
 
+@pytest.mark.slow
 def test_one_dit_s2_step_of_the_imagenet_preset_runs_on_the_cpu(tmp_path, imagenet_store):
     # The preset as written (bf16-mixed autocast) but for the device count: about 20 s on one core of a
     # CPU without bf16 units, where autocast emulates it (32-true takes about 6 s).
@@ -204,6 +205,7 @@ RECORD_BATCHES_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_read_disjoint_halves_of_each_global_batch_of_the_cache(tmp_path, imagenet_store):
     store, cache = imagenet_store
     script = tmp_path / "record_batches.py"

@@ -1,15 +1,14 @@
 """Sound through the same stages: the 1-D autoencoder and its loss, the spoken-digit classifier, and a
 tiny end-to-end run on the shared FSDD recordings (train, encode, train a DiT, sample WAVs, evaluate)."""
 
-import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import FSDD_DIR, needs_fsdd
 from ldm.artifacts import ArtifactStore
-from dataclasses import replace
-
 from ldm.audio import griffin_lim, log_mel_distance, read_wav, spectrogram_features
 from ldm.config import load_config
 from ldm.data import DataConfig, with_data
@@ -25,17 +24,6 @@ from stages.classifier import random_shift
 from stages.encode import EncodeConfig, encode
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def fsdd_dir() -> Path | None:
-    """The shared FSDD copy: $LDM_DATA/fsdd, or the project's neighbour folder ../shared/data/fsdd."""
-    candidates = [Path(os.environ["LDM_DATA"]) / "fsdd"] if os.environ.get("LDM_DATA") else []
-    candidates += [ROOT.parent / "shared" / "data" / "fsdd", Path("/work/shared/data/fsdd")]
-    return next((path for path in candidates if (path / "recordings").is_dir()), None)
-
-
-FSDD_DIR = fsdd_dir()
-needs_fsdd = pytest.mark.skipif(FSDD_DIR is None, reason="FSDD missing: set LDM_DATA to a folder holding fsdd/recordings")
 
 
 def signal_config(**overrides) -> AutoencoderConfig:
@@ -201,6 +189,7 @@ def sound_chain(tmp_path_factory):
     return store, ae, cache, dit, cls, tmp
 
 
+@pytest.mark.slow
 @needs_fsdd
 def test_sound_cache_has_one_view_of_1d_latents_and_names_its_autoencoder(sound_chain, capsys):
     store, ae, cache, *_ = sound_chain
@@ -210,6 +199,7 @@ def test_sound_cache_has_one_view_of_1d_latents_and_names_its_autoencoder(sound_
     assert ae.manifest["latent_shape"] == [4, 32] and ae.manifest["image_shape"] == [1, 8192]
 
 
+@pytest.mark.slow
 @needs_fsdd
 def test_sound_dit_samples_wav_files_and_a_spectrogram_grid(sound_chain):
     from stages.sample import write_samples
@@ -225,6 +215,7 @@ def test_sound_dit_samples_wav_files_and_a_spectrogram_grid(sound_chain):
     assert (tmp / "samples" / "grid.png").is_file() and report["complete"]
 
 
+@pytest.mark.slow
 @needs_fsdd
 def test_sound_pipeline_returns_signals_and_saves_them(sound_chain):
     from pipeline import LatentDiffusionPipeline
@@ -239,6 +230,7 @@ def test_sound_pipeline_returns_signals_and_saves_them(sound_chain):
         pipe.sample([1], num_steps=1, output="pil")
 
 
+@pytest.mark.slow
 @needs_fsdd
 def test_sound_reconstruction_and_sample_evaluation_report_sound_measures(sound_chain):
     from stages.evaluate import evaluate_reconstruction
@@ -255,6 +247,7 @@ def test_sound_reconstruction_and_sample_evaluation_report_sound_measures(sound_
     assert 0 <= report["class_accuracy"] <= 1 and report["frechet_distance"] > 0
 
 
+@pytest.mark.slow
 @needs_fsdd
 def test_an_image_classifier_cannot_measure_sound(sound_chain, tmp_path):
     from ldm.loading import feature_extractor

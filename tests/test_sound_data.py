@@ -6,7 +6,6 @@ import functools
 import hashlib
 import http.server
 import io
-import os
 import shutil
 import threading
 import zipfile
@@ -15,25 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FSDD_DIR, needs_fsdd
 from ldm.audio import read_wav, write_wav
 from ldm.data.sound import (
     FSDD, FSDD_COMMIT, FSDD_LISTING_SHA256, FSDD_URL, SoundFolderDataset, download_fsdd, ensure_fsdd, find_fsdd,
     fsdd_fingerprint, listing_sha256, read_sha256sums, scan_sound_folder,
-)
-
-SHARED_FSDD = Path("/work/shared/data/fsdd")
-
-
-def _real_fsdd() -> Path | None:
-    """The FSDD copy the tests read: the shared one, else whatever $LDM_DATA points at (looked up before isolation)."""
-    if (SHARED_FSDD / "recordings").is_dir():
-        return SHARED_FSDD
-    return find_fsdd() if os.environ.get("LDM_DATA") else None
-
-
-REAL_FSDD = _real_fsdd()
-needs_fsdd = pytest.mark.skipif(
-    REAL_FSDD is None, reason=f"FSDD missing: put it at {SHARED_FSDD} or $LDM_DATA/fsdd/recordings/ ({FSDD_URL})",
 )
 
 
@@ -44,22 +29,22 @@ def isolated_search_path(offline_data):
 
 @pytest.fixture(scope="module")
 def fsdd_train() -> FSDD:
-    return FSDD("train", root=REAL_FSDD, download=False)
+    return FSDD("train", root=FSDD_DIR, download=False)
 
 
 @pytest.fixture(scope="module")
 def fsdd_test() -> FSDD:
-    return FSDD("test", root=REAL_FSDD, download=False)
+    return FSDD("test", root=FSDD_DIR, download=False)
 
 
 def _small_copy(tmp_path: Path, count: int = 20) -> Path:
     """A folder with the first ``count`` test-split recordings and a SHA256SUMS listing exactly those."""
     folder = tmp_path / "fsdd-small"
     (folder / "recordings").mkdir(parents=True)
-    names = sorted(p.name for p in (REAL_FSDD / "recordings").glob("*_0.wav"))[:count]
+    names = sorted(p.name for p in (FSDD_DIR / "recordings").glob("*_0.wav"))[:count]
     lines = []
     for name in names:
-        shutil.copy(REAL_FSDD / "recordings" / name, folder / "recordings" / name)
+        shutil.copy(FSDD_DIR / "recordings" / name, folder / "recordings" / name)
         lines.append(f"{hashlib.sha256((folder / 'recordings' / name).read_bytes()).hexdigest()}  {name}\n")
     (folder / "SHA256SUMS").write_text("".join(lines))
     return folder
@@ -102,12 +87,12 @@ def test_fsdd_order_is_index_speaker_digit_so_any_prefix_is_balanced(fsdd_test):
 
     assert fsdd_test.files == sorted(fsdd_test.files, key=key)
     assert torch.bincount(fsdd_test.labels[:60], minlength=10).tolist() == [6] * 10
-    assert FSDD("test", root=REAL_FSDD, download=False).files == fsdd_test.files
+    assert FSDD("test", root=FSDD_DIR, download=False).files == fsdd_test.files
 
 
 @needs_fsdd
 def test_fsdd_pads_short_and_crops_long_recordings(fsdd_test):
-    clips = FSDD("test", length=2000, root=REAL_FSDD, download=False, normalize=False)
+    clips = FSDD("test", length=2000, root=FSDD_DIR, download=False, normalize=False)
     for i in range(0, 300, 37):
         raw, _ = read_wav(clips.files[i])
         kept = min(len(raw), 2000)
@@ -118,24 +103,24 @@ def test_fsdd_pads_short_and_crops_long_recordings(fsdd_test):
 @needs_fsdd
 def test_fsdd_rejects_unknown_split():
     with pytest.raises(ValueError, match="'test', 'train'"):
-        FSDD("validation", root=REAL_FSDD, download=False)
+        FSDD("validation", root=FSDD_DIR, download=False)
 
 
 @needs_fsdd
 def test_fsdd_root_may_be_the_recordings_folder_itself():
-    assert find_fsdd(REAL_FSDD / "recordings") == REAL_FSDD
+    assert find_fsdd(FSDD_DIR / "recordings") == FSDD_DIR
 
 
 @needs_fsdd
 def test_fsdd_fingerprint_is_stable_and_differs_between_splits():
-    train = fsdd_fingerprint(REAL_FSDD, "train")
+    train = fsdd_fingerprint(FSDD_DIR, "train")
     assert len(train) == 16 and int(train, 16) >= 0
-    assert train == fsdd_fingerprint(REAL_FSDD, "train") != fsdd_fingerprint(REAL_FSDD, "test")
+    assert train == fsdd_fingerprint(FSDD_DIR, "train") != fsdd_fingerprint(FSDD_DIR, "test")
 
 
 @needs_fsdd
 def test_listing_digest_matches_the_real_copy():
-    assert listing_sha256(read_sha256sums(REAL_FSDD / "SHA256SUMS")) == FSDD_LISTING_SHA256
+    assert listing_sha256(read_sha256sums(FSDD_DIR / "SHA256SUMS")) == FSDD_LISTING_SHA256
 
 
 # ----------------------------------------------------------------------------- FSDD verification and fetching
@@ -199,26 +184,26 @@ def _zip_of(names: list[str]) -> bytes:
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as zipped:
         zipped.writestr(prefix + "README.md", "not extracted")
         for name in names:
-            zipped.write(REAL_FSDD / "recordings" / name, prefix + "recordings/" + name)
+            zipped.write(FSDD_DIR / "recordings" / name, prefix + "recordings/" + name)
     return buffer.getvalue()
 
 
 @needs_fsdd
 def test_download_extracts_verifies_and_places_the_recordings(tmp_path):
-    names = sorted(p.name for p in (REAL_FSDD / "recordings").iterdir())
+    names = sorted(p.name for p in (FSDD_DIR / "recordings").iterdir())
     url, server = _serve_zip(_zip_of(names), tmp_path)
     try:
         dest = download_fsdd(tmp_path / "cache" / "fsdd", url=url)
     finally:
         server.shutdown()
     assert sorted(p.name for p in (dest / "recordings").iterdir()) == names
-    assert read_sha256sums(dest / "SHA256SUMS") == read_sha256sums(REAL_FSDD / "SHA256SUMS")
+    assert read_sha256sums(dest / "SHA256SUMS") == read_sha256sums(FSDD_DIR / "SHA256SUMS")
     assert sorted(p.name for p in dest.parent.iterdir()) == ["fsdd"]  # no staging folder left behind
 
 
 @needs_fsdd
 def test_download_with_wrong_content_is_refused_and_leaves_nothing(tmp_path):
-    names = sorted(p.name for p in (REAL_FSDD / "recordings").iterdir())[:20]
+    names = sorted(p.name for p in (FSDD_DIR / "recordings").iterdir())[:20]
     url, server = _serve_zip(_zip_of(names), tmp_path)
     try:
         with pytest.raises(ValueError, match="20 recordings, expected 3000"):

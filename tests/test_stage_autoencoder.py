@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from conftest import needs_fmnist
+from conftest import TINY_AUTOENCODER, needs_fmnist
 from ldm.artifacts import ArtifactStore
 from ldm.config import from_dict, load_config
 from ldm.data import DataConfig, build_dataset, iterate_images
@@ -29,25 +29,13 @@ from stages.cli import main
 from stages.evaluate import evaluate_reconstruction
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.ch=8",
-    "model.num_res_blocks=1",
-    "loss.perceptual.net=squeeze",
-    "loss.perceptual.backbone=random",
-    "loss.perceptual.weight=0.1",  # the quick preset trains without it; these runs keep the LPIPS path
-    "train_subset=256",
-    "trainer.batch_size=16",
-    "trainer.log_every=1",
-    "trainer.image_every=0",
-    "trainer.progress=false",
-]
 
 
 def tiny_config(tmp_path, *extra):
     return load_config(
         autoencoder.AutoencoderStageConfig,
         ROOT / "configs/fmnist/autoencoder-quick.yaml",
-        [*TINY, f"run_dir={tmp_path / 'run'}", *extra],
+        [*TINY_AUTOENCODER, f"run_dir={tmp_path / 'run'}", *extra],
     )
 
 
@@ -60,13 +48,14 @@ class RecordStart(Callback):
         self.optimizer_states = [copy.deepcopy(opt.state_dict()) for opt in trainer.optimizers]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state(tmp_path):
     store = tmp_path / "store"
     command = [
         sys.executable, "-m", "stages.cli", "--store", str(store), "train", "autoencoder",
         "--config", str(ROOT / "configs/fmnist/autoencoder-quick.yaml"),
-        *[arg for item in TINY for arg in ("--set", item)],
+        *[arg for item in TINY_AUTOENCODER for arg in ("--set", item)],
         "--set", "trainer.max_steps=100000", "--set", "trainer.checkpoint_every=3",
         "--set", "loss.disc_enabled=true", "--set", "loss.disc_start=0",
         "--set", "loss.discriminator.in_channels=1", "--run-dir", str(tmp_path / "run"),
@@ -122,6 +111,7 @@ def test_fresh_run_refuses_a_folder_with_a_checkpoint_and_resume_needs_one(tmp_p
         autoencoder.run(tiny_config(tmp_path), ArtifactStore(tmp_path / "s"))
 
 
+@pytest.mark.slow
 def test_kl_f8_preset_trains_a_step_with_the_gan_on_small_random_rgb_images(tmp_path):
     folder = tmp_path / "images" / "train" / "only"
     folder.mkdir(parents=True)
@@ -146,6 +136,7 @@ def test_kl_f8_preset_trains_a_step_with_the_gan_on_small_random_rgb_images(tmp_
     assert sum(v.numel() for v in weights.values()) > 80e6
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_decoder_fine_tune_with_the_gan_keeps_the_encoder_bit_exact_and_names_its_start(tmp_path):
     store = ArtifactStore(tmp_path / "store")
@@ -168,6 +159,7 @@ def test_decoder_fine_tune_with_the_gan_keeps_the_encoder_bit_exact_and_names_it
         autoencoder.run(tiny_config(tmp_path, f"init_from={start.ref}", "model.ch=16", f"run_dir={tmp_path / 'x'}"), store)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_short_training_lowers_the_loss_and_evaluation_reports_named_metrics(tmp_path):
     store = ArtifactStore(tmp_path / "store")
@@ -268,6 +260,7 @@ class RecordDecoderOutputWeights(Callback):
         self.iterates.append(module.autoencoder.decoder.conv_out.weight.detach().clone())
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_ema_decay_stores_the_running_average_of_a_decoder_fine_tune(tmp_path):
     store = ArtifactStore(tmp_path / "store")

@@ -5,13 +5,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import needs_fmnist
+from conftest import TINY_DIT, CrashAt, dit_config, needs_fmnist
 from ldm.artifacts import ArtifactError, ArtifactStore
 from ldm.config import load_config, to_dict
 from ldm.data import DataConfig
@@ -20,50 +21,13 @@ from ldm.generation import SamplingSettings
 from ldm.loading import load_autoencoder
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.training import read_metrics
-from stages import autoencoder, diffusion
+from stages import diffusion
 from stages.encode import EncodeConfig, encode
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_DIT = [
-    "model=DiT-T/2",
-    "model.depth=2",
-    "model.hidden_size=64",
-    "model.num_heads=2",
-    "trainer.batch_size=32",
-    "trainer.lr=1e-3",
-    "trainer.log_every=1",
-    "trainer.image_every=0",
-    "trainer.progress=false",
-    "ema_decay=0.9",
-    "preview.per_class=1",
-    "preview.steps=2",
-]
 
 
-@pytest.fixture(scope="module")
-def store_with_cache(tmp_path_factory):
-    """A store holding a briefly trained tiny autoencoder and a cache of 2,000 encoded training images."""
-    root = tmp_path_factory.mktemp("stage2")
-    store = ArtifactStore(root / "store")
-    config = load_config(
-        autoencoder.AutoencoderStageConfig,
-        ROOT / "configs/fmnist/autoencoder-quick.yaml",
-        ["model.ch=8", "model.latent_channels=4", "loss.perceptual.net=squeeze", "train_subset=1024", "trainer.max_steps=40",
-         "trainer.lr=2e-3", "trainer.progress=false", "trainer.image_every=0", f"run_dir={root / 'ae'}"],
-    )
-    ae = autoencoder.run(config, store)
-    cache = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=500, shard_size=768, flips=True))  # 2 views, on purpose
-    return store, ae, cache
-
-
-def dit_config(tmp_path, store_with_cache, *extra):
-    _, _, cache = store_with_cache
-    return load_config(
-        diffusion.DiffusionStageConfig, ROOT / "configs/fmnist/diffusion-quick.yaml",
-        [*TINY_DIT, f"latents={cache.ref}", f"run_dir={tmp_path / 'run'}", *extra],
-    )
-
-
+@pytest.mark.slow
 @needs_fmnist
 def test_cache_holds_posterior_of_images_and_flips_with_measured_stats(store_with_cache):
     store, ae, artifact = store_with_cache
@@ -94,6 +58,7 @@ def test_cache_holds_posterior_of_images_and_flips_with_measured_stats(store_wit
     assert artifact.manifest["latent_stats"] == stats.to_dict()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_cache_is_memory_mapped_and_gathers_items_across_shards(store_with_cache, monkeypatch):
     import ldm.artifacts
@@ -136,6 +101,7 @@ def test_fashion_mnist_cache_holds_no_flips_by_default_and_warns_when_asked_for_
     assert "warning: flips=true on 'fmnist'" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_encoding_again_with_the_same_inputs_returns_the_stored_cache(store_with_cache, capsys):
     store, ae, artifact = store_with_cache
@@ -145,6 +111,7 @@ def test_encoding_again_with_the_same_inputs_returns_the_stored_cache(store_with
     assert len(store.list("latents")) == 1
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_latent_batches_are_a_function_of_the_step_and_ranks_split_the_global_batch(store_with_cache):
     cache = LatentCache(store_with_cache[2])
@@ -160,6 +127,7 @@ def test_latent_batches_are_a_function_of_the_step_and_ranks_split_the_global_ba
     assert sorted(seen.tolist()) == list(range(2000))
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_training_loss_drops_over_200_steps_on_fmnist_latents(tmp_path, store_with_cache):
     store = store_with_cache[0]
@@ -182,6 +150,7 @@ def test_ema_decay_warms_up_so_a_short_run_does_not_keep_the_zero_initialised_ou
     assert share < 0.01
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_ema_samples_of_a_short_run_stay_on_the_data_scale(tmp_path, store_with_cache):
     store = store_with_cache[0]
@@ -199,15 +168,7 @@ def test_ema_samples_of_a_short_run_stay_on_the_data_scale(tmp_path, store_with_
     assert spread["weights.safetensors"] < 2 * spread["raw.safetensors"]
 
 
-class CrashAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
-
-
+@pytest.mark.slow
 @needs_fmnist
 def test_crashed_and_resumed_run_ends_with_the_same_ema_weights_and_step_as_an_uninterrupted_one(tmp_path, store_with_cache):
     store = store_with_cache[0]
@@ -233,6 +194,7 @@ class WeightsAtStart(Callback):
         self.ema = {k: v.clone() for k, v in module.ema.state_dict().items()}
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_init_from_continues_from_both_weight_sets_and_records_the_start_as_a_parent(tmp_path, store_with_cache):
     store, _, cache = store_with_cache
@@ -260,6 +222,7 @@ def test_init_from_continues_from_both_weight_sets_and_records_the_start_as_a_pa
         shutil.rmtree(elsewhere.path)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_cache_from_another_autoencoder_is_refused(tmp_path, store_with_cache):
     store = store_with_cache[0]
@@ -269,6 +232,7 @@ def test_a_cache_from_another_autoencoder_is_refused(tmp_path, store_with_cache)
         diffusion.run(config, store)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_a_model_that_does_not_fit_the_cache_is_refused(tmp_path, store_with_cache):
     config = dit_config(tmp_path, store_with_cache, "model.input_size=16")
@@ -297,6 +261,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path, store_with_cache):
     store, _, cache = store_with_cache
@@ -318,6 +283,7 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path, st
     assert len(trained) == 1 and trained[0].manifest["training"]["steps"] == 2
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_meanflow_trains_from_scratch_and_samples_in_one_and_two_calls(tmp_path, store_with_cache):
     store = store_with_cache[0]
@@ -337,7 +303,8 @@ def test_meanflow_trains_from_scratch_and_samples_in_one_and_two_calls(tmp_path,
     assert not torch.equal(two, images)
 
 
-def test_meanflow_objective_and_interval_embedding_go_together(tmp_path, store_with_cache):
+def test_meanflow_objective_and_interval_embedding_go_together(tmp_path):
+    store_with_cache = (None, None, SimpleNamespace(ref="latents@0123456789ab"))  # settings alone: nothing reads the cache
     with pytest.raises(ValueError, match="interval_embed"):
         dit_config(tmp_path, store_with_cache, "diffusion.objective=meanflow")
     with pytest.raises(ValueError, match="interval_embed"):
