@@ -5,17 +5,24 @@ and `manifest.json`. The version is a hash of the files' contents (the config am
 the manifest's sealed fields, so the same result saved twice is the same artifact, and a manifest
 edited after saving no longer matches its version and is refused on every load. References:
 `stage@version`, `stage@<prefix>`, `stage@latest`, or the path of an artifact folder.
+
+The store reads regular files only, and never through a link: an artifact folder that is a link, or a
+listed file that is a link, FIFO or device, is a damaged artifact (the store root and its stage folders
+may be links, to put the store on another disk). Manifest and config are read up to METADATA_MAX_BYTES.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import shutil
+import stat
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,8 @@ from typing import Any
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+
+from ldm.destinations import STORE_OPTION, check_writable, writing_to
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -37,6 +46,17 @@ UNSEALED_KEYS = frozenset({"version", "created", "libraries", "files", "metrics"
 _SAVE_KEYS = frozenset({"stage", "version", "manifest_format", "created", "parents", "data_fingerprint", "libraries", "files"})
 # Keys `update_manifest` may change: the unsealed ones except the version and files, which are the artifact.
 _UPDATABLE_KEYS = UNSEALED_KEYS - {"version", "files"}
+# manifest.json and config.yaml are read whole on every load. A real one is a few kB (a latent cache's files
+# table adds ~150 bytes a shard, so even 10,000 shards stay near 1.5 MiB); 8 MiB is far above any real one and
+# still quick to read and parse, so a larger file (or one that never ends) is refused unread.
+METADATA_MAX_BYTES = 8 << 20
+# A write fills a hidden `.tmp-*` folder of its stage and holds a lock on the file LOCK_FILE in it until it
+# commits or aborts. `.damaged-*`: where earlier versions moved a damaged copy to delete it.
+TEMP_PREFIXES = (".tmp-", ".damaged-")
+LOCK_FILE = ".lock"
+# A temporary folder without a lock file is stale only once unchanged this long: a writer has not locked its
+# folder yet in its first instant, nor after it removed the lock file just before renaming the folder.
+STALE_AFTER_SECONDS = 60
 
 
 class ArtifactError(RuntimeError):
@@ -51,6 +71,14 @@ class DamagedArtifactError(ArtifactError):
         self.name, self.reason = name, reason
 
 
+class ArtifactWarning(UserWarning):
+    """Something the store did that the user should know of (`stage@latest` passing over a damaged newer folder)."""
+
+
+class StoreFileError(ArtifactError):
+    """A file of an artifact that the store will not read: not a regular file (a link, FIFO, device), or too large for metadata."""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -58,6 +86,64 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_KINDS = (
+    (stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+)
+
+
+def _check_regular(path: Path, mode: int) -> None:
+    """Raise StoreFileError unless `mode` is a regular file's (links are never followed: they may point anywhere)."""
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in _KINDS if is_kind(mode)), "special file")
+        raise StoreFileError(
+            f"{path.name} is a {kind}, not a regular file; an artifact holds regular files only: "
+            f"put the file itself there or re-create the artifact"
+        )
+
+
+def _open_regular(path: Path) -> int:
+    """Return a read-only descriptor of `path`, opened only once lstat shows a regular file; StoreFileError if not."""
+    _check_regular(path, os.lstat(path).st_mode)  # before opening: a FIFO would block the open, a device never end
+    # Swapped for a link or a FIFO since the lstat: O_NOFOLLOW fails on the link, O_NONBLOCK returns at once.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_metadata(path: Path) -> bytes:
+    """Return the bytes of an artifact's manifest or config: a regular file of at most METADATA_MAX_BYTES."""
+    limit = METADATA_MAX_BYTES
+    with os.fdopen(_open_regular(path), "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        data = handle.read(limit + 1) if size <= limit else b""  # one that grows meanwhile is read no further
+    size = max(size, len(data))
+    if size > limit:
+        raise StoreFileError(
+            f"{path.name} is {size} bytes, more than the {limit} bytes allowed for an artifact's manifest or config; "
+            f"restore the file or re-create the artifact"
+        )
+    return data
+
+
+def _sha256_stored(path: Path) -> str:
+    """Return the hex sha256 of an artifact's file, read only when it is a regular file (StoreFileError if not)."""
+    digest = hashlib.sha256()
+    with os.fdopen(_open_regular(path), "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain_name(name: str) -> bool:
+    """Whether `name` names a visible file inside its folder (no separator, no `..`, no leading dot)."""
+    return bool(name) and Path(name).name == name and not name.startswith(".")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -143,13 +229,18 @@ class Artifact:
 
     def config(self) -> dict[str, Any]:
         """Return the stored config as a plain dict."""
-        return yaml.safe_load((self.path / CONFIG).read_text()) or {}
+        return yaml.safe_load(self.config_text()) or {}
+
+    def config_text(self) -> str:
+        """Return config.yaml as stored (a regular file of at most METADATA_MAX_BYTES)."""
+        try:
+            return _read_metadata(self.path / CONFIG).decode()
+        except StoreFileError as err:
+            raise DamagedArtifactError(self.ref, str(err)) from None
 
     def load_tensors(self, name: str = "weights.safetensors", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Return the tensors of one safetensors file of this artifact (no pickle)."""
-        if name not in self.manifest["files"]:
-            raise ArtifactError(f"{self.ref} has no file {name}; it has {', '.join(self.manifest['files'])}")
-        return load_file(self.path / name, device=str(device))
+        return load_file(self._file(name), device=str(device))
 
     def map_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Return the tensors of one safetensors file as read-only views of a memory map of it.
@@ -159,18 +250,31 @@ class Artifact:
         each holding its own, and a cache larger than RAM still opens. Do not write to the
         tensors: the map is private, a write would copy the page and change nothing on disk.
         """
+        return map_safetensors(self._file(name))
+
+    def _file(self, name: str) -> Path:
+        """The path of the file `name` the manifest lists, refused when it is there but not a regular file."""
         if name not in self.manifest["files"]:
             raise ArtifactError(f"{self.ref} has no file {name}; it has {', '.join(self.manifest['files'])}")
-        return map_safetensors(self.path / name)
+        path = self.path / name
+        try:
+            _check_regular(path, os.lstat(path).st_mode)
+        except FileNotFoundError:
+            pass  # the loader's own error names it
+        except StoreFileError as err:
+            raise DamagedArtifactError(self.ref, str(err)) from None
+        return path
 
     def file_problem(self) -> str | None:
-        """Return why a file does not match the manifest's sha256 (missing, unreadable, changed), or None when all match."""
+        """Return why a file does not match the manifest's sha256 (missing, not a regular file, unreadable, changed), or None when all match."""
         for name, expected in self.manifest["files"].items():
             file = self.path / name
-            if not file.is_file():
-                return f"file {file} is missing; the artifact is incomplete, re-create it"
             try:
-                actual = sha256_file(file)
+                actual = _sha256_stored(file)
+            except FileNotFoundError:
+                return f"file {file} is missing; the artifact is incomplete, re-create it"
+            except StoreFileError as err:
+                return str(err)
             except OSError as err:
                 return f"file {file} cannot be read ({err})"
             if actual != expected["sha256"]:
@@ -201,13 +305,19 @@ def read_manifest(path: Path, name: str | None = None) -> dict[str, Any]:
     """Return the manifest of the artifact folder `path` once it matches its version; raise DamagedArtifactError if not.
 
     Only manifest.json and the small config.yaml are read (hashing the tensor files is `Artifact.verify`),
-    so every load makes this check. `name` labels the folder in the error (default: its path).
+    so every load makes this check. Nothing is read through a link or from a special file: the folder and
+    every file it lists must be themselves. `name` labels the folder in the error (default: its path).
     """
     name = name or str(path)
+    if os.path.islink(path):  # checked before reading: a link named as one version may point at any other folder
+        raise DamagedArtifactError(
+            name, f"the folder is a symbolic link (to {os.readlink(path)}); the store holds artifact folders themselves, "
+                  f"each under its own version: delete the link"
+        )
     manifest = _parse_manifest(path / MANIFEST, name)
     problem = (
-        _shape_problem(manifest) or _seal_problem(manifest)
-        or _folder_problem(path, manifest) or _config_problem(path, manifest)
+        _shape_problem(manifest) or _seal_problem(manifest) or _folder_problem(path, manifest)
+        or _files_problem(path, manifest) or _config_problem(path, manifest)
     )
     if problem is not None:
         raise DamagedArtifactError(name, problem)
@@ -216,9 +326,11 @@ def read_manifest(path: Path, name: str | None = None) -> dict[str, Any]:
 
 def _parse_manifest(file: Path, name: str) -> Any:
     try:
-        return json.loads(file.read_text())
+        return json.loads(_read_metadata(file))
     except FileNotFoundError:
         raise DamagedArtifactError(name, "no manifest.json in the folder; delete the folder or restore the file") from None
+    except StoreFileError as err:
+        raise DamagedArtifactError(name, str(err)) from None
     except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or bad JSON
         raise DamagedArtifactError(
             name, f"manifest.json cannot be read as JSON ({err}); restore the file or re-create the artifact"
@@ -261,8 +373,26 @@ def _seal_problem(manifest: dict[str, Any]) -> str | None:
 def _folder_problem(path: Path, manifest: dict[str, Any]) -> str | None:
     """Why the folder's name is not the version it holds, or None."""
     version = manifest["version"]
-    if Path(path).resolve().name != version:  # resolve: "." or a symlink still name the real folder
+    if Path(os.path.abspath(path)).name != version:  # abspath, not resolve: "." names its folder, no link is followed
         return f"the folder holds version {version} under another name; rename it to {version} or re-create the artifact"
+    return None
+
+
+def _files_problem(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why a file the manifest lists is not a plain name in the folder or not a regular file, or None.
+
+    A missing file is left to `Artifact.verify`; only lstat is used, so nothing is opened here.
+    """
+    for name in manifest["files"]:
+        if not _plain_name(name):
+            return (f"manifest.json names {name!r}, which is not a plain file name in the folder; "
+                    f"restore manifest.json or re-create the artifact")
+        try:
+            _check_regular(Path(path) / name, os.lstat(Path(path) / name).st_mode)
+        except FileNotFoundError:
+            continue
+        except StoreFileError as err:
+            return str(err)
     return None
 
 
@@ -276,9 +406,11 @@ def _config_problem(path: Path, manifest: dict[str, Any]) -> str | None:
     if expected is None:
         return None
     try:
-        actual = sha256_file(Path(path) / CONFIG)
+        actual = hashlib.sha256(_read_metadata(Path(path) / CONFIG)).hexdigest()
     except FileNotFoundError:
         return "config.yaml is missing; restore it or re-create the artifact"
+    except StoreFileError as err:
+        return str(err)
     except OSError as err:
         return f"config.yaml cannot be read ({err}); restore it or re-create the artifact"
     if actual != expected["sha256"]:
@@ -361,7 +493,9 @@ class ArtifactWriter:
 
     Each file is fsynced and hashed as it is written, so an artifact larger than memory (a latent
     cache's shards) is written one file at a time. Leaving the `with` block without committing (an
-    exception, an interrupt) removes the folder: a failed write leaves nothing in the store.
+    exception, an interrupt) removes the folder: a failed write leaves nothing in the store. A writer
+    that dies without unwinding (SIGKILL, power loss) leaves its folder, which no process then holds
+    the lock of: `ArtifactStore.clean`, or the next write of the stage, removes it.
     """
 
     def __init__(self, store: ArtifactStore, stage: str):
@@ -369,10 +503,14 @@ class ArtifactWriter:
         self.store, self.stage = store, stage
         self.stage_dir = store.root / stage
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(dir=self.stage_dir, prefix=".tmp-"))
+        self.folder, self._lock = _locked_temp_folder(self.stage_dir)
         self.files: dict[str, dict[str, Any]] = {}  # name -> sha256 and bytes, of the files written so far
         self.closed = False  # committed or aborted
         self._file_mode = plain_mode()
+        try:
+            store.clean(stage)  # leftovers of writes of this stage that died
+        except OSError:
+            pass  # one that cannot be removed (another user's) must not stop this write
 
     def __enter__(self) -> ArtifactWriter:
         return self
@@ -427,7 +565,7 @@ class ArtifactWriter:
             version = _version(files, _sealed_fields(manifest))
             manifest = {"stage": self.stage, "version": version, **manifest}
             final = self.stage_dir / version
-            if final.exists():
+            if os.path.lexists(final):
                 existing = self.store._stored_copy(final, self.stage)
                 if existing is not None:
                     self.abort()
@@ -437,18 +575,26 @@ class ArtifactWriter:
                 os.fsync(handle.fileno())
             _fsync_dir(self.folder)
             os.chmod(self.folder, plain_mode(directory=True))
+            os.unlink(self.folder / LOCK_FILE)  # not part of the artifact; the lock itself holds until it is closed
             os.rename(self.folder, final)
             _fsync_dir(self.stage_dir)
         except BaseException:
             self.abort()
             raise
         self.closed = True
+        self._unlock()
         return Artifact(final, manifest)
 
     def abort(self) -> None:
         """Remove the folder and everything written to it."""
         shutil.rmtree(self.folder, ignore_errors=True)
         self.closed = True
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _check_open(self) -> None:
         if self.closed:
@@ -457,7 +603,7 @@ class ArtifactWriter:
     def _new_file(self, name: str) -> Path:
         """The path for file `name`, refused when it is taken, reserved or not a plain file name."""
         self._check_open()
-        if name in self.files or name in (CONFIG, MANIFEST) or Path(name).name != name or name.startswith("."):
+        if name in self.files or name in (CONFIG, MANIFEST) or not _plain_name(name):
             raise ArtifactError(
                 f"cannot write {name!r}: artifact files need distinct plain names other than {CONFIG} and {MANIFEST}"
             )
@@ -480,6 +626,10 @@ class ArtifactStore:
     def __repr__(self) -> str:
         return f"ArtifactStore({str(self.root)!r})"
 
+    def check_writable(self, artifact: Artifact | None = None) -> None:
+        """Raise WriteError unless a new artifact (or, given `artifact`, a new manifest of it) can be written here."""
+        check_writable(self.root if artifact is None else artifact.path, STORE_OPTION)
+
     # ---- writing ----------------------------------------------------------------------------
 
     def save(
@@ -498,7 +648,7 @@ class ArtifactStore:
         `tensors` maps file names (`weights.safetensors`, `shard-00000.safetensors`, ...) to the
         tensors they hold; `parents` maps the parent stage to its `stage@version` reference.
         """
-        with self.writer(stage) as writer:
+        with writing_to(self.root, STORE_OPTION), self.writer(stage) as writer:  # a full disk: one line, nothing left
             for name, named in tensors.items():
                 writer.write_tensors(name, named)
             for name, data in (extra_files or {}).items():
@@ -517,9 +667,13 @@ class ArtifactStore:
             return existing
         except ArtifactError:
             # The same version is the same result: the new save is what "re-create the artifact" asks for.
-            aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=".damaged-"))
-            os.rename(final, aside / final.name)
-            shutil.rmtree(aside)
+            # Moved into a locked temporary folder first, so that removal cut short leaves a leftover `clean` finds.
+            aside, lock = _locked_temp_folder(final.parent)
+            try:
+                os.rename(final, aside / final.name)
+                shutil.rmtree(aside)
+            finally:
+                os.close(lock)
             return None
 
     def update_manifest(self, artifact: Artifact, **fields: Any) -> Artifact:
@@ -538,7 +692,8 @@ class ArtifactStore:
                 manifest[key] = {**manifest[key], **value}
             else:
                 manifest[key] = value
-        write_atomic(artifact.path / MANIFEST, json.dumps(manifest, indent=2).encode())
+        with writing_to(artifact.path, STORE_OPTION):
+            write_atomic(artifact.path / MANIFEST, json.dumps(manifest, indent=2).encode())
         return Artifact(artifact.path, manifest)
 
     # ---- reading ----------------------------------------------------------------------------
@@ -582,6 +737,17 @@ class ArtifactStore:
         good, broken = self.scan()
         return [_verdict(artifact) for artifact in good] + [Verdict(_label(path), reason) for path, reason in broken]
 
+    def temp_folders(self, stage: str | None = None) -> list[TempFolder]:
+        """Return the temporary folders of writes in the store (of one stage, or all): running ones and leftovers."""
+        return [found for path in self._temp_paths(stage) if (found := _temp_folder(path)) is not None]
+
+    def clean(self, stage: str | None = None, dry_run: bool = False) -> list[TempFolder]:
+        """Remove the stale temporary folders (of one stage, or all; `dry_run`: none) and return every one found.
+
+        Each is checked and removed under its lock, so a folder a live writer holds is never removed.
+        """
+        return [found for path in self._temp_paths(stage) if (found := _temp_folder(path, remove=not dry_run)) is not None]
+
     def lineage(self, artifact: Artifact) -> list[Artifact]:
         """Return the artifact followed by its ancestors, nearest first, by following the manifests' parents."""
         chain, queue = [artifact], list(artifact.parents.values())
@@ -595,7 +761,9 @@ class ArtifactStore:
         """The artifact `ref` names with its manifest checked; DamagedArtifactError when that folder is damaged."""
         if "@" not in ref:
             path = Path(ref)
-            if (path / MANIFEST).is_file() or (stage is None and path.is_dir()):
+            if os.path.lexists(path / MANIFEST) or (stage is None and path.is_dir()):
+                # A link the user named is followed once, to the real folder, which is checked as any other.
+                path = Path(os.path.realpath(path))
                 return Artifact(path, read_manifest(path))
             if stage is None:
                 raise ArtifactError(
@@ -613,7 +781,13 @@ class ArtifactStore:
     def _latest(self, stage: str) -> Artifact:
         good, broken = self.scan(stage)
         if good:
-            return max(good, key=_age)
+            latest = max(good, key=_age)
+            made = _made(latest.path, latest.manifest)
+            for path, reason in broken:
+                if _made(path) > made:  # the user may think latest is this one
+                    warnings.warn(f"{stage}@latest is {latest.ref}, not the newer {_label(path)}, which is damaged: {reason}",
+                                  ArtifactWarning, stacklevel=4)
+            return latest
         if broken:
             damaged = "; ".join(f"{_label(path)}: {reason}" for path, reason in broken)
             raise ArtifactError(f"every {stage} folder in the store {self.root} is damaged: {damaged}")
@@ -649,11 +823,111 @@ class ArtifactStore:
         return Artifact(path, manifest)
 
     def _folders(self, stage: str) -> list[Path]:
-        """Every entry folder of a stage, sound or damaged (hidden ones are saves in progress)."""
+        """Every entry folder of a stage, sound or damaged, links among them (hidden ones are saves in progress)."""
         stage_dir = self.root / stage
         if not stage_dir.is_dir():
             return []
-        return sorted(p for p in stage_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
+        return sorted(p for p in stage_dir.iterdir() if not p.name.startswith(".") and (p.is_dir() or p.is_symlink()))
+
+    def _temp_paths(self, stage: str | None) -> list[Path]:
+        """The hidden temporary folders of writes in the stage folders (real folders only: a link is never followed)."""
+        paths = []
+        for name in [stage] if stage else STAGES:
+            _check_stage(name)
+            stage_dir = self.root / name
+            if stage_dir.is_dir():
+                paths += sorted(p for p in stage_dir.iterdir() if p.name.startswith(TEMP_PREFIXES) and _is_real_dir(p))
+        return paths
+
+
+def _made(path: Path, manifest: Any = None) -> str:
+    """When the folder's artifact was made, as `created` says it: the manifest's own if it reads, else the folder's mtime."""
+    if manifest is None and not os.path.islink(path):
+        try:
+            manifest = json.loads(_read_metadata(path / MANIFEST))
+        except (ArtifactError, OSError, ValueError, RecursionError):
+            pass
+    created = manifest.get("created") if isinstance(manifest, dict) else None
+    if isinstance(created, str) and created:
+        return created
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.lstat(path).st_mtime))
+
+
+@dataclass
+class TempFolder:
+    """A hidden temporary folder of a write in a stage folder, as `ArtifactStore.temp_folders` found it."""
+
+    path: Path
+    bytes: int  # of the regular files in it
+    age: float  # seconds since anything in it last changed
+    held: bool  # a live writer holds its lock
+    has_lock_file: bool
+
+    @property
+    def stale(self) -> bool:
+        """Left by a write that died: no process holds its lock (and, without a lock file, unchanged for a while)."""
+        return not self.held and (self.has_lock_file or self.age >= STALE_AFTER_SECONDS)
+
+
+def _locked_temp_folder(stage_dir: Path) -> tuple[Path, int]:
+    """Return a new hidden temporary folder of `stage_dir` and the descriptor of the lock held on it until closed."""
+    folder = Path(tempfile.mkdtemp(dir=stage_dir, prefix=TEMP_PREFIXES[0]))
+    try:
+        lock = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, plain_mode())
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder, lock
+
+
+def _temp_folder(path: Path, remove: bool = False) -> TempFolder | None:
+    """What the temporary folder `path` is (None: gone meanwhile, committed or removed); with `remove`, a stale one is
+    removed while its lock is held here."""
+    try:
+        try:  # O_NOFOLLOW and O_NONBLOCK: a planted link or FIFO in its place is neither followed nor waited on
+            lock = os.open(path / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            lock = None
+        except OSError:  # a lock file this process may not open (another user's): treat it as held, leave it be
+            return TempFolder(path, *_tree_usage(path), held=True, has_lock_file=True)
+        try:
+            held = False
+            if lock is not None:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held = True
+            found = TempFolder(path, *_tree_usage(path), held=held, has_lock_file=lock is not None)
+            if remove and found.stale:
+                shutil.rmtree(path)
+            return found
+        finally:
+            if lock is not None:
+                os.close(lock)
+    except FileNotFoundError:
+        return None
+
+
+def _tree_usage(path: Path) -> tuple[int, float]:
+    """The bytes of the regular files under `path` and the seconds since anything there last changed (no link followed)."""
+    size, changed = 0, os.lstat(path).st_mtime
+    for folder, subfolders, files in os.walk(path):
+        for name in subfolders + files:
+            try:
+                info = os.lstat(os.path.join(folder, name))
+            except FileNotFoundError:  # removed meanwhile by its writer
+                continue
+            changed = max(changed, info.st_mtime)
+            size += info.st_size if stat.S_ISREG(info.st_mode) else 0
+    return size, max(0.0, time.time() - changed)
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _label(path: Path) -> str:
@@ -662,4 +936,42 @@ def _label(path: Path) -> str:
 
 
 def _verdict(artifact: Artifact) -> Verdict:
-    return Verdict(artifact.ref, artifact.file_problem(), legacy=not artifact.sealed)
+    return Verdict(artifact.ref, artifact.file_problem() or _records_problem(artifact), legacy=not artifact.sealed)
+
+
+# A sealed record: something derived from an artifact after saving and reused, that changes what a
+# command computes with it (a step-caching schedule). It lives in the unsealed metrics, since adding
+# it must not make another artifact, but carries a sha256 over itself, its key and the artifact's version.
+RECORD_SEAL = "sealed_sha256"
+
+
+def seal_record(artifact: Artifact, key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the artifact's version and a RECORD_SEAL over both and `key`, to store as metrics[key]."""
+    record = {**record, "artifact": artifact.version}
+    return {**record, RECORD_SEAL: _record_digest(key, record)}
+
+
+def record_problem(artifact: Artifact, key: str) -> str | None:
+    """Why the sealed record metrics[key] does not match its seal (edited, or moved from another key or artifact), or None."""
+    record = artifact.manifest["metrics"][key]
+    body = {name: value for name, value in record.items() if name != RECORD_SEAL}
+    if body.get("artifact") == artifact.version and record[RECORD_SEAL] == _record_digest(key, body):
+        return None
+    return (f"metrics[{key!r}] was changed, or moved from another entry or artifact, after it was stored (it does not "
+            f"match its {RECORD_SEAL}); delete that entry from {artifact.path / MANIFEST} to compute it again")
+
+
+def _records_problem(artifact: Artifact) -> str | None:
+    """The problem of the first sealed record in the artifact's metrics that does not match its seal, or None."""
+    metrics = artifact.manifest.get("metrics")
+    for key, record in (metrics.items() if isinstance(metrics, dict) else ()):
+        if isinstance(record, dict) and RECORD_SEAL in record:
+            problem = record_problem(artifact, key)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _record_digest(key: str, record: dict[str, Any]) -> str:
+    plain = json.loads(json.dumps(record))  # as a reader of the manifest will see it
+    return hashlib.sha256(json.dumps({"key": key, "record": plain}, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

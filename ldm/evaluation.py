@@ -25,11 +25,7 @@ from ldm.metrics import FeatureStats, feature_stats, frechet_distance
 from ldm.runtime import synchronize
 
 
-def check_folder(path: Path) -> None:
-    """Raise ValueError when path, or a folder above it, is a file: nothing could be written there."""
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ValueError(f"--out: {existing} is a file, not a folder; pass a folder path (it is created when missing)")
+EVAL_FOLDER = Path("runs") / "eval"  # where a measurement's report and pictures go without --out
 
 
 def report_settings(pipe, settings: SamplingSettings) -> dict:

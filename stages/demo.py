@@ -9,6 +9,7 @@ from pathlib import Path
 from ldm.artifacts import ArtifactStore
 from ldm.config import load_config
 from ldm.data.fmnist import ensure_fmnist
+from ldm.destinations import check_writable
 from ldm.generation import SamplingSettings
 from ldm.training import Timer, format_seconds
 from stages import autoencoder, classifier, diffusion
@@ -22,6 +23,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist"
 def run_demo(out: Path) -> dict[str, object]:
     """Train and evaluate every stage's quick preset into `out`; return what was made."""
     timer = Timer()
+    check_writable(out, "--out")
     data_dir = ensure_fmnist(download=True, install_system_package=True)
     print(f"Fashion-MNIST: {data_dir}")
     if out.exists():

@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, write_atomic
+from ldm.destinations import check_writable, writing_to
 from ldm.ema import SNAPSHOT_FOLDER, Snapshot, check_sigma_rel, list_snapshots, reconstruct, sigma_rel_to_gamma
-from ldm.evaluation import (SampleReference, check_folder, evaluation_name, measure_samples, report_metrics,
+from ldm.evaluation import (EVAL_FOLDER, SampleReference, evaluation_name, measure_samples, report_metrics,
                             sample_reference)
 from ldm.generation import SamplingSettings
 from ldm.images import save_grid
@@ -99,8 +100,8 @@ def posthoc_ema(
     sigma_rels = sorted(set(sigma_rels))
     for sigma_rel in sigma_rels:
         check_sigma_rel(sigma_rel)
-    if out_dir is not None:
-        check_folder(Path(out_dir))
+    check_writable(Path(out_dir or EVAL_FOLDER), "--out")
+    store.check_writable()  # the chosen length becomes a new artifact
     model = store.load(model_ref, stage="diffusion")
     snapshots, step = snapshots_of(model, run_dir)
     print(f"reconstructing sigma_rel {', '.join(f'{s:g}' for s in sigma_rels)} at step {step} of {model.ref} "
@@ -116,9 +117,10 @@ def posthoc_ema(
             raise ArtifactError(f"the snapshots' tensors do not fit the DiT of {model.ref} (sigma_rel {sigma_rel:g})")
     reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, device_)
     name = evaluation_name(pipe, settings, n)
-    out_dir = Path(out_dir or Path("runs") / "eval" / f"posthoc-ema-{name}-{model.version}")
+    out_dir = Path(out_dir or EVAL_FOLDER / f"posthoc-ema-{name}-{model.version}")
 
-    rows, reports = measure_lengths(pipe, settings, n, reference, model, own_ema, dict(zip(sigma_rels, candidates)), out_dir)
+    with writing_to(out_dir, "--out"):
+        rows, reports = measure_lengths(pipe, settings, n, reference, model, own_ema, dict(zip(sigma_rels, candidates)), out_dir)
     best = min(range(len(sigma_rels)), key=lambda j: rows[1 + j]["frechet_distance"])
     chosen = sigma_rels[best]
     print_table(rows, chosen, reports[0])
@@ -126,11 +128,12 @@ def posthoc_ema(
     artifact = save_reconstruction(store, model, candidates[best], chosen, step, len(snapshots))
     table = {"evaluation": name, "chosen_sigma_rel": chosen, "table": rows}
     artifact = store.update_manifest(artifact, metrics={name: report_metrics(reports[1 + best]), "posthoc_ema": table})
-    write_atomic(out_dir / "report.json", json.dumps({
-        "model": model.ref, "step": step, "stored": artifact.ref, **table, "reports": reports,
-        "coefficients": {"snapshots": [{"step": s.step, "sigma_rel": s.sigma_rel} for s in snapshots],
-                         "columns": [f"{s:g}" for s in sigma_rels], "values": coefficients.tolist()},
-    }, indent=2).encode())
+    with writing_to(out_dir, "--out"):
+        write_atomic(out_dir / "report.json", json.dumps({
+            "model": model.ref, "step": step, "stored": artifact.ref, **table, "reports": reports,
+            "coefficients": {"snapshots": [{"step": s.step, "sigma_rel": s.sigma_rel} for s in snapshots],
+                             "columns": [f"{s:g}" for s in sigma_rels], "values": coefficients.tolist()},
+        }, indent=2).encode())
     print(f"\nwrote {artifact.ref}  ({artifact.path}): sigma_rel {chosen:g}, parent {model.ref}")
     print(f"  report {out_dir / 'report.json'}   grids {out_dir}")
     return artifact

@@ -14,6 +14,7 @@ from ldm.artifacts import Artifact, ArtifactStore, ArtifactWriter
 from ldm.config import from_dict, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint, iterate_images
 from ldm.data.latents import LatentStats, LatentStatsAccumulator
+from ldm.destinations import STORE_OPTION, writing_to
 from ldm.loading import load_autoencoder
 from ldm.training import Timer, format_seconds
 
@@ -126,6 +127,7 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
     if existing is not None:
         print(f"found {existing.ref}: same autoencoder, data and settings; nothing to encode")
         return existing
+    store.check_writable()  # before encoding: a cache that cannot be stored is work lost
 
     device = torch.device(config.device)
     model = load_autoencoder(autoencoder, device)
@@ -137,7 +139,8 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
     done, num_classes = 0, 0
     timer = Timer()
     print(f"encoding {total} {config.split} images with {autoencoder.ref}{' and their flips' if config.flips else ''} ...")
-    with store.writer("latents") as writer:
+    # A failed write (a full disk) leaves nothing: the writer removes its folder as the error passes.
+    with writing_to(store.root, STORE_OPTION), store.writer("latents") as writer:
         shards = ShardWriter(writer, config.shard_size)
         for images, labels in iterate_images(dataset, config.batch_size, config.limit):
             views = [images, images.flip(-1)] if config.flips else [images]

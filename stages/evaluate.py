@@ -24,6 +24,8 @@ from ldm.data import (
     iterate_images,
     with_data,
 )
+from ldm.destinations import check_writable, writing_to
+from ldm.evaluation import EVAL_FOLDER
 from ldm.images import save_side_by_side
 from ldm.loading import feature_extractor, load_autoencoder, load_classifier
 from ldm.metrics import FeatureStats, frechet_distance, perceptual_metric, psnr, ssim
@@ -47,6 +49,8 @@ def evaluate_reconstruction(
     """Measure reconstructions of `split` through the autoencoder's posterior mode; write a JSON report and a PNG."""
     device = torch.device(device)
     artifact = store.load(autoencoder_ref, stage="autoencoder")
+    check_writable(Path(out_dir or EVAL_FOLDER), "--out")
+    store.check_writable(artifact)  # the numbers go into its manifest
     model = load_autoencoder(artifact, device)
     data_config = replace(with_data(from_dict(DataConfig, artifact.config()["data"], "data"), data), hflip=False)
     dataset = build_dataset(data_config, split)
@@ -112,13 +116,14 @@ def evaluate_reconstruction(
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
-    out_dir = Path(out_dir or Path("runs") / "eval" / f"recon-{artifact.version}-{split}")
-    write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
-    picture = save_side_by_side(first_inputs, first_recons, out_dir / "reconstructions.png")
-    if sound:  # what a person would rather hear: the first clips and their reconstructions
-        for i, (clip, recon) in enumerate(zip(first_inputs[:8], first_recons[:8])):
-            write_wav(out_dir / "audio" / f"{i:02d}-input.wav", clip, data_config.sample_rate)
-            write_wav(out_dir / "audio" / f"{i:02d}-reconstruction.wav", recon, data_config.sample_rate)
+    out_dir = Path(out_dir or EVAL_FOLDER / f"recon-{artifact.version}-{split}")
+    with writing_to(out_dir, "--out"):
+        picture = save_side_by_side(first_inputs, first_recons, out_dir / "reconstructions.png")
+        if sound:  # what a person would rather hear: the first clips and their reconstructions
+            for i, (clip, recon) in enumerate(zip(first_inputs[:8], first_recons[:8])):
+                write_wav(out_dir / "audio" / f"{i:02d}-input.wav", clip, data_config.sample_rate)
+                write_wav(out_dir / "audio" / f"{i:02d}-reconstruction.wav", recon, data_config.sample_rate)
+        write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
     metrics = {k: report[k] for k in (*measures, "rfid", "class_accuracy", "real_class_accuracy",
                                       "encode_images_per_s", "decode_images_per_s")}
     metrics.update(images=count, rfid_features=report["rfid_features"])

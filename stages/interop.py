@@ -10,14 +10,16 @@ what `LatentDiffusionPipeline.from_artifacts` needs to sample with it. The tenso
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, sha256_file
-from ldm.config import ConfigError, from_dict, set_key, to_dict
+from ldm.config import ConfigError, brief, from_dict, set_key, to_dict
 from ldm.data import DataConfig
 from ldm.data.latents import LatentStats
+from ldm.destinations import check_writable
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.interop import (
     COMPVIS_DEFAULT,
@@ -85,6 +87,7 @@ def import_autoencoder(
     """Import a diffusers or CompVis KL autoencoder into an `autoencoder` artifact and return it."""
     if (from_diffusers is None) == (from_compvis is None):
         raise ValueError("give exactly one source: --from-diffusers DIR or --from-compvis FILE")
+    store.check_writable()
     sections = parse_overrides(overrides, ("model", "data"))
     if from_diffusers is not None:
         imported = load_diffusers_autoencoder(from_diffusers, sections.get("model"))
@@ -155,6 +158,7 @@ def import_diffusion(
     """Import a facebookresearch/DiT checkpoint or a diffusers DiT into a `diffusion` artifact and return it."""
     if (from_dit is None) == (from_diffusers is None):
         raise ValueError("give exactly one source: --from-dit FILE or --from-diffusers DIR")
+    store.check_writable()
     sections = parse_overrides(overrides, ("model", "diffusion"))
     model_overrides = dict(sections.get("model", {}))
     if num_heads is not None:
@@ -241,6 +245,7 @@ def _print_report(report: ExportReport, kind: str, exact_limit: float = 1e-4) ->
 
 def export_autoencoder(store: ArtifactStore, ref: str, out_dir: str, latents_ref: str | None = None) -> ExportReport:
     """Write an `autoencoder` artifact as a diffusers AutoencoderKL folder; latent stats become scaling_factor."""
+    check_writable(out_dir, "--to-diffusers")
     artifact = store.load(ref, stage="autoencoder")
     stats, origin = _export_stats(store, artifact, latents_ref)
     report = export_autoencoder_to_diffusers(load_autoencoder(artifact), out_dir, stats)
@@ -251,6 +256,7 @@ def export_autoencoder(store: ArtifactStore, ref: str, out_dir: str, latents_ref
 
 def export_diffusion(store: ArtifactStore, ref: str, out_dir: str, weights: str = "ema") -> ExportReport:
     """Write the DiT of a `diffusion` artifact as a diffusers DiTTransformer2DModel folder."""
+    check_writable(out_dir, "--to-diffusers")
     artifact = store.load(ref, stage="diffusion")
     if stored_precision(artifact) != "float32":
         raise ArtifactError(f"{artifact.ref} holds {stored_precision(artifact)} weights, which diffusers' DiT cannot hold: "
@@ -271,14 +277,28 @@ def export_diffusion(store: ArtifactStore, ref: str, out_dir: str, weights: str 
     return report
 
 
+def check_keep_patterns(int8_layers: list[str], keep: Iterable[str]) -> None:
+    """Raise ValueError naming the first --keep pattern that matches none of `int8_layers` (a typo would keep nothing)."""
+    for pattern in keep:
+        if not any(fnmatch.fnmatch(name, pattern) for name in int8_layers):
+            blocks = sorted({int(name.split(".")[1]) for name in int8_layers})
+            inside = ", ".join(dict.fromkeys(name.split(".", 2)[2] for name in int8_layers))
+            raise ValueError(
+                f"--keep {brief(pattern)} matches no int8 layer: each of blocks.{blocks[0]} .. blocks.{blocks[-1]} has "
+                f"{inside} (e.g. {int8_layers[0]}); patterns are fnmatch over these names, e.g. 'blocks.*.adaLN_modulation'"
+            )
+
+
 def quantize_diffusion(store: ArtifactStore, ref: str, keep: Iterable[str] = ()) -> Artifact:
     """Store the EMA DiT of a `diffusion` artifact with int8 block linears (`ldm.quantize`) as a new `diffusion`
     artifact: the same config, latents and decoder, the float artifact as parent; `from_artifacts` loads it as int8."""
+    store.check_writable()
     artifact = store.load(ref, stage="diffusion")
     if stored_precision(artifact) != "float32":
         raise ArtifactError(f"{artifact.ref} is stored as {stored_precision(artifact)} already; quantise its parent "
                             f"{artifact.parents.get('diffusion')}")
     float_model = load_dit(artifact)
+    check_keep_patterns(int8_layer_names(float_model), keep)
     float_bytes = weight_bytes(float_model)
     layers = int8_layer_names(float_model, keep)
     model = quantize_int8(float_model, keep)
