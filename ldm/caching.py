@@ -14,15 +14,23 @@ With `extrapolate`, a skipped block adds a forecast instead of the stale residua
 its last two evaluated residuals, continued to the current timestep (a first-order Taylor forecast
 in time, as TaylorSeer does, Liu et al. 2025, arXiv 2503.06923). Reuse is exact only for a residual
 that does not change; the forecast is exact for one that changes linearly in t.
+
+A calibrated schedule is stored in its model's manifest (metrics, under the setting's name) as a
+sealed record (`ldm.artifacts.seal_record`): bound to the model's version, the entry's name and the
+fraction it was calibrated for, so that `stored_schedule` refuses one edited by hand, moved to the
+entry of another setting or fraction, or copied from another model, instead of running it.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+
+from ldm.artifacts import RECORD_SEAL, Artifact, ArtifactError, record_problem, seal_record
 
 
 @dataclass(frozen=True)
@@ -58,9 +66,25 @@ class CacheSchedule:
                 "extrapolate": self.extrapolate, "fraction": round(self.fraction, 4)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CacheSchedule":
-        return cls(int(data["calls"]), int(data["depth"]), tuple((int(c), int(b)) for c, b in data["skips"]),
-                   bool(data.get("extrapolate", False)))
+    def from_dict(cls, data: Any) -> "CacheSchedule":
+        """The schedule `to_dict` wrote (other keys are ignored); ValueError saying what is wrong with anything else."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a schedule is a JSON object with calls, depth and skips, got {type(data).__name__}")
+        for name in ("calls", "depth"):
+            if not _is_int(data.get(name)) or data[name] < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {data.get(name)!r}")
+        skips = data.get("skips")
+        if not isinstance(skips, (list, tuple)) or not all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_int, pair)) for pair in skips):
+            raise ValueError(f"skips must be a list of [call, block] pairs of integers, got {str(skips)[:60]}")
+        extrapolate = data.get("extrapolate", False)  # absent in schedules stored before forecasts
+        if not isinstance(extrapolate, bool):
+            raise ValueError(f"extrapolate must be true or false, got {extrapolate!r}")
+        return cls(data["calls"], data["depth"], tuple((call, block) for call, block in skips), extrapolate)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class BlockCache:
@@ -159,7 +183,7 @@ def schedule_from_changes(changes: Sequence[Sequence[float]], fraction: float) -
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     calls, depth = len(changes), len(changes[0])
-    wanted = math.ceil(fraction * calls * depth - 1e-9)  # at least the fraction asked
+    wanted = skips_for(fraction, calls, depth)
     # A NaN change (no previous residual of the same batch) is never skipped.
     order = sorted((changes[i][k] if changes[i][k] == changes[i][k] else float("inf"), i, k)
                    for i in range(1, calls) for k in range(depth))
@@ -174,3 +198,56 @@ def schedule_from_changes(changes: Sequence[Sequence[float]], fraction: float) -
         raise ValueError(f"a skip fraction of {fraction:g} needs {wanted} skips; at most {len(skips)} fit the rule "
                          f"(never two calls in a row, never the first call) at {calls} calls")
     return CacheSchedule(calls, depth, tuple(sorted(skips)))
+
+
+def skips_for(fraction: float, calls: int, depth: int) -> int:
+    """The number of skips a schedule calibrated for `fraction` holds: at least that share of calls x depth."""
+    return math.ceil(fraction * calls * depth - 1e-9)
+
+
+def sealed_schedule(schedule: CacheSchedule, model: Artifact, name: str, fraction: float) -> dict:
+    """The record that stores `schedule`, calibrated for `fraction`, as metrics[name] of `model`: sealed to all three."""
+    return seal_record(model, name, {**schedule.to_dict(), "cache_fraction": fraction})
+
+
+def stored_schedule(model: Artifact, name: str, calls: int, depth: int, fraction: float,
+                    extrapolate: bool) -> Optional[CacheSchedule]:
+    """The schedule metrics[name] of `model` holds for a setting of `calls` network calls skipping `fraction` of them.
+
+    None when there is none to use: no entry, or an unsealed one (stored before schedules were sealed,
+    or stripped of its seal), which is never trusted; calibrate anew. Raises ArtifactError naming the
+    artifact and the entry for one that is malformed, does not match its seal, or does not fit the setting.
+    """
+    metrics = model.manifest.get("metrics")
+    record = metrics.get(name) if isinstance(metrics, dict) else None
+    if record is None:
+        return None
+    where = f"{model.ref}: the step-caching schedule metrics[{name!r}]"
+    fix = f"delete that entry from {model.path / 'manifest.json'} to calibrate it again"
+    try:
+        schedule = CacheSchedule.from_dict(record)
+    except ValueError as err:
+        raise ArtifactError(f"{where} is malformed ({err}); {fix}") from None
+    if RECORD_SEAL not in record:
+        return None
+    problem = record_problem(model, name)
+    if problem is not None:
+        raise ArtifactError(f"{model.ref}: {problem}")
+    problem = _misfit(schedule, record, calls, depth, fraction, extrapolate)
+    if problem is not None:
+        raise ArtifactError(f"{where} {problem}; {fix}")
+    return schedule
+
+
+def _misfit(schedule: CacheSchedule, record: dict, calls: int, depth: int, fraction: float, extrapolate: bool) -> Optional[str]:
+    """Why a sealed schedule does not fit the setting it is asked for (only a forged seal lets one through), or None."""
+    if (schedule.calls, schedule.depth) != (calls, depth):
+        return f"is for {schedule.calls} calls of {schedule.depth} blocks, but this setting makes {calls} calls of {depth} blocks"
+    if schedule.extrapolate != extrapolate:
+        return f"was calibrated {'with' if schedule.extrapolate else 'without'} --cache-forecast"
+    if record.get("cache_fraction") != fraction or len(schedule.skips) != skips_for(fraction, calls, depth):
+        return (f"skips {len(schedule.skips)} of {calls * depth} block evaluations: it was not calibrated for "
+                f"--cache-fraction {fraction:g} ({skips_for(fraction, calls, depth)} skips)")
+    if any((call + 1, block) in schedule.skips for call, block in schedule.skips):
+        return "skips a block at two calls in a row, which calibration never does"
+    return None

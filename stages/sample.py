@@ -21,9 +21,10 @@ from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.audio import write_wav
-from ldm.caching import CacheSchedule
-from ldm.evaluation import (check_folder, evaluation_name, guidance_text, measure_samples, report_metrics, report_settings,
-                            precision_name, sample_reference, trajectory_name)
+from ldm.caching import sealed_schedule, stored_schedule
+from ldm.destinations import check_writable, writing_to
+from ldm.evaluation import (EVAL_FOLDER, evaluation_name, guidance_text, measure_samples, precision_name, report_metrics,
+                            report_settings, sample_reference, trajectory_name)
 from ldm.generation import SamplingSettings, model_calls
 from ldm.images import save_grid, save_png, to_pil
 from ldm.runtime import synchronize
@@ -76,18 +77,19 @@ def write_samples(
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
                                                   guide=guide_ref, precision=precision)
     singles = out_dir / ("images" if pipe.sample_rate is None else "audio")
-    check_folder(singles if single_images else out_dir)
+    check_writable(singles if single_images else out_dir, "--out")
     settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
     labels = parse_classes(classes, n, pipe.num_classes)
-    for path in earlier_samples(out_dir, overwrite):  # --overwrite: our earlier outputs only, never the folder or other files
-        path.unlink(missing_ok=True)
+    earlier = earlier_samples(out_dir, overwrite)
     recorded = {**report_settings(pipe, settings), "n": n}
     in_grid = _grid_count(n, len(set(labels.tolist())))
     grid_images, seconds = [], 0.0
     batch_size = settings.batch_size
     bar = tqdm(total=math.ceil(n / batch_size) * model_calls(settings.sampler, settings.num_steps), unit="step",
                desc=f"{n} samples ({settings.sampler}, {settings.num_steps} steps, {guidance_text(recorded)})")
-    with bar:
+    with bar, writing_to(out_dir, "--out", kept="the samples made so far stay, counted in samples.json"):
+        for path in earlier:  # --overwrite: our earlier outputs only, never the folder or other files
+            path.unlink(missing_ok=True)
         for start in range(0, n, batch_size):
             batch = labels[start : start + batch_size]
             began = time.perf_counter()
@@ -104,10 +106,10 @@ def write_samples(
                 grid_images.append(images[: in_grid - start].cpu())
             done = start + len(batch)
             _write_json(out_dir / "samples.json", {**recorded, "sampled": done, "labels": labels[:done].tolist(), "complete": False})
-    grid = save_class_grid(torch.cat(grid_images), labels[:in_grid], out_dir / "grid.png")
-    report = {**recorded, "sampled": n, "labels": labels.tolist(), "complete": True,
-              "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
-    _write_json(out_dir / "samples.json", report)
+        grid = save_class_grid(torch.cat(grid_images), labels[:in_grid], out_dir / "grid.png")
+        report = {**recorded, "sampled": n, "labels": labels.tolist(), "complete": True,
+                  "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
+        _write_json(out_dir / "samples.json", report)
     print(f"{n} samples from {report['model']} ({settings.sampler}, {settings.num_steps} steps, {guidance_text(report)}, "
           f"seed {settings.seed}) "
           f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
@@ -122,21 +124,26 @@ def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiff
 
     The schedule is calibrated once per model and setting (`pipe.calibrate_cache`) and kept in the artifact's
     manifest under metrics["cache-<sampler>-<steps>-cfg<scale>[-t<interval>][-guide...][-<precision>]-f<fraction>[-forecast]"]
-    (the setting's whole trajectory, so another guidance interval or guide never reuses it); later runs reuse it.
+    (the setting's whole trajectory, so another guidance interval or guide never reuses it), sealed to the model,
+    that name and the fraction; later runs reuse it, and refuse one that was edited, moved or copied (`ldm.caching`).
     """
     if not fraction:
         return settings
     name = f"cache-{trajectory_name(pipe, settings)}{precision_name(pipe)}-f{fraction:g}" + ("-forecast" if forecast else "")
     artifact = store.load(model_ref, stage="diffusion", verify=False)
-    stored = artifact.manifest.get("metrics", {}).get(name)
-    if stored is not None:
-        schedule = CacheSchedule.from_dict(stored)
+    calls = model_calls(settings.sampler, settings.num_steps)
+    schedule = stored_schedule(artifact, name, calls, pipe.model.config.depth, fraction, forecast)
+    if schedule is not None:
         print(f"step caching: the stored schedule {name} skips {schedule.fraction:.1%} of the block evaluations")
-    else:
-        schedule = pipe.calibrate_cache(settings, fraction=fraction, extrapolate=forecast)
-        store.update_manifest(artifact, metrics={name: schedule.to_dict()})
-        print(f"step caching: calibrated {name} ({schedule.fraction:.1%} of the block evaluations skipped), stored in "
-              f"{artifact.ref}'s manifest")
+        return replace(settings, cache=schedule)
+    if name in (artifact.manifest.get("metrics") or {}):
+        print(f"step caching: the stored schedule {name} is not sealed (stored by an older ldm, or its seal removed): "
+              f"calibrating it anew")
+    store.check_writable(artifact)  # before calibrating: a schedule that cannot be stored would be calibrated every run
+    schedule = pipe.calibrate_cache(settings, fraction=fraction, extrapolate=forecast)
+    store.update_manifest(artifact, metrics={name: sealed_schedule(schedule, artifact, name, fraction)})
+    print(f"step caching: calibrated {name} ({schedule.fraction:.1%} of the block evaluations skipped), stored in "
+          f"{artifact.ref}'s manifest")
     return replace(settings, cache=schedule)
 
 
@@ -201,11 +208,11 @@ def evaluate_samples(
     model would reach through this autoencoder; when samples sit near it, stage 1 limits them).
     """
     _check_count(n)
-    if out_dir is not None:
-        check_folder(Path(out_dir))
+    check_writable(Path(out_dir or EVAL_FOLDER), "--out")
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
                                                   guide=guide_ref, precision=precision)
+    store.check_writable(store.load(model_ref, stage="diffusion", verify=False))  # the numbers go into its manifest
     settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
     reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, device_)
     report, first = measure_samples(pipe, settings, n, reference)
@@ -214,9 +221,10 @@ def evaluate_samples(
         report["block_evaluations"] = dict(counts)
         report["block_evaluations_saved"] = counts["skipped"] / max(counts["evaluated"] + counts["skipped"], 1)
     name = evaluation_name(pipe, settings, n)
-    out_dir = Path(out_dir or Path("runs") / "eval" / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
-    _write_json(out_dir / "report.json", report)
-    grid = save_grid(first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2)
+    out_dir = Path(out_dir or EVAL_FOLDER / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
+    with writing_to(out_dir, "--out"):
+        grid = save_grid(first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2)
+        _write_json(out_dir / "report.json", report)
     store.update_manifest(store.load(model_ref, stage="diffusion", verify=False), metrics={name: report_metrics(report)})
     print_sample_report(report, out_dir, grid)
     return report
