@@ -104,11 +104,20 @@ class TrainerConfig:
     # csv: logs/partNNN/metrics.csv (the loss curves are drawn from it); tensorboard: TensorBoard event
     # files in tensorboard/partNNN as well (needs the tensorboard or tensorboardX package)
     logger: str = "csv"
+    # One config and seed, one result (on one machine): Lightning's deterministic flag (torch's deterministic
+    # algorithms) and, on a CPU, cpu_threads threads. None: on for CPU runs, where it costs nothing
+    # measurable (autoencoder-quick.yaml on 2 cores: 10.4 steps/s on and off), off on GPUs, where
+    # deterministic kernels cost speed.
+    deterministic: bool | None = None
+    # Threads of a deterministic CPU run. Convolutions and matmuls split their sums over the threads, so
+    # the weights depend on how many there are (runs with 1 and 2 threads part from the first update);
+    # 0: one per CPU this process may run on, whatever OMP_NUM_THREADS or torch.set_num_threads say.
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         # Checked here, once, so that no stage starts (or stores an untrained artifact) on a nonsense value.
         at_least = {"max_steps": 1, "batch_size": 1, "num_nodes": 1, "log_every": 1, "checkpoint_every": 1,
-                    "warmup_steps": 0, "image_every": 0}
+                    "warmup_steps": 0, "image_every": 0, "cpu_threads": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value < low:

@@ -3,32 +3,42 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import math
 import os
 import pickle
+import secrets
 import shutil
+import signal
+import socket
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Subset
 
 from ldm.artifacts import write_atomic
 from ldm.config import ConfigError, TrainerConfig, dump_yaml
 from ldm.data import DataConfig, build_dataset
 from ldm.data.order import FlippableItems, StepBatchSampler
+from ldm.destinations import writing_to
 from ldm.images import save_curves
 
 LAST = "last.ckpt"
+LOCK = "run.lock"  # held (flock) by the process training in the run folder; it names that process
 
 # Our checkpoints save the state after each step on purpose (that is what a resume continues from).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -41,7 +51,7 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 RESUME_FREE = (
     "run_dir", "trainer.max_steps", "trainer.log_every", "trainer.image_every", "trainer.checkpoint_every",
     "trainer.progress", "trainer.logger", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-    "trainer.accelerator", "data.num_workers", "preview.", "preview_images",
+    "trainer.accelerator", "trainer.cpu_threads", "data.num_workers", "preview.", "preview_images",
 )
 RESUME_ON_REQUEST = ("trainer.lr", "trainer.grad_clip", "trainer.precision")
 
@@ -55,38 +65,161 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        # A name of its own (process and random suffix): no other writer can rename or remove it mid-save.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            with writing_to(path.parent, "--run-dir"):  # a full disk: one line, the previous checkpoint intact
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as handle:
+                    torch.save(checkpoint, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+        except BaseException:
+            if tmp.is_file():  # half a checkpoint is none
+                tmp.unlink()
+            raise
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        # Run folders may sit on shared storage that others can write: never run pickle code from one.
-        # Our checkpoints hold tensors and plain data only. Loaded onto the CPU first, so a resume
-        # never allocates a second copy of the model on the accelerator.
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects besides tensors and plain data, and loading "
-                f"it would run their code. It was not written by this training; delete it, or start a new run"
-            ) from err
-        except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(
-                f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]}); it is truncated or "
-                f"corrupt: restore it, or start a new run"
-            ) from err
+        return read_checkpoint(path)
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Return a run's checkpoint, loaded onto the CPU (`mmap`: its tensors read only when used); CheckpointError if unsafe or unreadable."""
+    # Run folders may sit on shared storage that others can write: never run pickle code from one.
+    # Our checkpoints hold tensors and plain data only. Loaded onto the CPU first, so a resume
+    # never allocates a second copy of the model on the accelerator.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects besides tensors and plain data, and loading "
+            f"it would run their code. It was not written by this training; delete it, or start a new run"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]}); it is truncated or "
+            f"corrupt: restore it, or start a new run"
+        ) from err
+
+
+def checkpoint_step(path: str | os.PathLike, steps_per_batch: int = 1) -> int:
+    """Return the batches a run had trained when it saved the checkpoint at `path` (its tensors are not read)."""
+    checkpoint = read_checkpoint(path, mmap=True)
+    # `step` is written by StepCheckpoint; older checkpoints have Lightning's count of optimiser steps only.
+    return int(checkpoint["step"]) if "step" in checkpoint else int(checkpoint.get("global_step", 0)) // steps_per_batch
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Saves `last.ckpt` every `every` optimisation steps and at the end of training."""
+    """Saves `last.ckpt` every `every` batches and at the end of training, and where a stop signal arrives.
 
-    def __init__(self, dirpath: Path, every: int):
-        super().__init__(dirpath=dirpath, filename="step-{step}", every_n_train_steps=every, save_last=True, save_top_k=0)
+    With `stop_on_signals` active, a SIGTERM or SIGINT received in the training loop lets the batch in
+    progress finish; the checkpoint is saved there and the run then ends with TrainingInterrupted. The
+    state saved is the one a periodic checkpoint holds, so a resume from it is as exact.
+    """
+
+    def __init__(self, dirpath: Path, every: int, steps_per_batch: int = 1):
+        super().__init__(dirpath=dirpath, filename="step-{step}", every_n_train_steps=every * steps_per_batch,
+                         save_last=True, save_top_k=0)
         self.CHECKPOINT_NAME_LAST = "last"
+        self.steps_per_batch = steps_per_batch
+        self.saved_at = -1  # Lightning's global_step of the last save
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["step"] = trainer.global_step // self.steps_per_batch  # in batches, as the stages count
+        self.saved_at = trainer.global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if _STOP.active:
+            # Lightning's own SIGTERM handler, installed for fit, ends the process with status 0 at its next
+            # check (SIGTERMException is a SystemExit); ours takes its place. Lightning's teardown restores ours.
+            signal.signal(signal.SIGTERM, _on_stop_signal)
+            # With several processes, each would stop at its own batch and wait for the others in the save.
+            _STOP.defer = trainer.world_size == 1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if _STOP.pending is not None:
+            if self.saved_at != trainer.global_step:
+                trainer.save_checkpoint(Path(self.dirpath) / LAST)
+            raise TrainingInterrupted(_STOP.pending)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _STOP.defer = False  # what follows (storing the artifact) stops at once
+        super().on_train_end(trainer, pl_module)
+        if _STOP.pending is not None:  # it came during the last batch, which ended training
+            raise TrainingInterrupted(_STOP.pending)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        _STOP.defer = False
+        super().on_exception(trainer, pl_module, exception)
+
+
+class TrainingInterrupted(BaseException):
+    """A SIGTERM or SIGINT that stopped a run (see `stop_on_signals`).
+
+    A BaseException, as KeyboardInterrupt: no `except Exception` swallows it, and the `with` blocks it
+    unwinds through clean up (an ArtifactWriter removes its temporary folder, the run folder is unlocked).
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _StopState:
+    """What `stop_on_signals` shares with StepCheckpoint: whether it is on, and a signal waiting for the batch's end."""
+
+    active = False
+    defer = False  # in the training loop: a first signal waits for the end of the batch
+    pending: int | None = None
+
+
+_STOP = _StopState()
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    if _STOP.defer and _STOP.pending is None:
+        _STOP.pending = signum
+        return
+    raise TrainingInterrupted(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into TrainingInterrupted for the block: a run around it stops cleanly.
+
+    In the training loop the batch in progress finishes and is checkpointed first (StepCheckpoint); a
+    second signal, or one outside the loop (starting up, storing the artifact), raises at once. A no-op
+    off the main thread, where Python cannot handle signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS}
+    _STOP.active, _STOP.defer, _STOP.pending = True, False, None
+    try:
+        yield
+    finally:
+        _STOP.active, _STOP.defer, _STOP.pending = False, False, None
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def interrupted_message(stop: TrainingInterrupted, run_dir: str | os.PathLike, resume_command: str) -> str:
+    """The one line a run stopped by a signal ends with: the step its checkpoint holds and the command that continues it."""
+    name = signal.Signals(stop.signum).name
+    checkpoint = last_checkpoint(run_dir)
+    if checkpoint is None:
+        return f"stopped by {name} before the first checkpoint; nothing to resume: run the same command again"
+    try:
+        step = checkpoint_step(checkpoint)
+    except CheckpointError as err:
+        return f"stopped by {name}; {err}"
+    return f"stopped by {name} at step {step}, saved in {checkpoint}; continue with: {resume_command}"
 
 
 class ProgressBar(TQDMProgressBar):
@@ -107,6 +240,11 @@ class ProgressBar(TQDMProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         return items
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Closed, the bar ends its line: the message of a stopped run is a line of its own, not the bar's tail.
+        if self._train_progress_bar is not None:
+            self._train_progress_bar.close()
 
 
 def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -133,25 +271,78 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
     return checkpoint if resume else None
 
 
-def start_run(config: Any, resume: bool, allow_changes: Sequence[str] = ()) -> tuple[Path, Path | None]:
-    """Open a stage's run folder (`config.run_dir`), seed every RNG and save the config there.
+class RunFolderInUse(FileExistsError):
+    """Another process is training in this run folder."""
 
-    A resume first compares the config with the run's stored one (see `check_resume_config`); the
-    changes it accepts are printed and appended to `resumes.json`. Returns the folder and the
-    checkpoint to resume from (None for a fresh run).
+
+def _rank_zero_of_launch() -> bool:
+    """Whether the launcher made this process global rank zero (a single process always is).
+
+    Read from the environment, before Lightning sets up any process group: torchrun's RANK, SLURM's
+    SLURM_PROCID, and the NODE_RANK / LOCAL_RANK of Lightning's own launcher.
+    """
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"))
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` for the block; RunFolderInUse, naming the holder, if another process has it.
+
+    An flock on `run.lock`, which holds the holder's PID and host: the OS drops it with the process, so a
+    killed run never leaves a stale lock. The other ranks of a multi-process run train in rank zero's
+    folder and take none.
+    """
+    if not _rank_zero_of_launch():
+        yield
+        return
+    path = run_dir / LOCK
+    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 256, 0).decode(errors="replace").strip() or "a process that has not written its PID yet"
+            raise RunFolderInUse(f"{run_dir} is in use by another training run ({holder}; lock {path}): wait for it "
+                                 f"to end, or train into another --run-dir") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(handle, 0)
+    finally:
+        os.close(handle)  # releases the lock
+
+
+@contextmanager
+def open_run(config: Any, resume: bool, allow_changes: Sequence[str] = (),
+             steps_per_batch: int = 1) -> Iterator[tuple[Path, Path | None]]:
+    """Hold a stage's run folder (`config.run_dir`) for the block: lock it, seed every RNG and save the config there.
+
+    Yields the folder and the checkpoint to resume from (None for a fresh run). A resume first compares
+    the config with the run's stored one (see `check_resume_config`); the changes it accepts are printed
+    and appended to `resumes.json`. A resume past trainer.max_steps is refused. `steps_per_batch`:
+    optimiser steps per batch, to read the step of checkpoints saved before they recorded it.
     """
     run_dir = Path(config.run_dir)
-    checkpoint = prepare_run_dir(run_dir, resume)
-    if checkpoint is not None:
-        changes = check_resume_config(run_dir, config, allow_changes)
-        if changes:
-            print("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-            record_resume(run_dir, changes)
-    elif allow_changes:
-        raise ConfigError("--allow-change applies to --resume only")
-    seed_everything(config.trainer.seed)
-    write_atomic(run_dir / "config.yaml", dump_yaml(config).encode())
-    return run_dir, checkpoint
+    prepare_run_dir(run_dir, resume)  # refused here, before anything is created
+    with run_folder_lock(run_dir):
+        checkpoint = prepare_run_dir(run_dir, resume)  # again under the lock: another run may have saved one since
+        if checkpoint is not None:
+            changes = check_resume_config(run_dir, config, allow_changes)
+            reached = checkpoint_step(checkpoint, steps_per_batch)
+            if reached > config.trainer.max_steps:
+                raise ConfigError(f"--resume: the run is at step {reached}, past trainer.max_steps "
+                                  f"{config.trainer.max_steps}: set trainer.max_steps={reached} to store it as it is, "
+                                  f"or higher to train on")
+            if changes:
+                print("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+                record_resume(run_dir, changes)
+        elif allow_changes:
+            raise ConfigError("--allow-change applies to --resume only")
+        seed_everything(config.trainer.seed)
+        write_atomic(run_dir / "config.yaml", dump_yaml(config).encode())
+        yield run_dir, checkpoint
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -226,7 +417,6 @@ def build_trainer(
     discriminator): Lightning counts every optimiser step, we count batches. `lr_scales`: each
     optimiser's learning rate over config.lr (see LearningRateFromConfig).
     """
-    every = max(1, config.checkpoint_every) * steps_per_batch
     if torch.cuda.is_available():  # no effect on CPUs; 32-true stays exact fp32 there
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     kwargs: dict[str, Any] = dict(
@@ -239,7 +429,7 @@ def build_trainer(
         strategy=config.strategy,
         precision=config.precision,
         logger=loggers(config, run_dir),
-        callbacks=[StepCheckpoint(run_dir / "checkpoints", every), *callbacks],
+        callbacks=[StepCheckpoint(run_dir / "checkpoints", max(1, config.checkpoint_every), steps_per_batch), *callbacks],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=max(1, config.log_every),
         enable_progress_bar=config.progress,
@@ -247,6 +437,7 @@ def build_trainer(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         benchmark=False,
+        deterministic=deterministic_run(config),
         # Every loader here splits its global batch by rank itself (StepBatchSampler, LatentBatches).
         use_distributed_sampler=False,
     )
@@ -255,6 +446,34 @@ def build_trainer(
     kwargs["callbacks"].append(LearningRateFromConfig(config.lr, lr_scales))
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+def runs_on_cpu(config: TrainerConfig) -> bool:
+    """Whether a run's accelerator is the CPU (`auto` is, on a machine without CUDA or MPS)."""
+    if config.accelerator == "auto":
+        return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return config.accelerator == "cpu"
+
+
+def deterministic_run(config: TrainerConfig) -> bool:
+    """Whether a run is deterministic: trainer.deterministic, or when that is None, whether it runs on the CPU."""
+    return config.deterministic if config.deterministic is not None else runs_on_cpu(config)
+
+
+@contextmanager
+def reproducible(config: TrainerConfig) -> Iterator[None]:
+    """Run the block with the thread count a deterministic CPU run pins (trainer.cpu_threads), and give the
+    process its own settings back afterwards: threads, and the deterministic algorithms Lightning switches on."""
+    threads, algorithms = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if deterministic_run(config) and runs_on_cpu(config):
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        torch.set_num_threads(config.cpu_threads or len(affinity))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
 
 
 def _next_log_part(run_dir: Path) -> int:
@@ -333,16 +552,26 @@ def fit_stage(
     `batches` is the loader's step-ordered source (StepBatchSampler, LatentBatches), which a resume
     points at the checkpoint's step. An interrupt prints how to continue; a start that fails before
     logging anything leaves no empty log folder behind. A non-finite loss stops a stage through
-    `non_finite_message`.
+    `non_finite_message`. A resume of a run that has reached trainer.max_steps says so and trains nothing:
+    the stage stores the checkpoint's weights (an identical artifact already stored is kept).
     """
-    trainer = build_trainer(config, run_dir, steps_per_batch=steps_per_batch, lr_scales=lr_scales,
-                            callbacks=[*callbacks, ResumeDataOrder(batches, steps_per_batch)], **overrides)
-    timer = Timer()
-    try:
-        trainer.fit(module, loader, ckpt_path=checkpoint)
-    except BaseException:
-        _remove_empty_log_part(trainer)
-        raise
+    if checkpoint is not None and (reached := checkpoint_step(checkpoint, steps_per_batch)) >= config.max_steps:
+        print(f"the run already finished at step {reached}: nothing to train; its weights are stored as they are. "
+              f"To train on, resume with a higher trainer.max_steps")
+    with reproducible(config):
+        trainer = build_trainer(config, run_dir, steps_per_batch=steps_per_batch, lr_scales=lr_scales,
+                                callbacks=[*callbacks, ResumeDataOrder(batches, steps_per_batch)], **overrides)
+        timer = Timer()
+        try:
+            trainer.fit(module, loader, ckpt_path=checkpoint)
+        except SIGTERMException:  # Lightning's SIGTERM handler, when stop_on_signals is not on: a SystemExit of status 0
+            _remove_empty_log_part(trainer)
+            raise TrainingInterrupted(signal.SIGTERM) from None
+        except BaseException as err:
+            _remove_empty_log_part(trainer)
+            if _STOP.pending is not None:  # whatever failed on the way to the batch's end, the signal stopped the run
+                raise TrainingInterrupted(_STOP.pending) from err
+            raise
     if trainer.interrupted:
         print(f"interrupted at step {trainer.global_step // steps_per_batch}; continue with --resume (run folder {run_dir})")
         return None
@@ -431,8 +660,20 @@ def make_loader(data: DataConfig, config: TrainerConfig, subset: int = 0) -> tup
         batch_sampler=sampler,
         num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0,
+        worker_init_fn=leave_stop_signals_to_the_main_process,
     )
     return loader, sampler
+
+
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker's start: it ignores SIGTERM and SIGINT, which reach the whole process group (Ctrl+C, a
+    scheduler), so that the main process stops the run cleanly (stop_on_signals) instead of failing on a dead worker.
+
+    It also seeds the worker as Lightning does for loaders without a worker_init_fn of their own.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    pl_worker_init_function(worker_id)
 
 
 def compiled(model: torch.nn.Module, enabled: bool) -> Callable[..., Any]:

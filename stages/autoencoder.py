@@ -21,6 +21,7 @@ from ldm.artifacts import Artifact, ArtifactStore
 from ldm.audio import take_windows
 from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
+from ldm.destinations import check_run_writable
 from ldm.ema import ema_decay_at, update_ema
 from ldm.images import save_side_by_side
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
@@ -32,9 +33,9 @@ from ldm.training import (
     lr_factor,
     make_loader,
     non_finite_message,
+    open_run,
     save_loss_curves,
     seed_step,
-    start_run,
 )
 
 
@@ -122,7 +123,7 @@ class AutoencoderModule(L.LightningModule):
         self.ema = copy.deepcopy(self.autoencoder).requires_grad_(False).eval() if config.ema_decay > 0 else None
         self.loss = AutoencoderLoss(config.loss, config.model.spatial_dims)
         self.__dict__["train_forward"] = compiled(self.autoencoder, config.trainer.compile)  # not a submodule
-        self.steps_per_batch = 2 if config.loss.disc_enabled else 1
+        self.steps_per_batch = optimizer_steps_per_batch(config)
         self.register_buffer("preview", torch.empty(0), persistent=False)
         self.run_dir: Path | None = None
 
@@ -269,8 +270,19 @@ def run(
 ) -> Artifact | None:
     """Train the autoencoder and return its stored artifact (None on the non-zero ranks or when interrupted)."""
     store = store or ArtifactStore()
-    run_dir, checkpoint = start_run(config, resume, allow_changes)
+    check_run_writable(store, config.run_dir)  # fails now rather than after training
+    with open_run(config, resume, allow_changes, optimizer_steps_per_batch(config)) as (run_dir, checkpoint):
+        return train_and_store(config, store, run_dir, checkpoint, callbacks)
 
+
+def optimizer_steps_per_batch(config: AutoencoderStageConfig) -> int:
+    """Optimiser steps one batch takes: the autoencoder's, then the discriminator's if there is one."""
+    return 2 if config.loss.disc_enabled else 1
+
+
+def train_and_store(config: AutoencoderStageConfig, store: ArtifactStore, run_dir: Path, checkpoint: Path | None,
+                    callbacks: Sequence[Callback] = ()) -> Artifact | None:
+    """Train in the opened run folder (from `checkpoint` if any) and return the stored artifact (None off rank zero)."""
     loader, batches = make_loader(config.data, config.trainer, config.train_subset)
     fingerprint = data_fingerprint(config.data, "train")
     module = AutoencoderModule(config)
@@ -325,7 +337,9 @@ def run(
         },
     )
     print(f"\nwrote {artifact.ref}  ({artifact.path})")
-    print(f"  steps {module.step}, {format_seconds(seconds)} this run, final rec loss {final.get('rec', float('nan')):.4f}")
+    # No loss when a resume found the run finished: it trained nothing.
+    this_run = f", {format_seconds(seconds)} this run, final rec loss {final['rec']:.4f}" if "rec" in final else ""
+    print(f"  steps {module.step}{this_run}")
     print(f"  perceptual loss: {perceptual}")
     print(f"  reconstructions: {preview}   loss curves: {curves}")
     return artifact

@@ -17,9 +17,10 @@ from ldm.artifacts import Artifact, ArtifactStore
 from ldm.audio import take_windows
 from ldm.config import TrainerConfig, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
+from ldm.destinations import check_run_writable
 from ldm.metrics import classifier_accuracy
 from ldm.models.classifier import Classifier, ClassifierConfig
-from ldm.training import fit_stage, format_seconds, lr_factor, make_loader, seed_step, start_run
+from ldm.training import fit_stage, format_seconds, lr_factor, make_loader, open_run, seed_step
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -98,25 +99,26 @@ def run(
 ) -> Artifact | None:
     """Train the classifier, measure its test accuracy and return its stored artifact."""
     store = store or ArtifactStore()
-    run_dir, checkpoint = start_run(config, resume, allow_changes)
-    loader, batches = make_loader(config.data, config.trainer)
-    module = ClassifierModule(config)
-    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, batches, callbacks)
-    if trained is None:
-        return None
-    trainer, seconds = trained
-    test = build_dataset(config.data, "test")
-    accuracy = classifier_accuracy(module.classifier, test)
-    artifact = store.save(
-        "classifier",
-        tensors={"weights.safetensors": module.classifier.state_dict()},
-        config=to_dict(config),
-        data_fingerprint=data_fingerprint(config.data, "train"),
-        metadata={
-            "metrics": {"test": {"accuracy": accuracy}},
-            "training": {"steps": trainer.global_step, "seconds_this_run": round(seconds, 1)},
-        },
-    )
-    print(f"\nwrote {artifact.ref}  ({artifact.path})")
-    print(f"  test accuracy {accuracy:.4f} on {len(test)} {'clips' if config.data.is_sound else 'images'}, {trainer.global_step} steps in {format_seconds(seconds)}")
-    return artifact
+    check_run_writable(store, config.run_dir)  # fails now rather than after training
+    with open_run(config, resume, allow_changes) as (run_dir, checkpoint):
+        loader, batches = make_loader(config.data, config.trainer)
+        module = ClassifierModule(config)
+        trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, batches, callbacks)
+        if trained is None:
+            return None
+        trainer, seconds = trained
+        test = build_dataset(config.data, "test")
+        accuracy = classifier_accuracy(module.classifier, test)
+        artifact = store.save(
+            "classifier",
+            tensors={"weights.safetensors": module.classifier.state_dict()},
+            config=to_dict(config),
+            data_fingerprint=data_fingerprint(config.data, "train"),
+            metadata={
+                "metrics": {"test": {"accuracy": accuracy}},
+                "training": {"steps": trainer.global_step, "seconds_this_run": round(seconds, 1)},
+            },
+        )
+        print(f"\nwrote {artifact.ref}  ({artifact.path})")
+        print(f"  test accuracy {accuracy:.4f} on {len(test)} {'clips' if config.data.is_sound else 'images'}, {trainer.global_step} steps in {format_seconds(seconds)}")
+        return artifact

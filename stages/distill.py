@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
 from ldm.config import TrainerConfig
+from ldm.destinations import check_run_writable
 from ldm.diffusion.distill import DistillConfig, distillation_losses, guided_velocity
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.loading import dit_configs, load_dit
@@ -105,6 +106,7 @@ def run(
 ) -> Artifact | None:
     """Distil the teacher on its own latent cache and return the stored student `diffusion` artifact."""
     store = store or ArtifactStore()
+    check_run_writable(store, config.run_dir)  # fails now rather than after training
     if config.model != DiTConfig() or config.diffusion != DiffusionConfig():
         raise ValueError("a distillation config sets no model.* or diffusion.*: the student's network and objective come "
                          "from its teacher (distill.* and trainer.* are the settings of this stage)")

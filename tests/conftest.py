@@ -76,8 +76,9 @@ def offline_data(tmp_path, monkeypatch):
 
 
 def cli(store, *args: str):
-    """Run `ldm --store STORE ARGS` in-process; `store` is a folder or an ArtifactStore."""
-    return CliRunner().invoke(main, ["--store", str(getattr(store, "root", store)), *args])
+    """Run `ldm --store STORE ARGS` in-process; `store` is a folder (str or Path) or an ArtifactStore."""
+    root = store.root if isinstance(store, ArtifactStore) else store  # a Path's own .root is "/"
+    return CliRunner().invoke(main, ["--store", str(root), *args])
 
 
 def assert_clean_failure(result, *phrases: str) -> None:
