@@ -31,20 +31,41 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore
-from ldm.config import from_dict
+from ldm.config import brief, from_dict
 from ldm.data import DataConfig
 from ldm.audio import write_wav
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.caching import BlockCache, CacheSchedule, schedule_from_changes
-from ldm.generation import SamplingSettings, model_calls, sample_latents
+from ldm.generation import SamplingSettings, check_strength, model_calls, sample_latents
 from ldm.images import check_range, to_pil
 from ldm.loading import check_guide, dit_configs, load_decoder, load_dit, stored_precision
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.dit import DiT
 from ldm.quantize import check_precision
+from ldm.runtime import check_device
 
 Labels = Union[int, Sequence[int], torch.Tensor]
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _integral_values(class_labels: Labels) -> torch.Tensor:
+    """The labels as a flat tensor of their own dtype; ValueError naming the first that is not a whole number.
+
+    Read as given, not cast to long: a cast would take label 1.5 for class 1. Booleans, strings and
+    NaN are refused too; integral floats (2.0) pass.
+    """
+    try:
+        values = torch.as_tensor(class_labels).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"class labels must be integers, got {brief(class_labels)}") from None
+    if not (values.is_floating_point() or values.dtype in INTEGER_DTYPES):  # bool, complex
+        raise ValueError(f"class labels must be integers, got {brief(class_labels)}")
+    if values.is_floating_point():
+        fractional = values[values != values.round()]  # NaN != NaN: caught here too
+        if len(fractional):
+            raise ValueError(f"class labels must be integers, got {fractional[0].item()!r}")
+    return values
 
 
 @dataclass
@@ -129,6 +150,7 @@ class LatentDiffusionPipeline:
         linears quantised for the CPU, `ldm.quantize`; the guide too). None: the artifact's own, which is
         "int8" for one stored by `ldm export diffusion --quantize int8`.
         """
+        device = check_device(str(device))  # a typo or a missing GPU, before anything loads
         store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
         artifact = store.load(model, stage="diffusion")
         chosen, decoder, override = load_decoder(store, artifact, autoencoder, allow_autoencoder_mismatch, device)
@@ -225,6 +247,7 @@ class LatentDiffusionPipeline:
         `settings` and `options` as in `sample`.
         """
         settings = self.settings(settings, **options)
+        check_strength(strength)
         labels = self._labels(class_labels, len(images))
         x0 = self.encode(images)
         latents = self._generate(labels, settings, progress, x0=x0, strength=strength)
@@ -289,15 +312,18 @@ class LatentDiffusionPipeline:
     # ------------------------------------------------------------------ internals
 
     def _labels(self, class_labels: Labels, n: Optional[int] = None) -> torch.Tensor:
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels, dtype=torch.long).flatten()
+        values = _integral_values(class_labels)
+        bad = values[(values < 0) | (values >= self.num_classes)]  # checked before the cast, where 1e30 would wrap
+        if len(bad):
+            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {brief(bad[0].item())} "
+                             f"({len(bad)} of {len(values)} out of range)")
+        labels = values.long()
         if n is not None and len(labels) == 1:
             labels = labels.expand(n)
         if n is not None and len(labels) != n:
             raise ValueError(f"{len(labels)} class labels for {n} images")
         if len(labels) == 0:
             raise ValueError("no class labels given: pass one label per image")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {labels.tolist()}")
         return labels
 
     def _check_images(self, images: torch.Tensor) -> None:

@@ -104,6 +104,12 @@ def _check_real(name: str, value: float, low: float, meaning: str) -> None:
         raise ValueError(f"{_named(name)} must be a finite number >= {low:g} ({meaning}), got {value!r}")
 
 
+def check_strength(strength: float) -> None:
+    """Raise ValueError unless the img2img strength is a number in [0, 1] (NaN is not)."""
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}")
+
+
 @torch.no_grad()
 def sample_latents(
     model: DiT,
@@ -127,8 +133,7 @@ def sample_latents(
     all of `labels` is one batch here. `cache`: a BlockCache for this run (made from settings.cache when
     None and the settings have a schedule); the caller may read its counts of evaluated and skipped blocks.
     """
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}")
+    check_strength(strength)
     settings = settings.resolved(diffusion)
     config = model.config
     device = next(model.parameters()).device

@@ -6,16 +6,27 @@ It lives in `stages/` because it composes the stages; the library `ldm/` never i
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+import warnings
 from pathlib import Path
 
 import click
+from safetensors import SafetensorError
 
-from ldm.artifacts import Artifact, ArtifactError, ArtifactStore, Verdict
+from ldm.artifacts import (
+    Artifact,
+    ArtifactError,
+    ArtifactStore,
+    ArtifactWarning,
+    TempFolder,
+    Verdict,
+)
 from ldm.config import ConfigError, load_config
 from ldm.data.folder import ImageReadError
+from ldm.destinations import WriteError, write_error
 from ldm.diffusion import samplers
-from ldm.runtime import tune_cpu_allocator
+from ldm.runtime import DEVICE_FORMS, check_device, tune_cpu_allocator
 
 
 def _store(ctx: click.Context) -> ArtifactStore:
@@ -46,7 +57,35 @@ allow_change_option = click.option(
 run_dir_option = click.option("--run-dir", default=None, help="Run folder for checkpoints, logs and pictures (default: the config's run_dir).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class DeviceType(click.ParamType):
+    """A --device value, checked against this machine as the command line is parsed (before any model loads)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx) -> str:
+        try:
+            return check_device(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+DEVICE_OPTION = click.option("--device", type=DeviceType(), default="cpu", show_default=True, help=f"{DEVICE_FORMS}.")
+
+
+class Commands(click.Group):
+    """The `ldm` group: a full or read-only disk that no command turned into a message is one line as well."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (OSError, SafetensorError) as err:
+            error = write_error(err, (ctx.obj or {}).get("store"))
+            if error is None:
+                raise
+            _fail(error)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--store", envvar="LDM_HOME", default="artifacts", show_default=True,
     help="Artifact store folder (also LDM_HOME).",
@@ -57,6 +96,20 @@ def main(ctx: click.Context, store: str) -> None:
     tune_cpu_allocator()  # large CPU activations reuse freed heap instead of fresh pages (see ldm/runtime.py)
     ctx.ensure_object(dict)
     ctx.obj["store"] = store
+    ctx.with_resource(warnings.catch_warnings())  # the hook below lasts as long as the command
+    warnings.showwarning = _store_warnings_in_one_line(warnings.showwarning)
+
+
+def _store_warnings_in_one_line(show):
+    """A `warnings.showwarning` that prints the store's warnings as one `warning: ...` line and passes others to `show`."""
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ArtifactWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
 
 
 @main.group()
@@ -64,17 +117,23 @@ def train() -> None:
     """Train one stage and store its artifact."""
 
 
-# Errors a user can fix (bad config, missing artifact or checkpoint, unreadable image, diverged run):
-# a message, no traceback.
-USER_ERRORS = (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError, ImageReadError)
+# Errors a user can fix (bad config, missing artifact or checkpoint, unreadable image, diverged run, a
+# destination that cannot be written): a message, no traceback.
+USER_ERRORS = (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError, ImageReadError,
+               WriteError)
 
 
 def _train(ctx: click.Context, config_class: type, run, config_path: str | None, overrides: tuple[str, ...], resume: bool,
            allow_changes: tuple[str, ...], data: str | None = None, **fields: str | None) -> None:
-    """Load a stage's config (fields given as options win over the file and --set) and run the stage."""
+    """Load a stage's config (fields given as options win over the file and --set) and run the stage.
+
+    SIGTERM (a scheduler ending the job) and SIGINT stop the run cleanly: exit status 128 + the signal's
+    number (143, 130), one line naming the step saved and the command that continues the run.
+    """
     from dataclasses import replace
 
     from ldm.data import with_data
+    from ldm.training import TrainingInterrupted, interrupted_message, stop_on_signals
 
     try:
         config = load_config(config_class, config_path, overrides)
@@ -83,9 +142,23 @@ def _train(ctx: click.Context, config_class: type, run, config_path: str | None,
         for key, value in fields.items():
             if value:  # set as given, not parsed as YAML: a version prefix like 0123 stays a string
                 setattr(config, key, value)
-        run(config, store=_store(ctx), resume=resume, allow_changes=allow_changes)
+        with stop_on_signals():
+            run(config, store=_store(ctx), resume=resume, allow_changes=allow_changes)
+    except TrainingInterrupted as stop:
+        click.echo(interrupted_message(stop, config.run_dir, _resume_command()), err=True)
+        ctx.exit(128 + stop.signum)
     except USER_ERRORS as err:
         _fail(err)
+
+
+def _resume_command() -> str:
+    """This process's command line with --resume added (once): what continues an interrupted run."""
+    argv = list(sys.argv)
+    # `python -m stages.cli ...` has the module's file as argv[0]: give the interpreter and -m back.
+    launcher = sys.orig_argv[: len(sys.orig_argv) - len(argv) + 1]
+    if "-m" in launcher:
+        argv = [*launcher, *argv[1:]]
+    return shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
 
 
 def train_options(command):
@@ -163,6 +236,7 @@ def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, s
 
     try:
         config = load_config(EncodeConfig, None, [*overrides, f"split={split}"])
+        check_device(config.device)
         store = _store(ctx)
         data_config = None
         if data is not None:
@@ -188,7 +262,7 @@ def evaluate() -> None:
 @click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True, help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")
 @click.option("--lpips", type=click.Choice(["auto", "pretrained", "random"]), default="auto", show_default=True, help="LPIPS backbone; auto uses the pretrained one when its weights are present and says so.")
 @click.option("--out", "out_dir", default=None, help="Folder for report.json and reconstructions.png (default runs/eval/recon-<version>-<split>).")
-@click.option("--device", default="cpu", show_default=True)
+@DEVICE_OPTION
 @click.pass_context
 def eval_recon(ctx: click.Context, **kwargs) -> None:
     """Reconstruction quality (PSNR, SSIM, LPIPS, rFID) and encode/decode throughput; numbers go into the manifest."""
@@ -215,7 +289,7 @@ GUIDE_OPTION = click.option(
     help="Autoguidance by this weaker DiT (same latent cache and objective; smaller or trained less), at --guide-scale; "
          "--cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
 )
-GUIDE_SCALE_OPTION = click.option("--guide-scale", default=2.0, show_default=True, help="Autoguidance scale (with --guide).")
+GUIDE_SCALE_OPTION = click.option("--guide-scale", type=float, default=None, help="Autoguidance scale, with --guide (default 2).")
 
 
 def CACHE_OPTION(command):
@@ -270,7 +344,7 @@ def MEASUREMENT_OPTIONS(command):
 @CACHE_OPTION
 @click.option("--overwrite", is_flag=True,
               help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png, audio/NNNNNN-classC.wav; nothing else).")
-@click.option("--device", default="cpu", show_default=True)
+@DEVICE_OPTION
 @click.pass_context
 def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, out_dir: str, no_images: bool,
                    overwrite: bool, autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None,
@@ -303,17 +377,23 @@ def _default_cfg(ctx: click.Context, model_ref: str, default: float, cfg: float 
 
 
 def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float | None, spacing: str, shift: float,
-                       cfg_interval: tuple[float, float] | None, guide_scale: float, seed: int, batch_size: int):
-    """The SamplingSettings of `ldm sample` / `ldm eval samples` options (validated as they are built)."""
+                       cfg_interval: tuple[float, float] | None, guide_scale: float | None, seed: int, batch_size: int):
+    """The SamplingSettings of `ldm sample` / `ldm eval samples` options (validated as they are built); a
+    --guide-scale without --guide is refused, as the pipeline refuses guide_scale without a guide."""
     from dataclasses import replace
 
     from ldm.generation import SamplingSettings
 
     # cfg None (not given): 1 here; _default_cfg picks the model's default once the other options are checked
     settings = SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=1.0 if cfg is None else cfg, guidance_interval=cfg_interval,
-                                spacing=spacing, shift=shift, seed=seed, batch_size=batch_size, guide_scale=guide_scale)
-    # Checked above all the same; the autoguidance scale means nothing without a guide.
-    return settings if guide_ref else replace(settings, guide_scale=1.0)
+                                spacing=spacing, shift=shift, seed=seed, batch_size=batch_size,
+                                guide_scale=2.0 if guide_scale is None else guide_scale)
+    if guide_ref:
+        return settings
+    if guide_scale is not None:  # its range was checked above, so a bad value hears that first
+        raise click.UsageError("--guide-scale only applies with --guide (autoguidance by a weaker DiT): add "
+                               "--guide diffusion@<weaker model>, or drop --guide-scale")
+    return replace(settings, guide_scale=1.0)
 
 
 @evaluate.command("samples")
@@ -332,7 +412,7 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @click.option("--batch-size", default=250, show_default=True)
 @MEASUREMENT_OPTIONS
 @click.option("--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...).")
-@click.option("--device", default="cpu", show_default=True)
+@DEVICE_OPTION
 @PRECISION_OPTION
 @CACHE_OPTION
 @click.pass_context
@@ -366,7 +446,7 @@ def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str
 @click.option("--batch-size", default=250, show_default=True)
 @MEASUREMENT_OPTIONS
 @click.option("--out", "out_dir", default=None, help="Folder for report.json and one grid per EMA length (default runs/eval/posthoc-ema-...).")
-@click.option("--device", default="cpu", show_default=True)
+@DEVICE_OPTION
 @click.pass_context
 def ema_command(ctx: click.Context, model_ref: str, sigma_rel: str, run_dir: str | None, n: int, classifier_ref: str,
                 features: str, out_dir: str | None, device: str, **options) -> None:
@@ -380,7 +460,7 @@ def ema_command(ctx: click.Context, model_ref: str, sigma_rel: str, run_dir: str
     from stages.ema import parse_sigma_rels, posthoc_ema
 
     try:
-        settings = _sampling_settings(None, guide_scale=1.0, **options)
+        settings = _sampling_settings(None, guide_scale=None, **options)
         posthoc_ema(_store(ctx), model_ref, parse_sigma_rels(sigma_rel), settings, n, run_dir, classifier_ref, features,
                     out_dir, device)
     except USER_ERRORS as err:
@@ -445,7 +525,7 @@ def artifacts_show(ctx: click.Context, ref: str, verify: bool) -> None:
     try:
         artifact = store.load(ref, verify=verify)
         lineage = " <- ".join(a.ref for a in store.lineage(artifact))
-        config = (artifact.path / "config.yaml").read_text()
+        config = artifact.config_text()
     except (ArtifactError, OSError) as err:
         _fail(err)
     click.echo(f"{artifact.ref}  ({artifact.path})")
@@ -462,19 +542,83 @@ def artifacts_verify(ctx: click.Context, ref: str | None) -> None:
     """Check REF (or every folder in the store): files against their sha256, manifest against its version.
 
     One line per artifact (ok, legacy, or FAILED with the reason), then a summary; exit status 1 when any failed.
+    Without REF, the temporary folders that writes which died (killed, crashed) left are listed too, and a last
+    line counts them; they leave the exit status as it is, since no artifact depends on them.
     """
     store = _store(ctx)
     try:
         verdicts = store.audit(ref)
+        stale = [] if ref is not None else [found for found in store.temp_folders() if found.stale]
     except (ArtifactError, OSError) as err:
         _fail(err)
     for verdict in verdicts:
         click.echo(_verdict_line(verdict))
+    for found in stale:
+        click.echo(f"{_temp_label(found):<28} stale temporary folder of a write that did not finish: {_temp_summary(found)}")
     failed = sum(v.problem is not None for v in verdicts)
     legacy = sum(v.problem is None and v.legacy for v in verdicts)
     click.echo(f"{len(verdicts)} checked in {store.root}: {len(verdicts) - failed - legacy} ok, {legacy} legacy, {failed} failed")
+    if stale:
+        click.echo(f"{_count(len(stale), 'stale temporary folder')}: `ldm artifacts clean` removes {'it' if len(stale) == 1 else 'them'}")
     if failed:
         ctx.exit(1)
+
+
+@artifacts.command("clean")
+@click.option("--stage", default=None, help="Only this stage (autoencoder, classifier, latents, diffusion).")
+@click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
+@click.pass_context
+def artifacts_clean(ctx: click.Context, stage: str | None, dry_run: bool) -> None:
+    """Remove the temporary folders that writes which died (killed, crashed) left in the store, and print each.
+
+    A folder whose writer is still running holds a lock and is kept (so is one without a lock file that changed
+    in the last minute: a write just starting). Nothing else in the store is touched.
+    """
+    store = _store(ctx)
+    try:
+        found = store.clean(stage, dry_run=dry_run)
+    except (ArtifactError, OSError) as err:
+        _fail(err)
+    for folder in found:
+        if folder.stale:
+            click.echo(f"{'would remove' if dry_run else 'removed'} {_temp_label(folder)} ({_temp_summary(folder)})")
+        elif folder.held:
+            click.echo(f"kept {_temp_label(folder)}: being written (a running write holds its lock)")
+        else:
+            click.echo(f"kept {_temp_label(folder)}: no lock file, changed {_ago(folder.age)}; a write may be starting")
+    stale = [folder for folder in found if folder.stale]
+    if not stale:
+        click.echo(f"no stale temporary folders in {store.root}")
+        return
+    done = "would remove" if dry_run else "removed"
+    click.echo(f"{done} {_count(len(stale), 'stale temporary folder')} ({_size(sum(f.bytes for f in stale))}) from {store.root}")
+
+
+def _temp_label(found: TempFolder) -> str:
+    return f"{found.path.parent.name}/{found.path.name}"
+
+
+def _temp_summary(found: TempFolder) -> str:
+    return f"{_size(found.bytes)}, last changed {_ago(found.age)}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _size(n: int) -> str:
+    """`n` bytes in the largest unit it fills: 512 bytes, 4.1 kB, 3.2 GB."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _ago(seconds: float) -> str:
+    for scale, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= scale:
+            return f"{seconds / scale:.1f} {unit} ago"
+    return f"{seconds:.0f} s ago"
 
 
 def _verdict_line(verdict: Verdict) -> str:
