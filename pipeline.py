@@ -21,9 +21,9 @@ and applies the statistics here and nowhere else, so the scale can never be mism
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +31,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.artifacts import ArtifactStore
+from ldm.audio import write_wav
+from ldm.caching import BlockCache, CacheSchedule, schedule_from_changes
 from ldm.config import brief, from_dict
 from ldm.data import DataConfig
-from ldm.audio import write_wav
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
-from ldm.caching import BlockCache, CacheSchedule, schedule_from_changes
 from ldm.generation import SamplingSettings, check_strength, model_calls, sample_latents
 from ldm.images import check_range, to_pil
 from ldm.loading import check_guide, dit_configs, load_decoder, load_dit, stored_precision
@@ -45,7 +45,7 @@ from ldm.models.dit import DiT
 from ldm.quantize import check_precision
 from ldm.runtime import check_device
 
-Labels = Union[int, Sequence[int], torch.Tensor]
+Labels = int | Sequence[int] | torch.Tensor
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -74,10 +74,14 @@ class Provenance:
 
     diffusion: str
     autoencoder: str
-    latents: Optional[str] = None
-    autoencoder_override: bool = False  # True when the caller forced an autoencoder with another encoder than the lineage's
-    lineage_autoencoder: Optional[str] = None  # the autoencoder the latents came from (`autoencoder` may share only its encoder)
-    guide: Optional[str] = None  # the weaker DiT that guides this one (autoguidance), if any
+    latents: str | None = None
+    autoencoder_override: bool = (
+        False  # True when the caller forced an autoencoder with another encoder than the lineage's
+    )
+    lineage_autoencoder: str | None = (
+        None  # the autoencoder the latents came from (`autoencoder` may share only its encoder)
+    )
+    guide: str | None = None  # the weaker DiT that guides this one (autoguidance), if any
 
 
 class LatentDiffusionPipeline:
@@ -93,14 +97,16 @@ class LatentDiffusionPipeline:
         autoencoder: AutoencoderKL,
         diffusion: DiffusionConfig,
         stats: LatentStats,
-        provenance: Optional[Provenance] = None,
-        guide: Optional[DiT] = None,
+        provenance: Provenance | None = None,
+        guide: DiT | None = None,
         precision: str = "float32",
-        sample_rate: Optional[int] = None,
+        sample_rate: int | None = None,
     ) -> None:
         if (sample_rate is not None) != (autoencoder.config.spatial_dims == 1):
-            raise ValueError(f"sample_rate is for sound (a 1-D autoencoder) only; got {sample_rate} for a "
-                             f"{autoencoder.config.spatial_dims}-D autoencoder")
+            raise ValueError(
+                f"sample_rate is for sound (a 1-D autoencoder) only; got {sample_rate} for a "
+                f"{autoencoder.config.spatial_dims}-D autoencoder"
+            )
         self.sample_rate = sample_rate  # Hz of the signals a sound model makes; None for images
         if tuple(autoencoder.config.latent_shape) != model.config.latent_shape:
             raise ValueError(
@@ -108,14 +114,19 @@ class LatentDiffusionPipeline:
                 f"{model.config.latent_shape}"
             )
         if len(stats.mean) not in (1, model.config.in_channels):
-            raise ValueError(f"latent statistics for {len(stats.mean)} channels, the DiT has {model.config.in_channels}")
+            raise ValueError(
+                f"latent statistics for {len(stats.mean)} channels, the DiT has {model.config.in_channels}"
+            )
         self.model = model.eval().requires_grad_(False)
         self.autoencoder = autoencoder.eval().requires_grad_(False)
         self.diffusion = diffusion
         self.stats = stats
         self.provenance = provenance
         self.precision = check_precision(precision)  # "bf16": the DiT runs under bf16 autocast; "int8": it is quantised
-        self.block_evaluations = {"evaluated": 0, "skipped": 0}  # DiT blocks run and reused by step caching, summed over calls
+        self.block_evaluations = {
+            "evaluated": 0,
+            "skipped": 0,
+        }  # DiT blocks run and reused by step caching, summed over calls
         self.guide = None
         if guide is not None:
             ours, theirs = ((c.latent_shape, c.num_classes) for c in (model.config, guide.config))
@@ -129,14 +140,14 @@ class LatentDiffusionPipeline:
     def from_artifacts(
         cls,
         model: str = "diffusion@latest",
-        store: Union[ArtifactStore, str, None] = None,
-        autoencoder: Optional[str] = None,
+        store: ArtifactStore | str | None = None,
+        autoencoder: str | None = None,
         allow_autoencoder_mismatch: bool = False,
         weights: str = "ema",
-        device: Union[str, torch.device] = "cpu",
-        guide: Optional[str] = None,
-        precision: Optional[str] = None,
-    ) -> "LatentDiffusionPipeline":
+        device: str | torch.device = "cpu",
+        guide: str | None = None,
+        precision: str | None = None,
+    ) -> LatentDiffusionPipeline:
         """Load a `diffusion` artifact and the autoencoder of its lineage (files checksum-verified).
 
         `autoencoder`: the autoencoder the latents were encoded with, or one with the very same encoder
@@ -164,8 +175,9 @@ class LatentDiffusionPipeline:
             check_guide(artifact, dit_config, diffusion, guide_artifact, *dit_configs(guide_artifact))
             guide_model = load_dit(guide_artifact, weights, device, "int8" if precision == "int8" else None)
             guide = guide_artifact.ref
-        provenance = Provenance(artifact.ref, chosen.ref, artifact.parents.get("latents"), override,
-                                artifact.manifest["autoencoder"], guide)
+        provenance = Provenance(
+            artifact.ref, chosen.ref, artifact.parents.get("latents"), override, artifact.manifest["autoencoder"], guide
+        )
         sample_rate = None
         if decoder.config.spatial_dims == 1:  # the rate of the sound the autoencoder was trained on
             sample_rate = from_dict(DataConfig, chosen.config()["data"], "data").sample_rate
@@ -179,17 +191,24 @@ class LatentDiffusionPipeline:
     def num_classes(self) -> int:
         return self.model.config.num_classes
 
-    def save_audio(self, signals: torch.Tensor, folder: Union[str, Path], prefix: str = "sample") -> list[Path]:
+    def save_audio(self, signals: torch.Tensor, folder: str | Path, prefix: str = "sample") -> list[Path]:
         """Write signals (N, 1, L) of a sound model as 16-bit WAV files `<prefix>-NNNNNN.wav` in folder; return their paths."""
         if self.sample_rate is None:
-            raise ValueError("save_audio is for sound models; this pipeline makes images (use output='pil' or ldm.images)")
+            raise ValueError(
+                "save_audio is for sound models; this pipeline makes images (use output='pil' or ldm.images)"
+            )
         folder = Path(folder)
-        return [write_wav(folder / f"{prefix}-{i:06d}.wav", signal, self.sample_rate) for i, signal in enumerate(signals.cpu())]
+        return [
+            write_wav(folder / f"{prefix}-{i:06d}.wav", signal, self.sample_rate)
+            for i, signal in enumerate(signals.cpu())
+        ]
 
     # ------------------------------------------------------------------ latents <-> images
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def encode(
+        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Normalised latents (N, C, h, w) of images (N, C_img, H, W) in [-1, 1]: posterior mode, or a sample."""
         self._check_images(images)
         posterior = self.autoencoder.encode(images.to(self.device, torch.float32))
@@ -206,12 +225,12 @@ class LatentDiffusionPipeline:
     def sample(
         self,
         class_labels: Labels,
-        settings: Optional[SamplingSettings] = None,
+        settings: SamplingSettings | None = None,
         *,
         output: str = "tensor",
         return_latents: bool = False,
         progress: bool = False,
-        on_model_call: Optional[Callable[[], None]] = None,
+        on_model_call: Callable[[], None] | None = None,
         **options,
     ):
         """Class-conditional images (N, C, H, W) in [-1, 1] (signals (N, 1, L) for sound), or PIL images with output="pil".
@@ -235,7 +254,7 @@ class LatentDiffusionPipeline:
         images: torch.Tensor,
         strength: float,
         class_labels: Labels,
-        settings: Optional[SamplingSettings] = None,
+        settings: SamplingSettings | None = None,
         *,
         output: str = "tensor",
         progress: bool = False,
@@ -258,7 +277,7 @@ class LatentDiffusionPipeline:
         images: torch.Tensor,
         mask: torch.Tensor,
         class_labels: Labels,
-        settings: Optional[SamplingSettings] = None,
+        settings: SamplingSettings | None = None,
         *,
         output: str = "tensor",
         keep_known_pixels: bool = True,
@@ -277,8 +296,15 @@ class LatentDiffusionPipeline:
         if self.sample_rate is not None:
             raise ValueError("inpaint takes image masks; this pipeline makes sound (img2img works on signals too)")
         self._check_images(images)
-        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != images.shape[-2:] or mask.shape[0] not in (1, len(images)):
-            raise ValueError(f"mask must be (N or 1, 1, H, W) matching images {tuple(images.shape)}, got {tuple(mask.shape)}")
+        if (
+            mask.ndim != 4
+            or mask.shape[1] != 1
+            or mask.shape[-2:] != images.shape[-2:]
+            or mask.shape[0] not in (1, len(images))
+        ):
+            raise ValueError(
+                f"mask must be (N or 1, 1, H, W) matching images {tuple(images.shape)}, got {tuple(mask.shape)}"
+            )
         check_range("mask", mask, 0.0, 1.0, "1 = paint anew, 0 = keep")
         mask = (mask.to(self.device, torch.float32) > 0.5).float().expand(len(images), -1, -1, -1)
         size = self.model.config.input_size
@@ -291,8 +317,15 @@ class LatentDiffusionPipeline:
             result = torch.lerp(images.to(result).clamp(-1, 1), result, mask)  # clamp: inputs may carry round-off
         return self._output(result, output)
 
-    def calibrate_cache(self, settings: Optional[SamplingSettings] = None, fraction: float = 0.3, n: Optional[int] = None,
-                        seed: int = 1_000_000, extrapolate: bool = False, **options) -> CacheSchedule:
+    def calibrate_cache(
+        self,
+        settings: SamplingSettings | None = None,
+        fraction: float = 0.3,
+        n: int | None = None,
+        seed: int = 1_000_000,
+        extrapolate: bool = False,
+        **options,
+    ) -> CacheSchedule:
         """A step-caching schedule for these settings that skips `fraction` of the DiT's block evaluations.
 
         Samples n class-balanced latents (default 4 per class) once without skipping, from seeds far from
@@ -305,18 +338,26 @@ class LatentDiffusionPipeline:
         labels = torch.arange(n or 4 * self.num_classes) % self.num_classes
         recorder = BlockCache(record=True, extrapolate=extrapolate)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            sample_latents(self.model, self.diffusion, labels, replace(settings, seed=seed, cache=None), guide=self.guide,
-                           cache=recorder)
+            sample_latents(
+                self.model,
+                self.diffusion,
+                labels,
+                replace(settings, seed=seed, cache=None),
+                guide=self.guide,
+                cache=recorder,
+            )
         return replace(schedule_from_changes(recorder.changes, fraction), extrapolate=extrapolate)
 
     # ------------------------------------------------------------------ internals
 
-    def _labels(self, class_labels: Labels, n: Optional[int] = None) -> torch.Tensor:
+    def _labels(self, class_labels: Labels, n: int | None = None) -> torch.Tensor:
         values = _integral_values(class_labels)
         bad = values[(values < 0) | (values >= self.num_classes)]  # checked before the cast, where 1e30 would wrap
         if len(bad):
-            raise ValueError(f"class labels must be in 0..{self.num_classes - 1}, got {brief(bad[0].item())} "
-                             f"({len(bad)} of {len(values)} out of range)")
+            raise ValueError(
+                f"class labels must be in 0..{self.num_classes - 1}, got {brief(bad[0].item())} "
+                f"({len(bad)} of {len(values)} out of range)"
+            )
         labels = values.long()
         if n is not None and len(labels) == 1:
             labels = labels.expand(n)
@@ -332,8 +373,10 @@ class LatentDiffusionPipeline:
         if config.spatial_dims == 1:
             length = self.model.config.input_size * f
             if images.ndim != 3 or tuple(images.shape[1:]) != (config.in_channels, length):
-                raise ValueError(f"signals must be (N, {config.in_channels}, {length}) in [-1, 1] for this model, "
-                                 f"got {tuple(images.shape)}")
+                raise ValueError(
+                    f"signals must be (N, {config.in_channels}, {length}) in [-1, 1] for this model, "
+                    f"got {tuple(images.shape)}"
+                )
             check_range("signals", images, -1.0, 1.0, "the autoencoder's range")
             return
         if images.ndim != 4 or images.shape[1] != config.in_channels:
@@ -343,41 +386,61 @@ class LatentDiffusionPipeline:
             raise ValueError(f"images must be {side}x{side} for this model, got {tuple(images.shape[-2:])}")
         check_range("images", images, -1.0, 1.0, "the autoencoder's range")
 
-    def settings(self, settings: Optional[SamplingSettings] = None, **options) -> SamplingSettings:
+    def settings(self, settings: SamplingSettings | None = None, **options) -> SamplingSettings:
         """Return `settings` (default SamplingSettings()) with `options` (its fields by name) applied, validated,
         and the sampler chosen for this model's objective; a guide scale needs the pipeline's guide."""
         unknown = sorted(set(options) - {f.name for f in fields(SamplingSettings)})
         if unknown:
-            raise TypeError(f"unknown sampling option(s) {', '.join(unknown)}; SamplingSettings has "
-                            f"{', '.join(f.name for f in fields(SamplingSettings))}")
+            raise TypeError(
+                f"unknown sampling option(s) {', '.join(unknown)}; SamplingSettings has "
+                f"{', '.join(f.name for f in fields(SamplingSettings))}"
+            )
         settings = replace(settings or SamplingSettings(), **options).resolved(self.diffusion)
         if settings.guide_scale != 1.0 and self.guide is None:
-            raise ValueError(f"guide_scale {settings.guide_scale:g} needs a guide DiT: load the pipeline with "
-                             f"from_artifacts(..., guide='diffusion@<weaker model>')")
+            raise ValueError(
+                f"guide_scale {settings.guide_scale:g} needs a guide DiT: load the pipeline with "
+                f"from_artifacts(..., guide='diffusion@<weaker model>')"
+            )
         return settings
 
-    def _generate(self, labels: torch.Tensor, settings: SamplingSettings, progress: bool = False,
-                  on_model_call: Optional[Callable[[], None]] = None, x0: Optional[torch.Tensor] = None,
-                  strength: float = 1.0, regenerate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _generate(
+        self,
+        labels: torch.Tensor,
+        settings: SamplingSettings,
+        progress: bool = False,
+        on_model_call: Callable[[], None] | None = None,
+        x0: torch.Tensor | None = None,
+        strength: float = 1.0,
+        regenerate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         size = settings.batch_size
-        bar = tqdm(total=math.ceil(len(labels) / size) * model_calls(settings.sampler, settings.num_steps, strength),
-                   desc=f"{settings.sampler} x{settings.num_steps}", unit="step", disable=not progress, leave=False)
+        bar = tqdm(
+            total=math.ceil(len(labels) / size) * model_calls(settings.sampler, settings.num_steps, strength),
+            desc=f"{settings.sampler} x{settings.num_steps}",
+            unit="step",
+            disable=not progress,
+            leave=False,
+        )
         out = []
         autocast = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16")
         with bar, autocast:
             for start in range(0, len(labels), size):
                 part = slice(start, start + size)
                 cache = None if settings.cache is None else BlockCache(settings.cache)
-                out.append(sample_latents(
-                    self.model, self.diffusion, labels[part],
-                    replace(settings, seed=settings.seed + start),  # image i always draws from seed + i
-                    x0=None if x0 is None else x0[part],
-                    strength=strength,
-                    regenerate=None if regenerate is None else regenerate[part],
-                    on_model_call=on_model_call or (bar.update if progress else None),
-                    guide=self.guide,
-                    cache=cache,
-                ))
+                out.append(
+                    sample_latents(
+                        self.model,
+                        self.diffusion,
+                        labels[part],
+                        replace(settings, seed=settings.seed + start),  # image i always draws from seed + i
+                        x0=None if x0 is None else x0[part],
+                        strength=strength,
+                        regenerate=None if regenerate is None else regenerate[part],
+                        on_model_call=on_model_call or (bar.update if progress else None),
+                        guide=self.guide,
+                        cache=cache,
+                    )
+                )
                 if cache is not None:
                     self.block_evaluations["evaluated"] += cache.evaluated
                     self.block_evaluations["skipped"] += cache.skipped
@@ -387,10 +450,12 @@ class LatentDiffusionPipeline:
         return torch.cat([self.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
 
     @staticmethod
-    def _output(images: torch.Tensor, output: str, latents: Optional[torch.Tensor] = None):
+    def _output(images: torch.Tensor, output: str, latents: torch.Tensor | None = None):
         if output not in ("tensor", "pil"):
             raise ValueError(f"output must be 'tensor' or 'pil', got {output!r}")
         if output == "pil" and images.ndim == 3:
-            raise ValueError("output='pil' is for images; a sound model returns signals (output='tensor', then save_audio)")
-        result: Union[torch.Tensor, list[Image.Image]] = to_pil(images) if output == "pil" else images
+            raise ValueError(
+                "output='pil' is for images; a sound model returns signals (output='tensor', then save_audio)"
+            )
+        result: torch.Tensor | list[Image.Image] = to_pil(images) if output == "pil" else images
         return (result, latents) if latents is not None else result

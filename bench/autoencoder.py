@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -77,9 +77,7 @@ def diffusers_train_recon(model: nn.Module, x: Tensor) -> Tensor:
     return model(x, sample_posterior=True).sample
 
 
-def make_train_step(
-    model: nn.Module, recon_fn: Callable[[nn.Module, Tensor], Tensor]
-) -> Callable[[Tensor], None]:
+def make_train_step(model: nn.Module, recon_fn: Callable[[nn.Module, Tensor], Tensor]) -> Callable[[Tensor], None]:
     """One optimisation step: reconstruction, L1 loss, backward, AdamW."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -113,7 +111,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per model and task first")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
-        "--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+        "--memory-format",
+        default="contiguous",
+        choices=["contiguous", "channels_last"],
         help="layout of weights and inputs, the same for both models",
     )
     args = parser.parse_args()
@@ -139,10 +139,7 @@ def main() -> None:
         raise RuntimeError(f"ours and diffusers disagree on the same weights: max |diff| = {difference:.2e}")
 
     print(f"preset {args.preset}: {config}")
-    print(
-        f"input {tuple(x.shape)} {args.memory_format}, threads {torch.get_num_threads()}, "
-        f"torch {torch.__version__}"
-    )
+    print(f"input {tuple(x.shape)} {args.memory_format}, threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"parameters: ours {num_parameters(ours):,}  diffusers {num_parameters(theirs):,}")
     print(f"same weights, same output: max |ours - diffusers| = {difference:.1e}")
 
@@ -185,6 +182,7 @@ def main() -> None:
         wall_ratio = statistics.median(t[0] / o[0] for o, t in zip(ours_times, theirs_times))
         cpu_ratio = statistics.median(t[1] / o[1] for o, t in zip(ours_times, theirs_times))
         print(f"{task:<10}{ours_rate:>12.2f}{theirs_rate:>17.2f}{wall_ratio:>16.3f}{cpu_ratio:>12.3f}")
+
 
 if __name__ == "__main__":
     main()

@@ -51,8 +51,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from bench.dit import build_diffusers_dit
 from bench.sample import diffusers_sample, diffusers_scheduler
 from ldm.artifacts import ArtifactStore, write_atomic
@@ -71,11 +69,15 @@ from ldm.training import seed_step
 from pipeline import LatentDiffusionPipeline
 from stages import diffusion
 
+ROOT = Path(__file__).resolve().parents[1]
+
 PEER = "diffusers"  # the name of the --peer line in the CSV, the plot and the table
 NO_STEP_LIMIT = 10**7  # max_steps under a minutes-only budget: the lr schedule then never decays
 CSV_COLUMNS = ("recipe", "seed", "step", "images_seen", "train_minutes", "eval_seconds", "fd", "class_accuracy")
 
-SampleFn = Callable[[torch.Tensor, int], torch.Tensor]  # (labels (B,), first noise seed) -> normalised latents (B, C, h, w)
+SampleFn = Callable[
+    [torch.Tensor, int], torch.Tensor
+]  # (labels (B,), first noise seed) -> normalised latents (B, C, h, w)
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,10 @@ class Results:
         writer.writeheader()
         writer.writerows(asdict(p) for p in self.points)
         write_atomic(self.path, text.getvalue().encode())
-        print(f"  [{point.recipe} seed {point.seed}] step {point.step:>6}  {point.train_minutes:6.2f} train min  "
-              f"FD {point.fd:8.3f}  accuracy {point.class_accuracy:.3f}  ({point.eval_seconds:.1f}s to evaluate)")
+        print(
+            f"  [{point.recipe} seed {point.seed}] step {point.step:>6}  {point.train_minutes:6.2f} train min  "
+            f"FD {point.fd:8.3f}  accuracy {point.class_accuracy:.3f}  ({point.eval_seconds:.1f}s to evaluate)"
+        )
 
     def curves(self, line: str) -> dict[int, list[Point]]:
         """{seed: points by step} of one line."""
@@ -175,13 +179,23 @@ class Evaluator:
     same n test images, as `ldm eval samples` reports it).
     """
 
-    def __init__(self, store: ArtifactStore, cache: LatentCache, classifier_ref: str, features: str, n: int,
-                 settings: SamplingSettings, baseline: diffusion.DiffusionStageConfig, device: torch.device):
+    def __init__(
+        self,
+        store: ArtifactStore,
+        cache: LatentCache,
+        classifier_ref: str,
+        features: str,
+        n: int,
+        settings: SamplingSettings,
+        baseline: diffusion.DiffusionStageConfig,
+        device: torch.device,
+    ):
         autoencoder = store.load(cache.autoencoder_ref, stage="autoencoder")
         # The pipeline is here for its decode, the one place the latent statistics are applied; its
         # DiT (the baseline's architecture, untrained) is never sampled.
-        self.pipeline = LatentDiffusionPipeline(DiT(baseline.model).to(device), load_autoencoder(autoencoder, device),
-                                                baseline.diffusion, cache.stats)
+        self.pipeline = LatentDiffusionPipeline(
+            DiT(baseline.model).to(device), load_autoencoder(autoencoder, device), baseline.diffusion, cache.stats
+        )
         self.extractor = feature_extractor(store, features, classifier_ref, device)
         classifier = store.load(classifier_ref, stage="classifier")
         self.classifier_ref, self.classifier = classifier.ref, load_classifier(classifier, device)
@@ -192,7 +206,9 @@ class Evaluator:
         test, train = build_dataset(data, "test"), build_dataset(data, "train")
         self.n_real = min(n, len(test), len(train))
         self.test_stats = real_statistics(self.extractor, test, self.n_real, settings.batch_size, device)
-        self.real_floor = self.distance(real_statistics(self.extractor, train, self.n_real, settings.batch_size, device))
+        self.real_floor = self.distance(
+            real_statistics(self.extractor, train, self.n_real, settings.batch_size, device)
+        )
 
     def distance(self, stats: FeatureStats) -> float:
         return frechet_distance(self.test_stats.mean(), self.test_stats.cov(), stats.mean(), stats.cov())
@@ -215,8 +231,17 @@ class Probe:
     Training seconds are wall-clock seconds since `start` minus the seconds spent evaluating.
     """
 
-    def __init__(self, line: str, seed: int, batch_size: int, budget: Budget, every: int, evaluator: Evaluator,
-                 results: Results, device: torch.device):
+    def __init__(
+        self,
+        line: str,
+        seed: int,
+        batch_size: int,
+        budget: Budget,
+        every: int,
+        evaluator: Evaluator,
+        results: Results,
+        device: torch.device,
+    ):
         self.line, self.seed, self.batch_size = line, seed, batch_size
         self.budget, self.every, self.evaluator, self.results, self.device = budget, every, evaluator, results, device
         self.started = self.eval_seconds = 0.0
@@ -236,8 +261,9 @@ class Probe:
             synchronize(self.device)
             seconds = time.perf_counter() - began
             self.eval_seconds += seconds
-            self.results.add(Point(self.line, self.seed, step, step * self.batch_size, train_seconds / 60, seconds,
-                                   fd, accuracy))
+            self.results.add(
+                Point(self.line, self.seed, step, step * self.batch_size, train_seconds / 60, seconds, fd, accuracy)
+            )
         return spent
 
 
@@ -259,25 +285,44 @@ class EvaluateDuringTraining(Callback):
             trainer.should_stop = True
 
 
-def recipe_config(recipe: Recipe, latents_ref: str, seed: int, budget: Budget, run_dir: Path) -> diffusion.DiffusionStageConfig:
+def recipe_config(
+    recipe: Recipe, latents_ref: str, seed: int, budget: Budget, run_dir: Path
+) -> diffusion.DiffusionStageConfig:
     """The recipe's diffusion config, set to train on the benchmark's cache, seed and budget, without previews."""
-    return load_config(diffusion.DiffusionStageConfig, recipe.preset, [
-        *recipe.overrides, f"latents={latents_ref}", f"trainer.seed={seed}", f"trainer.max_steps={budget.max_steps}",
-        # checkpoints only at the end and no preview grids: neither is training, and the peer makes neither
-        f"trainer.checkpoint_every={budget.max_steps}", "trainer.image_every=0", "trainer.progress=false",
-        f"run_dir={run_dir}",
-    ])
+    return load_config(
+        diffusion.DiffusionStageConfig,
+        recipe.preset,
+        [
+            *recipe.overrides,
+            f"latents={latents_ref}",
+            f"trainer.seed={seed}",
+            f"trainer.max_steps={budget.max_steps}",
+            # checkpoints only at the end and no preview grids: neither is training, and the peer makes neither
+            f"trainer.checkpoint_every={budget.max_steps}",
+            "trainer.image_every=0",
+            "trainer.progress=false",
+            f"run_dir={run_dir}",
+        ],
+    )
 
 
-def train_recipe(config: diffusion.DiffusionStageConfig, store: ArtifactStore, probe: Probe,
-                 settings: SamplingSettings) -> str:
+def train_recipe(
+    config: diffusion.DiffusionStageConfig, store: ArtifactStore, probe: Probe, settings: SamplingSettings
+) -> str:
     """Train one recipe through the diffusion stage, measured by `probe`; return its stored artifact's reference."""
     artifact = diffusion.run(config, store, callbacks=[EvaluateDuringTraining(probe, settings)])
     return artifact.ref
 
 
-def train_diffusers_peer(baseline: diffusion.DiffusionStageConfig, cache: LatentCache, seed: int, calls: int,
-                         guidance_scale: float, probe: Probe, device: torch.device) -> dict:
+def train_diffusers_peer(
+    baseline: diffusion.DiffusionStageConfig,
+    cache: LatentCache,
+    seed: int,
+    calls: int,
+    guidance_scale: float,
+    probe: Probe,
+    device: torch.device,
+) -> dict:
     """Train diffusers' DiT as its training scripts do, at the baseline's size, batch and optimiser; return its setup."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -286,7 +331,11 @@ def train_diffusers_peer(baseline: diffusion.DiffusionStageConfig, cache: Latent
     trainer, architecture = baseline.trainer, replace(baseline.model, learn_sigma=False)
     if trainer.precision not in ("32-true", "bf16-mixed"):
         raise ValueError(f"the peer trains in 32-true or bf16-mixed, not the baseline's {trainer.precision}")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if trainer.precision == "bf16-mixed" else nullcontext
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if trainer.precision == "bf16-mixed"
+        else nullcontext
+    )
     torch.manual_seed(seed)
     model = build_diffusers_dit(architecture).to(device).train()
     embedders = [block.norm1.emb.class_embedder for block in model.transformer_blocks]
@@ -297,9 +346,15 @@ def train_diffusers_peer(baseline: diffusion.DiffusionStageConfig, cache: Latent
         embedder.dropout_prob = 0.0
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
-    lr_scheduler = get_scheduler("cosine" if baseline.lr_schedule == "cosine" else "constant_with_warmup", optimizer,
-                                 num_warmup_steps=trainer.warmup_steps, num_training_steps=probe.budget.max_steps)
-    ema = EMAModel(model.parameters(), decay=baseline.ema_decay, foreach=True)  # decay warms up as (1 + s) / (10 + s), as ours
+    lr_scheduler = get_scheduler(
+        "cosine" if baseline.lr_schedule == "cosine" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=trainer.warmup_steps,
+        num_training_steps=probe.budget.max_steps,
+    )
+    ema = EMAModel(
+        model.parameters(), decay=baseline.ema_decay, foreach=True
+    )  # decay warms up as (1 + s) / (10 + s), as ours
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     sampler = diffusers_scheduler(noise_scheduler.config.num_train_timesteps)
     batches = LatentBatches(cache, trainer.batch_size, seed=seed)  # the recipes' batches, step for step
@@ -307,8 +362,9 @@ def train_diffusers_peer(baseline: diffusion.DiffusionStageConfig, cache: Latent
 
     def sample(labels: torch.Tensor, first_seed: int) -> torch.Tensor:
         ema.copy_to(ema_model.parameters())
-        noise = randn_like_per_sample((len(labels), channels, size, size), per_sample_generators(first_seed, len(labels)),
-                                      device, torch.float32)
+        noise = randn_like_per_sample(
+            (len(labels), channels, size, size), per_sample_generators(first_seed, len(labels)), device, torch.float32
+        )
         return diffusers_sample(ema_model, sampler, noise, labels, null_class, calls, guidance_scale, channels)
 
     probe.start()
@@ -332,9 +388,13 @@ def train_diffusers_peer(baseline: diffusion.DiffusionStageConfig, cache: Latent
         step += 1
         if probe.after_step(step, sample):
             break
-    return {"parameters": sum(p.numel() for p in model.parameters()), "label_dropout": label_dropout,
-            "training": "DDPMScheduler(1000, linear) eps MSE", "final_loss": loss.item(),
-            "sampler": "DPMSolverMultistepScheduler (dpmsolver++, order 2, trailing)"}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "label_dropout": label_dropout,
+        "training": "DDPMScheduler(1000, linear) eps MSE",
+        "final_loss": loss.item(),
+        "sampler": "DPMSolverMultistepScheduler (dpmsolver++, order 2, trailing)",
+    }
 
 
 # ----------------------------------------------------------------------------- the summary
@@ -381,11 +441,15 @@ def spread(values: list[float]) -> str:
 
 def print_summary(results: Results, lines: list[str], floor: float, n: int) -> None:
     baseline = results.curves(lines[0])
-    print(f"\nsummary: the last evaluation of each line (mean over seeds; +- half the range), FD over {n} samples "
-          f"(real-data floor {floor:.3f}); ratios: the line's FD / {lines[0]}'s at the furthest training minutes and "
-          f"images seen both reached (linear between evaluations)")
-    header = (f"{'line':<14} {'seeds':>5} {'steps':>7} {'images':>9} {'train min':>9} {'eval min':>8} {'FD':>14} "
-              f"{'accuracy':>14} {'FD vs base @ equal min':>23} {'@ equal images':>18}")
+    print(
+        f"\nsummary: the last evaluation of each line (mean over seeds; +- half the range), FD over {n} samples "
+        f"(real-data floor {floor:.3f}); ratios: the line's FD / {lines[0]}'s at the furthest training minutes and "
+        f"images seen both reached (linear between evaluations)"
+    )
+    header = (
+        f"{'line':<14} {'seeds':>5} {'steps':>7} {'images':>9} {'train min':>9} {'eval min':>8} {'FD':>14} "
+        f"{'accuracy':>14} {'FD vs base @ equal min':>23} {'@ equal images':>18}"
+    )
     print(header)
     print("-" * len(header))
     for line in lines:
@@ -397,11 +461,13 @@ def print_summary(results: Results, lines: list[str], floor: float, n: int) -> N
         fds, accuracies = [p.fd for p in last], [p.class_accuracy for p in last]
         by_minutes, minutes = fd_ratio_at_equal(by_seed, baseline, "minutes")
         by_images, images = fd_ratio_at_equal(by_seed, baseline, "images")
-        print(f"{line:<14} {len(by_seed):>5} {statistics.mean(p.step for p in last):>7.0f} "
-              f"{statistics.mean(p.images_seen for p in last):>9.0f} {statistics.mean(p.train_minutes for p in last):>9.2f} "
-              f"{eval_minutes:>8.2f} {statistics.mean(fds):>8.3f}{spread(fds):<6} "
-              f"{statistics.mean(accuracies):>8.3f}{spread(accuracies):<6} "
-              f"{by_minutes:>8.2f}x @ {minutes:5.2f} min {by_images:>7.2f}x @ {images:>7.0f}")
+        print(
+            f"{line:<14} {len(by_seed):>5} {statistics.mean(p.step for p in last):>7.0f} "
+            f"{statistics.mean(p.images_seen for p in last):>9.0f} {statistics.mean(p.train_minutes for p in last):>9.2f} "
+            f"{eval_minutes:>8.2f} {statistics.mean(fds):>8.3f}{spread(fds):<6} "
+            f"{statistics.mean(accuracies):>8.3f}{spread(accuracies):<6} "
+            f"{by_minutes:>8.2f}x @ {minutes:5.2f} min {by_images:>7.2f}x @ {images:>7.0f}"
+        )
 
 
 def save_plot(results: Results, lines: list[str], path: Path, n: int) -> Path:
@@ -420,26 +486,47 @@ def save_plot(results: Results, lines: list[str], path: Path, n: int) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="artifacts", help="the artifact store (default: ./artifacts)")
-    parser.add_argument("--latents", default="latents@latest", help="the latent cache every line trains on (ldm encode)")
+    parser.add_argument(
+        "--latents", default="latents@latest", help="the latent cache every line trains on (ldm encode)"
+    )
     parser.add_argument("--classifier", default="classifier@latest", help="features for the FD and class accuracy")
-    parser.add_argument("--features", default="classifier", choices=("classifier", "auto", "inception"),
-                        help="FD feature space (default: the classifier's; auto takes Inception when its weights are here)")
-    parser.add_argument("--recipe", action="append", required=True, metavar="NAME=PRESET[:key=value,...]",
-                        help="a line to train (repeatable); the first is the baseline, and the peer's model and optimiser")
+    parser.add_argument(
+        "--features",
+        default="classifier",
+        choices=("classifier", "auto", "inception"),
+        help="FD feature space (default: the classifier's; auto takes Inception when its weights are here)",
+    )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        metavar="NAME=PRESET[:key=value,...]",
+        help="a line to train (repeatable); the first is the baseline, and the peer's model and optimiser",
+    )
     parser.add_argument("--budget-steps", type=int, default=None, help="steps per line (also the lr schedule's length)")
-    parser.add_argument("--budget-minutes", type=float, default=None, help="training minutes per line (evaluation excluded)")
-    parser.add_argument("--eval-every", type=int, required=True, help="steps between evaluations (and at the budget's end)")
+    parser.add_argument(
+        "--budget-minutes", type=float, default=None, help="training minutes per line (evaluation excluded)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, required=True, help="steps between evaluations (and at the budget's end)"
+    )
     parser.add_argument("--n", type=int, default=500, help="samples per evaluation, class-balanced, fixed seeds")
     parser.add_argument("--calls", type=int, default=20, help="network calls per sample for every line")
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale for every line")
     parser.add_argument("--batch", type=int, default=250, help="samples per sampling batch")
-    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (two where differences are small)")
-    parser.add_argument("--peer", action="store_true", help=f"add the {PEER!r} line: diffusers' DiT trained as its scripts do")
+    parser.add_argument(
+        "--seeds", default="0", help="training seeds, comma-separated (two where differences are small)"
+    )
+    parser.add_argument(
+        "--peer", action="store_true", help=f"add the {PEER!r} line: diffusers' DiT trained as its scripts do"
+    )
     parser.add_argument("--out", required=True, help="folder for convergence.csv, .png, .json and the run folders")
     args = parser.parse_args(argv)
     if args.budget_steps is None and args.budget_minutes is None:
         parser.error("give --budget-steps, --budget-minutes, or both (whichever ends first)")
-    if (args.budget_steps is not None and args.budget_steps < 1) or (args.budget_minutes is not None and args.budget_minutes <= 0):
+    if (args.budget_steps is not None and args.budget_steps < 1) or (
+        args.budget_minutes is not None and args.budget_minutes <= 0
+    ):
         parser.error("budgets must be positive")
     for name in ("eval_every", "n", "calls", "batch"):
         if getattr(args, name) < 1:
@@ -471,36 +558,73 @@ def main(argv: list[str] | None = None) -> Results:
     baseline = configs[names[0]]
     accelerator = baseline.trainer.accelerator
     device = torch.device("cuda" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "cpu")
-    settings = SamplingSettings(num_steps=args.calls, guidance_scale=args.cfg, seed=0, batch_size=min(args.batch, args.n))
+    settings = SamplingSettings(
+        num_steps=args.calls, guidance_scale=args.cfg, seed=0, batch_size=min(args.batch, args.n)
+    )
     samplers = {name: settings.resolved(config.diffusion).sampler for name, config in configs.items()}
     for name, sampler in samplers.items():
         if model_calls(sampler, args.calls) != args.calls:
-            raise SystemExit(f"{name}: {sampler} would make {model_calls(sampler, args.calls)} network calls, not {args.calls}")
+            raise SystemExit(
+                f"{name}: {sampler} would make {model_calls(sampler, args.calls)} network calls, not {args.calls}"
+            )
     lines = names + ([PEER] if args.peer else [])
 
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, CPU allocator {allocator}, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"cache {latents_ref} ({len(cache)} images, latents {'x'.join(map(str, cache.latent_shape))}); budget "
-          f"{budget.steps or 'no'} steps, {budget.minutes or 'no'} training minutes; evaluation every {args.eval_every} steps: "
-          f"{args.n} samples, {args.calls} network calls, cfg {args.cfg}")
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, CPU allocator {allocator}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"cache {latents_ref} ({len(cache)} images, latents {'x'.join(map(str, cache.latent_shape))}); budget "
+        f"{budget.steps or 'no'} steps, {budget.minutes or 'no'} training minutes; evaluation every {args.eval_every} steps: "
+        f"{args.n} samples, {args.calls} network calls, cfg {args.cfg}"
+    )
     if budget.steps is None:
-        print(f"note: minutes only, so max_steps is {NO_STEP_LIMIT}: warm-up applies but a cosine schedule never decays "
-              f"(add --budget-steps to set its length)")
+        print(
+            f"note: minutes only, so max_steps is {NO_STEP_LIMIT}: warm-up applies but a cosine schedule never decays "
+            f"(add --budget-steps to set its length)"
+        )
     evaluator = Evaluator(store, cache, args.classifier, args.features, args.n, settings, baseline, device)
-    print(f"features: {evaluator.extractor.name}; class accuracy: {evaluator.classifier_ref}; real-data floor "
-          f"(first {evaluator.n_real} train vs test images) FD {evaluator.real_floor:.3f}")
+    print(
+        f"features: {evaluator.extractor.name}; class accuracy: {evaluator.classifier_ref}; real-data floor "
+        f"(first {evaluator.n_real} train vs test images) FD {evaluator.real_floor:.3f}"
+    )
 
     setup = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "latents": latents_ref, "autoencoder": cache.autoencoder_ref, "classifier": evaluator.classifier_ref,
-        "features": evaluator.extractor.name, "budget": asdict(budget), "eval_every": args.eval_every, "seeds": seeds,
-        "evaluation": {"n": args.n, "network_calls": args.calls, "guidance_scale": args.cfg, "noise_seeds": f"0..{args.n - 1}",
-                       "labels": "image i: class i mod classes", "test_images": evaluator.n_real},
-        "real_floor": {"fd": evaluator.real_floor, "what": f"first {evaluator.n_real} train vs first {evaluator.n_real} test images"},
-        "recipes": {r.name: {"preset": str(r.preset), "overrides": list(r.overrides), "sampler": samplers[r.name],
-                             "config": to_dict(configs[r.name])} for r in recipes},
-        "machine": {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "load_average_start": os.getloadavg()[0]},
+        "latents": latents_ref,
+        "autoencoder": cache.autoencoder_ref,
+        "classifier": evaluator.classifier_ref,
+        "features": evaluator.extractor.name,
+        "budget": asdict(budget),
+        "eval_every": args.eval_every,
+        "seeds": seeds,
+        "evaluation": {
+            "n": args.n,
+            "network_calls": args.calls,
+            "guidance_scale": args.cfg,
+            "noise_seeds": f"0..{args.n - 1}",
+            "labels": "image i: class i mod classes",
+            "test_images": evaluator.n_real,
+        },
+        "real_floor": {
+            "fd": evaluator.real_floor,
+            "what": f"first {evaluator.n_real} train vs first {evaluator.n_real} test images",
+        },
+        "recipes": {
+            r.name: {
+                "preset": str(r.preset),
+                "overrides": list(r.overrides),
+                "sampler": samplers[r.name],
+                "config": to_dict(configs[r.name]),
+            }
+            for r in recipes
+        },
+        "machine": {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average_start": os.getloadavg()[0],
+        },
         "artifacts": {},
     }
     if args.peer:
@@ -514,12 +638,18 @@ def main(argv: list[str] | None = None) -> Results:
         for line in lines:
             print(f"\n== {line}, seed {seed} ==")
             if line == PEER:
-                probe = Probe(line, seed, baseline.trainer.batch_size, budget, args.eval_every, evaluator, results, device)
-                setup["peer"][f"seed{seed}"] = train_diffusers_peer(baseline, cache, seed, args.calls, args.cfg, probe, device)
+                probe = Probe(
+                    line, seed, baseline.trainer.batch_size, budget, args.eval_every, evaluator, results, device
+                )
+                setup["peer"][f"seed{seed}"] = train_diffusers_peer(
+                    baseline, cache, seed, args.calls, args.cfg, probe, device
+                )
             else:
                 recipe = recipes[names.index(line)]
                 config = recipe_config(recipe, latents_ref, seed, budget, run_dir(line, seed))
-                probe = Probe(line, seed, config.trainer.batch_size, budget, args.eval_every, evaluator, results, device)
+                probe = Probe(
+                    line, seed, config.trainer.batch_size, budget, args.eval_every, evaluator, results, device
+                )
                 setup["artifacts"][f"{line}-seed{seed}"] = train_recipe(config, store, probe, settings)
             write_atomic(out / "convergence.json", json.dumps(setup, indent=2).encode())
 

@@ -27,9 +27,9 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +155,7 @@ def matmul_peak_flops(dtype: torch.dtype, device: torch.device, repeats: int = 5
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         torch.matmul(a, b)  # warm-up
-        seconds = time_call(lambda: torch.matmul(a, b), device)
+        seconds = time_call(lambda a=a, b=b: torch.matmul(a, b), device)
         if seconds >= 0.2 or n >= n_max:
             break
         n *= 2
@@ -242,16 +242,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
-        "--precisions", default="auto",
+        "--precisions",
+        default="auto",
         help="comma list of fp32, bf16 (autocast); auto: fp32, plus bf16 where the hardware has it",
     )
     parser.add_argument(
-        "--optimizer", default="default", choices=("default", "foreach", "fused"),
+        "--optimizer",
+        default="default",
+        choices=("default", "foreach", "fused"),
         help="AdamW implementation for both models (default: torch's choice for the device)",
     )
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of a training step")
     parser.add_argument(
-        "--default-allocator", action="store_true",
+        "--default-allocator",
+        action="store_true",
         help="leave glibc's malloc at its defaults instead of tune_cpu_allocator() (as the ldm CLI runs)",
     )
     args = parser.parse_args()
@@ -266,31 +270,44 @@ def main() -> None:
 
     n = args.batch
     batch = random_batch(config, n, device)
-    models = {"ours": randomize_(DiT(config).to(device)), "diffusers": randomize_(build_diffusers_dit(config).to(device))}
+    models = {
+        "ours": randomize_(DiT(config).to(device)),
+        "diffusers": randomize_(build_diffusers_dit(config).to(device)),
+    }
 
     def count(model: torch.nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())
 
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"CPU allocator {allocator}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, "
-          f"patch {config.patch_size}, latent {config.in_channels}x{config.input_size}x{config.input_size}, "
-          f"tokens {config.num_patches}, out channels {config.out_channels}, classes {config.num_classes}, batch {n}")
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"CPU allocator {allocator}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, "
+        f"patch {config.patch_size}, latent {config.in_channels}x{config.input_size}x{config.input_size}, "
+        f"tokens {config.num_patches}, out channels {config.out_channels}, classes {config.num_classes}, batch {n}"
+    )
     print(f"training step: forward, MSE loss, backward, AdamW ({args.optimizer} implementation)")
-    print(f"parameters: ours {count(models['ours']):,}, diffusers {count(models['diffusers']):,} "
-          "(diffusers gives every block its own timestep/class embedder)")
+    print(
+        f"parameters: ours {count(models['ours']):,}, diffusers {count(models['diffusers']):,} "
+        "(diffusers gives every block its own timestep/class embedder)"
+    )
     print(f"model FLOPs per image: forward {flops_forward / 1e9:.3f} G, training step {3 * flops_forward / 1e9:.3f} G")
     difference = check_same_function(config, device)
-    print(f"same function: with our weights loaded into diffusers' DiT (2 blocks), outputs differ by "
-          f"{difference:.1e} of their max")
+    print(
+        f"same function: with our weights loaded into diffusers' DiT (2 blocks), outputs differ by "
+        f"{difference:.1e} of their max"
+    )
     if difference > 1e-4:
         raise SystemExit("the two models do not compute the same function; the comparison would be meaningless")
 
     if args.precisions == "auto":
         precisions = ["fp32", "bf16"] if bf16_is_native(device) else ["fp32"]
         if "bf16" not in precisions:
-            print("bf16 skipped: this CPU has no bf16 matmul instructions, so autocast would only emulate it "
-                  "(ask for it with --precisions fp32,bf16)")
+            print(
+                "bf16 skipped: this CPU has no bf16 matmul instructions, so autocast would only emulate it "
+                "(ask for it with --precisions fp32,bf16)"
+            )
     else:
         precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
 
@@ -318,15 +335,23 @@ def main() -> None:
                 for name, step in steps.items():
                     profile_train_step(f"{name} {precision}", step, device, rows=25)
         peak_after = matmul_peak_flops(dtype, device)
-        print(f"{precision} matmul peak: {peak_before / 1e9:.1f} GFLOP/s before the timings, {peak_after / 1e9:.1f} after")
+        print(
+            f"{precision} matmul peak: {peak_before / 1e9:.1f} GFLOP/s before the timings, {peak_after / 1e9:.1f} after"
+        )
         rows[first_row:] = [(*row, max(peak_before, peak_after)) for row in rows[first_row:]]
 
-    print(f"\nmedians of {args.repeats} interleaved calls per model after {args.warmup} warm-up calls; "
-          f"load average now {os.getloadavg()[0]:.1f}")
-    print("speedup: median over rounds of diffusers' time / ours in the same round (paired, so load "
-          "changes between rounds cancel); range: its 25-75th percentiles")
-    header = (f"{'precision':<9} {'pass':<8} {'ours img/s':>11} {'diffusers img/s':>16} {'speedup':>8} "
-              f"{'range':>12} {'ours MFU':>9} {'diffusers MFU':>14} {'matmul peak':>13}")
+    print(
+        f"\nmedians of {args.repeats} interleaved calls per model after {args.warmup} warm-up calls; "
+        f"load average now {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "speedup: median over rounds of diffusers' time / ours in the same round (paired, so load "
+        "changes between rounds cancel); range: its 25-75th percentiles"
+    )
+    header = (
+        f"{'precision':<9} {'pass':<8} {'ours img/s':>11} {'diffusers img/s':>16} {'speedup':>8} "
+        f"{'range':>12} {'ours MFU':>9} {'diffusers MFU':>14} {'matmul peak':>13}"
+    )
     print(header)
     print("-" * len(header))
     for precision, pass_name, times, peak in rows:
@@ -334,9 +359,11 @@ def main() -> None:
         ours, theirs = statistics.median(times["ours"]), statistics.median(times["diffusers"])
         ratios = sorted(d / o for o, d in zip(times["ours"], times["diffusers"]))
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        print(f"{precision:<9} {pass_name:<8} {n / ours:>11.1f} {n / theirs:>16.1f} {quartiles[1]:>7.2f}x "
-              f"{quartiles[0]:>5.2f}-{quartiles[2]:.2f}x {flops / ours / peak:>9.1%} {flops / theirs / peak:>14.1%} "
-              f"{peak / 1e9:>8.1f} GF/s")
+        print(
+            f"{precision:<9} {pass_name:<8} {n / ours:>11.1f} {n / theirs:>16.1f} {quartiles[1]:>7.2f}x "
+            f"{quartiles[0]:>5.2f}-{quartiles[2]:.2f}x {flops / ours / peak:>9.1%} {flops / theirs / peak:>14.1%} "
+            f"{peak / 1e9:>8.1f} GF/s"
+        )
 
 
 if __name__ == "__main__":

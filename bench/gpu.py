@@ -82,9 +82,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed training steps per model and precision")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (compilation, allocator)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of the script")
-    parser.add_argument("--precisions", default="auto", help="comma list of tf32, fp32, bf16; auto: tf32,bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--optimizer", default="default", choices=("default", "foreach", "fused"),
-                        help="AdamW implementation for both models (default: torch's choice, as the training stage)")
+    parser.add_argument(
+        "--precisions", default="auto", help="comma list of tf32, fp32, bf16; auto: tf32,bf16 on CUDA, fp32 on CPU"
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="default",
+        choices=("default", "foreach", "fused"),
+        help="AdamW implementation for both models (default: torch's choice, as the training stage)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
     args = parser.parse_args()
 
@@ -109,10 +115,12 @@ def main() -> None:
     flops_per_step = 3 * dit_forward_flops(config) * args.batch
     name = device_name(device)
     print(f"{name}; torch {torch.__version__} (CUDA {torch.version.cuda}), diffusers {diffusers.__version__}")
-    print(f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, "
-          f"latents {config.in_channels}x{config.input_size}x{config.input_size} ({config.num_patches} tokens), "
-          f"{config.num_classes} classes, {config.out_channels} output channels; batch {args.batch}; "
-          f"{3 * dit_forward_flops(config) / 1e9:.1f} GFLOP per training image")
+    print(
+        f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, "
+        f"latents {config.in_channels}x{config.input_size}x{config.input_size} ({config.num_patches} tokens), "
+        f"{config.num_classes} classes, {config.out_channels} output channels; batch {args.batch}; "
+        f"{3 * dit_forward_flops(config) / 1e9:.1f} GFLOP per training image"
+    )
 
     torch.set_float32_matmul_precision("highest")  # the equivalence check compares exact fp32 results
     difference = check_same_function(config, device)
@@ -122,8 +130,10 @@ def main() -> None:
 
     n = args.batch
     batch = random_batch(config, n, device)
-    models = {"ours": randomize_(DiT(config).to(device)).train(),
-              "diffusers": randomize_(build_diffusers_dit(config).to(device)).train()}
+    models = {
+        "ours": randomize_(DiT(config).to(device)).train(),
+        "diffusers": randomize_(build_diffusers_dit(config).to(device)).train(),
+    }
     runnable = {key: torch.compile(m) if args.compile else m for key, m in models.items()}
 
     rows = []
@@ -135,7 +145,9 @@ def main() -> None:
             return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
         peak = matmul_peak_flops(autocast_dtype or torch.float32, device)
-        steps = {key: make_steps(m, key == "ours", batch, autocast, True, args.optimizer) for key, m in runnable.items()}
+        steps = {
+            key: make_steps(m, key == "ours", batch, autocast, True, args.optimizer) for key, m in runnable.items()
+        }
         times = interleaved_timings(steps, args.warmup, args.repeats, device)
         memory = {key: step_memory_gib(step, device) for key, step in steps.items()}
         rows.append((precision, times, memory, peak))
@@ -148,18 +160,24 @@ def main() -> None:
     def gib(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.1f} GiB"
 
-    print(f"\nmedian of {args.repeats} interleaved training steps per model after {args.warmup} warm-up steps"
-          f"{', both models torch.compile-d' if args.compile else ''}; speedup = diffusers' time / ours, "
-          f"median over rounds; MFU against the measured matmul peak\n")
-    print("| device | precision | batch | ours img/s | diffusers img/s | speedup | ours MFU | diffusers MFU "
-          "| matmul peak | step memory ours / diffusers |")
+    print(
+        f"\nmedian of {args.repeats} interleaved training steps per model after {args.warmup} warm-up steps"
+        f"{', both models torch.compile-d' if args.compile else ''}; speedup = diffusers' time / ours, "
+        f"median over rounds; MFU against the measured matmul peak\n"
+    )
+    print(
+        "| device | precision | batch | ours img/s | diffusers img/s | speedup | ours MFU | diffusers MFU "
+        "| matmul peak | step memory ours / diffusers |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for precision, times, memory, peak in rows:
         ours, theirs = statistics.median(times["ours"]), statistics.median(times["diffusers"])
         speedup = statistics.median(d / o for o, d in zip(times["ours"], times["diffusers"]))
-        print(f"| {name} | {labels[precision]} | {n} | {n / ours:,.1f} | {n / theirs:,.1f} | {speedup:.2f}x "
-              f"| {flops_per_step / ours / peak:.1%} | {flops_per_step / theirs / peak:.1%} "
-              f"| {peak / 1e12:.1f} TFLOP/s | {gib(memory['ours'])} / {gib(memory['diffusers'])} |")
+        print(
+            f"| {name} | {labels[precision]} | {n} | {n / ours:,.1f} | {n / theirs:,.1f} | {speedup:.2f}x "
+            f"| {flops_per_step / ours / peak:.1%} | {flops_per_step / theirs / peak:.1%} "
+            f"| {peak / 1e12:.1f} TFLOP/s | {gib(memory['ours'])} / {gib(memory['diffusers'])} |"
+        )
     print(f"\ncommand: python bench/gpu.py {' '.join(sys.argv[1:])}".rstrip())
 
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import gc
+import json
 import multiprocessing
 import os
 import statistics
@@ -35,7 +35,6 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -47,8 +46,17 @@ from ldm.quantize import weight_bytes
 from ldm.runtime import tune_cpu_allocator
 from pipeline import LatentDiffusionPipeline
 
-DEFAULT_SETTINGS = ("flow-heun:10", "flow-heun:5", "flow-euler:20", "flow-heun:10:int8", "flow-heun:5:int8",
-                    "flow-heun:10:bf16", "flow-heun:10:cache0.3", "flow-euler:20:cache0.3", "flow-heun:10:int8:cache0.3")
+DEFAULT_SETTINGS = (
+    "flow-heun:10",
+    "flow-heun:5",
+    "flow-euler:20",
+    "flow-heun:10:int8",
+    "flow-heun:5:int8",
+    "flow-heun:10:bf16",
+    "flow-heun:10:cache0.3",
+    "flow-euler:20:cache0.3",
+    "flow-heun:10:int8:cache0.3",
+)
 
 
 @dataclass(frozen=True)
@@ -60,25 +68,27 @@ class Setting:
     cache: float = 0.0  # share of block evaluations to skip (0: no caching)
     forecast: bool = False  # skipped blocks forecast their residual linearly in t (ldm.caching)
     student: bool = False  # the --student model, sampled at guidance 1 (its guidance is built in)
-    interval: Optional[tuple[float, float]] = None  # guide only at these network timesteps
+    interval: tuple[float, float] | None = None  # guide only at these network timesteps
 
     @classmethod
-    def parse(cls, spec: str) -> "Setting":
+    def parse(cls, spec: str) -> Setting:
         parts = spec.split(":")
         student = parts[0] == "student"
         parts = parts[1:] if student else parts
         if len(parts) < 2:
-            raise SystemExit(f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI]")
+            raise SystemExit(
+                f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI]"
+            )
         precision, cache, forecast, interval = "float32", 0.0, False, None
         for part in parts[2:]:
             if part in ("int8", "bf16", "float32"):
                 precision = part
             elif part.startswith("cache"):
-                cache = float(part[len("cache"):])
+                cache = float(part[len("cache") :])
             elif part == "forecast":
                 forecast = True
             elif part.startswith("interval") and not student:
-                interval = tuple(float(t) for t in part[len("interval"):].split("-"))
+                interval = tuple(float(t) for t in part[len("interval") :].split("-"))
             else:
                 raise SystemExit(f"setting {spec!r}: unknown part {part!r}")
         if forecast and not cache:
@@ -100,10 +110,18 @@ class Setting:
 
 
 def sampling_settings(pipe, setting: Setting, args):
-    settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=setting.cfg(args),
-                             guidance_interval=setting.interval, batch_size=args.batch, seed=args.seed)
+    settings = pipe.settings(
+        sampler=setting.sampler,
+        num_steps=setting.steps,
+        guidance_scale=setting.cfg(args),
+        guidance_interval=setting.interval,
+        batch_size=args.batch,
+        seed=args.seed,
+    )
     if setting.cache:
-        settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, extrapolate=setting.forecast))
+        settings = replace(
+            settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, extrapolate=setting.forecast)
+        )
     return settings
 
 
@@ -119,11 +137,18 @@ def peak_memory_child(queue, store: str, model: str, setting: Setting, cfg: floa
     torch.set_num_threads(threads)
     tune_cpu_allocator()
     pipe = LatentDiffusionPipeline.from_artifacts(model, store=ArtifactStore(store), precision=setting.precision)
-    settings = pipe.settings(sampler=setting.sampler, num_steps=setting.steps, guidance_scale=cfg,
-                             guidance_interval=setting.interval, batch_size=batch)
+    settings = pipe.settings(
+        sampler=setting.sampler,
+        num_steps=setting.steps,
+        guidance_scale=cfg,
+        guidance_interval=setting.interval,
+        batch_size=batch,
+    )
     if setting.cache:
-        settings = replace(settings, cache=pipe.calibrate_cache(settings, fraction=setting.cache, n=batch,
-                                                                extrapolate=setting.forecast))
+        settings = replace(
+            settings,
+            cache=pipe.calibrate_cache(settings, fraction=setting.cache, n=batch, extrapolate=setting.forecast),
+        )
     gc.collect()
     loaded, peak, done = resident_mb(), [0.0], threading.Event()
 
@@ -143,8 +168,10 @@ def peak_memory_child(queue, store: str, model: str, setting: Setting, cfg: floa
 def peak_memory(args, setting: Setting) -> tuple[float, float]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=peak_memory_child,
-                            args=(queue, args.store, setting.model(args), setting, setting.cfg(args), args.batch, args.threads))
+    child = context.Process(
+        target=peak_memory_child,
+        args=(queue, args.store, setting.model(args), setting, setting.cfg(args), args.batch, args.threads),
+    )
     child.start()
     result = queue.get()
     child.join()
@@ -157,7 +184,9 @@ def main() -> None:
     parser.add_argument("--model", default="diffusion@latest")
     parser.add_argument("--student", default=None, help="a distilled model (ldm train distill) for student: settings")
     parser.add_argument("--classifier", default="classifier@latest")
-    parser.add_argument("--setting", action="append", default=None, help="SAMPLER:STEPS[:int8|bf16][:cacheF] (repeatable)")
+    parser.add_argument(
+        "--setting", action="append", default=None, help="SAMPLER:STEPS[:int8|bf16][:cacheF] (repeatable)"
+    )
     parser.add_argument("--n", type=int, default=1000, help="samples per setting for FD and class accuracy")
     parser.add_argument("--cfg", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -180,9 +209,12 @@ def main() -> None:
         if key not in pipes:
             pipes[key] = LatentDiffusionPipeline.from_artifacts(key[0], store=store, precision=key[1])
     first = pipes[settings_list[0].model(args), settings_list[0].precision]
-    print(f"model {first.provenance.diffusion}" + (f", student {args.student} (guidance built in)" if args.student else "")
-          + f", {args.n} samples per setting, cfg {args.cfg}, seed {args.seed}, "
-          f"{args.threads} threads; measuring the reference images ...")
+    print(
+        f"model {first.provenance.diffusion}"
+        + (f", student {args.student} (guidance built in)" if args.student else "")
+        + f", {args.n} samples per setting, cfg {args.cfg}, seed {args.seed}, "
+        f"{args.threads} threads; measuring the reference images ..."
+    )
     reference = sample_reference(store, first, args.n, args.classifier, "classifier", args.batch, torch.device("cpu"))
 
     rows, prepared = [], []
@@ -194,12 +226,24 @@ def main() -> None:
         report, _ = measure_samples(pipe, settings, args.n, reference)
         counts = pipe.block_evaluations
         saved = counts["skipped"] / (counts["evaluated"] + counts["skipped"]) if counts["skipped"] else 0.0
-        rows.append({"setting": setting.spec, "family": setting.family, "sampler": setting.sampler, "steps": setting.steps,
-                     "calls": model_calls(setting.sampler, setting.steps), "precision": setting.precision,
-                     "blocks_saved": round(saved, 4), "frechet_distance": report["frechet_distance"],
-                     "class_accuracy": report["class_accuracy"], "weight_mb": weight_bytes(pipe.model) / 1e6})
-        print(f"  {setting.spec:<28} FD {report['frechet_distance']:8.4f}  accuracy {report['class_accuracy']:.4f}"
-              + (f"  blocks saved {saved:.1%}" if saved else ""))
+        rows.append(
+            {
+                "setting": setting.spec,
+                "family": setting.family,
+                "sampler": setting.sampler,
+                "steps": setting.steps,
+                "calls": model_calls(setting.sampler, setting.steps),
+                "precision": setting.precision,
+                "blocks_saved": round(saved, 4),
+                "frechet_distance": report["frechet_distance"],
+                "class_accuracy": report["class_accuracy"],
+                "weight_mb": weight_bytes(pipe.model) / 1e6,
+            }
+        )
+        print(
+            f"  {setting.spec:<28} FD {report['frechet_distance']:8.4f}  accuracy {report['class_accuracy']:.4f}"
+            + (f"  blocks saved {saved:.1%}" if saved else "")
+        )
 
     print(f"timing: {args.timing_rounds} interleaved rounds of {args.timing_batch} images per setting ...")
     labels = torch.arange(args.timing_batch) % first.num_classes
@@ -219,29 +263,54 @@ def main() -> None:
     for row in rows:
         row["fd_ratio"] = row["frechet_distance"] / base["frechet_distance"]
         row["speedup"] = base["ms_per_image"] / row["ms_per_image"]
-    print(f"\n{args.n} samples per setting; FD over {reference.extractor.name}; real floor "
-          f"{reference.reference_distance:.4f}, reconstruction floor {reference.autoencoder_distance:.4f}")
-    header = f"{'setting':<28} {'calls':>5} {'blocks saved':>12} {'FD':>8} {'x ref':>6} {'accuracy':>8} {'ms/img':>7} " \
-             f"{'speedup':>7} {'weights MB':>10} {'loaded MB':>9} {'peak MB':>8}"
+    print(
+        f"\n{args.n} samples per setting; FD over {reference.extractor.name}; real floor "
+        f"{reference.reference_distance:.4f}, reconstruction floor {reference.autoencoder_distance:.4f}"
+    )
+    header = (
+        f"{'setting':<28} {'calls':>5} {'blocks saved':>12} {'FD':>8} {'x ref':>6} {'accuracy':>8} {'ms/img':>7} "
+        f"{'speedup':>7} {'weights MB':>10} {'loaded MB':>9} {'peak MB':>8}"
+    )
     print(header)
     for row in rows:
-        print(f"{row['setting']:<28} {row['calls']:>5} {row['blocks_saved']:>12.1%} {row['frechet_distance']:>8.4f} "
-              f"{row['fd_ratio']:>6.3f} {row['class_accuracy']:>8.4f} {row['ms_per_image']:>7.2f} {row['speedup']:>7.2f} "
-              f"{row['weight_mb']:>10.2f} {row.get('loaded_mb', float('nan')):>9.0f} {row.get('peak_mb', float('nan')):>8.0f}")
+        print(
+            f"{row['setting']:<28} {row['calls']:>5} {row['blocks_saved']:>12.1%} {row['frechet_distance']:>8.4f} "
+            f"{row['fd_ratio']:>6.3f} {row['class_accuracy']:>8.4f} {row['ms_per_image']:>7.2f} {row['speedup']:>7.2f} "
+            f"{row['weight_mb']:>10.2f} {row.get('loaded_mb', float('nan')):>9.0f} {row.get('peak_mb', float('nan')):>8.0f}"
+        )
     with open(out / "inference.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_atomic(out / "inference.json", json.dumps({
-        "model": first.provenance.diffusion, "student": args.student, "n": args.n, "cfg": args.cfg, "seed": args.seed, "threads": args.threads,
-        "features": reference.extractor.name, "real_floor": reference.reference_distance,
-        "reconstruction_floor": reference.autoencoder_distance, "rows": rows}, indent=2).encode())
+    write_atomic(
+        out / "inference.json",
+        json.dumps(
+            {
+                "model": first.provenance.diffusion,
+                "student": args.student,
+                "n": args.n,
+                "cfg": args.cfg,
+                "seed": args.seed,
+                "threads": args.threads,
+                "features": reference.extractor.name,
+                "real_floor": reference.reference_distance,
+                "reconstruction_floor": reference.autoencoder_distance,
+                "rows": rows,
+            },
+            indent=2,
+        ).encode(),
+    )
     families: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         families.setdefault(row["family"], []).append((row["ms_per_image"], row["frechet_distance"]))
-    panel = CurvePanel({name: sorted(points) for name, points in families.items()},
-                       title=f"FD against ms per image ({args.n} samples each)", x_label="ms / image")
-    print(f"wrote {out / 'inference.csv'}, {out / 'inference.json'}, {save_curve_panels([panel], out / 'inference.png')}")
+    panel = CurvePanel(
+        {name: sorted(points) for name, points in families.items()},
+        title=f"FD against ms per image ({args.n} samples each)",
+        x_label="ms / image",
+    )
+    print(
+        f"wrote {out / 'inference.csv'}, {out / 'inference.json'}, {save_curve_panels([panel], out / 'inference.png')}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     with torch.no_grad():
         for images, labels in iterate_images(build_dataset(data, "train"), 500, args.n):
             flip = (torch.rand(len(images), generator=generator) < 0.5).view(-1, *[1] * (images.ndim - 1))
-            variants = {"as they are": images, "half flipped": torch.where(flip, images.flip(-1), images),
-                        "all flipped": images.flip(-1)}
+            variants = {
+                "as they are": images,
+                "half flipped": torch.where(flip, images.flip(-1), images),
+                "all flipped": images.flip(-1),
+            }
             for name, batch in variants.items():
                 rows[name].update(extractor(batch))
                 correct[name] += int((classifier(batch).argmax(1) == labels).sum())

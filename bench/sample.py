@@ -41,15 +41,30 @@ def diffusers_scheduler(num_timesteps: int):
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(
-        num_train_timesteps=num_timesteps, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-        algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon",
-        timestep_spacing="trailing", final_sigmas_type="zero", lower_order_final=True,
+        num_train_timesteps=num_timesteps,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+        lower_order_final=True,
     )
 
 
 @torch.no_grad()
-def diffusers_sample(model, scheduler, noise: torch.Tensor, labels: torch.Tensor, null_class: int, steps: int,
-                     guidance: float, channels: int) -> torch.Tensor:
+def diffusers_sample(
+    model,
+    scheduler,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    null_class: int,
+    steps: int,
+    guidance: float,
+    channels: int,
+) -> torch.Tensor:
     """The DiTPipeline denoising loop (batched CFG on the eps channels), stepping only the N guided latents."""
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
@@ -76,7 +91,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
-        "--default-allocator", action="store_true",
+        "--default-allocator",
+        action="store_true",
         help="leave glibc's malloc at its defaults instead of tune_cpu_allocator() (as the ldm CLI runs)",
     )
     args = parser.parse_args()
@@ -86,7 +102,9 @@ def main() -> None:
     device = torch.device(args.device)
     overrides = {k: v for k, v in (("input_size", args.input_size), ("num_classes", args.classes)) if v is not None}
     config = replace(dit_config(args.preset, **overrides), learn_sigma=False)
-    diffusion = DiffusionConfig(objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False)
+    diffusion = DiffusionConfig(
+        objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False
+    )
 
     torch.manual_seed(0)
     ours = randomize_(DiT(config).to(device)).eval()  # a fresh DiT predicts zero noise (adaLN-Zero)
@@ -95,11 +113,15 @@ def main() -> None:
     scheduler = diffusers_scheduler(diffusion.num_timesteps)
     shape = (config.in_channels, config.input_size, config.input_size)
 
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, CPU allocator {allocator}, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, latents "
-          f"{'x'.join(map(str, shape))}, {config.num_classes} classes; {args.n} latents per side in batches of "
-          f"{args.batch}, DPM-Solver++(2M) {args.steps} steps (trailing), cfg {args.cfg}")
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, CPU allocator {allocator}, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{args.preset}: depth {config.depth}, hidden {config.hidden_size}, heads {config.num_heads}, latents "
+        f"{'x'.join(map(str, shape))}, {config.num_classes} classes; {args.n} latents per side in batches of "
+        f"{args.batch}, DPM-Solver++(2M) {args.steps} steps (trailing), cfg {args.cfg}"
+    )
 
     # Same weights, same noise: how far apart do the two loops land?
     labels = torch.arange(8, device=device) % config.num_classes
@@ -108,7 +130,9 @@ def main() -> None:
     from ldm.diffusion.samplers import per_sample_generators, randn_like_per_sample
 
     noise = randn_like_per_sample((8, *shape), per_sample_generators(0, 8), device, torch.float32)
-    reference = diffusers_sample(theirs, scheduler, noise, labels, ours.null_class, args.steps, args.cfg, config.in_channels)
+    reference = diffusers_sample(
+        theirs, scheduler, noise, labels, ours.null_class, args.steps, args.cfg, config.in_channels
+    )
     gap = ((mine - reference).abs().max() / reference.abs().max()).item()
     print(f"agreement: same weights and noise, final latents differ by {gap:.1e} of their max")
     if gap > 1e-3:
@@ -118,13 +142,19 @@ def main() -> None:
     times = {"ours": [], "diffusers": []}
 
     def run_ours(start: int, size: int) -> None:
-        sample_latents(ours, diffusion, torch.arange(start, start + size, device=device) % config.num_classes,
-                       replace(settings, seed=start))
+        sample_latents(
+            ours,
+            diffusion,
+            torch.arange(start, start + size, device=device) % config.num_classes,
+            replace(settings, seed=start),
+        )
 
     def run_theirs(start: int, size: int) -> None:
         batch_labels = torch.arange(start, start + size, device=device) % config.num_classes
         batch_noise = randn_like_per_sample((size, *shape), per_sample_generators(start, size), device, torch.float32)
-        diffusers_sample(theirs, scheduler, batch_noise, batch_labels, ours.null_class, args.steps, args.cfg, config.in_channels)
+        diffusers_sample(
+            theirs, scheduler, batch_noise, batch_labels, ours.null_class, args.steps, args.cfg, config.in_channels
+        )
 
     run_ours(0, min(args.batch, args.n))  # warm-up
     run_theirs(0, min(args.batch, args.n))
@@ -141,8 +171,10 @@ def main() -> None:
     print(f"\n{'':<10} {'seconds':>9} {'ms/latent':>10} {'latents/s':>10}")
     for name, total in (("ours", ours_s), ("diffusers", theirs_s)):
         print(f"{name:<10} {total:>9.2f} {1000 * total / args.n:>10.2f} {args.n / total:>10.1f}")
-    print(f"speedup (diffusers' time / ours): {theirs_s / ours_s:.2f}x overall; per batch median "
-          f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x; load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"speedup (diffusers' time / ours): {theirs_s / ours_s:.2f}x overall; per batch median "
+        f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x; load average now {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ MANIFEST_FORMAT = 2  # 2: the version seals the manifest's fields; absent: legac
 # it. `files` is covered all the same, by the files' own `name:sha256` lines.
 UNSEALED_KEYS = frozenset({"version", "created", "libraries", "files", "metrics", "training", "encode"})
 # Keys `save` writes itself, which its `metadata` must not overwrite.
-_SAVE_KEYS = frozenset({"stage", "version", "manifest_format", "created", "parents", "data_fingerprint", "libraries", "files"})
+_SAVE_KEYS = frozenset(
+    {"stage", "version", "manifest_format", "created", "parents", "data_fingerprint", "libraries", "files"}
+)
 # Keys `update_manifest` may change: the unsealed ones except the version and files, which are the artifact.
 _UPDATABLE_KEYS = UNSEALED_KEYS - {"version", "files"}
 # manifest.json and config.yaml are read whole on every load. A real one is a few kB (a latent cache's files
@@ -89,8 +91,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 _KINDS = (
-    (stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-    (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+    (stat.S_ISLNK, "symbolic link"),
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
 )
 
 
@@ -238,7 +244,9 @@ class Artifact:
         except StoreFileError as err:
             raise DamagedArtifactError(self.ref, str(err)) from None
 
-    def load_tensors(self, name: str = "weights.safetensors", device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def load_tensors(
+        self, name: str = "weights.safetensors", device: str | torch.device = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """Return the tensors of one safetensors file of this artifact (no pickle)."""
         return load_file(self._file(name), device=str(device))
 
@@ -311,13 +319,17 @@ def read_manifest(path: Path, name: str | None = None) -> dict[str, Any]:
     name = name or str(path)
     if os.path.islink(path):  # checked before reading: a link named as one version may point at any other folder
         raise DamagedArtifactError(
-            name, f"the folder is a symbolic link (to {os.readlink(path)}); the store holds artifact folders themselves, "
-                  f"each under its own version: delete the link"
+            name,
+            f"the folder is a symbolic link (to {os.readlink(path)}); the store holds artifact folders themselves, "
+            f"each under its own version: delete the link",
         )
     manifest = _parse_manifest(path / MANIFEST, name)
     problem = (
-        _shape_problem(manifest) or _seal_problem(manifest) or _folder_problem(path, manifest)
-        or _files_problem(path, manifest) or _config_problem(path, manifest)
+        _shape_problem(manifest)
+        or _seal_problem(manifest)
+        or _folder_problem(path, manifest)
+        or _files_problem(path, manifest)
+        or _config_problem(path, manifest)
     )
     if problem is not None:
         raise DamagedArtifactError(name, problem)
@@ -328,7 +340,9 @@ def _parse_manifest(file: Path, name: str) -> Any:
     try:
         return json.loads(_read_metadata(file))
     except FileNotFoundError:
-        raise DamagedArtifactError(name, "no manifest.json in the folder; delete the folder or restore the file") from None
+        raise DamagedArtifactError(
+            name, "no manifest.json in the folder; delete the folder or restore the file"
+        ) from None
     except StoreFileError as err:
         raise DamagedArtifactError(name, str(err)) from None
     except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or bad JSON
@@ -343,7 +357,9 @@ def _shape_problem(manifest: Any) -> str | None:
     if not isinstance(manifest, dict) or not all(isinstance(manifest.get(key), str) for key in ("stage", "version")):
         return f"manifest.json is not an artifact manifest (a JSON object with a stage and a version); {fix}"
     files = manifest.get("files")
-    if not isinstance(files, dict) or not all(isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in files.values()):
+    if not isinstance(files, dict) or not all(
+        isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in files.values()
+    ):
         return f"manifest.json has no valid files table (each file's sha256); {fix}"
     parents = manifest.get("parents", {})
     if not isinstance(parents, dict) or not all(isinstance(ref, str) for ref in parents.values()):
@@ -374,7 +390,9 @@ def _folder_problem(path: Path, manifest: dict[str, Any]) -> str | None:
     """Why the folder's name is not the version it holds, or None."""
     version = manifest["version"]
     if Path(os.path.abspath(path)).name != version:  # abspath, not resolve: "." names its folder, no link is followed
-        return f"the folder holds version {version} under another name; rename it to {version} or re-create the artifact"
+        return (
+            f"the folder holds version {version} under another name; rename it to {version} or re-create the artifact"
+        )
     return None
 
 
@@ -385,8 +403,10 @@ def _files_problem(path: Path, manifest: dict[str, Any]) -> str | None:
     """
     for name in manifest["files"]:
         if not _plain_name(name):
-            return (f"manifest.json names {name!r}, which is not a plain file name in the folder; "
-                    f"restore manifest.json or re-create the artifact")
+            return (
+                f"manifest.json names {name!r}, which is not a plain file name in the folder; "
+                f"restore manifest.json or re-create the artifact"
+            )
         try:
             _check_regular(Path(path) / name, os.lstat(Path(path) / name).st_mode)
         except FileNotFoundError:
@@ -448,8 +468,15 @@ def _check_stage(stage: str) -> None:
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -682,7 +709,9 @@ class ArtifactStore:
         Sealed fields, the version and the files are refused: changing them would make another artifact.
         """
         manifest = read_manifest(artifact.path)  # from disk: a stale or edited copy in memory must not be written back
-        refused = sorted(key for key, value in fields.items() if key not in _UPDATABLE_KEYS and manifest.get(key) != value)
+        refused = sorted(
+            key for key, value in fields.items() if key not in _UPDATABLE_KEYS and manifest.get(key) != value
+        )
         if refused:
             raise ArtifactError(
                 f"cannot change {', '.join(refused)} of {artifact.ref}: sealed into its version; save a new artifact instead"
@@ -706,7 +735,9 @@ class ArtifactStore:
         """Return the artifact `ref` names, its manifest checked against its version and (`verify`) its files against their sha256."""
         artifact = self._find(str(ref), stage)
         if stage is not None and artifact.stage != stage:
-            raise ArtifactError(f"{artifact.path} holds a {artifact.stage} artifact, but a {stage} artifact is needed here")
+            raise ArtifactError(
+                f"{artifact.path} holds a {artifact.stage} artifact, but a {stage} artifact is needed here"
+            )
         if verify:
             artifact.verify()
         return artifact
@@ -746,7 +777,9 @@ class ArtifactStore:
 
         Each is checked and removed under its lock, so a folder a live writer holds is never removed.
         """
-        return [found for path in self._temp_paths(stage) if (found := _temp_folder(path, remove=not dry_run)) is not None]
+        return [
+            found for path in self._temp_paths(stage) if (found := _temp_folder(path, remove=not dry_run)) is not None
+        ]
 
     def lineage(self, artifact: Artifact) -> list[Artifact]:
         """Return the artifact followed by its ancestors, nearest first, by following the manifests' parents."""
@@ -785,8 +818,11 @@ class ArtifactStore:
             made = _made(latest.path, latest.manifest)
             for path, reason in broken:
                 if _made(path) > made:  # the user may think latest is this one
-                    warnings.warn(f"{stage}@latest is {latest.ref}, not the newer {_label(path)}, which is damaged: {reason}",
-                                  ArtifactWarning, stacklevel=4)
+                    warnings.warn(
+                        f"{stage}@latest is {latest.ref}, not the newer {_label(path)}, which is damaged: {reason}",
+                        ArtifactWarning,
+                        stacklevel=4,
+                    )
             return latest
         if broken:
             damaged = "; ".join(f"{_label(path)}: {reason}" for path, reason in broken)
@@ -957,14 +993,16 @@ def record_problem(artifact: Artifact, key: str) -> str | None:
     body = {name: value for name, value in record.items() if name != RECORD_SEAL}
     if body.get("artifact") == artifact.version and record[RECORD_SEAL] == _record_digest(key, body):
         return None
-    return (f"metrics[{key!r}] was changed, or moved from another entry or artifact, after it was stored (it does not "
-            f"match its {RECORD_SEAL}); delete that entry from {artifact.path / MANIFEST} to compute it again")
+    return (
+        f"metrics[{key!r}] was changed, or moved from another entry or artifact, after it was stored (it does not "
+        f"match its {RECORD_SEAL}); delete that entry from {artifact.path / MANIFEST} to compute it again"
+    )
 
 
 def _records_problem(artifact: Artifact) -> str | None:
     """The problem of the first sealed record in the artifact's metrics that does not match its seal, or None."""
     metrics = artifact.manifest.get("metrics")
-    for key, record in (metrics.items() if isinstance(metrics, dict) else ()):
+    for key, record in metrics.items() if isinstance(metrics, dict) else ():
         if isinstance(record, dict) and RECORD_SEAL in record:
             problem = record_problem(artifact, key)
             if problem is not None:
@@ -974,4 +1012,6 @@ def _records_problem(artifact: Artifact) -> str | None:
 
 def _record_digest(key: str, record: dict[str, Any]) -> str:
     plain = json.loads(json.dumps(record))  # as a reader of the manifest will see it
-    return hashlib.sha256(json.dumps({"key": key, "record": plain}, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps({"key": key, "record": plain}, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()

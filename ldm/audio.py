@@ -22,8 +22,8 @@ import re
 import struct
 import warnings
 import wave
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,11 +31,18 @@ from torch import nn
 
 from ldm.artifacts import write_atomic
 
-_CONVERT_HINT = ("convert it to 16-bit PCM, e.g. with `sox in.wav -b 16 -e signed-integer out.wav` "
-                 "or `ffmpeg -i in.wav -c:a pcm_s16le out.wav`")
+_CONVERT_HINT = (
+    "convert it to 16-bit PCM, e.g. with `sox in.wav -b 16 -e signed-integer out.wav` "
+    "or `ffmpeg -i in.wav -c:a pcm_s16le out.wav`"
+)
 # WAVE format tags that ``wave`` refuses as "unknown format", named so the message says what the file is.
 _FORMAT_NAMES: dict[int, str] = {
-    3: "IEEE float", 6: "A-law", 7: "mu-law", 0x11: "IMA ADPCM", 0x55: "MP3", 0xFFFE: "WAVE_FORMAT_EXTENSIBLE",
+    3: "IEEE float",
+    6: "A-law",
+    7: "mu-law",
+    0x11: "IMA ADPCM",
+    0x55: "MP3",
+    0xFFFE: "WAVE_FORMAT_EXTENSIBLE",
 }
 
 
@@ -58,12 +65,17 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     path = Path(path)
     try:
         with wave.open(str(path), "rb") as reader:
-            channels, width, rate, frames = (reader.getnchannels(), reader.getsampwidth(),
-                                              reader.getframerate(), reader.getnframes())
+            channels, width, rate, frames = (
+                reader.getnchannels(),
+                reader.getsampwidth(),
+                reader.getframerate(),
+                reader.getnframes(),
+            )
             data = reader.readframes(frames) if width == 2 else b""
     except (wave.Error, EOFError, struct.error) as err:
-        raise ValueError(f"{path}: not a readable 16-bit PCM WAV file: {_describe_wave_error(err)}; "
-                         f"{_CONVERT_HINT}") from err
+        raise ValueError(
+            f"{path}: not a readable 16-bit PCM WAV file: {_describe_wave_error(err)}; {_CONVERT_HINT}"
+        ) from err
     if width != 2:
         raise ValueError(f"{path}: {8 * width}-bit samples, only 16-bit PCM is read; {_CONVERT_HINT}")
     if rate <= 0:
@@ -72,8 +84,10 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
         raise ValueError(f"{path}: the file holds no audio (0 frames); replace it with a non-empty recording")
     if len(data) != frames * channels * 2:
         # wave trusts the header's frame count and silently returns fewer bytes when the data is cut short.
-        raise ValueError(f"{path}: truncated: the header announces {frames} frames, the data holds "
-                         f"{len(data) // (channels * 2)}; re-copy or re-export the file")
+        raise ValueError(
+            f"{path}: truncated: the header announces {frames} frames, the data holds "
+            f"{len(data) // (channels * 2)}; re-copy or re-export the file"
+        )
     samples = np.frombuffer(data, dtype="<i2").reshape(frames, channels)  # (T, C) int16
     signal = samples.astype(np.float32).mean(axis=1) / 32768.0  # (T,)
     return torch.from_numpy(signal), rate
@@ -121,8 +135,16 @@ def stft_magnitude(x: torch.Tensor, n_fft: int, hop_length: int, win_length: int
     window = torch.hann_window(win_length, periodic=True, dtype=x.dtype, device=x.device)
     # Reflect padding needs more samples than the n_fft // 2 it pads; shorter clips are zero-padded instead.
     pad_mode = "reflect" if x.shape[-1] > n_fft // 2 else "constant"
-    spec = torch.stft(x, n_fft, hop_length=hop_length, win_length=win_length, window=window,
-                      center=True, pad_mode=pad_mode, return_complex=True)  # (N, F, frames) complex
+    spec = torch.stft(
+        x,
+        n_fft,
+        hop_length=hop_length,
+        win_length=win_length,
+        window=window,
+        center=True,
+        pad_mode=pad_mode,
+        return_complex=True,
+    )  # (N, F, frames) complex
     # |z| = sqrt(re^2 + im^2) has an infinite gradient at 0; the floor keeps it finite on silence.
     return (spec.real.square() + spec.imag.square()).clamp(min=1e-7).sqrt()
 
@@ -135,16 +157,22 @@ def _mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
     return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
 
 
-def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float = 0.0,
-                   f_max: float | None = None) -> torch.Tensor:
+def mel_filterbank(
+    n_mels: int, n_fft: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None
+) -> torch.Tensor:
     """Return float32 triangular filters (n_mels, n_fft // 2 + 1) equally spaced on the HTK mel scale, peaks of 1."""
     f_max = sample_rate / 2 if f_max is None else f_max
     if not 0.0 <= f_min < f_max <= sample_rate / 2:
-        raise ValueError(f"mel_filterbank needs 0 <= f_min < f_max <= sample_rate / 2, "
-                         f"got {f_min}, {f_max}, {sample_rate}")
+        raise ValueError(
+            f"mel_filterbank needs 0 <= f_min < f_max <= sample_rate / 2, got {f_min}, {f_max}, {sample_rate}"
+        )
     bins = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)  # (F,) bin frequencies
-    mels = torch.linspace(_hz_to_mel(torch.tensor(f_min, dtype=torch.float64)).item(),
-                          _hz_to_mel(torch.tensor(f_max, dtype=torch.float64)).item(), n_mels + 2, dtype=torch.float64)
+    mels = torch.linspace(
+        _hz_to_mel(torch.tensor(f_min, dtype=torch.float64)).item(),
+        _hz_to_mel(torch.tensor(f_max, dtype=torch.float64)).item(),
+        n_mels + 2,
+        dtype=torch.float64,
+    )
     edges = _mel_to_hz(mels)  # (n_mels + 2,): filter m rises on edges[m]..edges[m+1], falls on edges[m+1]..edges[m+2]
     low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (n_mels, 1) each
     rising = (bins - low) / (centre - low)  # (n_mels, F)
@@ -152,8 +180,11 @@ def mel_filterbank(n_mels: int, n_fft: int, sample_rate: int, f_min: float = 0.0
     filters = torch.minimum(rising, falling).clamp(min=0.0)
     empty = int((filters.amax(dim=1) == 0).sum())
     if empty:
-        warnings.warn(f"mel_filterbank: {empty} of {n_mels} filters fall between FFT bins and are all zero; "
-                      "use fewer mels or a larger n_fft", stacklevel=2)
+        warnings.warn(
+            f"mel_filterbank: {empty} of {n_mels} filters fall between FFT bins and are all zero; "
+            "use fewer mels or a larger n_fft",
+            stacklevel=2,
+        )
     return filters.float()
 
 
@@ -162,8 +193,9 @@ def _cached_filterbank(n_mels: int, n_fft: int, sample_rate: int, device: torch.
     return mel_filterbank(n_mels, n_fft, sample_rate).to(device)
 
 
-def log_mel(x: torch.Tensor, sample_rate: int, n_fft: int = 256, hop_length: int = 64,
-            n_mels: int = 64) -> torch.Tensor:
+def log_mel(
+    x: torch.Tensor, sample_rate: int, n_fft: int = 256, hop_length: int = 64, n_mels: int = 64
+) -> torch.Tensor:
     """Return log(max(mel-filtered STFT magnitude (not power), 1e-5)) (N, n_mels, frames) of x (N, T) or (N, 1, T)."""
     magnitude = stft_magnitude(x, n_fft, hop_length)  # (N, F, frames)
     filters = _cached_filterbank(n_mels, n_fft, sample_rate, magnitude.device).to(magnitude.dtype)  # (n_mels, F)
@@ -188,8 +220,9 @@ def spectrogram_features(x: torch.Tensor, n_fft: int, hop_length: int) -> torch.
     return (magnitude.clamp(min=SPECTROGRAM_FLOOR).log() - SPECTROGRAM_CENTER) / SPECTROGRAM_SCALE
 
 
-def griffin_lim(features: torch.Tensor, n_fft: int, hop_length: int, n_iter: int = 32, momentum: float = 0.99,
-                seed: int = 0) -> torch.Tensor:
+def griffin_lim(
+    features: torch.Tensor, n_fft: int, hop_length: int, n_iter: int = 32, momentum: float = 0.99, seed: int = 0
+) -> torch.Tensor:
     """Return signals (N, 1, frames * hop_length) whose STFT magnitude matches `spectrogram_features` output (N, F, frames).
 
     Fast Griffin-Lim (Perraudin, Balazs & Sondergaard 2013): alternate between the signal whose STFT
@@ -205,7 +238,9 @@ def griffin_lim(features: torch.Tensor, n_fft: int, hop_length: int, n_iter: int
     previous = torch.zeros_like(phase)
     for _ in range(n_iter):
         signal = torch.istft(magnitude * phase, n_fft, hop_length, window=window, center=True, length=length)
-        rebuilt = torch.stft(signal, n_fft, hop_length, window=window, center=True, pad_mode="reflect", return_complex=True)
+        rebuilt = torch.stft(
+            signal, n_fft, hop_length, window=window, center=True, pad_mode="reflect", return_complex=True
+        )
         phase = rebuilt - previous * (momentum / (1 + momentum))  # the accelerated step
         phase = phase / phase.abs().clamp(min=1e-16)
         previous = rebuilt
@@ -256,8 +291,9 @@ class MultiResolutionSTFTLoss(nn.Module):
     @staticmethod
     def _one_resolution(x: torch.Tensor, y: torch.Tensor, n_fft: int, hop: int, win: int) -> torch.Tensor:
         reference, estimate = stft_magnitude(x, n_fft, hop, win), stft_magnitude(y, n_fft, hop, win)  # (N, F, frames)
-        convergence = ((reference - estimate).flatten(1).norm(dim=1)
-                       / reference.flatten(1).norm(dim=1))  # (N,) ||S - S_hat||_F / ||S||_F
+        convergence = (reference - estimate).flatten(1).norm(dim=1) / reference.flatten(1).norm(
+            dim=1
+        )  # (N,) ||S - S_hat||_F / ||S||_F
         log_l1 = (reference.log() - estimate.log()).abs().mean(dim=(1, 2))  # (N,)
         return convergence + log_l1
 
@@ -305,4 +341,3 @@ def spectrogram_pictures(signals: torch.Tensor, n_fft: int = 256, hop_length: in
     magnitude = stft_magnitude(signals.detach().float().cpu().clamp(-1, 1), n_fft, hop_length)  # (N, F, frames)
     scaled = (magnitude.log().clamp(low, high) - low) / (high - low) * 2 - 1
     return scaled.flip(1).unsqueeze(1)  # row 0 is the highest frequency, as a spectrogram is read
-

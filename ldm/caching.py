@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -45,7 +46,9 @@ class CacheSchedule:
     def __post_init__(self) -> None:
         for call, block in self.skips:
             if not (1 <= call < self.calls and 0 <= block < self.depth):
-                raise ValueError(f"skip ({call}, {block}) is outside calls 1..{self.calls - 1} and blocks 0..{self.depth - 1}")
+                raise ValueError(
+                    f"skip ({call}, {block}) is outside calls 1..{self.calls - 1} and blocks 0..{self.depth - 1}"
+                )
         if len(set(self.skips)) != len(self.skips):
             raise ValueError("a (call, block) pair is listed twice in the cache schedule")
 
@@ -62,11 +65,16 @@ class CacheSchedule:
         return evaluate
 
     def to_dict(self) -> dict:
-        return {"calls": self.calls, "depth": self.depth, "skips": [list(pair) for pair in self.skips],
-                "extrapolate": self.extrapolate, "fraction": round(self.fraction, 4)}
+        return {
+            "calls": self.calls,
+            "depth": self.depth,
+            "skips": [list(pair) for pair in self.skips],
+            "extrapolate": self.extrapolate,
+            "fraction": round(self.fraction, 4),
+        }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CacheSchedule":
+    def from_dict(cls, data: Any) -> CacheSchedule:
         """The schedule `to_dict` wrote (other keys are ignored); ValueError saying what is wrong with anything else."""
         if not isinstance(data, dict):
             raise ValueError(f"a schedule is a JSON object with calls, depth and skips, got {type(data).__name__}")
@@ -75,7 +83,8 @@ class CacheSchedule:
                 raise ValueError(f"{name} must be an integer >= 1, got {data.get(name)!r}")
         skips = data.get("skips")
         if not isinstance(skips, (list, tuple)) or not all(
-                isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_int, pair)) for pair in skips):
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_int, pair)) for pair in skips
+        ):
             raise ValueError(f"skips must be a list of [call, block] pairs of integers, got {str(skips)[:60]}")
         extrapolate = data.get("extrapolate", False)  # absent in schedules stored before forecasts
         if not isinstance(extrapolate, bool):
@@ -97,21 +106,20 @@ class BlockCache:
     or with `extrapolate` the relative error of its forecast ||R_k(i) - F_k(i)|| / ||R_k(i)||.
     """
 
-    def __init__(self, schedule: Optional[CacheSchedule] = None, record: bool = False,
-                 extrapolate: Optional[bool] = None):
+    def __init__(self, schedule: CacheSchedule | None = None, record: bool = False, extrapolate: bool | None = None):
         self.evaluate = None if schedule is None else schedule.mask()
         self.extrapolate = (schedule is not None and schedule.extrapolate) if extrapolate is None else extrapolate
         self.record = record
         self.call = -1
         self.batch = None
-        self.t: Optional[float] = None  # this call's network timestep
+        self.t: float | None = None  # this call's network timestep
         self.residuals: dict[int, torch.Tensor] = {}  # block: its last evaluated residual
         self.times: dict[int, float] = {}  # block: the timestep of that residual (with extrapolate)
         self.older: dict[int, tuple[torch.Tensor, float]] = {}  # block: the last evaluation at another timestep
         self.changes: list[list[float]] = []
         self.evaluated = self.skipped = 0
 
-    def begin(self, batch: int, t: Optional[torch.Tensor] = None) -> None:
+    def begin(self, batch: int, t: torch.Tensor | None = None) -> None:
         """Start a network call of `batch` samples at network timesteps `t` (N,) (all equal in a sampler's call)."""
         self.call += 1
         if batch != self.batch:
@@ -148,7 +156,11 @@ class BlockCache:
         residual = x - before
         if self.record:
             previous = self._forecast(index) if index in self.residuals else None
-            change = float("nan") if previous is None else float((residual - previous).norm() / residual.norm().clamp_min(1e-12))
+            change = (
+                float("nan")
+                if previous is None
+                else float((residual - previous).norm() / residual.norm().clamp_min(1e-12))
+            )
             self.changes[-1].append(change)
         if self.t is not None:
             if index in self.times and self.times[index] != self.t:
@@ -185,8 +197,11 @@ def schedule_from_changes(changes: Sequence[Sequence[float]], fraction: float) -
     calls, depth = len(changes), len(changes[0])
     wanted = skips_for(fraction, calls, depth)
     # A NaN change (no previous residual of the same batch) is never skipped.
-    order = sorted((changes[i][k] if changes[i][k] == changes[i][k] else float("inf"), i, k)
-                   for i in range(1, calls) for k in range(depth))
+    order = sorted(
+        (changes[i][k] if changes[i][k] == changes[i][k] else float("inf"), i, k)
+        for i in range(1, calls)
+        for k in range(depth)
+    )
     skips: set[tuple[int, int]] = set()
     for change, call, block in order:
         if len(skips) >= wanted or change == float("inf"):
@@ -195,8 +210,10 @@ def schedule_from_changes(changes: Sequence[Sequence[float]], fraction: float) -
             continue
         skips.add((call, block))
     if len(skips) < wanted:
-        raise ValueError(f"a skip fraction of {fraction:g} needs {wanted} skips; at most {len(skips)} fit the rule "
-                         f"(never two calls in a row, never the first call) at {calls} calls")
+        raise ValueError(
+            f"a skip fraction of {fraction:g} needs {wanted} skips; at most {len(skips)} fit the rule "
+            f"(never two calls in a row, never the first call) at {calls} calls"
+        )
     return CacheSchedule(calls, depth, tuple(sorted(skips)))
 
 
@@ -210,8 +227,9 @@ def sealed_schedule(schedule: CacheSchedule, model: Artifact, name: str, fractio
     return seal_record(model, name, {**schedule.to_dict(), "cache_fraction": fraction})
 
 
-def stored_schedule(model: Artifact, name: str, calls: int, depth: int, fraction: float,
-                    extrapolate: bool) -> Optional[CacheSchedule]:
+def stored_schedule(
+    model: Artifact, name: str, calls: int, depth: int, fraction: float, extrapolate: bool
+) -> CacheSchedule | None:
     """The schedule metrics[name] of `model` holds for a setting of `calls` network calls skipping `fraction` of them.
 
     None when there is none to use: no entry, or an unsealed one (stored before schedules were sealed,
@@ -239,15 +257,19 @@ def stored_schedule(model: Artifact, name: str, calls: int, depth: int, fraction
     return schedule
 
 
-def _misfit(schedule: CacheSchedule, record: dict, calls: int, depth: int, fraction: float, extrapolate: bool) -> Optional[str]:
+def _misfit(
+    schedule: CacheSchedule, record: dict, calls: int, depth: int, fraction: float, extrapolate: bool
+) -> str | None:
     """Why a sealed schedule does not fit the setting it is asked for (only a forged seal lets one through), or None."""
     if (schedule.calls, schedule.depth) != (calls, depth):
         return f"is for {schedule.calls} calls of {schedule.depth} blocks, but this setting makes {calls} calls of {depth} blocks"
     if schedule.extrapolate != extrapolate:
         return f"was calibrated {'with' if schedule.extrapolate else 'without'} --cache-forecast"
     if record.get("cache_fraction") != fraction or len(schedule.skips) != skips_for(fraction, calls, depth):
-        return (f"skips {len(schedule.skips)} of {calls * depth} block evaluations: it was not calibrated for "
-                f"--cache-fraction {fraction:g} ({skips_for(fraction, calls, depth)} skips)")
+        return (
+            f"skips {len(schedule.skips)} of {calls * depth} block evaluations: it was not calibrated for "
+            f"--cache-fraction {fraction:g} ({skips_for(fraction, calls, depth)} skips)"
+        )
     if any((call + 1, block) in schedule.skips for call, block in schedule.skips):
         return "skips a block at two calls in a row, which calibration never does"
     return None

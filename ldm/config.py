@@ -47,13 +47,17 @@ class _ConfigLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             raise yaml.composer.ComposerError(
-                None, None, "YAML aliases (*name) are not allowed in configs: write the value out", event.start_mark)
+                None, None, "YAML aliases (*name) are not allowed in configs: write the value out", event.start_mark
+            )
         tag = getattr(event, "tag", None)
         if tag is not None:
             shown = tag.replace("tag:yaml.org,2002:", "!!")
             raise yaml.composer.ComposerError(
-                None, None, f"YAML tags are not allowed in configs (found {brief(shown)}): give plain values",
-                event.start_mark)
+                None,
+                None,
+                f"YAML tags are not allowed in configs (found {brief(shown)}): give plain values",
+                event.start_mark,
+            )
         return super().compose_node(parent, index)
 
 
@@ -72,7 +76,9 @@ def parse_yaml(text: str, source: str, column_offset: int = 0) -> Any:
         where = f" {place(err.problem_mark)}:" if err.problem_mark is not None else ""
         context = ""
         if err.context:  # e.g. "while parsing a flow sequence", where that began
-            context = f" ({err.context}" + (f" at {place(err.context_mark)}" if err.context_mark is not None else "") + ")"
+            context = (
+                f" ({err.context}" + (f" at {place(err.context_mark)}" if err.context_mark is not None else "") + ")"
+            )
         raise ConfigError(f"{source}:{where} {err.problem or 'invalid YAML'}{context}") from None
     except yaml.YAMLError as err:  # ReaderError: a character YAML does not allow
         raise ConfigError(f"{source}: {str(err).splitlines()[0]}") from None
@@ -116,8 +122,16 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         # Checked here, once, so that no stage starts (or stores an untrained artifact) on a nonsense value.
-        at_least = {"max_steps": 1, "batch_size": 1, "num_nodes": 1, "log_every": 1, "checkpoint_every": 1,
-                    "warmup_steps": 0, "image_every": 0, "cpu_threads": 0}
+        at_least = {
+            "max_steps": 1,
+            "batch_size": 1,
+            "num_nodes": 1,
+            "log_every": 1,
+            "checkpoint_every": 1,
+            "warmup_steps": 0,
+            "image_every": 0,
+            "cpu_threads": 0,
+        }
         for name, low in at_least.items():
             value = getattr(self, name)
             if value < low:
@@ -240,10 +254,7 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
             f"unknown config key(s) {_few(f'{prefix}{k}' for k in unknown)} in {cls.__name__}; "
             f"valid keys: {', '.join(sorted(fields))}"
         )
-    kwargs = {
-        name: _coerce(value, hints[name], f"{where}.{name}" if where else name)
-        for name, value in data.items()
-    }
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in data.items()}
     try:
         config = cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -290,11 +301,15 @@ def read_preset(path: str | os.PathLike, _children: tuple[Path, ...] = ()) -> di
     """Return the keys of the YAML preset at `path` with its `base:` chain merged under them (nearest preset wins)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {_children[-1]})" if _children else ""))
+        raise ConfigError(
+            f"config file {path} does not exist" + (f" (the base of {_children[-1]})" if _children else "")
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a config is a YAML file") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); a config is a YAML file"
+        ) from None
     data = parse_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")

@@ -50,8 +50,10 @@ def check_writable(path: str | os.PathLike, option: str) -> None:
     except OSError as err:  # a folder on the way that this user may not look into
         raise WriteError(_message(path, err.errno, option)) from None
     if not existing.is_dir():
-        raise WriteError(f"cannot write to {path}: {existing} is a file, not a folder; pass a folder path (it is created "
-                         f"when missing) with {option}")
+        raise WriteError(
+            f"cannot write to {path}: {existing} is a file, not a folder; pass a folder path (it is created "
+            f"when missing) with {option}"
+        )
     try:
         handle, probe = tempfile.mkstemp(dir=existing, prefix=".ldm-write-check-")
     except OSError as err:

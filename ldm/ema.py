@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save
 
 from ldm.artifacts import write_atomic
 
-SIGMA_REL_MAX = 12 ** -0.5  # gamma = 0, the plain average of all of training (the uniform density's std)
+SIGMA_REL_MAX = 12**-0.5  # gamma = 0, the plain average of all of training (the uniform density's std)
 SNAPSHOT_FORMAT = "ldm-posthoc-ema-1"
 SNAPSHOT_FOLDER = "ema-snapshots"  # inside a training run folder
 SNAPSHOT_NAME = re.compile(r"step(\d+)-sigma([0-9.e+-]+)\.safetensors")
@@ -67,7 +67,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2) = 0, whose largest real root it is.
     """
     check_sigma_rel(sigma_rel)
-    inverse_square = sigma_rel ** -2
+    inverse_square = sigma_rel**-2
     roots = np.roots([1.0, 7.0, 16.0 - inverse_square, 12.0 - inverse_square])
     return max(0.0, float(roots.real.max()))  # at 1/sqrt(12) the root 0 may come out as -1e-16
 
@@ -75,8 +75,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 def check_sigma_rel(sigma_rel: float) -> None:
     """Raise ValueError unless 0 < sigma_rel <= 1/sqrt(12) (the widest profile, the plain average, has 0.2887)."""
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)) or not 0 < sigma_rel <= SIGMA_REL_MAX:
-        raise ValueError(f"an EMA length sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}] (EDM2 keeps 0.05 and 0.10), "
-                         f"got {sigma_rel!r}")
+        raise ValueError(
+            f"an EMA length sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}] (EDM2 keeps 0.05 and 0.10), got {sigma_rel!r}"
+        )
 
 
 def power_ema_beta(gamma: float, step: int) -> float:
@@ -90,20 +91,25 @@ def power_ema_beta(gamma: float, step: int) -> float:
     return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
 
-def profile_inner_products(t_a: torch.Tensor, gamma_a: torch.Tensor, t_b: torch.Tensor, gamma_b: torch.Tensor) -> torch.Tensor:
+def profile_inner_products(
+    t_a: torch.Tensor, gamma_a: torch.Tensor, t_b: torch.Tensor, gamma_b: torch.Tensor
+) -> torch.Tensor:
     """Return <p_a, p_b> = integral of p_a(tau) p_b(tau) d tau for profiles ending at t_a, t_b (Eq. 151, Algorithm 3).
 
     For t_a <= t_b it is (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1) * (t_a / t_b)^gamma_b / t_b,
     and symmetrically. Arguments broadcast; float64.
     """
-    t_a, gamma_a, t_b, gamma_b = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64) for v in (t_a, gamma_a, t_b, gamma_b)))
+    t_a, gamma_a, t_b, gamma_b = torch.broadcast_tensors(
+        *(torch.as_tensor(v, dtype=torch.float64) for v in (t_a, gamma_a, t_b, gamma_b))
+    )
     shorter, longer = torch.minimum(t_a, t_b), torch.maximum(t_a, t_b)
     gamma_longer = torch.where(t_a < t_b, gamma_b, gamma_a)
     return (gamma_a + 1) * (gamma_b + 1) / (gamma_a + gamma_b + 1) * (shorter / longer) ** gamma_longer / longer
 
 
-def posthoc_coefficients(steps: Sequence[int], gammas: Sequence[float], target_step: int,
-                         target_gammas: Sequence[float]) -> torch.Tensor:
+def posthoc_coefficients(
+    steps: Sequence[int], gammas: Sequence[float], target_step: int, target_gammas: Sequence[float]
+) -> torch.Tensor:
     """Return x (K, J): snapshot k's share in the reconstruction of target profile j at `target_step` (Algorithm 3).
 
     x minimises the L2 distance between sum_k x_kj p_k and the target profile p_j: the normal equations
@@ -114,13 +120,17 @@ def posthoc_coefficients(steps: Sequence[int], gammas: Sequence[float], target_s
     gammas = torch.as_tensor(gammas, dtype=torch.float64)  # (K,)
     target_gammas = torch.as_tensor(target_gammas, dtype=torch.float64)  # (J,)
     gram = profile_inner_products(steps[:, None], gammas[:, None], steps[None, :], gammas[None, :])  # (K, K)
-    cross = profile_inner_products(steps[:, None], gammas[:, None], float(target_step), target_gammas[None, :])  # (K, J)
+    cross = profile_inner_products(
+        steps[:, None], gammas[:, None], float(target_step), target_gammas[None, :]
+    )  # (K, J)
     x = torch.linalg.solve(gram, cross)
     return x / x.sum(0, keepdim=True)
 
 
 @torch.no_grad()
-def combine_snapshots(snapshots: Iterable[dict[str, torch.Tensor]], coefficients: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+def combine_snapshots(
+    snapshots: Iterable[dict[str, torch.Tensor]], coefficients: torch.Tensor
+) -> list[dict[str, torch.Tensor]]:
     """Return, for each column j of coefficients (K, J), sum_k coefficients[k, j] * snapshot_k, reading each snapshot once.
 
     Sums run in float32 (float64 stays float64) and are returned in the snapshots' dtype.
@@ -132,10 +142,14 @@ def combine_snapshots(snapshots: Iterable[dict[str, torch.Tensor]], coefficients
         if k >= len(coefficients):
             raise ValueError(f"more snapshots than the {len(coefficients)} rows of coefficients")
         if k and snapshot.keys() != dtypes.keys():
-            raise ValueError(f"snapshot {k} holds other tensors than the first: {sorted(snapshot.keys() ^ dtypes.keys())[:5]}")
+            raise ValueError(
+                f"snapshot {k} holds other tensors than the first: {sorted(snapshot.keys() ^ dtypes.keys())[:5]}"
+            )
         for name, tensor in snapshot.items():
             if not tensor.is_floating_point():
-                raise ValueError(f"snapshot tensor {name} is {tensor.dtype}; only floating-point weights can be averaged")
+                raise ValueError(
+                    f"snapshot tensor {name} is {tensor.dtype}; only floating-point weights can be averaged"
+                )
             dtypes.setdefault(name, tensor.dtype)
             accumulate = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
             for j, output in enumerate(outputs):
@@ -179,8 +193,10 @@ class PowerFunctionEMA(torch.nn.Module):
 
     def write_snapshots(self, folder: Path, step: int, metadata: dict[str, str] | None = None) -> list[Path]:
         """Write every profile's parameters at `step` into `folder` (one file per profile) and return the paths."""
-        return [write_snapshot(folder, step, sigma_rel, self.profile_weights(i), metadata)
-                for i, sigma_rel in enumerate(self.sigma_rels)]
+        return [
+            write_snapshot(folder, step, sigma_rel, self.profile_weights(i), metadata)
+            for i, sigma_rel in enumerate(self.sigma_rels)
+        ]
 
 
 # ---- snapshots on disk ------------------------------------------------------------------------
@@ -209,8 +225,9 @@ def snapshot_name(step: int, sigma_rel: float) -> str:
     return f"step{step:09d}-sigma{sigma_rel:g}.safetensors"
 
 
-def write_snapshot(folder: Path, step: int, sigma_rel: float, tensors: dict[str, torch.Tensor],
-                   metadata: dict[str, str] | None = None) -> Path:
+def write_snapshot(
+    folder: Path, step: int, sigma_rel: float, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Write one profile's tensors at `step` atomically (safetensors with its step and sigma_rel) and return the path."""
     header = {**(metadata or {}), "format": SNAPSHOT_FORMAT, "step": str(step), "sigma_rel": repr(float(sigma_rel))}
     data = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, metadata=header)
@@ -241,8 +258,9 @@ def remove_snapshots_after(folder: Path, step: int) -> list[Path]:
     return stale
 
 
-def reconstruct(snapshots: Sequence[Snapshot], sigma_rels: Sequence[float], step: int | None = None
-                ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+def reconstruct(
+    snapshots: Sequence[Snapshot], sigma_rels: Sequence[float], step: int | None = None
+) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
     """Return the weights of the power-function EMA of each sigma_rel after `step` steps, and the coefficients (K, J).
 
     `step` (default: the latest snapshot's) must be a snapshot's step: the snapshots taken up to it
@@ -253,12 +271,15 @@ def reconstruct(snapshots: Sequence[Snapshot], sigma_rels: Sequence[float], step
     step = max(s.step for s in snapshots) if step is None else step
     if not any(s.step == step for s in snapshots):
         steps = sorted({s.step for s in snapshots})
-        raise ValueError(f"no snapshot at step {step}: the EMA can only be reconstructed at a snapshot's step ({steps[0]} ... {steps[-1]})")
+        raise ValueError(
+            f"no snapshot at step {step}: the EMA can only be reconstructed at a snapshot's step ({steps[0]} ... {steps[-1]})"
+        )
     used = [s for s in snapshots if 0 < s.step <= step]
     if len({(s.step, s.sigma_rel) for s in used}) != len(used):
         raise ValueError("two snapshots share a step and sigma_rel; keep one of each")
     for sigma_rel in sigma_rels:
         check_sigma_rel(sigma_rel)
-    coefficients = posthoc_coefficients([s.step for s in used], [s.gamma for s in used], step,
-                                        [sigma_rel_to_gamma(s) for s in sigma_rels])
+    coefficients = posthoc_coefficients(
+        [s.step for s in used], [s.gamma for s in used], step, [sigma_rel_to_gamma(s) for s in sigma_rels]
+    )
     return combine_snapshots((s.load() for s in used), coefficients), coefficients

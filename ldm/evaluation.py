@@ -24,7 +24,6 @@ from ldm.loading import feature_extractor, load_classifier
 from ldm.metrics import FeatureStats, feature_stats, frechet_distance
 from ldm.runtime import synchronize
 
-
 EVAL_FOLDER = Path("runs") / "eval"  # where a measurement's report and pictures go without --out
 
 
@@ -33,9 +32,13 @@ def report_settings(pipe, settings: SamplingSettings) -> dict:
     return {
         "model": pipe.provenance.diffusion if pipe.provenance else None,
         "autoencoder": pipe.provenance.autoencoder if pipe.provenance else None,
-        "sampler": settings.sampler, "steps": settings.num_steps, "spacing": settings.spacing, "shift": settings.shift,
+        "sampler": settings.sampler,
+        "steps": settings.num_steps,
+        "spacing": settings.spacing,
+        "shift": settings.shift,
         "guidance_scale": settings.guidance_scale,
-        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None, "seed": settings.seed,
+        "guidance_interval": list(settings.guidance_interval) if settings.guidance_interval else None,
+        "seed": settings.seed,
         "guide": pipe.provenance.guide if pipe.provenance else None,  # autoguidance: the weaker DiT that guides
         "guide_scale": settings.guide_scale if pipe.guide is not None else None,
         "precision": pipe.precision,
@@ -43,7 +46,7 @@ def report_settings(pipe, settings: SamplingSettings) -> dict:
 
 
 def guidance_text(settings: dict) -> str:
-    """"cfg 2.0", "cfg 2.0 on t in [100, 600]", "cfg 1.0 + autoguidance 2.0 by diffusion@..." for a report."""
+    """ "cfg 2.0", "cfg 2.0 on t in [100, 600]", "cfg 1.0 + autoguidance 2.0 by diffusion@..." for a report."""
     interval = settings["guidance_interval"]
     text = f"cfg {settings['guidance_scale']}"
     if settings.get("guide"):
@@ -78,8 +81,9 @@ class SampleReference:
 
 
 @torch.no_grad()
-def sample_reference(store: ArtifactStore, pipe, n: int, classifier_ref: str, features: str, batch_size: int,
-                     device: torch.device) -> SampleReference:
+def sample_reference(
+    store: ArtifactStore, pipe, n: int, classifier_ref: str, features: str, batch_size: int, device: torch.device
+) -> SampleReference:
     """Measure the test split and the two floors of `evaluate_samples` with n images (fewer if a split is smaller)."""
     extractor = feature_extractor(store, features, classifier_ref, device, sound=pipe.sample_rate is not None)
     classifier_artifact = store.load(classifier_ref, stage="classifier")
@@ -103,8 +107,19 @@ def sample_reference(store: ArtifactStore, pipe, n: int, classifier_ref: str, fe
     autoencoder_floor = frechet_distance(
         reconstruction_stats.mean(), reconstruction_stats.cov(), test_stats.mean(), test_stats.cov()
     )
-    return SampleReference(extractor, classifier, classifier_artifact.ref, test_stats, n_real, reference, autoencoder_floor,
-                           real_correct / n_real, reconstruction_correct / n_real, data_fingerprint(data_config, "test"), device)
+    return SampleReference(
+        extractor,
+        classifier,
+        classifier_artifact.ref,
+        test_stats,
+        n_real,
+        reference,
+        autoencoder_floor,
+        real_correct / n_real,
+        reconstruction_correct / n_real,
+        data_fingerprint(data_config, "test"),
+        device,
+    )
 
 
 @torch.no_grad()
@@ -114,8 +129,11 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
     sample_stats = FeatureStats()
     correct, seconds, grid_images = 0, 0.0, []
     recorded = report_settings(pipe, settings)
-    bar = tqdm(total=n, desc=f"sampling ({settings.sampler}, {settings.num_steps} steps, {guidance_text(recorded)})",
-               unit="img")
+    bar = tqdm(
+        total=n,
+        desc=f"sampling ({settings.sampler}, {settings.num_steps} steps, {guidance_text(recorded)})",
+        unit="img",
+    )
     with bar:
         for start in range(0, n, settings.batch_size):
             batch_labels = labels[start : start + settings.batch_size]
@@ -138,7 +156,9 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
         "is_standard_fid": bool(reference.extractor.is_standard),
         "real_reference_distance": reference.reference_distance,
         "real_reference": f"{n_real} train vs {n_real} test images, same features",
-        "ratio_to_reference": distance / reference.reference_distance if reference.reference_distance > 0 else float("inf"),
+        "ratio_to_reference": distance / reference.reference_distance
+        if reference.reference_distance > 0
+        else float("inf"),
         "autoencoder_reference_distance": reference.autoencoder_distance,
         "autoencoder_reference": f"{n_real} train images encoded and decoded by {pipe.provenance.autoencoder} vs {n_real} test images",
         "class_accuracy": correct / n,
@@ -157,7 +177,9 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
 def trajectory_name(pipe, settings: SamplingSettings) -> str:
     """`dpm++2m-20[-leading]-cfg1.5[-t220-840][-guide2-<id>]` (a flow sampler: `flow-heun-10[-shift2]-cfg...`): what
     decides a sampling run's path through the DiT, in the names of its measurements and of its step-caching schedules."""
-    interval = f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
+    interval = (
+        f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
+    )
     spaced = "" if settings.spacing == "trailing" else f"-{settings.spacing}"
     shifted = "" if settings.shift == 1.0 else f"-shift{settings.shift:g}"
     guided = f"-guide{settings.guide_scale:g}-{pipe.provenance.guide.split('@')[1]}" if pipe.provenance.guide else ""
@@ -171,13 +193,24 @@ def precision_name(pipe) -> str:
 
 def evaluation_name(pipe, settings: SamplingSettings, n: int) -> str:
     """`samples-dpm++2m-20-cfg1.5-n10000`: the name of a measurement in a manifest's metrics and of its folder."""
-    decoder = "" if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
+    decoder = (
+        ""
+        if pipe.provenance.autoencoder == pipe.provenance.lineage_autoencoder
+        else f"-{pipe.provenance.autoencoder.replace('@', '-')}"
+    )
     cached = f"-cache{settings.cache.fraction:.2g}" if settings.cache is not None else ""
     return f"samples-{trajectory_name(pipe, settings)}{decoder}{precision_name(pipe)}{cached}-n{n}"
 
 
-METRIC_KEYS = ("frechet_distance", "real_reference_distance", "autoencoder_reference_distance", "class_accuracy",
-               "real_class_accuracy", "autoencoder_class_accuracy", "seconds_per_image")  # what a manifest's metrics keep of a sample report
+METRIC_KEYS = (
+    "frechet_distance",
+    "real_reference_distance",
+    "autoencoder_reference_distance",
+    "class_accuracy",
+    "real_class_accuracy",
+    "autoencoder_class_accuracy",
+    "seconds_per_image",
+)  # what a manifest's metrics keep of a sample report
 
 
 def report_metrics(report: dict) -> dict:

@@ -4,20 +4,37 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 from ldm.caching import BlockCache, CacheSchedule, cached
-from ldm.diffusion.samplers import (FLOW_SAMPLERS, SAMPLERS, SPACINGS, Denoiser, InpaintDenoiser, cfg_denoiser,
-                                    check_guidance_interval, model_calls, per_sample_generators, randn_like_per_sample,
-                                    run_sampler)
+from ldm.diffusion.samplers import (
+    FLOW_SAMPLERS,
+    SAMPLERS,
+    SPACINGS,
+    Denoiser,
+    InpaintDenoiser,
+    cfg_denoiser,
+    check_guidance_interval,
+    model_calls,
+    per_sample_generators,
+    randn_like_per_sample,
+    run_sampler,
+)
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
 
-X0_SAMPLERS = ("ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun")  # samplers that step on the x0 estimate (inpainting needs one)
+X0_SAMPLERS = (
+    "ddim",
+    "dpm++2m",
+    "dpm++2m-sde",
+    "euler",
+    "heun",
+)  # samplers that step on the x0 estimate (inpainting needs one)
 
 
 def default_sampler(diffusion: DiffusionConfig) -> str:
@@ -27,9 +44,17 @@ def default_sampler(diffusion: DiffusionConfig) -> str:
 
 VARIANCES = ("small", "large")  # ddpm's fixed variance when the model does not learn it (beta-tilde, beta)
 # The options of `ldm sample` / `ldm eval samples` that set a field, named in its errors.
-FLAGS = {"num_steps": "--steps", "guidance_scale": "--cfg", "guide_scale": "--guide-scale", "seed": "--seed",
-         "batch_size": "--batch-size", "guidance_interval": "--cfg-interval", "spacing": "--spacing", "sampler": "--sampler",
-         "shift": "--shift"}
+FLAGS = {
+    "num_steps": "--steps",
+    "guidance_scale": "--cfg",
+    "guide_scale": "--guide-scale",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "guidance_interval": "--cfg-interval",
+    "spacing": "--spacing",
+    "sampler": "--sampler",
+    "shift": "--shift",
+}
 
 
 @dataclass(frozen=True)
@@ -37,10 +62,10 @@ class SamplingSettings:
     """Every option of a sampling run, validated once where it is built (the pipeline, `ldm sample`,
     `ldm eval samples` and training previews all pass one of these down to the sampler)."""
 
-    sampler: Optional[str] = None  # None: dpm++2m, or flow-euler for a rectified-flow model
+    sampler: str | None = None  # None: dpm++2m, or flow-euler for a rectified-flow model
     num_steps: int = 25  # sampler steps (heun and flow-heun call the network 2 num_steps - 1 times)
     guidance_scale: float = 1.0  # classifier-free guidance (0: unconditional, 1: none)
-    guidance_interval: Optional[tuple[float, float]] = None  # guide only at network timesteps in [lo, hi]
+    guidance_interval: tuple[float, float] | None = None  # guide only at network timesteps in [lo, hi]
     guide_scale: float = 1.0  # autoguidance by a weaker DiT (1: none); needs a guide model
     spacing: str = "trailing"  # timestep grid of ddpm, ddim, dpm++2m(-sde)
     eta: float = 0.0  # ddim's noise (0: deterministic, 1: ddpm's marginals)
@@ -49,7 +74,7 @@ class SamplingSettings:
     shift: float = 1.0  # time shift of the flow samplers' grid
     seed: int = 0  # image i draws from seed + i, whatever the batch
     batch_size: int = 64
-    cache: Optional[CacheSchedule] = None  # step caching: blocks that reuse their previous residual (ldm.caching)
+    cache: CacheSchedule | None = None  # step caching: blocks that reuse their previous residual (ldm.caching)
 
     def __post_init__(self) -> None:
         if self.sampler is not None and self.sampler not in SAMPLERS:
@@ -71,28 +96,44 @@ class SamplingSettings:
         object.__setattr__(self, "guidance_interval", check_guidance_interval(self.guidance_interval))
         if self.cache is not None:
             if not isinstance(self.cache, CacheSchedule):
-                raise ValueError(f"cache must be a CacheSchedule (LatentDiffusionPipeline.calibrate_cache makes one), got {type(self.cache).__name__}")
+                raise ValueError(
+                    f"cache must be a CacheSchedule (LatentDiffusionPipeline.calibrate_cache makes one), got {type(self.cache).__name__}"
+                )
             if self.sampler is not None and self.cache.calls != model_calls(self.sampler, self.num_steps):
-                raise ValueError(f"the cache schedule is for {self.cache.calls} network calls, but {self.sampler} with "
-                                 f"{self.num_steps} steps makes {model_calls(self.sampler, self.num_steps)}: calibrate one "
-                                 f"for this setting")
+                raise ValueError(
+                    f"the cache schedule is for {self.cache.calls} network calls, but {self.sampler} with "
+                    f"{self.num_steps} steps makes {model_calls(self.sampler, self.num_steps)}: calibrate one "
+                    f"for this setting"
+                )
 
-    def resolved(self, diffusion: DiffusionConfig) -> "SamplingSettings":
+    def resolved(self, diffusion: DiffusionConfig) -> SamplingSettings:
         """These settings with the sampler chosen for the objective; raise ValueError for a sampler of the other one."""
         sampler = self.sampler or default_sampler(diffusion)
-        if (sampler in FLOW_SAMPLERS) != diffusion.is_flow or (sampler == "meanflow" and diffusion.objective != "meanflow"):
+        if (sampler in FLOW_SAMPLERS) != diffusion.is_flow or (
+            sampler == "meanflow" and diffusion.objective != "meanflow"
+        ):
             raise ValueError(f"sampler {sampler!r} does not fit the {diffusion.objective!r} objective")
         if self.shift != 1.0 and sampler not in FLOW_SAMPLERS:
-            raise ValueError(f"shift (--shift) {self.shift:g} moves the time grid of the flow samplers; {sampler!r} has "
-                             f"its own grid (--spacing, rho): leave shift at 1")
+            raise ValueError(
+                f"shift (--shift) {self.shift:g} moves the time grid of the flow samplers; {sampler!r} has "
+                f"its own grid (--spacing, rho): leave shift at 1"
+            )
         if diffusion.built_in_guidance and (self.guidance_scale != 1 or self.guide_scale != 1):
-            raise ValueError(f"this model was distilled with classifier-free guidance {diffusion.built_in_guidance:g} built "
-                             f"in (one call is one guided pass); sample it with guidance_scale 1 (--cfg 1) and no guide")
+            raise ValueError(
+                f"this model was distilled with classifier-free guidance {diffusion.built_in_guidance:g} built "
+                f"in (one call is one guided pass); sample it with guidance_scale 1 (--cfg 1) and no guide"
+            )
         return replace(self, sampler=sampler)
 
     def sampler_options(self) -> dict[str, Any]:
         """The keyword arguments of `run_sampler` these settings fix."""
-        return {"spacing": self.spacing, "eta": self.eta, "variance": self.variance, "rho": self.rho, "shift": self.shift}
+        return {
+            "spacing": self.spacing,
+            "eta": self.eta,
+            "variance": self.variance,
+            "rho": self.rho,
+            "shift": self.shift,
+        }
 
 
 def _named(name: str) -> str:
@@ -107,7 +148,9 @@ def _check_real(name: str, value: float, low: float, meaning: str) -> None:
 def check_strength(strength: float) -> None:
     """Raise ValueError unless the img2img strength is a number in [0, 1] (NaN is not)."""
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}")
+        raise ValueError(
+            f"strength must be in [0, 1] (0: the input's reconstruction, 1: a fresh sample), got {strength!r}"
+        )
 
 
 @torch.no_grad()
@@ -116,12 +159,12 @@ def sample_latents(
     diffusion: DiffusionConfig,
     labels: torch.Tensor,
     settings: SamplingSettings,
-    x0: Optional[torch.Tensor] = None,
+    x0: torch.Tensor | None = None,
     strength: float = 1.0,
-    regenerate: Optional[torch.Tensor] = None,
-    on_model_call: Optional[Callable[[], None]] = None,
-    guide: Optional[DiT] = None,
-    cache: Optional[BlockCache] = None,
+    regenerate: torch.Tensor | None = None,
+    on_model_call: Callable[[], None] | None = None,
+    guide: DiT | None = None,
+    cache: BlockCache | None = None,
 ) -> torch.Tensor:
     """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on settings.seed + i.
 
@@ -138,12 +181,20 @@ def sample_latents(
     config = model.config
     device = next(model.parameters()).device
     labels = labels.to(device)
-    model_fn = cfg_denoiser(model, labels, model.null_class, settings.guidance_scale, settings.guidance_interval,
-                            config.learn_sigma, guide, settings.guide_scale)
+    model_fn = cfg_denoiser(
+        model,
+        labels,
+        model.null_class,
+        settings.guidance_scale,
+        settings.guidance_interval,
+        config.learn_sigma,
+        guide,
+        settings.guide_scale,
+    )
     if on_model_call is not None:
         guided = model_fn
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
             out = guided(x, t, r)
             on_model_call()
             return out
@@ -151,11 +202,19 @@ def sample_latents(
     denoiser = Denoiser.from_config(model_fn, diffusion)
     if regenerate is not None:
         if settings.sampler not in X0_SAMPLERS:
-            raise ValueError(f"inpainting needs a sampler that steps on the x0 estimate, one of {X0_SAMPLERS}; got {settings.sampler!r}")
+            raise ValueError(
+                f"inpainting needs a sampler that steps on the x0 estimate, one of {X0_SAMPLERS}; got {settings.sampler!r}"
+            )
         if x0 is None:
             raise ValueError("inpainting needs the known latents x0")
-        denoiser = InpaintDenoiser(denoiser.model_fn, denoiser.prediction, denoiser.learn_sigma, denoiser.clip_x0,
-                                   known=x0.to(device), regenerate=regenerate.to(device))
+        denoiser = InpaintDenoiser(
+            denoiser.model_fn,
+            denoiser.prediction,
+            denoiser.learn_sigma,
+            denoiser.clip_x0,
+            known=x0.to(device),
+            regenerate=regenerate.to(device),
+        )
     schedule = None if diffusion.is_flow else make_schedule(diffusion.schedule, diffusion.num_timesteps)
     shape = (len(labels), *config.latent_shape)
     generators = per_sample_generators(settings.seed, len(labels))
@@ -166,5 +225,14 @@ def sample_latents(
             raise ValueError(f"the cache schedule is for {settings.cache.depth} blocks, the DiT has {config.depth}")
         cache = BlockCache(settings.cache)
     with nullcontext() if cache is None else cached(model, cache):
-        return run_sampler(settings.sampler, denoiser, noise, schedule, settings.num_steps, generators=generators,
-                           strength=strength, x0=x0, **settings.sampler_options())
+        return run_sampler(
+            settings.sampler,
+            denoiser,
+            noise,
+            schedule,
+            settings.num_steps,
+            generators=generators,
+            strength=strength,
+            x0=x0,
+            **settings.sampler_options(),
+        )

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw
 from ldm.artifacts import write_atomic
 from ldm.audio import spectrogram_pictures
 
-
-ROUND_OFF = 1e-3  # how far outside its range an input may stray by float round-off (e.g. a resize, x / 127.5 - 1 in half)
+ROUND_OFF = (
+    1e-3  # how far outside its range an input may stray by float round-off (e.g. a resize, x / 127.5 - 1 in half)
+)
 
 
 def check_range(name: str, values: torch.Tensor, lo: float, hi: float, meaning: str) -> None:
@@ -82,7 +83,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     return save_png(make_grid(images, nrow), path, scale)
 
 
-def save_side_by_side(inputs: torch.Tensor, recons: torch.Tensor, path: str | Path, pairs_per_row: int = 8, scale: int = 2) -> Path:
+def save_side_by_side(
+    inputs: torch.Tensor, recons: torch.Tensor, path: str | Path, pairs_per_row: int = 8, scale: int = 2
+) -> Path:
     """Write a PNG where each input is followed by its reconstruction (input | reconstruction pairs)."""
     n = min(len(inputs), len(recons))
     pairs = torch.stack([inputs[:n].cpu(), recons[:n].cpu()], dim=1).flatten(0, 1)  # (2N, C, H, W) or (2N, 1, L)
@@ -127,8 +130,18 @@ def _tick_label(value: float, span: float) -> str:
     return f"{value:.0f}" if span >= 10 else f"{value:.3g}"
 
 
-CURVE_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-                "#17becf")  # ten distinct lines, then the same colours dashed
+CURVE_COLORS = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)  # ten distinct lines, then the same colours dashed
 
 
 def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size: tuple[int, int]) -> None:
@@ -159,7 +172,7 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size:
     for i in range(5):  # axis ticks
         fy = y0 + (y1 - y0) * i / 4
         py = height - bottom - (fy - y0) / (y1 - y0) * (height - top - bottom)
-        label = f"{10 ** fy:.3g}" if log_y else f"{fy:.3g}"
+        label = f"{10**fy:.3g}" if log_y else f"{fy:.3g}"
         draw.text((offset + 4, py - 6), label, fill="black")
         fx = x0 + (x1 - x0) * i / 4
         px = left + (fx - x0) / (x1 - x0) * (right_edge - left)
@@ -174,8 +187,14 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: CurvePanel, offset: int, size:
         else:  # dashed: every other tenth of each segment
             for (ax, ay), (bx, by) in zip(pixels, pixels[1:]):
                 for k in range(0, 10, 2):
-                    draw.line([(ax + (bx - ax) * k / 10, ay + (by - ay) * k / 10),
-                               (ax + (bx - ax) * (k + 1) / 10, ay + (by - ay) * (k + 1) / 10)], fill=color, width=2)
+                    draw.line(
+                        [
+                            (ax + (bx - ax) * k / 10, ay + (by - ay) * k / 10),
+                            (ax + (bx - ax) * (k + 1) / 10, ay + (by - ay) * (k + 1) / 10),
+                        ],
+                        fill=color,
+                        width=2,
+                    )
         for px, py in pixels:  # the measured points
             draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=color)
         draw.text((left + 10, top + 5 + 14 * i), name, fill=color)

@@ -39,12 +39,13 @@ def dit_configs(artifact: Artifact) -> tuple[DiTConfig, DiffusionConfig]:
 
 
 def stored_precision(artifact: Artifact) -> str:
-    """"int8" for a DiT stored quantised (`ldm export diffusion --quantize int8`), else "float32"."""
+    """ "int8" for a DiT stored quantised (`ldm export diffusion --quantize int8`), else "float32"."""
     return artifact.manifest.get("precision", "float32")
 
 
-def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.device = "cpu",
-             precision: str | None = None) -> DiT:
+def load_dit(
+    artifact: Artifact, weights: str = "ema", device: str | torch.device = "cpu", precision: str | None = None
+) -> DiT:
     """Return the DiT of a `diffusion` artifact in eval mode: its EMA weights ("ema", for sampling) or "raw".
 
     precision "int8" quantises a float artifact's block linears as it loads (`ldm.quantize`); an int8
@@ -58,8 +59,10 @@ def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.devic
     model = DiT(dit_configs(artifact)[0])
     if stored == "int8":
         if precision != "int8" or weights != "ema":
-            raise ArtifactError(f"{artifact.ref} holds int8 sampling weights only; for {precision} {weights} weights load "
-                                f"the model it was quantised from, {artifact.parents.get('diffusion')}")
+            raise ArtifactError(
+                f"{artifact.ref} holds int8 sampling weights only; for {precision} {weights} weights load "
+                f"the model it was quantised from, {artifact.parents.get('diffusion')}"
+            )
         int8_skeleton(model, artifact.manifest["int8_layers"])
     model.load_state_dict(artifact.load_tensors(DIT_WEIGHT_FILES[weights], device="cpu"))
     if precision == "int8" and stored != "int8":
@@ -67,15 +70,19 @@ def load_dit(artifact: Artifact, weights: str = "ema", device: str | torch.devic
     return model.to(device).eval()
 
 
-def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, device: torch.device, sound: bool = False):
+def feature_extractor(
+    store: ArtifactStore, choice: str, classifier_ref: str, device: torch.device, sound: bool = False
+):
     """Return the feature extractor for a Frechet distance: Inception when asked or available, else our classifier.
 
     Sound always uses the classifier (a spoken-digit classifier trained by `ldm train classifier`):
     Inception sees photographs, not spectrograms.
     """
     if sound and choice == "inception":
-        raise ValueError("Inception features are for images; sound is measured with the project's classifier "
-                         "(--features classifier, or auto)")
+        raise ValueError(
+            "Inception features are for images; sound is measured with the project's classifier "
+            "(--features classifier, or auto)"
+        )
     if choice in ("auto", "inception") and not sound:
         available, reason = inception_available()
         if available:
@@ -86,17 +93,26 @@ def feature_extractor(store: ArtifactStore, choice: str, classifier_ref: str, de
     try:
         artifact = store.load(classifier_ref, stage="classifier")
     except ArtifactError as err:
-        raise ArtifactError(f"{err}\nThe Frechet distance needs a feature classifier: run `ldm train classifier` first") from None
+        raise ArtifactError(
+            f"{err}\nThe Frechet distance needs a feature classifier: run `ldm train classifier` first"
+        ) from None
     classifier = load_classifier(artifact, device)
     if sound != (classifier.config.front_end == "logmel"):
-        raise ArtifactError(f"{artifact.ref} classifies {'sound' if classifier.config.front_end == 'logmel' else 'images'}, "
-                            f"but the data is {'sound' if sound else 'images'}: pass --classifier with a classifier of "
-                            f"the same data (ldm train classifier --config configs/<data>/classifier.yaml)")
+        raise ArtifactError(
+            f"{artifact.ref} classifies {'sound' if classifier.config.front_end == 'logmel' else 'images'}, "
+            f"but the data is {'sound' if sound else 'images'}: pass --classifier with a classifier of "
+            f"the same data (ldm train classifier --config configs/<data>/classifier.yaml)"
+        )
     return ClassifierFeatures(classifier, artifact.ref)
 
 
-def load_decoder(store: ArtifactStore, artifact: Artifact, autoencoder: str | None = None,
-                 allow_mismatch: bool = False, device: str | torch.device = "cpu") -> tuple[Artifact, AutoencoderKL, bool]:
+def load_decoder(
+    store: ArtifactStore,
+    artifact: Artifact,
+    autoencoder: str | None = None,
+    allow_mismatch: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[Artifact, AutoencoderKL, bool]:
     """Return (artifact, model, overridden) of the autoencoder that decodes a `diffusion` artifact's latents.
 
     By default the one its latent cache was encoded with; `autoencoder` may name another only if it
@@ -105,7 +121,9 @@ def load_decoder(store: ArtifactStore, artifact: Artifact, autoencoder: str | No
     """
     lineage_ref = artifact.manifest.get("autoencoder")
     if lineage_ref is None:
-        raise ArtifactError(f"{artifact.ref} does not name the autoencoder its latents came from; it cannot be decoded safely")
+        raise ArtifactError(
+            f"{artifact.ref} does not name the autoencoder its latents came from; it cannot be decoded safely"
+        )
     chosen = store.load(autoencoder or lineage_ref, stage="autoencoder")
     decoder = load_autoencoder(chosen, device)
     if chosen.ref == lineage_ref:
@@ -122,13 +140,21 @@ def load_decoder(store: ArtifactStore, artifact: Artifact, autoencoder: str | No
     return chosen, decoder, overridden
 
 
-def check_guide(artifact, config: DiTConfig, diffusion: DiffusionConfig, guide, guide_config: DiTConfig,
-                guide_diffusion: DiffusionConfig) -> None:
+def check_guide(
+    artifact,
+    config: DiTConfig,
+    diffusion: DiffusionConfig,
+    guide,
+    guide_config: DiTConfig,
+    guide_diffusion: DiffusionConfig,
+) -> None:
     """Raise ArtifactError unless `guide` can guide `artifact`: the same latent space and statistics, the
     same latent shape and classes, and a network output that means the same thing at the same timestep."""
     problems = []
     if guide.manifest.get("autoencoder") != artifact.manifest.get("autoencoder"):
-        problems.append(f"its latents come from {guide.manifest.get('autoencoder')}, not {artifact.manifest.get('autoencoder')}")
+        problems.append(
+            f"its latents come from {guide.manifest.get('autoencoder')}, not {artifact.manifest.get('autoencoder')}"
+        )
     elif guide.manifest.get("latent_stats") != artifact.manifest.get("latent_stats"):
         problems.append("its latents were normalised with other statistics")
     for name in ("in_channels", "input_size", "spatial_dims", "num_classes"):

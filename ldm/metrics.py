@@ -32,8 +32,7 @@ from ldm.runtime import synchronize
 # The converted TF Inception-v3 (2015-12-05 graph) that torch-fidelity, and through it
 # torchmetrics, use for FID. torch.hub would save the URL's file under its own basename.
 INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-    "weights-inception-2015-12-05-6726825d.pth"
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 # pytorch-fid distributes a conversion of the same graph under this name, with the same
@@ -359,7 +358,9 @@ def throughput(fn: Callable[[], object], items_per_call: int, repeats: int = 5, 
 
 
 @torch.no_grad()
-def classifier_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+def classifier_accuracy(
+    model: nn.Module, dataset: Dataset, batch_size: int = 500, device: str | torch.device = "cpu"
+) -> float:
     """Return the fraction of `dataset` that `model` classifies correctly (eval mode, mode restored)."""
     was_training = model.training
     model.eval()

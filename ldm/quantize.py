@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -49,10 +49,14 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._pack(torch.zeros(out_features, in_features, dtype=torch.int8), torch.ones(out_features), torch.zeros(out_features))
+        self._pack(
+            torch.zeros(out_features, in_features, dtype=torch.int8),
+            torch.ones(out_features),
+            torch.zeros(out_features),
+        )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         module = cls(linear.in_features, linear.out_features)
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(linear.out_features)
         module._pack(*quantize_weight(linear.weight), bias)
@@ -62,7 +66,8 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # torch marks quantised tensors deprecated; fbgemm's kernels still take them
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
             qweight = torch._make_per_channel_quantized_tensor(
-                weight_int8.cpu(), scale.cpu().double(), torch.zeros(len(scale), dtype=torch.long), 0)
+                weight_int8.cpu(), scale.cpu().double(), torch.zeros(len(scale), dtype=torch.long), 0
+            )
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias.cpu().float().contiguous())
 
     def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,8 +81,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
-            raise RuntimeError(f"int8 inference runs on the CPU (fbgemm), got input on {x.device}; "
-                               f"use precision='bf16' on {x.device.type}")
+            raise RuntimeError(
+                f"int8 inference runs on the CPU (fbgemm), got input on {x.device}; "
+                f"use precision='bf16' on {x.device.type}"
+            )
         shape = x.shape
         y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
         return y.reshape(*shape[:-1], self.out_features)
@@ -86,7 +93,9 @@ class Int8Linear(nn.Module):
         for name, tensor in zip(("weight_int8", "weight_scale", "bias"), self.unpacked()):
             destination[prefix + name] = tensor
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         names = [prefix + name for name in ("weight_int8", "weight_scale", "bias")]
         missing = [name for name in names if name not in state_dict]
         if missing:
@@ -94,10 +103,16 @@ class Int8Linear(nn.Module):
             return
         weight, scale, bias = (state_dict[name] for name in names)
         expected = ((self.out_features, self.in_features), (self.out_features,), (self.out_features,))
-        if weight.dtype != torch.int8 or tuple(weight.shape) != expected[0] or tuple(scale.shape) != expected[1] \
-                or tuple(bias.shape) != expected[2]:
-            error_msgs.append(f"{prefix}: expected int8 weight {expected[0]}, scales and bias {expected[1]}, got "
-                              f"{weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)}, {tuple(bias.shape)}")
+        if (
+            weight.dtype != torch.int8
+            or tuple(weight.shape) != expected[0]
+            or tuple(scale.shape) != expected[1]
+            or tuple(bias.shape) != expected[2]
+        ):
+            error_msgs.append(
+                f"{prefix}: expected int8 weight {expected[0]}, scales and bias {expected[1]}, got "
+                f"{weight.dtype} {tuple(weight.shape)}, {tuple(scale.shape)}, {tuple(bias.shape)}"
+            )
             return
         self._pack(weight, scale.float(), bias.float())
 
@@ -108,9 +123,13 @@ class Int8Linear(nn.Module):
 def int8_layer_names(model: nn.Module, keep: Iterable[str] = ()) -> list[str]:
     """Names of the nn.Linear modules `quantize_int8` replaces: those inside the blocks, less any matching `keep`."""
     keep = tuple(keep)
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and fnmatch.fnmatch(name, INT8_SCOPE)
-            and not any(fnmatch.fnmatch(name, pattern) for pattern in keep)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and fnmatch.fnmatch(name, INT8_SCOPE)
+        and not any(fnmatch.fnmatch(name, pattern) for pattern in keep)
+    ]
 
 
 def quantize_int8(model: DiT, keep: Iterable[str] = ()) -> DiT:

@@ -15,10 +15,11 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -49,9 +50,21 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # may change only when asked (--allow-change KEY): the usual remedies for a diverging run. Any other
 # change (model, objective, data, batch, seed, ...) would continue a different run from these weights.
 RESUME_FREE = (
-    "run_dir", "trainer.max_steps", "trainer.log_every", "trainer.image_every", "trainer.checkpoint_every",
-    "trainer.progress", "trainer.logger", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-    "trainer.accelerator", "trainer.cpu_threads", "data.num_workers", "preview.", "preview_images",
+    "run_dir",
+    "trainer.max_steps",
+    "trainer.log_every",
+    "trainer.image_every",
+    "trainer.checkpoint_every",
+    "trainer.progress",
+    "trainer.logger",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.accelerator",
+    "trainer.cpu_threads",
+    "data.num_workers",
+    "preview.",
+    "preview_images",
 )
 RESUME_ON_REQUEST = ("trainer.lr", "trainer.grad_clip", "trainer.precision")
 
@@ -80,7 +93,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 tmp.unlink()
             raise
 
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return read_checkpoint(path)
 
 
@@ -119,8 +134,13 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: Path, every: int, steps_per_batch: int = 1):
-        super().__init__(dirpath=dirpath, filename="step-{step}", every_n_train_steps=every * steps_per_batch,
-                         save_last=True, save_top_k=0)
+        super().__init__(
+            dirpath=dirpath,
+            filename="step-{step}",
+            every_n_train_steps=every * steps_per_batch,
+            save_last=True,
+            save_top_k=0,
+        )
         self.CHECKPOINT_NAME_LAST = "last"
         self.steps_per_batch = steps_per_batch
         self.saved_at = -1  # Lightning's global_step of the last save
@@ -138,8 +158,9 @@ class StepCheckpoint(ModelCheckpoint):
             # With several processes, each would stop at its own batch and wait for the others in the save.
             _STOP.defer = trainer.world_size == 1
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if _STOP.pending is not None:
             if self.saved_at != trainer.global_step:
@@ -261,7 +282,9 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool) -> Path | None:
     run_dir = Path(run_dir)
     checkpoint = last_checkpoint(run_dir)
     if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / LAST}; start the run without --resume")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {run_dir / 'checkpoints' / LAST}; start the run without --resume"
+        )
     if not resume and checkpoint is not None:
         raise FileExistsError(
             f"{run_dir} already holds a run (checkpoint {checkpoint}); pass --resume to continue it, "
@@ -301,9 +324,14 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(handle, 256, 0).decode(errors="replace").strip() or "a process that has not written its PID yet"
-            raise RunFolderInUse(f"{run_dir} is in use by another training run ({holder}; lock {path}): wait for it "
-                                 f"to end, or train into another --run-dir") from None
+            holder = (
+                os.pread(handle, 256, 0).decode(errors="replace").strip()
+                or "a process that has not written its PID yet"
+            )
+            raise RunFolderInUse(
+                f"{run_dir} is in use by another training run ({holder}; lock {path}): wait for it "
+                f"to end, or train into another --run-dir"
+            ) from None
         os.ftruncate(handle, 0)
         os.pwrite(handle, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         try:
@@ -315,8 +343,9 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
 
 
 @contextmanager
-def open_run(config: Any, resume: bool, allow_changes: Sequence[str] = (),
-             steps_per_batch: int = 1) -> Iterator[tuple[Path, Path | None]]:
+def open_run(
+    config: Any, resume: bool, allow_changes: Sequence[str] = (), steps_per_batch: int = 1
+) -> Iterator[tuple[Path, Path | None]]:
     """Hold a stage's run folder (`config.run_dir`) for the block: lock it, seed every RNG and save the config there.
 
     Yields the folder and the checkpoint to resume from (None for a fresh run). A resume first compares
@@ -332,11 +361,16 @@ def open_run(config: Any, resume: bool, allow_changes: Sequence[str] = (),
             changes = check_resume_config(run_dir, config, allow_changes)
             reached = checkpoint_step(checkpoint, steps_per_batch)
             if reached > config.trainer.max_steps:
-                raise ConfigError(f"--resume: the run is at step {reached}, past trainer.max_steps "
-                                  f"{config.trainer.max_steps}: set trainer.max_steps={reached} to store it as it is, "
-                                  f"or higher to train on")
+                raise ConfigError(
+                    f"--resume: the run is at step {reached}, past trainer.max_steps "
+                    f"{config.trainer.max_steps}: set trainer.max_steps={reached} to store it as it is, "
+                    f"or higher to train on"
+                )
             if changes:
-                print("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+                print(
+                    "resuming with changed settings: "
+                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                )
                 record_resume(run_dir, changes)
         elif allow_changes:
             raise ConfigError("--allow-change applies to --resume only")
@@ -367,12 +401,16 @@ def check_resume_config(run_dir: Path, config: Any, allow_changes: Sequence[str]
     """
     unknown = [key for key in allow_changes if key not in RESUME_ON_REQUEST]
     if unknown:
-        raise ConfigError(f"--allow-change {', '.join(unknown)}: only {', '.join(RESUME_ON_REQUEST)} can be allowed; "
-                          f"{', '.join(k.rstrip('.') for k in RESUME_FREE)} may change without it")
+        raise ConfigError(
+            f"--allow-change {', '.join(unknown)}: only {', '.join(RESUME_ON_REQUEST)} can be allowed; "
+            f"{', '.join(k.rstrip('.') for k in RESUME_FREE)} may change without it"
+        )
     stored_path = run_dir / "config.yaml"
     if not stored_path.is_file():
-        raise ConfigError(f"--resume: {stored_path} is missing, so the new settings cannot be compared with the run's; "
-                          f"restore it (it is the config the run was started with)")
+        raise ConfigError(
+            f"--resume: {stored_path} is missing, so the new settings cannot be compared with the run's; "
+            f"restore it (it is the config the run was started with)"
+        )
     stored = _flatten(yaml.safe_load(stored_path.read_text()) or {})
     new = _flatten(yaml.safe_load(dump_yaml(config)))  # through YAML, as stored: tuples become lists
     # A key the config no longer has (removed since the run began) cannot change anything; one it has
@@ -384,8 +422,11 @@ def check_resume_config(run_dir: Path, config: Any, allow_changes: Sequence[str]
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         on_request = [k for k in refused if k in RESUME_ON_REQUEST]
-        hint = (f" To change {', '.join(on_request)} on purpose, add " + " ".join(f"--allow-change {k}" for k in on_request)
-                if on_request else "")
+        hint = (
+            f" To change {', '.join(on_request)} on purpose, add " + " ".join(f"--allow-change {k}" for k in on_request)
+            if on_request
+            else ""
+        )
         raise ConfigError(
             f"--resume: the settings differ from the run's ({stored_path}): {listed}. A resumed run must keep them; "
             f"resume with the run's settings, or start a new run in another --run-dir.{hint}"
@@ -397,8 +438,12 @@ def record_resume(run_dir: Path, changes: dict[str, tuple[Any, Any]]) -> None:
     """Append the settings a resume changed, with the time, to the run's `resumes.json`."""
     path = run_dir / "resumes.json"
     history = json.loads(path.read_text()) if path.is_file() else []
-    history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()}})
+    history.append(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "changes": {k: {"from": old, "to": new} for k, (old, new) in changes.items()},
+        }
+    )
     write_atomic(path, json.dumps(history, indent=2).encode())
 
 
@@ -429,7 +474,10 @@ def build_trainer(
         strategy=config.strategy,
         precision=config.precision,
         logger=loggers(config, run_dir),
-        callbacks=[StepCheckpoint(run_dir / "checkpoints", max(1, config.checkpoint_every), steps_per_batch), *callbacks],
+        callbacks=[
+            StepCheckpoint(run_dir / "checkpoints", max(1, config.checkpoint_every), steps_per_batch),
+            *callbacks,
+        ],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=max(1, config.log_every),
         enable_progress_bar=config.progress,
@@ -491,8 +539,10 @@ def loggers(config: TrainerConfig, run_dir: Path) -> list[Logger]:
         try:
             chosen.append(TensorBoardLogger(run_dir, name="tensorboard", version=part, default_hp_metric=False))
         except ModuleNotFoundError as err:
-            raise ConfigError(f"trainer.logger=tensorboard needs TensorBoard's writer ({err}): "
-                              f"pip install tensorboard (or tensorboardX)") from None
+            raise ConfigError(
+                f"trainer.logger=tensorboard needs TensorBoard's writer ({err}): "
+                f"pip install tensorboard (or tensorboardX)"
+            ) from None
     return chosen
 
 
@@ -513,7 +563,9 @@ class LearningRateFromConfig(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         configs = trainer.lr_scheduler_configs
         if self.scales and len(self.scales) != len(configs):
-            raise ValueError(f"{len(self.scales)} learning-rate scales for {len(configs)} optimisers: give one per optimiser")
+            raise ValueError(
+                f"{len(self.scales)} learning-rate scales for {len(configs)} optimisers: give one per optimiser"
+            )
         for config, scale in zip(configs, self.scales or (1.0,) * len(configs)):
             scheduler = config.scheduler
             base = self.lr * scale
@@ -556,15 +608,25 @@ def fit_stage(
     the stage stores the checkpoint's weights (an identical artifact already stored is kept).
     """
     if checkpoint is not None and (reached := checkpoint_step(checkpoint, steps_per_batch)) >= config.max_steps:
-        print(f"the run already finished at step {reached}: nothing to train; its weights are stored as they are. "
-              f"To train on, resume with a higher trainer.max_steps")
+        print(
+            f"the run already finished at step {reached}: nothing to train; its weights are stored as they are. "
+            f"To train on, resume with a higher trainer.max_steps"
+        )
     with reproducible(config):
-        trainer = build_trainer(config, run_dir, steps_per_batch=steps_per_batch, lr_scales=lr_scales,
-                                callbacks=[*callbacks, ResumeDataOrder(batches, steps_per_batch)], **overrides)
+        trainer = build_trainer(
+            config,
+            run_dir,
+            steps_per_batch=steps_per_batch,
+            lr_scales=lr_scales,
+            callbacks=[*callbacks, ResumeDataOrder(batches, steps_per_batch)],
+            **overrides,
+        )
         timer = Timer()
         try:
             trainer.fit(module, loader, ckpt_path=checkpoint)
-        except SIGTERMException:  # Lightning's SIGTERM handler, when stop_on_signals is not on: a SystemExit of status 0
+        except (
+            SIGTERMException
+        ):  # Lightning's SIGTERM handler, when stop_on_signals is not on: a SystemExit of status 0
             _remove_empty_log_part(trainer)
             raise TrainingInterrupted(signal.SIGTERM) from None
         except BaseException as err:
@@ -573,7 +635,9 @@ def fit_stage(
                 raise TrainingInterrupted(_STOP.pending) from err
             raise
     if trainer.interrupted:
-        print(f"interrupted at step {trainer.global_step // steps_per_batch}; continue with --resume (run folder {run_dir})")
+        print(
+            f"interrupted at step {trainer.global_step // steps_per_batch}; continue with --resume (run folder {run_dir})"
+        )
         return None
     return (trainer, timer()) if trainer.is_global_zero else None
 
@@ -587,11 +651,13 @@ def _remove_empty_log_part(trainer: L.Trainer) -> None:
 def non_finite_message(what: str, step: int, run_dir: Path | None) -> str:
     """The message of a run stopped by a non-finite loss or gradient: where its last good checkpoint is, if any."""
     checkpoint = last_checkpoint(run_dir) if run_dir is not None else None
-    where = (f"The last good checkpoint is {checkpoint}: resume with --resume after lowering trainer.lr "
-             f"(--allow-change trainer.lr), setting trainer.grad_clip or using trainer.precision=32-true (allowed the same way)"
-             if checkpoint is not None else
-             "No checkpoint was written yet (trainer.checkpoint_every); start again after lowering trainer.lr, "
-             "setting trainer.grad_clip or using trainer.precision=32-true")
+    where = (
+        f"The last good checkpoint is {checkpoint}: resume with --resume after lowering trainer.lr "
+        f"(--allow-change trainer.lr), setting trainer.grad_clip or using trainer.precision=32-true (allowed the same way)"
+        if checkpoint is not None
+        else "No checkpoint was written yet (trainer.checkpoint_every); start again after lowering trainer.lr, "
+        "setting trainer.grad_clip or using trainer.precision=32-true"
+    )
     return f"{what} at step {step}; training stopped before the update, so the weights are intact. {where}"
 
 

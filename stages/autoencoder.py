@@ -8,9 +8,9 @@ convolutional network on random crops of the clips (it encodes whole clips after
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -37,7 +37,6 @@ from ldm.training import (
     save_loss_curves,
     seed_step,
 )
-
 
 
 @dataclass
@@ -81,31 +80,44 @@ class AutoencoderStageConfig:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not self.disc_lr_scale > 0:
-            raise ValueError(f"disc_lr_scale must be > 0 (the discriminator's lr over trainer.lr), got {self.disc_lr_scale}")
+            raise ValueError(
+                f"disc_lr_scale must be > 0 (the discriminator's lr over trainer.lr), got {self.disc_lr_scale}"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA, store the last weights), got {self.ema_decay}")
         if self.train_parts not in ("all", "decoder"):
             raise ValueError(f"train_parts must be 'all' or 'decoder', got {self.train_parts!r}")
         if self.equivariance_weight < 0:
             raise ValueError(f"equivariance_weight must be >= 0, got {self.equivariance_weight}")
-        if self.train_crop and (self.model.spatial_dims != 1 or self.train_crop % self.model.downsample_factor
-                                or not 0 < self.train_crop <= self.data.length):
-            raise ValueError(f"train_crop {self.train_crop} must be a multiple of f={self.model.downsample_factor} "
-                             f"in (0, data.length={self.data.length}], and only 1-D signals are cropped")
+        if self.train_crop and (
+            self.model.spatial_dims != 1
+            or self.train_crop % self.model.downsample_factor
+            or not 0 < self.train_crop <= self.data.length
+        ):
+            raise ValueError(
+                f"train_crop {self.train_crop} must be a multiple of f={self.model.downsample_factor} "
+                f"in (0, data.length={self.data.length}], and only 1-D signals are cropped"
+            )
         if self.model.front_end == "stft" and (self.loss.perceptual.weight > 0 or self.loss.disc_enabled):
-            raise ValueError("with model.front_end stft the network reconstructs log-magnitude spectrograms, whose L1 "
-                             "loss is the spectral term already: set loss.perceptual.weight 0 and loss.disc_enabled false "
-                             "(a spectrogram discriminator for this front end is not built yet)")
+            raise ValueError(
+                "with model.front_end stft the network reconstructs log-magnitude spectrograms, whose L1 "
+                "loss is the spectral term already: set loss.perceptual.weight 0 and loss.disc_enabled false "
+                "(a spectrogram discriminator for this front end is not built yet)"
+            )
         if self.model.spatial_dims == 1 and not self.data.is_sound:
             raise ValueError(f"model.spatial_dims 1 is for sound, but data.name is {self.data.name!r} (images)")
         if self.model.spatial_dims == 1 and self.model.resolution != self.data.length:
-            raise ValueError(f"model.resolution {self.model.resolution} must equal data.length {self.data.length}: the "
-                             "clip length the latents are made for (set both)")
+            raise ValueError(
+                f"model.resolution {self.model.resolution} must equal data.length {self.data.length}: the "
+                "clip length the latents are made for (set both)"
+            )
         if self.model.spatial_dims == 2 and self.data.is_sound:
             raise ValueError(f"data.name {self.data.name!r} is sound: set model.spatial_dims: 1 (e.g. model: fsdd-f64)")
         if self.train_parts == "decoder" and not self.init_from:
-            raise ValueError("train_parts: decoder keeps the encoder frozen, which only makes sense from trained weights: "
-                             "set init_from to an autoencoder reference (e.g. --set init_from=autoencoder@latest)")
+            raise ValueError(
+                "train_parts: decoder keeps the encoder frozen, which only makes sense from trained weights: "
+                "set init_from to an autoencoder reference (e.g. --set init_from=autoencoder@latest)"
+            )
 
 
 class AutoencoderModule(L.LightningModule):
@@ -136,7 +148,9 @@ class AutoencoderModule(L.LightningModule):
         cfg = self.config
         trainable = [p for p in self.autoencoder.parameters() if p.requires_grad]
         generator_params = trainable + [p for p in self.loss.generator_parameters()]
-        opt_ae = torch.optim.Adam(generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay)
+        opt_ae = torch.optim.Adam(
+            generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay
+        )
         optimizers = [opt_ae]
         if cfg.loss.disc_enabled:
             disc_lr = cfg.trainer.lr * self.lr_scales[1]
@@ -176,7 +190,9 @@ class AutoencoderModule(L.LightningModule):
         seed_step(self.config.trainer.seed, step, self.global_rank, self.trainer.world_size)  # posterior noise, crops
         if self.config.train_crop:
             images = random_crop(images, self.config.train_crop, self.config.model.downsample_factor)
-        images = self.autoencoder.analysis(images)  # what the network sees and rebuilds: the data, or its spectrogram features
+        images = self.autoencoder.analysis(
+            images
+        )  # what the network sees and rebuilds: the data, or its spectrogram features
         recon, posterior = self.train_forward(images)
 
         # Generator (autoencoder) step.
@@ -280,8 +296,13 @@ def optimizer_steps_per_batch(config: AutoencoderStageConfig) -> int:
     return 2 if config.loss.disc_enabled else 1
 
 
-def train_and_store(config: AutoencoderStageConfig, store: ArtifactStore, run_dir: Path, checkpoint: Path | None,
-                    callbacks: Sequence[Callback] = ()) -> Artifact | None:
+def train_and_store(
+    config: AutoencoderStageConfig,
+    store: ArtifactStore,
+    run_dir: Path,
+    checkpoint: Path | None,
+    callbacks: Sequence[Callback] = (),
+) -> Artifact | None:
     """Train in the opened run folder (from `checkpoint` if any) and return the stored artifact (None off rank zero)."""
     loader, batches = make_loader(config.data, config.trainer, config.train_subset)
     fingerprint = data_fingerprint(config.data, "train")
@@ -290,8 +311,10 @@ def train_and_store(config: AutoencoderStageConfig, store: ArtifactStore, run_di
     if config.init_from:
         start = store.load(config.init_from, stage="autoencoder")
         if start.config()["model"] != to_dict(config)["model"]:
-            raise ValueError(f"init_from {start.ref} has model config {start.config()['model']}, this run "
-                             f"{to_dict(config)['model']}: fine-tune with the same model settings")
+            raise ValueError(
+                f"init_from {start.ref} has model config {start.config()['model']}, this run "
+                f"{to_dict(config)['model']}: fine-tune with the same model settings"
+            )
         module.autoencoder.load_state_dict(start.load_tensors(device="cpu"))
         parents["autoencoder"] = start.ref
         print(f"starting from {start.ref} (training {config.train_parts})")
@@ -300,19 +323,33 @@ def train_and_store(config: AutoencoderStageConfig, store: ArtifactStore, run_di
     module.run_dir = run_dir
     module.preview = preview_images(config)
     perceptual = module.loss.perceptual_description()
-    print(f"autoencoder: {sum(p.numel() for p in module.autoencoder.parameters()) / 1e6:.2f}M parameters, "
-          f"f={config.model.downsample_factor}, latent channels {config.model.latent_channels}")
+    print(
+        f"autoencoder: {sum(p.numel() for p in module.autoencoder.parameters()) / 1e6:.2f}M parameters, "
+        f"f={config.model.downsample_factor}, latent channels {config.model.latent_channels}"
+    )
     print(f"perceptual loss: {perceptual}")
-    trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, batches, callbacks, module.steps_per_batch,
-                        lr_scales=module.lr_scales)
+    trained = fit_stage(
+        config.trainer,
+        run_dir,
+        checkpoint,
+        module,
+        loader,
+        batches,
+        callbacks,
+        module.steps_per_batch,
+        lr_scales=module.lr_scales,
+    )
     if trained is None:
         return None
     trainer, seconds = trained
     final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     preview = module.save_preview("recon-final.png")
     curves = save_loss_curves(
-        run_dir, ["train/rec", "train/nll", "train/kl", "train/total"], run_dir / "loss.png",
-        "autoencoder losses", step_divisor=module.steps_per_batch,
+        run_dir,
+        ["train/rec", "train/nll", "train/kl", "train/total"],
+        run_dir / "loss.png",
+        "autoencoder losses",
+        step_divisor=module.steps_per_batch,
     )
     state = module.stored.state_dict()
     artifact = store.save(

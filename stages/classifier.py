@@ -5,8 +5,8 @@ Images (Fashion-MNIST) go in as they are; sound (spoken digits) through the mode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -24,7 +24,9 @@ from ldm.training import fit_stage, format_seconds, lr_factor, make_loader, open
 
 
 def _trainer_defaults() -> TrainerConfig:
-    return TrainerConfig(max_steps=2000, batch_size=128, lr=2e-3, weight_decay=5e-4, warmup_steps=100, checkpoint_every=500)
+    return TrainerConfig(
+        max_steps=2000, batch_size=128, lr=2e-3, weight_decay=5e-4, warmup_steps=100, checkpoint_every=500
+    )
 
 
 @dataclass
@@ -39,8 +41,10 @@ class ClassifierStageConfig:
 
     def __post_init__(self) -> None:
         if self.data.is_sound != (self.model.front_end == "logmel"):
-            raise ValueError(f"data {self.data.name!r} needs model.front_end "
-                             f"{'logmel' if self.data.is_sound else 'none'}, got {self.model.front_end!r}")
+            raise ValueError(
+                f"data {self.data.name!r} needs model.front_end "
+                f"{'logmel' if self.data.is_sound else 'none'}, got {self.model.front_end!r}"
+            )
 
 
 def random_shift(images: torch.Tensor, pixels: int, background: float = -1.0) -> torch.Tensor:
@@ -76,7 +80,9 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.config.trainer
         optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, "cosine"))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, "cosine")
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -120,5 +126,7 @@ def run(
             },
         )
         print(f"\nwrote {artifact.ref}  ({artifact.path})")
-        print(f"  test accuracy {accuracy:.4f} on {len(test)} {'clips' if config.data.is_sound else 'images'}, {trainer.global_step} steps in {format_seconds(seconds)}")
+        print(
+            f"  test accuracy {accuracy:.4f} on {len(test)} {'clips' if config.data.is_sound else 'images'}, {trainer.global_step} steps in {format_seconds(seconds)}"
+        )
         return artifact

@@ -41,20 +41,33 @@ def _fail(err: Exception) -> None:
 
 
 config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), default=None,
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
     help="YAML preset (see configs/); without it the dataclass defaults are used.",
 )
 set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
     help="Override a config key, e.g. --set trainer.max_steps=500 --set model.ch=32 (repeatable).",
 )
-resume_option = click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint (optimizer, step and all state).")
-allow_change_option = click.option(
-    "--allow-change", "allow_changes", multiple=True, metavar="KEY",
-    help="With --resume: accept a changed trainer.lr, trainer.grad_clip or trainer.precision (repeatable). Steps, "
-         "logging and devices may change without it; any other difference from the run's config is refused.",
+resume_option = click.option(
+    "--resume", is_flag=True, help="Continue the run from its last checkpoint (optimizer, step and all state)."
 )
-run_dir_option = click.option("--run-dir", default=None, help="Run folder for checkpoints, logs and pictures (default: the config's run_dir).")
+allow_change_option = click.option(
+    "--allow-change",
+    "allow_changes",
+    multiple=True,
+    metavar="KEY",
+    help="With --resume: accept a changed trainer.lr, trainer.grad_clip or trainer.precision (repeatable). Steps, "
+    "logging and devices may change without it; any other difference from the run's config is refused.",
+)
+run_dir_option = click.option(
+    "--run-dir", default=None, help="Run folder for checkpoints, logs and pictures (default: the config's run_dir)."
+)
 
 
 class DeviceType(click.ParamType):
@@ -87,7 +100,10 @@ class Commands(click.Group):
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--store", envvar="LDM_HOME", default="artifacts", show_default=True,
+    "--store",
+    envvar="LDM_HOME",
+    default="artifacts",
+    show_default=True,
     help="Artifact store folder (also LDM_HOME).",
 )
 @click.pass_context
@@ -119,12 +135,29 @@ def train() -> None:
 
 # Errors a user can fix (bad config, missing artifact or checkpoint, unreadable image, diverged run, a
 # destination that cannot be written): a message, no traceback.
-USER_ERRORS = (ConfigError, ArtifactError, FileNotFoundError, FileExistsError, FloatingPointError, ValueError, ImageReadError,
-               WriteError)
+USER_ERRORS = (
+    ConfigError,
+    ArtifactError,
+    FileNotFoundError,
+    FileExistsError,
+    FloatingPointError,
+    ValueError,
+    ImageReadError,
+    WriteError,
+)
 
 
-def _train(ctx: click.Context, config_class: type, run, config_path: str | None, overrides: tuple[str, ...], resume: bool,
-           allow_changes: tuple[str, ...], data: str | None = None, **fields: str | None) -> None:
+def _train(
+    ctx: click.Context,
+    config_class: type,
+    run,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+    resume: bool,
+    allow_changes: tuple[str, ...],
+    data: str | None = None,
+    **fields: str | None,
+) -> None:
     """Load a stage's config (fields given as options win over the file and --set) and run the stage.
 
     SIGTERM (a scheduler ending the job) and SIGINT stop the run cleanly: exit status 128 + the signal's
@@ -169,9 +202,10 @@ def train_options(command):
 
 
 data_option = click.option(
-    "--data", default=None,
+    "--data",
+    default=None,
     help="Train on this data instead of the config's: fmnist or an image folder; for a sound config fsdd, a folder "
-         "holding FSDD's recordings/ (else $LDM_DATA/fsdd, ~/.cache/ldm/fsdd or a download), or a folder of WAV files.",
+    "holding FSDD's recordings/ (else $LDM_DATA/fsdd, ~/.cache/ldm/fsdd or a download), or a folder of WAV files.",
 )
 
 
@@ -197,7 +231,9 @@ def train_classifier(ctx: click.Context, **options) -> None:
 
 
 @train.command("diffusion")
-@click.option("--latents", default=None, help="Latent cache reference (default: the config's `latents`, latents@latest).")
+@click.option(
+    "--latents", default=None, help="Latent cache reference (default: the config's `latents`, latents@latest)."
+)
 @train_options
 def train_diffusion(ctx: click.Context, **options) -> None:
     """Stage 2: train a DiT on a latent cache; store a `diffusion` artifact that names its cache and autoencoder."""
@@ -207,7 +243,11 @@ def train_diffusion(ctx: click.Context, **options) -> None:
 
 
 @train.command("distill")
-@click.option("--teacher", default=None, help="Rectified-flow `diffusion` artifact to distil (default: the config's `teacher`, diffusion@latest).")
+@click.option(
+    "--teacher",
+    default=None,
+    help="Rectified-flow `diffusion` artifact to distil (default: the config's `teacher`, diffusion@latest).",
+)
 @train_options
 def train_distill(ctx: click.Context, **options) -> None:
     """Distil a flow DiT into a student that samples in 1, 2 or 4 calls with its guidance built in; store a
@@ -218,12 +258,24 @@ def train_distill(ctx: click.Context, **options) -> None:
 
 
 @main.command("encode")
-@click.option("--autoencoder", "autoencoder_ref", default="autoencoder@latest", show_default=True, help="Autoencoder artifact reference.")
-@click.option("--data", default=None, help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).")
+@click.option(
+    "--autoencoder",
+    "autoencoder_ref",
+    default="autoencoder@latest",
+    show_default=True,
+    help="Autoencoder artifact reference.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).",
+)
 @click.option("--split", default="train", show_default=True)
 @set_option
 @click.pass_context
-def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, split: str, overrides: tuple[str, ...]) -> None:
+def encode_command(
+    ctx: click.Context, autoencoder_ref: str, data: str | None, split: str, overrides: tuple[str, ...]
+) -> None:
     """Encode a data set once into a `latents` artifact (posterior mean/std, flips, latent statistics).
 
     Settings (--set key=value): flips, stats (channel|global|source: an imported autoencoder's own), batch_size, shard_size, dtype,
@@ -240,7 +292,9 @@ def encode_command(ctx: click.Context, autoencoder_ref: str, data: str | None, s
         store = _store(ctx)
         data_config = None
         if data is not None:
-            base = from_dict(DataConfig, store.load(autoencoder_ref, stage="autoencoder", verify=False).config()["data"], "data")
+            base = from_dict(
+                DataConfig, store.load(autoencoder_ref, stage="autoencoder", verify=False).config()["data"], "data"
+            )
             data_config = with_data(base, data)
         encode(store, autoencoder_ref, config, data_config)
     except USER_ERRORS as err:
@@ -253,15 +307,50 @@ def evaluate() -> None:
 
 
 @evaluate.command("recon")
-@click.option("--autoencoder", "autoencoder_ref", default="autoencoder@latest", show_default=True, help="Autoencoder artifact reference.")
-@click.option("--data", default=None, help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).")
-@click.option("--split", default="test", show_default=True, help="Data split (fmnist: train or test; folders: a subfolder).")
+@click.option(
+    "--autoencoder",
+    "autoencoder_ref",
+    default="autoencoder@latest",
+    show_default=True,
+    help="Autoencoder artifact reference.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).",
+)
+@click.option(
+    "--split", default="test", show_default=True, help="Data split (fmnist: train or test; folders: a subfolder)."
+)
 @click.option("--n", "limit", default=0, show_default=True, help="Evaluate only the first N images (0: all).")
 @click.option("--batch-size", default=250, show_default=True)
-@click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True, help="Classifier artifact for the Frechet distance when Inception weights are absent.")
-@click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True, help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")
-@click.option("--lpips", type=click.Choice(["auto", "pretrained", "random"]), default="auto", show_default=True, help="LPIPS backbone; auto uses the pretrained one when its weights are present and says so.")
-@click.option("--out", "out_dir", default=None, help="Folder for report.json and reconstructions.png (default runs/eval/recon-<version>-<split>).")
+@click.option(
+    "--classifier",
+    "classifier_ref",
+    default="classifier@latest",
+    show_default=True,
+    help="Classifier artifact for the Frechet distance when Inception weights are absent.",
+)
+@click.option(
+    "--features",
+    type=click.Choice(["auto", "inception", "classifier"]),
+    default="auto",
+    show_default=True,
+    help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.",
+)
+@click.option(
+    "--lpips",
+    type=click.Choice(["auto", "pretrained", "random"]),
+    default="auto",
+    show_default=True,
+    help="LPIPS backbone; auto uses the pretrained one when its weights are present and says so.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    help="Folder for report.json and reconstructions.png (default runs/eval/recon-<version>-<split>).",
+)
 @DEVICE_OPTION
 @click.pass_context
 def eval_recon(ctx: click.Context, **kwargs) -> None:
@@ -276,60 +365,111 @@ def eval_recon(ctx: click.Context, **kwargs) -> None:
 
 SAMPLERS = click.Choice(samplers.SAMPLERS)
 # Options shared by `ldm sample` and `ldm eval samples`.
-SPACING_OPTION = click.option("--spacing", type=click.Choice(samplers.SPACINGS), default="trailing", show_default=True,
-                              help="Timestep grid of ddpm, ddim and dpm++2m(-sde) (euler and heun use Karras sigmas).")
-SHIFT_OPTION = click.option("--shift", default=1.0, show_default=True,
-                            help="Time shift of the flow samplers' grid (SD3): above 1 spends more steps at high noise.")
+SPACING_OPTION = click.option(
+    "--spacing",
+    type=click.Choice(samplers.SPACINGS),
+    default="trailing",
+    show_default=True,
+    help="Timestep grid of ddpm, ddim and dpm++2m(-sde) (euler and heun use Karras sigmas).",
+)
+SHIFT_OPTION = click.option(
+    "--shift",
+    default=1.0,
+    show_default=True,
+    help="Time shift of the flow samplers' grid (SD3): above 1 spends more steps at high noise.",
+)
 DECODER_OPTION = click.option(
-    "--autoencoder", "autoencoder_ref", default=None,
+    "--autoencoder",
+    "autoencoder_ref",
+    default=None,
     help="Decode with this autoencoder instead of the lineage's; it must share the lineage's encoder (a decoder fine-tune).",
 )
 GUIDE_OPTION = click.option(
-    "--guide", "guide_ref", default=None,
+    "--guide",
+    "guide_ref",
+    default=None,
     help="Autoguidance by this weaker DiT (same latent cache and objective; smaller or trained less), at --guide-scale; "
-         "--cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
+    "--cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
 )
-GUIDE_SCALE_OPTION = click.option("--guide-scale", type=float, default=None, help="Autoguidance scale, with --guide (default 2).")
+GUIDE_SCALE_OPTION = click.option(
+    "--guide-scale", type=float, default=None, help="Autoguidance scale, with --guide (default 2)."
+)
 
 
 def CACHE_OPTION(command):
     """--cache-fraction and --cache-forecast of the commands that sample."""
     command = click.option(
-        "--cache-forecast", is_flag=True,
+        "--cache-forecast",
+        is_flag=True,
         help="With --cache-fraction: a skipped block adds the linear forecast in t of its last two residuals "
-             "instead of the last one (TaylorSeer's first order).")(command)
+        "instead of the last one (TaylorSeer's first order).",
+    )(command)
     return click.option(
-        "--cache-fraction", type=click.FloatRange(0.0, 0.9), default=0.0, show_default=True,
+        "--cache-fraction",
+        type=click.FloatRange(0.0, 0.9),
+        default=0.0,
+        show_default=True,
         help="Step caching: skip this share of the DiT's block evaluations, reusing residuals of the previous call "
-             "(a schedule calibrated once per model and setting, kept in the artifact's manifest).")(command)
+        "(a schedule calibrated once per model and setting, kept in the artifact's manifest).",
+    )(command)
 
 
 PRECISION_OPTION = click.option(
-    "--precision", type=click.Choice(["float32", "bf16", "int8"]), default=None,
+    "--precision",
+    type=click.Choice(["float32", "bf16", "int8"]),
+    default=None,
     help="DiT arithmetic: int8 block linears (CPU), bf16 autocast, or float32. Default: the artifact's own (float32, "
-         "or int8 for one stored by `ldm export diffusion --quantize int8`).",
+    "or int8 for one stored by `ldm export diffusion --quantize int8`).",
 )
 CFG_INTERVAL_OPTION = click.option(
-    "--cfg-interval", nargs=2, type=float, default=None, metavar="T_LO T_HI",
+    "--cfg-interval",
+    nargs=2,
+    type=float,
+    default=None,
+    metavar="T_LO T_HI",
     help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.",
 )
 
 
 def MEASUREMENT_OPTIONS(command):
     """--classifier and --features of the commands that measure samples (`ldm eval samples`, `ldm ema`)."""
-    command = click.option("--features", type=click.Choice(["auto", "inception", "classifier"]), default="auto", show_default=True,
-                           help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.")(command)
-    return click.option("--classifier", "classifier_ref", default="classifier@latest", show_default=True,
-                        help="Classifier for class accuracy (and the Frechet features without Inception).")(command)
+    command = click.option(
+        "--features",
+        type=click.Choice(["auto", "inception", "classifier"]),
+        default="auto",
+        show_default=True,
+        help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.",
+    )(command)
+    return click.option(
+        "--classifier",
+        "classifier_ref",
+        default="classifier@latest",
+        show_default=True,
+        help="Classifier for class accuracy (and the Frechet features without Inception).",
+    )(command)
 
 
 @main.command("sample")
-@click.option("--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference.")
+@click.option(
+    "--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference."
+)
 @click.option("--n", default=64, show_default=True, help="Number of images.")
 @click.option("--classes", default=None, help="Class indices, e.g. 3 or 0,2,5 (cycled); default: every class in turn.")
-@click.option("--steps", default=25, show_default=True, help="Sampler steps (network calls; heun and flow-heun make 2 per step).")
-@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
-@click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale (1: no guidance). Default: 2, or 1 for a distilled student (guidance built in).")
+@click.option(
+    "--steps", default=25, show_default=True, help="Sampler steps (network calls; heun and flow-heun make 2 per step)."
+)
+@click.option(
+    "--sampler",
+    type=SAMPLERS,
+    default=None,
+    help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.",
+)
+@click.option(
+    "--cfg",
+    type=float,
+    default=None,
+    help="Classifier-free guidance scale (1: no guidance). Default: 2, or 1 for a distilled student (guidance built in).",
+)
 @SPACING_OPTION
 @SHIFT_OPTION
 @CFG_INTERVAL_OPTION
@@ -338,17 +478,39 @@ def MEASUREMENT_OPTIONS(command):
 @DECODER_OPTION
 @click.option("--seed", default=0, show_default=True, help="Image i uses seed + i, whatever the batch size.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--out", "out_dir", default="out/samples", show_default=True, help="Folder for grid.png, images/ (audio/ for a sound model: WAV files) and samples.json.")
+@click.option(
+    "--out",
+    "out_dir",
+    default="out/samples",
+    show_default=True,
+    help="Folder for grid.png, images/ (audio/ for a sound model: WAV files) and samples.json.",
+)
 @click.option("--no-images", is_flag=True, help="Write only the grid, not one PNG (or WAV) per sample.")
 @PRECISION_OPTION
 @CACHE_OPTION
-@click.option("--overwrite", is_flag=True,
-              help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png, audio/NNNNNN-classC.wav; nothing else).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png, audio/NNNNNN-classC.wav; nothing else).",
+)
 @DEVICE_OPTION
 @click.pass_context
-def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | None, out_dir: str, no_images: bool,
-                   overwrite: bool, autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None,
-                   cache_fraction: float, cache_forecast: bool, **options) -> None:
+def sample_command(
+    ctx: click.Context,
+    model_ref: str,
+    n: int,
+    classes: str | None,
+    out_dir: str,
+    no_images: bool,
+    overwrite: bool,
+    autoencoder_ref: str | None,
+    guide_ref: str | None,
+    device: str,
+    precision: str | None,
+    cache_fraction: float,
+    cache_forecast: bool,
+    **options,
+) -> None:
     """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder.
 
     Images are written batch by batch as they are made; samples.json says "complete": true once all are.
@@ -357,8 +519,22 @@ def sample_command(ctx: click.Context, model_ref: str, n: int, classes: str | No
 
     try:
         settings = _default_cfg(ctx, model_ref, 2.0, options["cfg"], _sampling_settings(guide_ref, **options))
-        write_samples(_store(ctx), model_ref, settings, n, classes, out_dir, device, not no_images, autoencoder_ref, guide_ref,
-                      overwrite, precision, cache_fraction, cache_forecast)
+        write_samples(
+            _store(ctx),
+            model_ref,
+            settings,
+            n,
+            classes,
+            out_dir,
+            device,
+            not no_images,
+            autoencoder_ref,
+            guide_ref,
+            overwrite,
+            precision,
+            cache_fraction,
+            cache_forecast,
+        )
     except USER_ERRORS as err:
         _fail(err)
 
@@ -376,8 +552,18 @@ def _default_cfg(ctx: click.Context, model_ref: str, default: float, cfg: float 
     return replace(settings, guidance_scale=1.0 if built_in else default)
 
 
-def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, cfg: float | None, spacing: str, shift: float,
-                       cfg_interval: tuple[float, float] | None, guide_scale: float | None, seed: int, batch_size: int):
+def _sampling_settings(
+    guide_ref: str | None,
+    steps: int,
+    sampler: str | None,
+    cfg: float | None,
+    spacing: str,
+    shift: float,
+    cfg_interval: tuple[float, float] | None,
+    guide_scale: float | None,
+    seed: int,
+    batch_size: int,
+):
     """The SamplingSettings of `ldm sample` / `ldm eval samples` options (validated as they are built); a
     --guide-scale without --guide is refused, as the pipeline refuses guide_scale without a guide."""
     from dataclasses import replace
@@ -385,23 +571,47 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
     from ldm.generation import SamplingSettings
 
     # cfg None (not given): 1 here; _default_cfg picks the model's default once the other options are checked
-    settings = SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=1.0 if cfg is None else cfg, guidance_interval=cfg_interval,
-                                spacing=spacing, shift=shift, seed=seed, batch_size=batch_size,
-                                guide_scale=2.0 if guide_scale is None else guide_scale)
+    settings = SamplingSettings(
+        sampler=sampler,
+        num_steps=steps,
+        guidance_scale=1.0 if cfg is None else cfg,
+        guidance_interval=cfg_interval,
+        spacing=spacing,
+        shift=shift,
+        seed=seed,
+        batch_size=batch_size,
+        guide_scale=2.0 if guide_scale is None else guide_scale,
+    )
     if guide_ref:
         return settings
     if guide_scale is not None:  # its range was checked above, so a bad value hears that first
-        raise click.UsageError("--guide-scale only applies with --guide (autoguidance by a weaker DiT): add "
-                               "--guide diffusion@<weaker model>, or drop --guide-scale")
+        raise click.UsageError(
+            "--guide-scale only applies with --guide (autoguidance by a weaker DiT): add "
+            "--guide diffusion@<weaker model>, or drop --guide-scale"
+        )
     return replace(settings, guide_scale=1.0)
 
 
 @evaluate.command("samples")
-@click.option("--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference.")
-@click.option("--n", default=10_000, show_default=True, help="Samples (class-balanced); also the number of real images compared.")
+@click.option(
+    "--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference."
+)
+@click.option(
+    "--n", default=10_000, show_default=True, help="Samples (class-balanced); also the number of real images compared."
+)
 @click.option("--steps", default=20, show_default=True)
-@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
-@click.option("--cfg", type=float, default=None, help="Guidance scale for the measurement (often lower than for pictures). Default: 1.5, or 1 for a distilled student (guidance built in).")
+@click.option(
+    "--sampler",
+    type=SAMPLERS,
+    default=None,
+    help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.",
+)
+@click.option(
+    "--cfg",
+    type=float,
+    default=None,
+    help="Guidance scale for the measurement (often lower than for pictures). Default: 1.5, or 1 for a distilled student (guidance built in).",
+)
 @SPACING_OPTION
 @SHIFT_OPTION
 @CFG_INTERVAL_OPTION
@@ -411,45 +621,110 @@ def _sampling_settings(guide_ref: str | None, steps: int, sampler: str | None, c
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=250, show_default=True)
 @MEASUREMENT_OPTIONS
-@click.option("--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...).")
+@click.option(
+    "--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...)."
+)
 @DEVICE_OPTION
 @PRECISION_OPTION
 @CACHE_OPTION
 @click.pass_context
-def eval_samples(ctx: click.Context, model_ref: str, n: int, classifier_ref: str, features: str, out_dir: str | None,
-                 autoencoder_ref: str | None, guide_ref: str | None, device: str, precision: str | None, cache_fraction: float,
-                 cache_forecast: bool, **options) -> None:
+def eval_samples(
+    ctx: click.Context,
+    model_ref: str,
+    n: int,
+    classifier_ref: str,
+    features: str,
+    out_dir: str | None,
+    autoencoder_ref: str | None,
+    guide_ref: str | None,
+    device: str,
+    precision: str | None,
+    cache_fraction: float,
+    cache_forecast: bool,
+    **options,
+) -> None:
     """Sample quality: Frechet distance to the test split, class accuracy, time per image; numbers go into the manifest."""
     from stages.sample import evaluate_samples
 
     try:
         settings = _default_cfg(ctx, model_ref, 1.5, options["cfg"], _sampling_settings(guide_ref, **options))
-        evaluate_samples(_store(ctx), model_ref, settings, n, classifier_ref, features, out_dir, device, autoencoder_ref,
-                         guide_ref, precision, cache_fraction, cache_forecast)
+        evaluate_samples(
+            _store(ctx),
+            model_ref,
+            settings,
+            n,
+            classifier_ref,
+            features,
+            out_dir,
+            device,
+            autoencoder_ref,
+            guide_ref,
+            precision,
+            cache_fraction,
+            cache_forecast,
+        )
     except USER_ERRORS as err:
         _fail(err)
 
 
 @main.command("ema")
-@click.option("--model", "model_ref", required=True, help="Diffusion artifact trained with posthoc_ema (its snapshots name the run).")
-@click.option("--sigma-rel", "sigma_rel", required=True, metavar="S1,S2,...",
-              help="EMA lengths to reconstruct and compare, relative widths in (0, 0.2887], e.g. 0.03,0.05,0.08,0.12,0.16.")
-@click.option("--run-dir", default=None, help="The training run folder, when it moved (default: where the model's manifest says its snapshots are).")
-@click.option("--n", default=1000, show_default=True, help="Samples per EMA length (class-balanced; the same seeds for each).")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="Diffusion artifact trained with posthoc_ema (its snapshots name the run).",
+)
+@click.option(
+    "--sigma-rel",
+    "sigma_rel",
+    required=True,
+    metavar="S1,S2,...",
+    help="EMA lengths to reconstruct and compare, relative widths in (0, 0.2887], e.g. 0.03,0.05,0.08,0.12,0.16.",
+)
+@click.option(
+    "--run-dir",
+    default=None,
+    help="The training run folder, when it moved (default: where the model's manifest says its snapshots are).",
+)
+@click.option(
+    "--n", default=1000, show_default=True, help="Samples per EMA length (class-balanced; the same seeds for each)."
+)
 @click.option("--steps", default=20, show_default=True)
-@click.option("--sampler", type=SAMPLERS, default=None, help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.")
-@click.option("--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures).")
+@click.option(
+    "--sampler",
+    type=SAMPLERS,
+    default=None,
+    help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.",
+)
+@click.option(
+    "--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures)."
+)
 @SPACING_OPTION
 @SHIFT_OPTION
 @CFG_INTERVAL_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=250, show_default=True)
 @MEASUREMENT_OPTIONS
-@click.option("--out", "out_dir", default=None, help="Folder for report.json and one grid per EMA length (default runs/eval/posthoc-ema-...).")
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    help="Folder for report.json and one grid per EMA length (default runs/eval/posthoc-ema-...).",
+)
 @DEVICE_OPTION
 @click.pass_context
-def ema_command(ctx: click.Context, model_ref: str, sigma_rel: str, run_dir: str | None, n: int, classifier_ref: str,
-                features: str, out_dir: str | None, device: str, **options) -> None:
+def ema_command(
+    ctx: click.Context,
+    model_ref: str,
+    sigma_rel: str,
+    run_dir: str | None,
+    n: int,
+    classifier_ref: str,
+    features: str,
+    out_dir: str | None,
+    device: str,
+    **options,
+) -> None:
     """Post-hoc EMA (Karras et al. 2024): reconstruct EMA lengths from a run's snapshots, measure each, store the best.
 
     Each --sigma-rel is rebuilt at the model's last step from the power-function EMA snapshots its run
@@ -461,14 +736,29 @@ def ema_command(ctx: click.Context, model_ref: str, sigma_rel: str, run_dir: str
 
     try:
         settings = _sampling_settings(None, guide_scale=None, **options)
-        posthoc_ema(_store(ctx), model_ref, parse_sigma_rels(sigma_rel), settings, n, run_dir, classifier_ref, features,
-                    out_dir, device)
+        posthoc_ema(
+            _store(ctx),
+            model_ref,
+            parse_sigma_rels(sigma_rel),
+            settings,
+            n,
+            run_dir,
+            classifier_ref,
+            features,
+            out_dir,
+            device,
+        )
     except USER_ERRORS as err:
         _fail(err)
 
 
 @main.command()
-@click.option("--out", default="out/demo", show_default=True, help="Folder for the demo's store, runs and pictures (replaced on each run).")
+@click.option(
+    "--out",
+    default="out/demo",
+    show_default=True,
+    help="Folder for the demo's store, runs and pictures (replaced on each run).",
+)
 def demo(out: str) -> None:
     """Run the quick preset of every stage on Fashion-MNIST and print where everything is."""
     from stages.demo import run_demo
@@ -509,7 +799,8 @@ def _list_line(artifact: Artifact) -> str:
     metrics = artifact.manifest.get("metrics")
     summary = "; ".join(
         f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
-        for name, values in (metrics.items() if isinstance(metrics, dict) else ()) if isinstance(values, dict)
+        for name, values in (metrics.items() if isinstance(metrics, dict) else ())
+        if isinstance(values, dict)
     )
     created = str(artifact.manifest.get("created", ""))
     return f"{artifact.ref:<28} {created:<21} parents: {parents}  {summary}"
@@ -517,7 +808,9 @@ def _list_line(artifact: Artifact) -> str:
 
 @artifacts.command("show")
 @click.argument("ref")
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Check the files' sha256 against the manifest.")
+@click.option(
+    "--verify/--no-verify", default=True, show_default=True, help="Check the files' sha256 against the manifest."
+)
 @click.pass_context
 def artifacts_show(ctx: click.Context, ref: str, verify: bool) -> None:
     """Print an artifact's manifest (lineage, metrics, files) and its config."""
@@ -554,12 +847,18 @@ def artifacts_verify(ctx: click.Context, ref: str | None) -> None:
     for verdict in verdicts:
         click.echo(_verdict_line(verdict))
     for found in stale:
-        click.echo(f"{_temp_label(found):<28} stale temporary folder of a write that did not finish: {_temp_summary(found)}")
+        click.echo(
+            f"{_temp_label(found):<28} stale temporary folder of a write that did not finish: {_temp_summary(found)}"
+        )
     failed = sum(v.problem is not None for v in verdicts)
     legacy = sum(v.problem is None and v.legacy for v in verdicts)
-    click.echo(f"{len(verdicts)} checked in {store.root}: {len(verdicts) - failed - legacy} ok, {legacy} legacy, {failed} failed")
+    click.echo(
+        f"{len(verdicts)} checked in {store.root}: {len(verdicts) - failed - legacy} ok, {legacy} legacy, {failed} failed"
+    )
     if stale:
-        click.echo(f"{_count(len(stale), 'stale temporary folder')}: `ldm artifacts clean` removes {'it' if len(stale) == 1 else 'them'}")
+        click.echo(
+            f"{_count(len(stale), 'stale temporary folder')}: `ldm artifacts clean` removes {'it' if len(stale) == 1 else 'them'}"
+        )
     if failed:
         ctx.exit(1)
 
@@ -591,7 +890,9 @@ def artifacts_clean(ctx: click.Context, stage: str | None, dry_run: bool) -> Non
         click.echo(f"no stale temporary folders in {store.root}")
         return
     done = "would remove" if dry_run else "removed"
-    click.echo(f"{done} {_count(len(stale), 'stale temporary folder')} ({_size(sum(f.bytes for f in stale))}) from {store.root}")
+    click.echo(
+        f"{done} {_count(len(stale), 'stale temporary folder')} ({_size(sum(f.bytes for f in stale))}) from {store.root}"
+    )
 
 
 def _temp_label(found: TempFolder) -> str:
@@ -630,7 +931,10 @@ def _verdict_line(verdict: Verdict) -> str:
 
 
 import_set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
     help="Override a config field of the import, e.g. --set model.resolution=512 (repeatable).",
 )
 
@@ -641,16 +945,32 @@ def import_group() -> None:
 
 
 @import_group.command("autoencoder")
-@click.option("--from-diffusers", type=click.Path(), default=None,
-              help="diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin), or a pipeline folder with vae/.")
-@click.option("--from-compvis", type=click.Path(), default=None,
-              help="CompVis latent-diffusion / taming AutoencoderKL checkpoint (.ckpt, .pt or .safetensors); its shape is the kl-f8 one unless --set model.* says otherwise.")
-@click.option("--data", default=None,
-              help="Default data of `ldm encode` / `ldm eval recon` for this autoencoder: fmnist or an image folder (default: fmnist for 1 channel, none for RGB).")
+@click.option(
+    "--from-diffusers",
+    type=click.Path(),
+    default=None,
+    help="diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin), or a pipeline folder with vae/.",
+)
+@click.option(
+    "--from-compvis",
+    type=click.Path(),
+    default=None,
+    help="CompVis latent-diffusion / taming AutoencoderKL checkpoint (.ckpt, .pt or .safetensors); its shape is the kl-f8 one unless --set model.* says otherwise.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="Default data of `ldm encode` / `ldm eval recon` for this autoencoder: fmnist or an image folder (default: fmnist for 1 channel, none for RGB).",
+)
 @import_set_option
 @click.pass_context
-def import_autoencoder_command(ctx: click.Context, from_diffusers: str | None, from_compvis: str | None, data: str | None,
-                               overrides: tuple[str, ...]) -> None:
+def import_autoencoder_command(
+    ctx: click.Context,
+    from_diffusers: str | None,
+    from_compvis: str | None,
+    data: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Store a pretrained KL autoencoder as an `autoencoder` artifact (weights checked key by key and shape by shape).
 
     --set takes model.* (AutoencoderConfig: e.g. model.resolution, or for CompVis model.ch, model.ch_mult,
@@ -666,22 +986,49 @@ def import_autoencoder_command(ctx: click.Context, from_diffusers: str | None, f
 
 
 @import_group.command("diffusion")
-@click.option("--from-dit", type=click.Path(), default=None,
-              help="facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt, or .safetensors): a state dict, or one under \"ema\" / \"model\".")
-@click.option("--from-diffusers", type=click.Path(), default=None,
-              help="diffusers DiTTransformer2DModel folder (config.json + weights), or a DiT pipeline folder with transformer/.")
-@click.option("--autoencoder", "autoencoder_ref", required=True,
-              help="The autoencoder artifact whose latents the DiT was trained on (e.g. an imported SD VAE).")
-@click.option("--num-heads", type=int, default=None,
-              help="Attention heads (not readable from the weights; default: the DiT paper's for its depth and width).")
-@click.option("--scaling-factor", type=float, default=None,
-              help="Latent scale the DiT was trained with, (z - shift) * scale (default: the autoencoder's source latent stats).")
+@click.option(
+    "--from-dit",
+    type=click.Path(),
+    default=None,
+    help='facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt, or .safetensors): a state dict, or one under "ema" / "model".',
+)
+@click.option(
+    "--from-diffusers",
+    type=click.Path(),
+    default=None,
+    help="diffusers DiTTransformer2DModel folder (config.json + weights), or a DiT pipeline folder with transformer/.",
+)
+@click.option(
+    "--autoencoder",
+    "autoencoder_ref",
+    required=True,
+    help="The autoencoder artifact whose latents the DiT was trained on (e.g. an imported SD VAE).",
+)
+@click.option(
+    "--num-heads",
+    type=int,
+    default=None,
+    help="Attention heads (not readable from the weights; default: the DiT paper's for its depth and width).",
+)
+@click.option(
+    "--scaling-factor",
+    type=float,
+    default=None,
+    help="Latent scale the DiT was trained with, (z - shift) * scale (default: the autoencoder's source latent stats).",
+)
 @click.option("--shift-factor", type=float, default=None, help="Latent shift, with --scaling-factor (default 0).")
 @import_set_option
 @click.pass_context
-def import_diffusion_command(ctx: click.Context, from_dit: str | None, from_diffusers: str | None, autoencoder_ref: str,
-                             num_heads: int | None, scaling_factor: float | None, shift_factor: float | None,
-                             overrides: tuple[str, ...]) -> None:
+def import_diffusion_command(
+    ctx: click.Context,
+    from_dit: str | None,
+    from_diffusers: str | None,
+    autoencoder_ref: str,
+    num_heads: int | None,
+    scaling_factor: float | None,
+    shift_factor: float | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Store a pretrained DiT as a `diffusion` artifact that `ldm sample` and the pipeline can use.
 
     The architecture is read from the weights (original DiT) or config.json (diffusers); --set takes
@@ -690,8 +1037,9 @@ def import_diffusion_command(ctx: click.Context, from_dit: str | None, from_diff
     from stages.interop import import_diffusion
 
     try:
-        import_diffusion(_store(ctx), autoencoder_ref, from_dit, from_diffusers, overrides, num_heads, scaling_factor,
-                         shift_factor)
+        import_diffusion(
+            _store(ctx), autoencoder_ref, from_dit, from_diffusers, overrides, num_heads, scaling_factor, shift_factor
+        )
     except USER_ERRORS as err:
         _fail(err)
 
@@ -703,9 +1051,19 @@ def export_group() -> None:
 
 @export_group.command("autoencoder")
 @click.argument("ref")
-@click.option("--to-diffusers", "out_dir", required=True, type=click.Path(), help="New folder for config.json + diffusion_pytorch_model.safetensors.")
-@click.option("--latents", "latents_ref", default=None,
-              help="Latent cache whose statistics become scaling_factor (default: the source's, else the newest cache of this autoencoder).")
+@click.option(
+    "--to-diffusers",
+    "out_dir",
+    required=True,
+    type=click.Path(),
+    help="New folder for config.json + diffusion_pytorch_model.safetensors.",
+)
+@click.option(
+    "--latents",
+    "latents_ref",
+    default=None,
+    help="Latent cache whose statistics become scaling_factor (default: the source's, else the newest cache of this autoencoder).",
+)
 @click.pass_context
 def export_autoencoder_command(ctx: click.Context, ref: str, out_dir: str, latents_ref: str | None) -> None:
     """Write an autoencoder artifact as a diffusers AutoencoderKL folder, loaded back and compared when diffusers is installed."""
@@ -719,15 +1077,36 @@ def export_autoencoder_command(ctx: click.Context, ref: str, out_dir: str, laten
 
 @export_group.command("diffusion")
 @click.argument("ref")
-@click.option("--to-diffusers", "out_dir", default=None, type=click.Path(), help="New folder for config.json + diffusion_pytorch_model.safetensors.")
-@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema", show_default=True, help="EMA (sampling) or raw weights.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Instead: store the EMA DiT with int8 block linears as a new diffusion artifact (CPU sampling, ~3.5x smaller).")
-@click.option("--keep", multiple=True, metavar="PATTERN",
-              help="With --quantize: layers that stay float32, fnmatch patterns, e.g. 'blocks.*.adaLN_modulation' (repeatable).")
+@click.option(
+    "--to-diffusers",
+    "out_dir",
+    default=None,
+    type=click.Path(),
+    help="New folder for config.json + diffusion_pytorch_model.safetensors.",
+)
+@click.option(
+    "--weights",
+    type=click.Choice(["ema", "raw"]),
+    default="ema",
+    show_default=True,
+    help="EMA (sampling) or raw weights.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="Instead: store the EMA DiT with int8 block linears as a new diffusion artifact (CPU sampling, ~3.5x smaller).",
+)
+@click.option(
+    "--keep",
+    multiple=True,
+    metavar="PATTERN",
+    help="With --quantize: layers that stay float32, fnmatch patterns, e.g. 'blocks.*.adaLN_modulation' (repeatable).",
+)
 @click.pass_context
-def export_diffusion_command(ctx: click.Context, ref: str, out_dir: str | None, weights: str, quantize: str | None,
-                             keep: tuple[str, ...]) -> None:
+def export_diffusion_command(
+    ctx: click.Context, ref: str, out_dir: str | None, weights: str, quantize: str | None, keep: tuple[str, ...]
+) -> None:
     """Write a diffusion artifact's DiT as a diffusers DiTTransformer2DModel folder and print how closely diffusers reproduces it,
     or (--quantize int8) store it quantised for `ldm sample` and the pipeline, which load it as int8.
 

@@ -32,11 +32,15 @@ def run_demo(out: Path) -> dict[str, object]:
     runs = out / "runs"
 
     print("\n== classifier (feature extractor for Frechet distances) ==")
-    classifier_config = load_config(classifier.ClassifierStageConfig, CONFIGS / "classifier-quick.yaml", [f"run_dir={runs / 'classifier'}"])
+    classifier_config = load_config(
+        classifier.ClassifierStageConfig, CONFIGS / "classifier-quick.yaml", [f"run_dir={runs / 'classifier'}"]
+    )
     feature_classifier = classifier.run(classifier_config, store)
 
     print("\n== stage 1: autoencoder ==")
-    ae_config = load_config(autoencoder.AutoencoderStageConfig, CONFIGS / "autoencoder-quick.yaml", [f"run_dir={runs / 'autoencoder'}"])
+    ae_config = load_config(
+        autoencoder.AutoencoderStageConfig, CONFIGS / "autoencoder-quick.yaml", [f"run_dir={runs / 'autoencoder'}"]
+    )
     ae = autoencoder.run(ae_config, store)
 
     print("\n== reconstruction evaluation ==")
@@ -49,7 +53,9 @@ def run_demo(out: Path) -> dict[str, object]:
 
     print("\n== stage 2: diffusion transformer ==")
     dit_config = load_config(
-        diffusion.DiffusionStageConfig, CONFIGS / "diffusion-quick.yaml", [f"latents={cache.ref}", f"run_dir={runs / 'diffusion'}"]
+        diffusion.DiffusionStageConfig,
+        CONFIGS / "diffusion-quick.yaml",
+        [f"latents={cache.ref}", f"run_dir={runs / 'diffusion'}"],
     )
     model = diffusion.run(dit_config, store)
 
@@ -61,22 +67,37 @@ def run_demo(out: Path) -> dict[str, object]:
 
     print("\n== sample evaluation ==")
     measured = replace(picture, batch_size=250)
-    sample_report = evaluate_samples(store, model.ref, measured, n=1000, classifier_ref=feature_classifier.ref,
-                                     out_dir=out / "eval-samples")
+    sample_report = evaluate_samples(
+        store, model.ref, measured, n=1000, classifier_ref=feature_classifier.ref, out_dir=out / "eval-samples"
+    )
 
     print(f"\ndemo finished in {format_seconds(timer())}")
     print(f"  artifacts:        {store.root}   (ldm --store {store.root} artifacts list)")
-    print(f"  classifier:       {feature_classifier.ref}  test accuracy {feature_classifier.manifest['metrics']['test']['accuracy']:.4f}")
+    print(
+        f"  classifier:       {feature_classifier.ref}  test accuracy {feature_classifier.manifest['metrics']['test']['accuracy']:.4f}"
+    )
     print(f"  autoencoder:      {ae.ref}  PSNR {recon['psnr_db']:.2f} dB, SSIM {recon['ssim']:.4f}")
     print(f"  reconstructions:  {out / 'eval-recon' / 'reconstructions.png'}")
     print(f"  latent cache:     {cache.ref}  ({cache.manifest['images']} images x {cache.manifest['views']} views)")
-    print(f"  diffusion:        {model.ref}  final loss {model.manifest['training']['final'].get('loss', float('nan')):.4f}")
-    print(f"  samples:          FD {sample_report['frechet_distance']:.3f} (real train vs test {sample_report['real_reference_distance']:.3f}, "
-          f"reconstructed train vs test {sample_report['autoencoder_reference_distance']:.3f}), "
-          f"class accuracy {sample_report['class_accuracy']:.3f} (reconstructed train images {sample_report['autoencoder_class_accuracy']:.3f}), "
-          f"{1000 * sample_report['seconds_per_image']:.1f} ms/image "
-          f"({sample_report['n']} samples, {sample_report['features'].split(' ')[0]} features)")
-    print(f"  sample grid:      {out / 'samples' / 'grid.png'} (one row per class, flow-heun 10 steps, CFG {samples['guidance_scale']})")
+    print(
+        f"  diffusion:        {model.ref}  final loss {model.manifest['training']['final'].get('loss', float('nan')):.4f}"
+    )
+    print(
+        f"  samples:          FD {sample_report['frechet_distance']:.3f} (real train vs test {sample_report['real_reference_distance']:.3f}, "
+        f"reconstructed train vs test {sample_report['autoencoder_reference_distance']:.3f}), "
+        f"class accuracy {sample_report['class_accuracy']:.3f} (reconstructed train images {sample_report['autoencoder_class_accuracy']:.3f}), "
+        f"{1000 * sample_report['seconds_per_image']:.1f} ms/image "
+        f"({sample_report['n']} samples, {sample_report['features'].split(' ')[0]} features)"
+    )
+    print(
+        f"  sample grid:      {out / 'samples' / 'grid.png'} (one row per class, flow-heun 10 steps, CFG {samples['guidance_scale']})"
+    )
     print(f"  training curves:  {runs / 'autoencoder' / 'loss.png'}, {runs / 'diffusion' / 'loss.png'}")
-    return {"classifier": feature_classifier, "autoencoder": ae, "recon": recon, "latents": cache, "diffusion": model,
-            "samples": sample_report}
+    return {
+        "classifier": feature_classifier,
+        "autoencoder": ae,
+        "recon": recon,
+        "latents": cache,
+        "diffusion": model,
+        "samples": sample_report,
+    }

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -43,7 +43,6 @@ from ldm.training import (
 )
 
 
-
 def _trainer_defaults() -> TrainerConfig:
     return TrainerConfig(max_steps=10_000, batch_size=256, lr=1e-4, warmup_steps=0, grad_clip=0.0)
 
@@ -61,8 +60,9 @@ class PreviewConfig:
 
     def settings(self) -> SamplingSettings:
         """The sampling settings of the preview grids (validated when the config is built)."""
-        return SamplingSettings(sampler=self.sampler or None, num_steps=self.steps, guidance_scale=self.guidance_scale,
-                                seed=self.seed)
+        return SamplingSettings(
+            sampler=self.sampler or None, num_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
+        )
 
     def __post_init__(self) -> None:
         self.settings()
@@ -76,7 +76,7 @@ class DiffusionStageConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     trainer: TrainerConfig = field(default_factory=_trainer_defaults)
     latents: str = "latents@latest"  # the latent cache to train on
-    autoencoder: Optional[str] = None  # when given, the cache must come from this autoencoder
+    autoencoder: str | None = None  # when given, the cache must come from this autoencoder
     ema_decay: float = 0.9999
     lr_schedule: str = "constant"  # constant | cosine
     # AdamW betas: (0.9, 0.999) as DiT and SiT train; LightningDiT trains with (0.9, 0.95).
@@ -115,29 +115,39 @@ class DiffusionStageConfig:
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
-            raise ValueError(f"betas must be two AdamW decay rates in [0, 1), such as [0.9, 0.95], got {list(self.betas)}")
+            raise ValueError(
+                f"betas must be two AdamW decay rates in [0, 1), such as [0.9, 0.95], got {list(self.betas)}"
+            )
         dispersive_block_index(self.diffusion, self.model.depth)  # a block the DiT has, checked before any step
         if (self.diffusion.objective == "meanflow") != self.model.interval_embed:
-            raise ValueError(f"diffusion.objective {self.diffusion.objective!r} with model.interval_embed "
-                             f"{self.model.interval_embed}: a MeanFlow network takes the interval t - r (set both "
-                             f"diffusion.objective=meanflow and model.interval_embed=true), and only a MeanFlow network does")
+            raise ValueError(
+                f"diffusion.objective {self.diffusion.objective!r} with model.interval_embed "
+                f"{self.model.interval_embed}: a MeanFlow network takes the interval t - r (set both "
+                f"diffusion.objective=meanflow and model.interval_embed=true), and only a MeanFlow network does"
+            )
         self.check_meanflow_time_scale()
         for sigma_rel in self.posthoc_ema:
             check_sigma_rel(sigma_rel)
         if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
             raise ValueError(f"posthoc_ema lists a length twice: {self.posthoc_ema}")
         if self.posthoc_ema and self.posthoc_snapshot_every < 1:
-            raise ValueError(f"posthoc_ema needs posthoc_snapshot_every >= 1 (steps between snapshots), got {self.posthoc_snapshot_every}")
+            raise ValueError(
+                f"posthoc_ema needs posthoc_snapshot_every >= 1 (steps between snapshots), got {self.posthoc_snapshot_every}"
+            )
         if not self.posthoc_ema and self.posthoc_snapshot_every != 0:
-            raise ValueError("posthoc_snapshot_every is set but posthoc_ema is empty: name the profiles to keep, "
-                             "e.g. posthoc_ema=[0.05,0.10], or leave posthoc_snapshot_every at 0")
+            raise ValueError(
+                "posthoc_snapshot_every is set but posthoc_ema is empty: name the profiles to keep, "
+                "e.g. posthoc_ema=[0.05,0.10], or leave posthoc_snapshot_every at 0"
+            )
 
     def check_meanflow_time_scale(self) -> None:
         """Refuse the MeanFlow identity's objective at DiT's 0-999 timestep range (a distilled student takes no derivative)."""
         if self.diffusion.objective == "meanflow" and self.model.time_input_scale > 0.01:
-            raise ValueError(f"model.time_input_scale {self.model.time_input_scale:g} with objective 'meanflow': set it to 0.001 "
-                             f"(flow time in [0, 1] at the embedder, as MeanFlow and SiT). At 1000 t the target's du/dt is "
-                             f"1000x larger in the fast embedding channels; a tiny DiT's loss then grew 4x in 100 steps")
+            raise ValueError(
+                f"model.time_input_scale {self.model.time_input_scale:g} with objective 'meanflow': set it to 0.001 "
+                f"(flow time in [0, 1] at the embedder, as MeanFlow and SiT). At 1000 t the target's du/dt is "
+                f"1000x larger in the fast embedding channels; a tiny DiT's loss then grew 4x in 100 steps"
+            )
 
 
 class DiffusionModule(L.LightningModule):
@@ -151,7 +161,11 @@ class DiffusionModule(L.LightningModule):
         # Post-hoc EMA profiles: submodules, so checkpoints hold them and a resume continues them exactly.
         self.power_ema = PowerFunctionEMA(self.model, config.posthoc_ema) if config.posthoc_ema else None
         self.__dict__["train_forward"] = compiled(self.model, config.trainer.compile)  # not a submodule
-        self.schedule = None if config.diffusion.is_flow else make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+        self.schedule = (
+            None
+            if config.diffusion.is_flow
+            else make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+        )
         self.lineage = lineage  # {"latents": ref, "autoencoder": ref}; checked again on resume
         self.run_dir: Path | None = None
         self.batches: LatentBatches | None = None
@@ -164,7 +178,9 @@ class DiffusionModule(L.LightningModule):
         # The fused AdamW updates every parameter in one kernel per step instead of a dozen small
         # ops per tensor: ~6% of a DiT-F/2 step on the CPU (bench/dit.py --optimizer), more on GPUs.
         fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=self.config.betas, weight_decay=cfg.weight_decay, fused=fused)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=self.config.betas, weight_decay=cfg.weight_decay, fused=fused
+        )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.max_steps, self.config.lr_schedule)
         )
@@ -179,7 +195,9 @@ class DiffusionModule(L.LightningModule):
             # checkpoint (or to an abandoned run in this folder): this run writes its own.
             stale = remove_snapshots_after(self.run_dir / SNAPSHOT_FOLDER, self.global_step)
             if stale:
-                print(f"removed {len(stale)} post-hoc EMA snapshots after step {self.global_step} from {self.run_dir / SNAPSHOT_FOLDER}")
+                print(
+                    f"removed {len(stale)} post-hoc EMA snapshots after step {self.global_step} from {self.run_dir / SNAPSHOT_FOLDER}"
+                )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         z, y = batch  # z (B, C, h, w) normalised latents, y (B,)
@@ -198,7 +216,9 @@ class DiffusionModule(L.LightningModule):
 
     def batch_losses(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample losses (B,) of a batch: dict(loss, mse, t, and the terms the config turns on)."""
-        return training_losses(self.train_forward, z, y, self.config.diffusion, self.schedule, depth=self.config.model.depth)
+        return training_losses(
+            self.train_forward, z, y, self.config.diffusion, self.schedule, depth=self.config.model.depth
+        )
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -235,7 +255,11 @@ class DiffusionModule(L.LightningModule):
         steps and at the last one. Before the checkpoint of this step is saved, so a resume never skips a snapshot."""
         self.power_ema.update(self.model, step)
         every = self.config.posthoc_snapshot_every
-        if (step % every == 0 or step == self.trainer.max_steps) and self.trainer.is_global_zero and self.run_dir is not None:
+        if (
+            (step % every == 0 or step == self.trainer.max_steps)
+            and self.trainer.is_global_zero
+            and self.run_dir is not None
+        ):
             self.power_ema.write_snapshots(self.run_dir / SNAPSHOT_FOLDER, step, {"latents": self.lineage["latents"]})
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -261,7 +285,9 @@ class DiffusionModule(L.LightningModule):
         labels = torch.arange(classes).repeat_interleave(cfg.per_class)
         z = sample_latents(self.ema, self.config.diffusion, labels, cfg.settings())
         images = autoencoder.to(z.device).decode(stats.denormalize(z))
-        return save_grid(images, self.run_dir / "images" / name, nrow=cfg.per_class * 2 if classes > 5 else cfg.per_class, scale=2)
+        return save_grid(
+            images, self.run_dir / "images" / name, nrow=cfg.per_class * 2 if classes > 5 else cfg.per_class, scale=2
+        )
 
 
 def check_model_fits_cache(model: DiTConfig, cache: LatentCache) -> None:
@@ -324,15 +350,21 @@ def starting_point(store: ArtifactStore, config: DiffusionStageConfig, latents_r
     """The artifact `init_from` names, checked: a DiT of this run's model settings trained on this run's cache."""
     start = store.load(config.init_from, stage="diffusion")
     if start.config().get("model") != to_dict(config)["model"]:
-        raise ValueError(f"init_from {start.ref} has model settings {start.config().get('model')}, this run "
-                         f"{to_dict(config)['model']}: continue with the same model settings (the same preset and options)")
+        raise ValueError(
+            f"init_from {start.ref} has model settings {start.config().get('model')}, this run "
+            f"{to_dict(config)['model']}: continue with the same model settings (the same preset and options)"
+        )
     if start.parents.get("latents") != latents_ref:
-        raise ArtifactError(f"init_from {start.ref} was trained on {start.parents.get('latents')}, this run trains on "
-                            f"{latents_ref}: another cache is another latent space. Pass --latents "
-                            f"{start.parents.get('latents')} or start from a DiT trained on {latents_ref}")
+        raise ArtifactError(
+            f"init_from {start.ref} was trained on {start.parents.get('latents')}, this run trains on "
+            f"{latents_ref}: another cache is another latent space. Pass --latents "
+            f"{start.parents.get('latents')} or start from a DiT trained on {latents_ref}"
+        )
     if DIT_WEIGHT_FILES["raw"] not in start.manifest.get("files", {}):
-        raise ArtifactError(f"init_from {start.ref} holds no {DIT_WEIGHT_FILES['raw']} (trained weights), only EMA ones: "
-                            f"it cannot be continued; start from a diffusion artifact that `ldm train diffusion` wrote")
+        raise ArtifactError(
+            f"init_from {start.ref} holds no {DIT_WEIGHT_FILES['raw']} (trained weights), only EMA ones: "
+            f"it cannot be continued; start from a diffusion artifact that `ldm train diffusion` wrote"
+        )
     return start
 
 
@@ -344,8 +376,8 @@ def train_and_store(
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
     allow_changes: Sequence[str] = (),
-    parents: Optional[dict[str, str]] = None,
-    metadata: Optional[dict] = None,
+    parents: dict[str, str] | None = None,
+    metadata: dict | None = None,
 ) -> Artifact | None:
     """Open the run, train the module `make_module` builds (after the run seeded every RNG) on the cache and
     store its EMA and raw weights as a `diffusion` artifact with `parents` (default: the cache) and `metadata` added."""
@@ -357,16 +389,28 @@ def train_and_store(
         module.decoder = (autoencoder, cache.stats)
         loader = DataLoader(module.batches, batch_size=None, num_workers=0)
         params = sum(p.numel() for p in module.model.parameters())
-        print(f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, objective {config.diffusion.objective} "
-              f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
-              f"{len(cache)} cached images from {cache.artifact.ref}")
-        trained = fit_stage(config.trainer, run_dir, checkpoint, module, loader, module.batches, callbacks,
-                            gradient_clip_val=config.trainer.grad_clip or None)
+        print(
+            f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, objective {config.diffusion.objective} "
+            f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
+            f"{len(cache)} cached images from {cache.artifact.ref}"
+        )
+        trained = fit_stage(
+            config.trainer,
+            run_dir,
+            checkpoint,
+            module,
+            loader,
+            module.batches,
+            callbacks,
+            gradient_clip_val=config.trainer.grad_clip or None,
+        )
         if trained is None:
             return None
         trainer, seconds = trained
         steps_this_run = trainer.global_step - module.start_step
-        final = {k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        final = {
+            k.removeprefix("train/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")
+        }
         grid = module.save_preview("samples-final.png")
         curves = save_loss_curves(run_dir, ["train/loss", "train/mse"], run_dir / "loss.png", "diffusion loss")
         # None when a resume found the run finished: it trained nothing, and has no throughput.
@@ -396,15 +440,20 @@ def train_and_store(
             },
         )
         print(f"\nwrote {artifact.ref}  ({artifact.path})")
-        this_run = (f", {format_seconds(seconds)} this run, {images_per_s:.0f} latents/s, final loss {final['loss']:.4f}"
-                    if images_per_s is not None and "loss" in final else "")
+        this_run = (
+            f", {format_seconds(seconds)} this run, {images_per_s:.0f} latents/s, final loss {final['loss']:.4f}"
+            if images_per_s is not None and "loss" in final
+            else ""
+        )
         print(f"  {trainer.global_step} steps{this_run}")
         print(f"  samples: {grid}   loss curve: {curves}")
         if config.posthoc_ema:
             record = artifact.manifest["training"]["posthoc_ema"]
-            print(f"  post-hoc EMA: {len(record['snapshot_steps'])} snapshots of sigma_rel {config.posthoc_ema} in "
-                  f"{record['snapshots']} ({record['bytes'] / 2**20:.1f} MiB, kept there, not in the artifact); "
-                  f"ldm ema --model {artifact.ref} --sigma-rel ... reconstructs and measures other EMA lengths")
+            print(
+                f"  post-hoc EMA: {len(record['snapshot_steps'])} snapshots of sigma_rel {config.posthoc_ema} in "
+                f"{record['snapshots']} ({record['bytes'] / 2**20:.1f} MiB, kept there, not in the artifact); "
+                f"ldm ema --model {artifact.ref} --sigma-rel ... reconstructs and measures other EMA lengths"
+            )
         return artifact
 
 
@@ -418,5 +467,5 @@ def posthoc_ema_record(config: DiffusionStageConfig, run_dir: Path) -> dict:
         "snapshot_steps": sorted({s.step for s in snapshots}),
         "bytes": sum(s.path.stat().st_size for s in snapshots),
         "note": "the snapshots stay in the run folder (one copy of the weights per profile and step: too big for the "
-                "artifact); `ldm ema --model <this artifact> --sigma-rel ...` reconstructs other EMA lengths from them",
+        "artifact); `ldm ema --model <this artifact> --sigma-rel ...` reconstructs other EMA lengths from them",
     }

@@ -7,8 +7,8 @@ latent cache, and is stored as a `diffusion` artifact whose parents are that cac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -20,8 +20,14 @@ from ldm.diffusion.distill import DistillConfig, distillation_losses, guided_vel
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.loading import dit_configs, load_dit
 from ldm.models.dit import DiT, DiTConfig
-from stages.diffusion import (DiffusionModule, DiffusionStageConfig, PreviewConfig, check_model_fits_cache, open_cache,
-                              train_and_store)
+from stages.diffusion import (
+    DiffusionModule,
+    DiffusionStageConfig,
+    PreviewConfig,
+    check_model_fits_cache,
+    open_cache,
+    train_and_store,
+)
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -38,32 +44,46 @@ class DistillStageConfig(DiffusionStageConfig):
     trainer: TrainerConfig = field(default_factory=_trainer_defaults)
     ema_decay: float = 0.999
     lr_schedule: str = "cosine"
-    preview: PreviewConfig = field(default_factory=lambda: PreviewConfig(sampler="meanflow", steps=2, guidance_scale=1.0))
+    preview: PreviewConfig = field(
+        default_factory=lambda: PreviewConfig(sampler="meanflow", steps=2, guidance_scale=1.0)
+    )
     run_dir: str = "runs/distill"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.preview.guidance_scale != 1:
-            raise ValueError(f"preview.guidance_scale {self.preview.guidance_scale:g}: a student has its guidance built in "
-                             f"(distill.guidance_scale); preview it at 1")
+            raise ValueError(
+                f"preview.guidance_scale {self.preview.guidance_scale:g}: a student has its guidance built in "
+                f"(distill.guidance_scale); preview it at 1"
+            )
 
     def check_meanflow_time_scale(self) -> None:
         """A student learns no derivative, so it keeps its teacher's timestep range."""
 
 
-def student_configs(teacher_model: DiTConfig, teacher_diffusion: DiffusionConfig,
-                    distill: DistillConfig) -> tuple[DiTConfig, DiffusionConfig]:
+def student_configs(
+    teacher_model: DiTConfig, teacher_diffusion: DiffusionConfig, distill: DistillConfig
+) -> tuple[DiTConfig, DiffusionConfig]:
     """Return the student's (DiTConfig, DiffusionConfig): the teacher's network with an interval embedding and no
     label dropout (it learns the guided velocity, so it has no unconditional use), sampled as an average-velocity model."""
     if teacher_diffusion.objective != "flow":
-        raise ValueError(f"the teacher's objective is {teacher_diffusion.objective!r}; distillation needs a rectified-flow "
-                         f"teacher (diffusion.objective flow), such as configs/fmnist/diffusion-fast.yaml trains")
+        raise ValueError(
+            f"the teacher's objective is {teacher_diffusion.objective!r}; distillation needs a rectified-flow "
+            f"teacher (diffusion.objective flow), such as configs/fmnist/diffusion-fast.yaml trains"
+        )
     if distill.guidance_scale != 1 and teacher_model.class_dropout_prob == 0:
-        raise ValueError(f"distill.guidance_scale {distill.guidance_scale:g} needs a teacher trained with label dropout "
-                         f"(model.class_dropout_prob > 0), which this one was not; set distill.guidance_scale=1")
+        raise ValueError(
+            f"distill.guidance_scale {distill.guidance_scale:g} needs a teacher trained with label dropout "
+            f"(model.class_dropout_prob > 0), which this one was not; set distill.guidance_scale=1"
+        )
     model = replace(teacher_model, interval_embed=True, class_dropout_prob=0.0)
-    diffusion = replace(teacher_diffusion, objective="meanflow", velocity_cosine_weight=0.0, dispersive_weight=0.0,
-                        built_in_guidance=distill.guidance_scale)
+    diffusion = replace(
+        teacher_diffusion,
+        objective="meanflow",
+        velocity_cosine_weight=0.0,
+        dispersive_weight=0.0,
+        built_in_guidance=distill.guidance_scale,
+    )
     return model, diffusion
 
 
@@ -108,11 +128,15 @@ def run(
     store = store or ArtifactStore()
     check_run_writable(store, config.run_dir)  # fails now rather than after training
     if config.model != DiTConfig() or config.diffusion != DiffusionConfig():
-        raise ValueError("a distillation config sets no model.* or diffusion.*: the student's network and objective come "
-                         "from its teacher (distill.* and trainer.* are the settings of this stage)")
+        raise ValueError(
+            "a distillation config sets no model.* or diffusion.*: the student's network and objective come "
+            "from its teacher (distill.* and trainer.* are the settings of this stage)"
+        )
     if config.init_from:
-        raise ValueError(f"init_from ({config.init_from}) continues `ldm train diffusion` runs; a student starts from its "
-                         f"teacher (--teacher): leave init_from unset")
+        raise ValueError(
+            f"init_from ({config.init_from}) continues `ldm train diffusion` runs; a student starts from its "
+            f"teacher (--teacher): leave init_from unset"
+        )
     teacher_artifact = store.load(config.teacher, stage="diffusion")
     teacher_latents = teacher_artifact.parents.get("latents")
     cache = open_cache(store, replace(config, latents=config.latents or teacher_latents))
@@ -127,14 +151,33 @@ def run(
     check_model_fits_cache(config.model, cache)
     teacher = load_dit(teacher_artifact, precision="float32")
     lineage = {"latents": cache.artifact.ref, "autoencoder": cache.autoencoder_ref, "teacher": teacher_artifact.ref}
-    within = "" if config.distill.guidance_interval is None else " at timesteps {:g}-{:g}".format(*config.distill.guidance_interval)
-    print(f"distilling {teacher_artifact.ref} (guidance {config.distill.guidance_scale:g}{within} built in) into a student of "
-          f"{', '.join(str(round(1 / d)) for d in config.distill.interval_levels)} steps")
+    within = (
+        ""
+        if config.distill.guidance_interval is None
+        else " at timesteps {:g}-{:g}".format(*config.distill.guidance_interval)
+    )
+    print(
+        f"distilling {teacher_artifact.ref} (guidance {config.distill.guidance_scale:g}{within} built in) into a student of "
+        f"{', '.join(str(round(1 / d)) for d in config.distill.interval_levels)} steps"
+    )
     return train_and_store(
-        store, config, cache, lambda: DistillModule(config, lineage, teacher), resume, callbacks, allow_changes,
+        store,
+        config,
+        cache,
+        lambda: DistillModule(config, lineage, teacher),
+        resume,
+        callbacks,
+        allow_changes,
         parents={"latents": cache.artifact.ref, "teacher": teacher_artifact.ref},
-        metadata={"distillation": {"teacher": teacher_artifact.ref, "guidance_scale": config.distill.guidance_scale,
-                                   "guidance_interval": config.distill.guidance_interval,
-                                   "finest_steps": config.distill.finest_steps, "anchor_share": config.distill.anchor_share,
-                                   "sampler": "meanflow", "note": "sample with 1, 2, 4 ... finest_steps steps and guidance 1"}},
+        metadata={
+            "distillation": {
+                "teacher": teacher_artifact.ref,
+                "guidance_scale": config.distill.guidance_scale,
+                "guidance_interval": config.distill.guidance_interval,
+                "finest_steps": config.distill.finest_steps,
+                "anchor_share": config.distill.anchor_share,
+                "sampler": "meanflow",
+                "note": "sample with 1, 2, 4 ... finest_steps steps and guidance 1",
+            }
+        },
     )

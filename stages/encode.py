@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,7 @@ class EncodeConfig:
     split: str = "train"
     # Also cache each image's horizontal flip (V = 2 views). None: the data's own rule (`DataConfig.mirror_invariant`):
     # flips for image folders, none for Fashion-MNIST (every item faces one way) and never for sound.
-    flips: Optional[bool] = None
+    flips: bool | None = None
     stats: str = "channel"  # channel | global normalisation statistics | source (an imported autoencoder's own)
     batch_size: int = 500
     shard_size: int = 16384  # images per shard file
@@ -46,7 +45,11 @@ class EncodeConfig:
 
 def cache_key(autoencoder: Artifact, fingerprint: str, config: EncodeConfig) -> str:
     """Return a hash of everything that determines a cache's content (the device does not)."""
-    content = {"autoencoder": autoencoder.version, "data": fingerprint, **to_dict(replace(config, device="any", batch_size=0))}
+    content = {
+        "autoencoder": autoencoder.version,
+        "data": fingerprint,
+        **to_dict(replace(config, device="any", batch_size=0)),
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,7 +101,9 @@ class ShardWriter:
 
 
 @torch.no_grad()
-def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, data: DataConfig | None = None) -> Artifact:
+def encode(
+    store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, data: DataConfig | None = None
+) -> Artifact:
     """Encode `config.split` of `data` (default: the autoencoder's training data) and return the `latents` artifact.
 
     Shards are written as they fill, so memory holds about one shard whatever the data set's size. An
@@ -118,9 +123,11 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
     elif config.flips is None:
         config = replace(config, flips=data_config.mirror_invariant)
     elif config.flips and not data_config.mirror_invariant:
-        print(f"warning: flips=true on {data_config.name!r}, whose items all face one way: a DiT trained on this cache "
-              f"learns mirrored items too (on Fashion-MNIST, train images half of them flipped score FD 4.3 and class "
-              f"accuracy 0.83 against the test set, against 0.14 and 0.93 as they are; docs/results.md)")
+        print(
+            f"warning: flips=true on {data_config.name!r}, whose items all face one way: a DiT trained on this cache "
+            f"learns mirrored items too (on Fashion-MNIST, train images half of them flipped score FD 4.3 and class "
+            f"accuracy 0.83 against the test set, against 0.14 and 0.93 as they are; docs/results.md)"
+        )
     fingerprint = data_fingerprint(data_config, config.split)
     key = cache_key(autoencoder, fingerprint, config)
     existing = find_existing(store, key)
@@ -138,7 +145,9 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
     measured = LatentStatsAccumulator()
     done, num_classes = 0, 0
     timer = Timer()
-    print(f"encoding {total} {config.split} images with {autoencoder.ref}{' and their flips' if config.flips else ''} ...")
+    print(
+        f"encoding {total} {config.split} images with {autoencoder.ref}{' and their flips' if config.flips else ''} ..."
+    )
     # A failed write (a full disk) leaves nothing: the writer removes its folder as the error passes.
     with writing_to(store.root, STORE_OPTION), store.writer("latents") as writer:
         shards = ShardWriter(writer, config.shard_size)
@@ -178,10 +187,18 @@ def encode(store: ArtifactStore, autoencoder_ref: str, config: EncodeConfig, dat
                 "num_classes": num_classes,
                 "latent_stats": stats.to_dict(),
                 "latent_stats_both": {mode: measured.stats(mode).to_dict() for mode in ("channel", "global")},
-                "encode": {"seconds": round(seconds, 1), "images_per_s": round(done / seconds, 1), "device": str(device)},
+                "encode": {
+                    "seconds": round(seconds, 1),
+                    "images_per_s": round(done / seconds, 1),
+                    "device": str(device),
+                },
             },
         )
-    print(f"wrote {artifact.ref} ({shards.shards} shards, {done} images x {latent_shape[0]} views, "
-          f"latents {tuple(latent_shape[1:])}) in {format_seconds(seconds)}")
-    print(f"  latent stats ({stats.mode}): mean {[round(v, 4) for v in stats.mean]}, std {[round(v, 4) for v in stats.std]}")
+    print(
+        f"wrote {artifact.ref} ({shards.shards} shards, {done} images x {latent_shape[0]} views, "
+        f"latents {tuple(latent_shape[1:])}) in {format_seconds(seconds)}"
+    )
+    print(
+        f"  latent stats ({stats.mode}): mean {[round(v, 4) for v in stats.mean]}, std {[round(v, 4) for v in stats.std]}"
+    )
     return artifact

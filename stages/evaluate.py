@@ -57,8 +57,11 @@ def evaluate_reconstruction(
     sound = data_config.is_sound
     extractor = feature_extractor(store, features, classifier_ref, device, sound=sound)
     if sound:
-        measures = {"si_sdr_db": si_sdr, "mr_stft": mr_stft_distance,
-                    "log_mel_distance": lambda a, b: log_mel_distance(a, b, data_config.sample_rate)}
+        measures = {
+            "si_sdr_db": si_sdr,
+            "mr_stft": mr_stft_distance,
+            "log_mel_distance": lambda a, b: log_mel_distance(a, b, data_config.sample_rate),
+        }
     else:
         perceptual = perceptual_metric(lpips).to(device)
         measures = {"psnr_db": psnr, "ssim": ssim, "lpips": perceptual}
@@ -101,7 +104,12 @@ def evaluate_reconstruction(
     rfid = frechet_distance(real_stats.mean(), real_stats.cov(), recon_stats.mean(), recon_stats.cov())
     report = {
         "autoencoder": artifact.ref,
-        "data": {"name": data_config.name, "split": split, "images": count, "fingerprint": data_fingerprint(data_config, split)},
+        "data": {
+            "name": data_config.name,
+            "split": split,
+            "images": count,
+            "fingerprint": data_fingerprint(data_config, split),
+        },
         "latent_shape": artifact.manifest.get("latent_shape"),
         **{name: totals[name] / count for name in measures},
         **({} if sound else {"lpips_backbone": perceptual.describe()}),
@@ -124,8 +132,17 @@ def evaluate_reconstruction(
                 write_wav(out_dir / "audio" / f"{i:02d}-input.wav", clip, data_config.sample_rate)
                 write_wav(out_dir / "audio" / f"{i:02d}-reconstruction.wav", recon, data_config.sample_rate)
         write_atomic(out_dir / "report.json", json.dumps(report, indent=2).encode())
-    metrics = {k: report[k] for k in (*measures, "rfid", "class_accuracy", "real_class_accuracy",
-                                      "encode_images_per_s", "decode_images_per_s")}
+    metrics = {
+        k: report[k]
+        for k in (
+            *measures,
+            "rfid",
+            "class_accuracy",
+            "real_class_accuracy",
+            "encode_images_per_s",
+            "decode_images_per_s",
+        )
+    }
     metrics.update(images=count, rfid_features=report["rfid_features"])
     if not sound:
         metrics.update(lpips_backbone=report["lpips_backbone"])
@@ -138,8 +155,10 @@ def print_report(report: dict, out_dir: Path, picture: Path) -> None:
     """Print the reconstruction numbers as a short table."""
     fid_name = "rFID" if report["rfid_is_standard_fid"] else "rFD (not Inception FID)"
     sound = "si_sdr_db" in report
-    print(f"reconstruction of {report['data']['images']} {report['data']['split']} {'clips' if sound else 'images'} "
-          f"by {report['autoencoder']}")
+    print(
+        f"reconstruction of {report['data']['images']} {report['data']['split']} {'clips' if sound else 'images'} "
+        f"by {report['autoencoder']}"
+    )
     if sound:
         print(f"  SI-SDR    {report['si_sdr_db']:8.3f} dB")
         print(f"  MR-STFT   {report['mr_stft']:8.4f}   (multi-resolution STFT distance, FFT 128/256/512)")
@@ -150,8 +169,12 @@ def print_report(report: dict, out_dir: Path, picture: Path) -> None:
         print(f"  LPIPS     {report['lpips']:8.4f}   [{report['lpips_backbone']}]")
     print(f"  {fid_name:<9} {report['rfid']:8.4f}   [{report['rfid_features']}]")
     if report["class_accuracy"] is not None:
-        print(f"  class acc {report['class_accuracy']:8.4f}   (real images {report['real_class_accuracy']:.4f}; "
-              f"{report['class_accuracy_classifier']}: the ceiling for samples decoded by this autoencoder)")
-    print(f"  encode    {report['encode_images_per_s']:8.1f} images/s, decode {report['decode_images_per_s']:.1f} images/s "
-          f"({report['device']}, {report['threads']} threads)")
+        print(
+            f"  class acc {report['class_accuracy']:8.4f}   (real images {report['real_class_accuracy']:.4f}; "
+            f"{report['class_accuracy_classifier']}: the ceiling for samples decoded by this autoencoder)"
+        )
+    print(
+        f"  encode    {report['encode_images_per_s']:8.1f} images/s, decode {report['decode_images_per_s']:.1f} images/s "
+        f"({report['device']}, {report['threads']} threads)"
+    )
     print(f"  report {out_dir / 'report.json'}   side-by-side {picture}")

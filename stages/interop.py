@@ -113,16 +113,20 @@ def import_autoencoder(
     )
     parameters = sum(p.numel() for p in imported.model.parameters())
     print(f"wrote {artifact.ref}  ({artifact.path})")
-    print(f"  {format_name} from {metadata['source']['path']}: {parameters:,} parameters, "
-          f"latents {tuple(config.latent_shape)} for {config.resolution}px images (f={config.downsample_factor})")
+    print(
+        f"  {format_name} from {metadata['source']['path']}: {parameters:,} parameters, "
+        f"latents {tuple(config.latent_shape)} for {config.resolution}px images (f={config.downsample_factor})"
+    )
     for note in imported.notes:
         print(f"  note: {note}")
     if imported.latent_stats is None:
         print("  no latent statistics in the source: `ldm encode` measures them (stats=channel or global)")
     else:
         stats = imported.latent_stats
-        print(f"  source latent stats ({stats.mode}): mean {[round(v, 5) for v in stats.mean]}, "
-              f"std {[round(v, 5) for v in stats.std]}; `ldm encode --set stats=source` uses them")
+        print(
+            f"  source latent stats ({stats.mode}): mean {[round(v, 5) for v in stats.mean]}, "
+            f"std {[round(v, 5) for v in stats.std]}; `ldm encode --set stats=source` uses them"
+        )
     if data_section is None or data_section.get("path") == NO_DATA:
         print("  no default data set: pass --data to `ldm encode` and `ldm eval recon`")
     return artifact
@@ -173,11 +177,15 @@ def import_diffusion(
         diffusion_fields = diffusion_settings_from_diffusers_scheduler(from_diffusers) or {}
     config: DiTConfig = imported.config
     diffusion = from_dict(
-        DiffusionConfig, {"learn_sigma": config.learn_sigma, **diffusion_fields, **sections.get("diffusion", {})}, "diffusion"
+        DiffusionConfig,
+        {"learn_sigma": config.learn_sigma, **diffusion_fields, **sections.get("diffusion", {})},
+        "diffusion",
     )
     if diffusion.learn_sigma != config.learn_sigma:
-        raise ValueError(f"diffusion.learn_sigma ({diffusion.learn_sigma}) must match the network's output channels "
-                         f"(learn_sigma {config.learn_sigma})")
+        raise ValueError(
+            f"diffusion.learn_sigma ({diffusion.learn_sigma}) must match the network's output channels "
+            f"(learn_sigma {config.learn_sigma})"
+        )
     ae_config = from_dict(AutoencoderConfig, autoencoder.config()["model"], "model")
     dit_latents = config.latent_shape
     if tuple(ae_config.latent_shape) != dit_latents:
@@ -200,20 +208,29 @@ def import_diffusion(
             "latent_shape": list(dit_latents),
             "num_classes": config.num_classes,
             "weights": "weights.safetensors holds the EMA (sampling) weights; raw.safetensors the raw ones "
-                       + ("(from the source's \"model\")" if imported.raw_state_dict is not None
-                          else "(the same tensors: the source had one set)"),
+            + (
+                '(from the source\'s "model")'
+                if imported.raw_state_dict is not None
+                else "(the same tensors: the source had one set)"
+            ),
             "source": _source_record(imported, format_name),
         },
     )
     parameters = sum(p.numel() for p in imported.model.parameters())
     print(f"wrote {artifact.ref}  ({artifact.path})")
-    print(f"  {format_name} from {artifact.manifest['source']['path']}: {parameters:,} parameters, depth {config.depth}, "
-          f"width {config.hidden_size}, {config.num_heads} heads, patch {config.patch_size}, latents {dit_latents}, "
-          f"{config.num_classes} classes, learn_sigma {config.learn_sigma}")
-    print(f"  decodes with {autoencoder.ref}; latent stats ({stats.mode}): mean {[round(v, 5) for v in stats.mean]}, "
-          f"std {[round(v, 5) for v in stats.std]}")
-    print(f"  diffusion: {diffusion.objective}, {diffusion.schedule} schedule, {diffusion.num_timesteps} steps, "
-          f"predicts {diffusion.prediction}")
+    print(
+        f"  {format_name} from {artifact.manifest['source']['path']}: {parameters:,} parameters, depth {config.depth}, "
+        f"width {config.hidden_size}, {config.num_heads} heads, patch {config.patch_size}, latents {dit_latents}, "
+        f"{config.num_classes} classes, learn_sigma {config.learn_sigma}"
+    )
+    print(
+        f"  decodes with {autoencoder.ref}; latent stats ({stats.mode}): mean {[round(v, 5) for v in stats.mean]}, "
+        f"std {[round(v, 5) for v in stats.std]}"
+    )
+    print(
+        f"  diffusion: {diffusion.objective}, {diffusion.schedule} schedule, {diffusion.num_timesteps} steps, "
+        f"predicts {diffusion.prediction}"
+    )
     for note in imported.notes:
         print(f"  note: {note}")
     return artifact
@@ -259,20 +276,26 @@ def export_diffusion(store: ArtifactStore, ref: str, out_dir: str, weights: str 
     check_writable(out_dir, "--to-diffusers")
     artifact = store.load(ref, stage="diffusion")
     if stored_precision(artifact) != "float32":
-        raise ArtifactError(f"{artifact.ref} holds {stored_precision(artifact)} weights, which diffusers' DiT cannot hold: "
-                            f"export the model it was quantised from, {artifact.parents.get('diffusion')}")
+        raise ArtifactError(
+            f"{artifact.ref} holds {stored_precision(artifact)} weights, which diffusers' DiT cannot hold: "
+            f"export the model it was quantised from, {artifact.parents.get('diffusion')}"
+        )
     model, diffusion = load_dit(artifact, weights), dit_configs(artifact)[1]
     report = export_dit_to_diffusers(model, out_dir)
     if diffusion.objective != "ddpm" or diffusion.prediction != "eps":
-        report.notes.append(f"the model predicts {diffusion.prediction if diffusion.objective == 'ddpm' else 'a flow velocity'} "
-                            f"({diffusion.objective}); diffusers' DiTPipeline assumes a DDPM eps model, so pair it with a "
-                            f"matching scheduler")
+        report.notes.append(
+            f"the model predicts {diffusion.prediction if diffusion.objective == 'ddpm' else 'a flow velocity'} "
+            f"({diffusion.objective}); diffusers' DiTPipeline assumes a DDPM eps model, so pair it with a "
+            f"matching scheduler"
+        )
     stats = artifact.manifest.get("latent_stats")
     if stats:
         mean, std = [round(v, 5) for v in stats["mean"]], [round(v, 5) for v in stats["std"]]
-        report.notes.append(f"trained on latents normalised with mean {mean} and std {std} "
-                            f"({stats['mode']}); export its autoencoder ({artifact.manifest.get('autoencoder')}) with "
-                            f"`ldm export autoencoder` to carry them as scaling_factor")
+        report.notes.append(
+            f"trained on latents normalised with mean {mean} and std {std} "
+            f"({stats['mode']}); export its autoencoder ({artifact.manifest.get('autoencoder')}) with "
+            f"`ldm export autoencoder` to carry them as scaling_factor"
+        )
     _print_report(report, "DiTTransformer2DModel")
     return report
 
@@ -295,8 +318,10 @@ def quantize_diffusion(store: ArtifactStore, ref: str, keep: Iterable[str] = ())
     store.check_writable()
     artifact = store.load(ref, stage="diffusion")
     if stored_precision(artifact) != "float32":
-        raise ArtifactError(f"{artifact.ref} is stored as {stored_precision(artifact)} already; quantise its parent "
-                            f"{artifact.parents.get('diffusion')}")
+        raise ArtifactError(
+            f"{artifact.ref} is stored as {stored_precision(artifact)} already; quantise its parent "
+            f"{artifact.parents.get('diffusion')}"
+        )
     float_model = load_dit(artifact)
     check_keep_patterns(int8_layer_names(float_model), keep)
     float_bytes = weight_bytes(float_model)
@@ -309,20 +334,27 @@ def quantize_diffusion(store: ArtifactStore, ref: str, keep: Iterable[str] = ())
         parents={**{k: v for k, v in artifact.parents.items() if k == "latents"}, "diffusion": artifact.ref},
         data_fingerprint=artifact.manifest.get("data_fingerprint"),
         metadata={
-            **{key: artifact.manifest[key] for key in ("autoencoder", "latent_stats", "latent_shape", "num_classes")
-               if key in artifact.manifest},
+            **{
+                key: artifact.manifest[key]
+                for key in ("autoencoder", "latent_stats", "latent_shape", "num_classes")
+                if key in artifact.manifest
+            },
             "precision": "int8",
             "int8_layers": layers,
             "weights": f"weights.safetensors holds the EMA weights of {artifact.ref} with {len(layers)} block linears as "
-                       f"int8 (per-channel scales) for CPU sampling; no raw weights",
+            f"int8 (per-channel scales) for CPU sampling; no raw weights",
             "training": artifact.manifest.get("training", {}),
         },
     )
     size = quantized.manifest["files"]["weights.safetensors"]["bytes"]
     source = artifact.manifest["files"]["weights.safetensors"]["bytes"]
     print(f"wrote {quantized.ref}  ({quantized.path})")
-    print(f"  {len(layers)} linear layers int8 ({', '.join(sorted({name.split('.')[-1] for name in layers}))} of every block), "
-          f"the embeddings and final layer float32" + (f"; kept float32: {', '.join(keep)}" if keep else ""))
-    print(f"  weights {size / 1e6:.2f} MB on disk ({source / size:.2f}x smaller than {artifact.ref}), "
-          f"{weight_bytes(model) / 1e6:.2f} MB in memory ({float_bytes / weight_bytes(model):.2f}x smaller)")
+    print(
+        f"  {len(layers)} linear layers int8 ({', '.join(sorted({name.split('.')[-1] for name in layers}))} of every block), "
+        f"the embeddings and final layer float32" + (f"; kept float32: {', '.join(keep)}" if keep else "")
+    )
+    print(
+        f"  weights {size / 1e6:.2f} MB on disk ({source / size:.2f}x smaller than {artifact.ref}), "
+        f"{weight_bytes(model) / 1e6:.2f} MB in memory ({float_bytes / weight_bytes(model):.2f}x smaller)"
+    )
     return quantized

@@ -14,7 +14,6 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -23,8 +22,17 @@ from ldm.artifacts import ArtifactStore, write_atomic
 from ldm.audio import write_wav
 from ldm.caching import sealed_schedule, stored_schedule
 from ldm.destinations import check_writable, writing_to
-from ldm.evaluation import (EVAL_FOLDER, evaluation_name, guidance_text, measure_samples, precision_name, report_metrics,
-                            report_settings, sample_reference, trajectory_name)
+from ldm.evaluation import (
+    EVAL_FOLDER,
+    evaluation_name,
+    guidance_text,
+    measure_samples,
+    precision_name,
+    report_metrics,
+    report_settings,
+    sample_reference,
+    trajectory_name,
+)
 from ldm.generation import SamplingSettings, model_calls
 from ldm.images import save_grid, save_png, to_pil
 from ldm.runtime import synchronize
@@ -34,7 +42,7 @@ GRID_MAX = 256  # grid.png shows every image up to this many; beyond, the first 
 SAMPLE_FILE = re.compile(r"\d{6}-class\d+\.(png|wav)")  # images/NNNNNN-classC.png or audio/NNNNNN-classC.wav
 
 
-def parse_classes(spec: Optional[str], n: int, num_classes: int) -> torch.Tensor:
+def parse_classes(spec: str | None, n: int, num_classes: int) -> torch.Tensor:
     """Labels for n images: "3" (all class 3), "0,2,5" (cycled), or None/"all" (every class in turn)."""
     if spec is None or spec == "all":
         choices = list(range(num_classes))
@@ -53,14 +61,14 @@ def write_samples(
     model_ref: str,
     settings: SamplingSettings,
     n: int = 64,
-    classes: Optional[str] = None,
+    classes: str | None = None,
     out_dir: str | Path = "out/samples",
     device: str = "cpu",
     single_images: bool = True,
-    autoencoder_ref: Optional[str] = None,
-    guide_ref: Optional[str] = None,
+    autoencoder_ref: str | None = None,
+    guide_ref: str | None = None,
     overwrite: bool = False,
-    precision: Optional[str] = None,
+    precision: str | None = None,
     cache_fraction: float = 0.0,
     cache_forecast: bool = False,
 ) -> dict:
@@ -74,8 +82,9 @@ def write_samples(
     """
     _check_count(n)
     out_dir = Path(out_dir)
-    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device,
-                                                  guide=guide_ref, precision=precision)
+    pipe = LatentDiffusionPipeline.from_artifacts(
+        model_ref, store=store, autoencoder=autoencoder_ref, device=device, guide=guide_ref, precision=precision
+    )
     singles = out_dir / ("images" if pipe.sample_rate is None else "audio")
     check_writable(singles if single_images else out_dir, "--out")
     settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
@@ -85,8 +94,11 @@ def write_samples(
     in_grid = _grid_count(n, len(set(labels.tolist())))
     grid_images, seconds = [], 0.0
     batch_size = settings.batch_size
-    bar = tqdm(total=math.ceil(n / batch_size) * model_calls(settings.sampler, settings.num_steps), unit="step",
-               desc=f"{n} samples ({settings.sampler}, {settings.num_steps} steps, {guidance_text(recorded)})")
+    bar = tqdm(
+        total=math.ceil(n / batch_size) * model_calls(settings.sampler, settings.num_steps),
+        unit="step",
+        desc=f"{n} samples ({settings.sampler}, {settings.num_steps} steps, {guidance_text(recorded)})",
+    )
     with bar, writing_to(out_dir, "--out", kept="the samples made so far stay, counted in samples.json"):
         for path in earlier:  # --overwrite: our earlier outputs only, never the folder or other files
             path.unlink(missing_ok=True)
@@ -105,20 +117,37 @@ def write_samples(
             if start < in_grid:
                 grid_images.append(images[: in_grid - start].cpu())
             done = start + len(batch)
-            _write_json(out_dir / "samples.json", {**recorded, "sampled": done, "labels": labels[:done].tolist(), "complete": False})
+            _write_json(
+                out_dir / "samples.json",
+                {**recorded, "sampled": done, "labels": labels[:done].tolist(), "complete": False},
+            )
         grid = save_class_grid(torch.cat(grid_images), labels[:in_grid], out_dir / "grid.png")
-        report = {**recorded, "sampled": n, "labels": labels.tolist(), "complete": True,
-                  "seconds": round(seconds, 2), "seconds_per_image": seconds / n}
+        report = {
+            **recorded,
+            "sampled": n,
+            "labels": labels.tolist(),
+            "complete": True,
+            "seconds": round(seconds, 2),
+            "seconds_per_image": seconds / n,
+        }
         _write_json(out_dir / "samples.json", report)
-    print(f"{n} samples from {report['model']} ({settings.sampler}, {settings.num_steps} steps, {guidance_text(report)}, "
-          f"seed {settings.seed}) "
-          f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)")
+    print(
+        f"{n} samples from {report['model']} ({settings.sampler}, {settings.num_steps} steps, {guidance_text(report)}, "
+        f"seed {settings.seed}) "
+        f"in {seconds:.1f}s ({1000 * seconds / n:.1f} ms/image)"
+    )
     print(f"  grid {grid}" + (f"   {singles.name} {singles}" if single_images else ""))
     return report
 
 
-def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiffusionPipeline, settings: SamplingSettings,
-                          fraction: float, forecast: bool = False) -> SamplingSettings:
+def stored_cache_schedule(
+    store: ArtifactStore,
+    model_ref: str,
+    pipe: LatentDiffusionPipeline,
+    settings: SamplingSettings,
+    fraction: float,
+    forecast: bool = False,
+) -> SamplingSettings:
     """`settings` with a step-caching schedule that skips `fraction` of the block evaluations (0: none); with
     `forecast`, skipped blocks add a linear forecast of their residual (`ldm.caching`) instead of the last one.
 
@@ -129,7 +158,9 @@ def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiff
     """
     if not fraction:
         return settings
-    name = f"cache-{trajectory_name(pipe, settings)}{precision_name(pipe)}-f{fraction:g}" + ("-forecast" if forecast else "")
+    name = f"cache-{trajectory_name(pipe, settings)}{precision_name(pipe)}-f{fraction:g}" + (
+        "-forecast" if forecast else ""
+    )
     artifact = store.load(model_ref, stage="diffusion", verify=False)
     calls = model_calls(settings.sampler, settings.num_steps)
     schedule = stored_schedule(artifact, name, calls, pipe.model.config.depth, fraction, forecast)
@@ -137,26 +168,36 @@ def stored_cache_schedule(store: ArtifactStore, model_ref: str, pipe: LatentDiff
         print(f"step caching: the stored schedule {name} skips {schedule.fraction:.1%} of the block evaluations")
         return replace(settings, cache=schedule)
     if name in (artifact.manifest.get("metrics") or {}):
-        print(f"step caching: the stored schedule {name} is not sealed (stored by an older ldm, or its seal removed): "
-              f"calibrating it anew")
+        print(
+            f"step caching: the stored schedule {name} is not sealed (stored by an older ldm, or its seal removed): "
+            f"calibrating it anew"
+        )
     store.check_writable(artifact)  # before calibrating: a schedule that cannot be stored would be calibrated every run
     schedule = pipe.calibrate_cache(settings, fraction=fraction, extrapolate=forecast)
     store.update_manifest(artifact, metrics={name: sealed_schedule(schedule, artifact, name, fraction)})
-    print(f"step caching: calibrated {name} ({schedule.fraction:.1%} of the block evaluations skipped), stored in "
-          f"{artifact.ref}'s manifest")
+    print(
+        f"step caching: calibrated {name} ({schedule.fraction:.1%} of the block evaluations skipped), stored in "
+        f"{artifact.ref}'s manifest"
+    )
     return replace(settings, cache=schedule)
 
 
 def earlier_samples(out_dir: Path, overwrite: bool) -> list[Path]:
     """Return the files an earlier `ldm sample` left in out_dir, to remove; raise FileExistsError if any, unless overwrite."""
     ours = [out_dir / name for name in ("grid.png", "samples.json") if (out_dir / name).is_file()]
-    singles = [path for folder, pattern in (("images", "*.png"), ("audio", "*.wav")) if (out_dir / folder).is_dir()
-               for path in sorted((out_dir / folder).glob(pattern))]
+    singles = [
+        path
+        for folder, pattern in (("images", "*.png"), ("audio", "*.wav"))
+        if (out_dir / folder).is_dir()
+        for path in sorted((out_dir / folder).glob(pattern))
+    ]
     if (ours or singles) and not overwrite:
         found = ", ".join(str(path.relative_to(out_dir)) for path in (ours + singles)[:3])
-        raise FileExistsError(f"--out {out_dir} already holds samples ({found}{', ...' if len(ours + singles) > 3 else ''}): "
-                              f"pass --overwrite to replace them (it removes grid.png, samples.json, "
-                              f"images/NNNNNN-classC.png and audio/NNNNNN-classC.wav, nothing else), or another --out")
+        raise FileExistsError(
+            f"--out {out_dir} already holds samples ({found}{', ...' if len(ours + singles) > 3 else ''}): "
+            f"pass --overwrite to replace them (it removes grid.png, samples.json, "
+            f"images/NNNNNN-classC.png and audio/NNNNNN-classC.wav, nothing else), or another --out"
+        )
     return ours + [path for path in singles if SAMPLE_FILE.fullmatch(path.name)]
 
 
@@ -194,9 +235,9 @@ def evaluate_samples(
     features: str = "auto",
     out_dir: str | Path | None = None,
     device: str = "cpu",
-    autoencoder_ref: Optional[str] = None,
-    guide_ref: Optional[str] = None,
-    precision: Optional[str] = None,
+    autoencoder_ref: str | None = None,
+    guide_ref: str | None = None,
+    precision: str | None = None,
     cache_fraction: float = 0.0,
     cache_forecast: bool = False,
 ) -> dict:
@@ -210,8 +251,9 @@ def evaluate_samples(
     _check_count(n)
     check_writable(Path(out_dir or EVAL_FOLDER), "--out")
     device_ = torch.device(device)
-    pipe = LatentDiffusionPipeline.from_artifacts(model_ref, store=store, autoencoder=autoencoder_ref, device=device_,
-                                                  guide=guide_ref, precision=precision)
+    pipe = LatentDiffusionPipeline.from_artifacts(
+        model_ref, store=store, autoencoder=autoencoder_ref, device=device_, guide=guide_ref, precision=precision
+    )
     store.check_writable(store.load(model_ref, stage="diffusion", verify=False))  # the numbers go into its manifest
     settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
     reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, device_)
@@ -223,28 +265,43 @@ def evaluate_samples(
     name = evaluation_name(pipe, settings, n)
     out_dir = Path(out_dir or EVAL_FOLDER / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     with writing_to(out_dir, "--out"):
-        grid = save_grid(first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2)
+        grid = save_grid(
+            first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2
+        )
         _write_json(out_dir / "report.json", report)
-    store.update_manifest(store.load(model_ref, stage="diffusion", verify=False), metrics={name: report_metrics(report)})
+    store.update_manifest(
+        store.load(model_ref, stage="diffusion", verify=False), metrics={name: report_metrics(report)}
+    )
     print_sample_report(report, out_dir, grid)
     return report
 
 
 def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     kind = "FID" if report["is_standard_fid"] else "FD (not Inception FID)"
-    print(f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps ({report['spacing']}), "
-          f"{guidance_text(report)}")
+    print(
+        f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps ({report['spacing']}), "
+        f"{guidance_text(report)}"
+    )
     print(f"  {kind:<22} {report['frechet_distance']:9.4f}   [{report['features']}]")
-    print(f"  real train vs test     {report['real_reference_distance']:9.4f}   ({report['real_reference']}; "
-          f"samples are {report['ratio_to_reference']:.2f}x that)")
-    print(f"  reconstructions        {report['autoencoder_reference_distance']:9.4f}   ({report['autoencoder_reference']}: "
-          f"the floor for samples decoded by this autoencoder)")
+    print(
+        f"  real train vs test     {report['real_reference_distance']:9.4f}   ({report['real_reference']}; "
+        f"samples are {report['ratio_to_reference']:.2f}x that)"
+    )
+    print(
+        f"  reconstructions        {report['autoencoder_reference_distance']:9.4f}   ({report['autoencoder_reference']}: "
+        f"the floor for samples decoded by this autoencoder)"
+    )
     print(f"  class accuracy         {report['class_accuracy']:9.4f}   [{report['class_accuracy_classifier']}]")
-    print(f"  real, reconstructed    {report['real_class_accuracy']:.4f}, {report['autoencoder_class_accuracy']:.4f}   "
-          f"({report['class_accuracy_reference']}: the second is the ceiling for samples)")
-    print(f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads"
-          f"{', ' + report['precision'] if report.get('precision', 'float32') != 'float32' else ''})")
+    print(
+        f"  real, reconstructed    {report['real_class_accuracy']:.4f}, {report['autoencoder_class_accuracy']:.4f}   "
+        f"({report['class_accuracy_reference']}: the second is the ceiling for samples)"
+    )
+    print(
+        f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads"
+        f"{', ' + report['precision'] if report.get('precision', 'float32') != 'float32' else ''})"
+    )
     if "block_evaluations_saved" in report:
-        print(f"  step caching           {report['block_evaluations_saved']:9.1%} of the DiT's block evaluations skipped")
+        print(
+            f"  step caching           {report['block_evaluations_saved']:9.1%} of the DiT's block evaluations skipped"
+        )
     print(f"  report {out_dir / 'report.json'}   grid {grid}")
-

@@ -53,7 +53,8 @@ def fsdd_dir() -> Path | None:
 # Looked up once, before any test's offline_data hides LDM_DATA.
 FSDD_DIR = fsdd_dir()
 needs_fsdd = pytest.mark.skipif(
-    FSDD_DIR is None, reason="FSDD missing: set LDM_DATA to a folder holding fsdd/recordings, or put it in ../shared/data/fsdd",
+    FSDD_DIR is None,
+    reason="FSDD missing: set LDM_DATA to a folder holding fsdd/recordings, or put it in ../shared/data/fsdd",
 )
 
 
@@ -151,11 +152,22 @@ def store_with_cache(tmp_path_factory):
     config = load_config(
         autoencoder.AutoencoderStageConfig,
         ROOT / "configs/fmnist/autoencoder-quick.yaml",
-        ["model.ch=8", "model.latent_channels=4", "loss.perceptual.net=squeeze", "train_subset=1024", "trainer.max_steps=40",
-         "trainer.lr=2e-3", "trainer.progress=false", "trainer.image_every=0", f"run_dir={root / 'ae'}"],
+        [
+            "model.ch=8",
+            "model.latent_channels=4",
+            "loss.perceptual.net=squeeze",
+            "train_subset=1024",
+            "trainer.max_steps=40",
+            "trainer.lr=2e-3",
+            "trainer.progress=false",
+            "trainer.image_every=0",
+            f"run_dir={root / 'ae'}",
+        ],
     )
     ae = autoencoder.run(config, store)
-    cache = encode(store, ae.ref, EncodeConfig(limit=2000, batch_size=500, shard_size=768, flips=True))  # 2 views, on purpose
+    cache = encode(
+        store, ae.ref, EncodeConfig(limit=2000, batch_size=500, shard_size=768, flips=True)
+    )  # 2 views, on purpose
     return store, ae, cache
 
 
@@ -163,7 +175,8 @@ def dit_config(tmp_path, store_with_cache, *extra):
     """The quick DiT preset with TINY_DIT on the cache of `store_with_cache`, training into tmp_path/run."""
     _, _, cache = store_with_cache
     return load_config(
-        diffusion.DiffusionStageConfig, ROOT / "configs/fmnist/diffusion-quick.yaml",
+        diffusion.DiffusionStageConfig,
+        ROOT / "configs/fmnist/diffusion-quick.yaml",
         [*TINY_DIT, f"latents={cache.ref}", f"run_dir={tmp_path / 'run'}", *extra],
     )
 
@@ -171,8 +184,12 @@ def dit_config(tmp_path, store_with_cache, *extra):
 # ----------------------------------------------------------------------------- a store of random models (no data)
 
 AE = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)
-DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False)
-DIFFUSION = DiffusionConfig(objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False)
+DIT = DiTConfig(
+    input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False
+)
+DIFFUSION = DiffusionConfig(
+    objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False
+)
 STATS = LatentStats(mean=[0.1, -0.2, 0.0, 0.3], std=[2.0, 1.5, 1.0, 0.5])
 
 
@@ -180,8 +197,12 @@ def save_autoencoder(store, seed):
     """Store a random autoencoder of config AE drawn with `seed`; return its artifact."""
     torch.manual_seed(seed)
     model = AutoencoderKL(AE)
-    return store.save("autoencoder", tensors={"weights.safetensors": model.state_dict()},
-                      config={"model": to_dict(AE), "data": to_dict(DataConfig())}, metadata={"seed": seed})
+    return store.save(
+        "autoencoder",
+        tensors={"weights.safetensors": model.state_dict()},
+        config={"model": to_dict(AE), "data": to_dict(DataConfig())},
+        metadata={"seed": seed},
+    )
 
 
 def save_dit(store, config, diffusion, seed, autoencoder_ref, stats=STATS):
@@ -191,9 +212,12 @@ def save_dit(store, config, diffusion, seed, autoencoder_ref, stats=STATS):
     with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0: give it a non-trivial function
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return store.save("diffusion", tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
-                      config={"model": to_dict(config), "diffusion": to_dict(diffusion)},
-                      metadata={"autoencoder": autoencoder_ref, "latent_stats": stats.to_dict()})
+    return store.save(
+        "diffusion",
+        tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
+        config={"model": to_dict(config), "diffusion": to_dict(diffusion)},
+        metadata={"autoencoder": autoencoder_ref, "latent_stats": stats.to_dict()},
+    )
 
 
 @pytest.fixture(scope="module")

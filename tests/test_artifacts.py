@@ -78,7 +78,7 @@ def test_missing_file_is_refused(tmp_path):
 
 def test_failed_save_leaves_no_artifact(tmp_path):
     store = ArtifactStore(tmp_path)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (any failure: the test is about what it leaves behind)
         store.save("autoencoder", tensors={"weights.safetensors": {"w": "not a tensor"}}, config={})
     assert store.list() == []
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "autoencoder").iterdir())
@@ -125,9 +125,13 @@ def test_mapped_safetensors_equal_the_loaded_ones_for_every_dtype(tmp_path):
     from safetensors.torch import load_file, save_file
 
     tensors = {
-        "f32": torch.randn(3, 5), "f16": torch.randn(7).half(), "bf16": torch.randn(2, 2).bfloat16(),
-        "i64": torch.arange(9).reshape(3, 3), "u8": torch.arange(5, dtype=torch.uint8),
-        "flag": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+        "f32": torch.randn(3, 5),
+        "f16": torch.randn(7).half(),
+        "bf16": torch.randn(2, 2).bfloat16(),
+        "i64": torch.arange(9).reshape(3, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "flag": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
     }
     save_file(tensors, str(tmp_path / "t.safetensors"))
     mapped = map_safetensors(tmp_path / "t.safetensors")
@@ -139,8 +143,12 @@ def test_mapped_safetensors_equal_the_loaded_ones_for_every_dtype(tmp_path):
 
 def test_mapped_safetensors_handle_misaligned_data_and_refuse_truncation(tmp_path):
     # Hand-made file: 3 bytes of u8 put the float32 tensor at an offset that is not a multiple of 4.
-    header = json.dumps({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
-                         "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}).encode()
+    header = json.dumps(
+        {
+            "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+        }
+    ).encode()
     data = bytes([1, 2, 3]) + torch.tensor([1.5, -2.0]).numpy().tobytes()
     path = tmp_path / "odd.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + data)

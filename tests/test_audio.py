@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from ldm.audio import (
-    MultiResolutionSTFTLoss, log_mel, log_mel_distance, mel_filterbank, mr_stft_distance, read_wav, si_sdr,
-    stft_magnitude, write_wav,
+    MultiResolutionSTFTLoss,
+    log_mel,
+    log_mel_distance,
+    mel_filterbank,
+    mr_stft_distance,
+    read_wav,
+    si_sdr,
+    stft_magnitude,
+    write_wav,
 )
 
 
@@ -30,14 +37,14 @@ def _reference_stft_magnitude(x: np.ndarray, n_fft: int, hop: int, win: int) -> 
     padded = np.pad(x, pad, mode="reflect" if len(x) > pad else "constant")
     window = np.zeros(n_fft)
     start = (n_fft - win) // 2  # torch.stft centres a shorter window inside the frame
-    window[start:start + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
+    window[start : start + win] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(win) / win)
     frames = 1 + (len(padded) - n_fft) // hop
     k = np.arange(n_fft // 2 + 1)[:, None]
     n = np.arange(n_fft)[None, :]
     dft = np.exp(-2j * np.pi * k * n / n_fft)  # (F, n_fft)
     columns = []
     for t in range(frames):
-        frame = padded[t * hop:t * hop + n_fft] * window
+        frame = padded[t * hop : t * hop + n_fft] * window
         columns.append(np.sqrt(np.maximum(np.abs(dft @ frame) ** 2, 1e-7)))
     return np.stack(columns, axis=1)
 
@@ -75,9 +82,14 @@ def test_stereo_pcm16_reads_as_the_mean_of_its_channels(tmp_path):
     assert rate == 8000 and np.allclose(signal.numpy(), expected, atol=1e-7)
 
 
-@pytest.mark.parametrize("content", [bytes(np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8)),
-                                     b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00"],
-                         ids=["random-bytes", "truncated-header"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        bytes(np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8)),
+        b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00",
+    ],
+    ids=["random-bytes", "truncated-header"],
+)
 def test_corrupt_file_is_refused_naming_it(tmp_path, content):
     path = tmp_path / "broken.wav"
     path.write_bytes(content)
@@ -118,8 +130,11 @@ def test_empty_wav_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- STFT and mel
 
 
-@pytest.mark.parametrize("length, n_fft, hop, win", [(200, 64, 16, 64), (150, 64, 20, 40), (20, 64, 16, 64)],
-                         ids=["reflect", "short-window", "too-short-for-reflect"])
+@pytest.mark.parametrize(
+    "length, n_fft, hop, win",
+    [(200, 64, 16, 64), (150, 64, 20, 40), (20, 64, 16, 64)],
+    ids=["reflect", "short-window", "too-short-for-reflect"],
+)
 def test_stft_magnitude_matches_a_slow_dft_loop(length, n_fft, hop, win):
     x = torch.randn(2, 1, length, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     got = stft_magnitude(x, n_fft, hop, win)

@@ -216,7 +216,11 @@ def test_same_function_as_diffusers_autoencoder_with_the_same_weights(attn_at_lo
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     config = tiny_config(
-        in_channels=3, ch=32, ch_mult=(1, 1, 2), num_res_blocks=num_res_blocks, attn_at_lowest=attn_at_lowest,
+        in_channels=3,
+        ch=32,
+        ch_mult=(1, 1, 2),
+        num_res_blocks=num_res_blocks,
+        attn_at_lowest=attn_at_lowest,
         norm_groups=32,
     )
     theirs = diffusers.AutoencoderKL(

@@ -44,8 +44,9 @@ class PoisonWeightsAt(Callback):
 
 def config_of(run_dir: Path, *extra: str):
     """The quick autoencoder preset with TINY_AUTOENCODER and `extra`, training into `run_dir`."""
-    return load_config(autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK,
-                       [*TINY_AUTOENCODER, f"run_dir={run_dir}", *extra])
+    return load_config(
+        autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK, [*TINY_AUTOENCODER, f"run_dir={run_dir}", *extra]
+    )
 
 
 def planted_run(run_dir: Path, payload) -> Path:
@@ -136,8 +137,15 @@ def test_resume_with_another_model_is_refused_listing_the_keys_and_writes_nothin
     run_dir = copy_run(finished_run, tmp_path)
     before = (run_dir / "config.yaml").read_text()
     parts = sorted(p.name for p in (run_dir / "logs").iterdir())
-    result = train_cli(tmp_path / "store", run_dir, "trainer.max_steps=4", "trainer.checkpoint_every=4", "model.ch=16",
-                       "model.latent_channels=2", resume=True)
+    result = train_cli(
+        tmp_path / "store",
+        run_dir,
+        "trainer.max_steps=4",
+        "trainer.checkpoint_every=4",
+        "model.ch=16",
+        "model.latent_channels=2",
+        resume=True,
+    )
     assert_clean_failure(result, "model.ch: 8 -> 16", "model.latent_channels: 8 -> 2", "another --run-dir")
     assert (run_dir / "config.yaml").read_text() == before
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == parts
@@ -157,8 +165,9 @@ def test_a_changed_learning_rate_needs_the_flag_then_is_used_and_recorded(finish
 
     probe = SeeLearningRate()
     config = config_of(run_dir, *settings)
-    autoencoder.run(config, ArtifactStore(tmp_path / "store"), resume=True, callbacks=[probe],
-                    allow_changes=["trainer.lr"])
+    autoencoder.run(
+        config, ArtifactStore(tmp_path / "store"), resume=True, callbacks=[probe], allow_changes=["trainer.lr"]
+    )
     # Step 4 of the preset's warm-up: the new base rate times the schedule's factor there.
     expected = 1e-5 * lr_factor(4, config.trainer.warmup_steps, 5, config.lr_schedule)
     assert probe.lrs and all(lr == pytest.approx(expected) for lr in probe.lrs)
@@ -200,7 +209,9 @@ def test_a_non_finite_stop_before_any_checkpoint_says_none_was_written(tmp_path)
 @needs_fmnist
 def test_a_non_finite_stop_after_a_checkpoint_names_it(tmp_path):
     config = config_of(tmp_path / "run", "trainer.max_steps=6", "trainer.checkpoint_every=2")
-    with pytest.raises(FloatingPointError, match=f"last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"):
+    with pytest.raises(
+        FloatingPointError, match=f"last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"
+    ):
         autoencoder.run(config, ArtifactStore(tmp_path / "store"), callbacks=[PoisonWeightsAt(3)])
 
 
@@ -209,8 +220,15 @@ def test_a_non_finite_stop_after_a_checkpoint_names_it(tmp_path):
 def test_crashed_and_resumed_autoencoder_logs_the_same_losses_and_ends_with_the_same_weights(tmp_path):
     # Flips, the posterior noise, the discriminator at its own learning rate and the stored EMA all take part;
     # every logged number and every stored (averaged) weight must match.
-    common = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "train_subset=40", "data.hflip=true", *GAN,
-              "disc_lr_scale=4", "ema_decay=0.5"]
+    common = [
+        "trainer.max_steps=8",
+        "trainer.checkpoint_every=4",
+        "train_subset=40",
+        "data.hflip=true",
+        *GAN,
+        "disc_lr_scale=4",
+        "ema_decay=0.5",
+    ]
     store = ArtifactStore(tmp_path / "store")
     straight = autoencoder.run(config_of(tmp_path / "a", *common), store)
 

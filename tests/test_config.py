@@ -1,6 +1,5 @@
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -11,7 +10,7 @@ from ldm.config import ConfigError, TrainerConfig, dump_yaml, from_dict, load_co
 class Inner:
     width: int = 8
     mult: tuple[int, ...] = (1, 2)
-    name: Optional[str] = None
+    name: str | None = None
 
     @classmethod
     def presets(cls) -> dict:
@@ -24,8 +23,6 @@ class Outer:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rate: float = 0.5
     betas: tuple[float, float] = (0.5, 0.9)  # a fixed-length tuple, as AutoencoderStageConfig.betas
-
-
 
 
 def test_unknown_key_is_an_error_naming_the_valid_keys(tmp_path):

@@ -19,8 +19,16 @@ from PIL import Image
 
 from ldm.data import DataConfig, build_dataset, data_fingerprint, fmnist
 from ldm.data.fmnist import (
-    FILE_STEMS, FMNIST_CLASSES, ChecksumMismatchError, FashionMNIST, FashionMNISTNotFoundError,
-    IDXFormatError, ensure_fmnist, load_fmnist, parse_idx, to_model_range,
+    FILE_STEMS,
+    FMNIST_CLASSES,
+    ChecksumMismatchError,
+    FashionMNIST,
+    FashionMNISTNotFoundError,
+    IDXFormatError,
+    ensure_fmnist,
+    load_fmnist,
+    parse_idx,
+    to_model_range,
 )
 from ldm.data.folder import ImageFolderDataset, ImageReadError
 
@@ -212,7 +220,8 @@ def test_missing_data_error_gives_the_apt_command_and_alternatives(tmp_path, mon
     assert "LDM_DATA" in message and str(tmp_path / "empty") in message
     assert "network disabled in tests" in message  # the download's failure reason is kept
     assert not (tmp_path / "xdg-cache" / "ldm" / "fashion-mnist").exists() or not any(
-        (tmp_path / "xdg-cache" / "ldm" / "fashion-mnist").iterdir())
+        (tmp_path / "xdg-cache" / "ldm" / "fashion-mnist").iterdir()
+    )
 
 
 def test_install_system_package_runs_apt_update_then_install(tmp_path, monkeypatch):
@@ -399,14 +408,17 @@ def test_config_rejects_unknown_name_listing_the_valid_ones():
         DataConfig(name="mnist")
 
 
-@pytest.mark.parametrize("fields, complaint", [
-    ({"name": "folder"}, "data.path is required"),
-    ({"channels": 3}, "grayscale"),
-    ({"name": "folder", "path": "x", "channels": 2}, "channels must be 1 or 3"),
-    ({"resolution": "32"}, "resolution"),
-    ({"on_error": "ignore"}, r"\['raise', 'skip'\]"),
-    ({"num_workers": -1}, "num_workers"),
-])
+@pytest.mark.parametrize(
+    "fields, complaint",
+    [
+        ({"name": "folder"}, "data.path is required"),
+        ({"channels": 3}, "grayscale"),
+        ({"name": "folder", "path": "x", "channels": 2}, "channels must be 1 or 3"),
+        ({"resolution": "32"}, "resolution"),
+        ({"on_error": "ignore"}, r"\['raise', 'skip'\]"),
+        ({"num_workers": -1}, "num_workers"),
+    ],
+)
 def test_config_rejects_out_of_range_values(fields, complaint):
     with pytest.raises(ValueError, match=complaint):
         DataConfig(**fields)

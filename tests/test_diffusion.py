@@ -151,9 +151,17 @@ def test_sigma_to_t_inverts_t_to_sigma(schedule):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"objective": "score"}, {"schedule": "quadratic"}, {"prediction": "noise"}, {"time_sampling": "beta"},
-     {"objective": "flow", "learn_sigma": True}, {"num_timesteps": 1}, {"loss_weighting": "snr"},
-     {"min_snr_gamma": 0.0}, {"objective": "flow", "learn_sigma": False, "loss_weighting": "min-snr"}],
+    [
+        {"objective": "score"},
+        {"schedule": "quadratic"},
+        {"prediction": "noise"},
+        {"time_sampling": "beta"},
+        {"objective": "flow", "learn_sigma": True},
+        {"num_timesteps": 1},
+        {"loss_weighting": "snr"},
+        {"min_snr_gamma": 0.0},
+        {"objective": "flow", "learn_sigma": False, "loss_weighting": "min-snr"},
+    ],
 )
 def test_diffusion_config_rejects_invalid_values(kwargs):
     with pytest.raises(ValueError):
@@ -257,8 +265,9 @@ def test_discretized_gaussian_log_likelihood_integrates_the_normal_over_8bit_bin
     torch.testing.assert_close(logp.exp(), reference, rtol=1e-9, atol=1e-15)
     assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-12)
     # 12 standard deviations out, the bin mass (~1e-33) is still exact rather than a clamped floor.
-    far = discretized_gaussian_log_likelihood(torch.tensor([0.0], dtype=F64), torch.tensor([-0.6], dtype=F64),
-                                              torch.tensor([math.log(0.05)], dtype=F64))
+    far = discretized_gaussian_log_likelihood(
+        torch.tensor([0.0], dtype=F64), torch.tensor([-0.6], dtype=F64), torch.tensor([math.log(0.05)], dtype=F64)
+    )
     z = torch.linspace((0.6 - 1 / 255) / 0.05, (0.6 + 1 / 255) / 0.05, 2001, dtype=F64)  # the bin, standardised
     pdf = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
     mass = torch.trapezoid(pdf, z)  # P(bin) as an integral of the standard normal density
@@ -326,7 +335,9 @@ def test_min_snr_weighting_is_one_x0_space_loss_for_every_prediction(schedule):
         config = DiffusionConfig(prediction=prediction, learn_sigma=False, loss_weighting="min-snr", min_snr_gamma=2.0)
         losses = diffusion_loss(output, x0, t, noise, config, schedule)
         torch.testing.assert_close(losses["loss"], expected, rtol=1e-9, atol=1e-12)
-        plain = diffusion_loss(output, x0, t, noise, DiffusionConfig(prediction=prediction, learn_sigma=False), schedule)
+        plain = diffusion_loss(
+            output, x0, t, noise, DiffusionConfig(prediction=prediction, learn_sigma=False), schedule
+        )
         torch.testing.assert_close(losses["mse"], plain["loss"])
 
 
@@ -417,9 +428,15 @@ def test_training_losses_flow_feeds_the_network_1000_t():
 def test_velocity_cosine_loss_is_zero_for_a_positively_scaled_target_and_two_for_its_negation():
     x0, noise = _batch()
     target = flow_velocity_target(x0, noise)
-    scale = torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64) * 10 + 0.01  # any > 0, per position
-    torch.testing.assert_close(velocity_cosine_loss(scale * target, target), torch.zeros(6, dtype=F64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(velocity_cosine_loss(-target, target), torch.full((6,), 2.0, dtype=F64), rtol=0, atol=1e-12)
+    scale = (
+        torch.rand(6, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64) * 10 + 0.01
+    )  # any > 0, per position
+    torch.testing.assert_close(
+        velocity_cosine_loss(scale * target, target), torch.zeros(6, dtype=F64), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        velocity_cosine_loss(-target, target), torch.full((6,), 2.0, dtype=F64), rtol=0, atol=1e-12
+    )
 
 
 def test_velocity_cosine_loss_matches_a_per_position_loop():
@@ -436,7 +453,9 @@ def test_velocity_cosine_loss_matches_a_per_position_loop():
                 norms = math.sqrt(sum(p * p for p in a)) * math.sqrt(sum(q * q for q in b))
                 per_position.append(1 - dot / norms)
         expected.append(sum(per_position) / len(per_position))
-    torch.testing.assert_close(velocity_cosine_loss(prediction, target), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        velocity_cosine_loss(prediction, target), torch.tensor(expected, dtype=F64), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("s", [0.3, 1.0, 3.0])
@@ -544,8 +563,14 @@ def test_training_losses_with_recipe_options_at_their_defaults_are_bit_identical
 def test_dispersive_weight_calls_the_model_for_block_tokens_and_adds_weight_times_disp(schedule, objective):
     x0, _ = _batch(n=8)
     y = torch.zeros(8, dtype=torch.long)
-    plain = training_losses(_TokenModel(), x0, y, DiffusionConfig(objective=objective, learn_sigma=False), schedule,
-                            torch.Generator().manual_seed(3))
+    plain = training_losses(
+        _TokenModel(),
+        x0,
+        y,
+        DiffusionConfig(objective=objective, learn_sigma=False),
+        schedule,
+        torch.Generator().manual_seed(3),
+    )
     config = DiffusionConfig(objective=objective, learn_sigma=False, dispersive_weight=0.25, dispersive_temperature=0.5)
     model = _TokenModel()
     losses = training_losses(model, x0, y, config, schedule, torch.Generator().manual_seed(3), depth=6)
@@ -565,8 +590,14 @@ def test_dispersive_block_is_passed_through_and_checked_against_the_depth():
     training_losses(model, x0, y, config, None, torch.Generator().manual_seed(0), depth=6)
     assert model.kwargs == {"return_block": 1}
     with pytest.raises(ValueError, match="diffusion.dispersive_block"):
-        training_losses(model, x0, y, DiffusionConfig(objective="flow", learn_sigma=False, dispersive_weight=0.5,
-                                                      dispersive_block=6), None, depth=6)
+        training_losses(
+            model,
+            x0,
+            y,
+            DiffusionConfig(objective="flow", learn_sigma=False, dispersive_weight=0.5, dispersive_block=6),
+            None,
+            depth=6,
+        )
     with pytest.raises(ValueError, match="depth"):
         training_losses(model, x0, y, DiffusionConfig(objective="flow", learn_sigma=False, dispersive_weight=0.5), None)
 
@@ -574,12 +605,20 @@ def test_dispersive_block_is_passed_through_and_checked_against_the_depth():
 def test_velocity_cosine_weight_adds_weight_times_cos_to_the_flow_loss():
     x0, _ = _batch(n=8)
     y = torch.zeros(8, dtype=torch.long)
-    plain = training_losses(_TokenModel(), x0, y, DiffusionConfig(objective="flow", learn_sigma=False), None,
-                            torch.Generator().manual_seed(5))
+    plain = training_losses(
+        _TokenModel(),
+        x0,
+        y,
+        DiffusionConfig(objective="flow", learn_sigma=False),
+        None,
+        torch.Generator().manual_seed(5),
+    )
     config = DiffusionConfig(objective="flow", learn_sigma=False, velocity_cosine_weight=0.5)
     model = _TokenModel()
     losses = training_losses(model, x0, y, config, None, torch.Generator().manual_seed(5))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=F64)  # the draw training_losses made
+    noise = torch.randn(
+        x0.shape, generator=torch.Generator().manual_seed(5), dtype=F64
+    )  # the draw training_losses made
     x_t = flow_interpolate(x0, noise, losses["t"])
     cos = velocity_cosine_loss(0.5 * x_t, noise - x0)
     assert model.kwargs == {}

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DIT, ROOT, needs_fmnist, save_autoencoder, save_dit
 from safetensors import SafetensorError
 
 import ldm.artifacts
+from conftest import DIT, ROOT, needs_fmnist, save_autoencoder, save_dit
 from ldm.artifacts import ArtifactStore
 from ldm.destinations import WriteError, check_writable
 from ldm.diffusion.schedules import DiffusionConfig
@@ -27,11 +27,27 @@ from pipeline import LatentDiffusionPipeline
 from stages.cli import main
 
 FULL = os.strerror(errno.ENOSPC)
-TINY_CLASSIFIER = ["--config", str(ROOT / "configs/fmnist/classifier-quick.yaml"), "--set", "trainer.max_steps=2",
-                   "--set", "trainer.batch_size=8", "--set", "trainer.progress=false", "--set", "model.width=4"]
-TRAIN_COMMANDS = {stage: ["--config", str(ROOT / f"configs/fmnist/{preset}.yaml"), "--set", "trainer.max_steps=1"]
-                  for stage, preset in [("autoencoder", "autoencoder-quick"), ("classifier", "classifier-quick"),
-                                        ("diffusion", "diffusion-quick"), ("distill", "distill")]}
+TINY_CLASSIFIER = [
+    "--config",
+    str(ROOT / "configs/fmnist/classifier-quick.yaml"),
+    "--set",
+    "trainer.max_steps=2",
+    "--set",
+    "trainer.batch_size=8",
+    "--set",
+    "trainer.progress=false",
+    "--set",
+    "model.width=4",
+]
+TRAIN_COMMANDS = {
+    stage: ["--config", str(ROOT / f"configs/fmnist/{preset}.yaml"), "--set", "trainer.max_steps=1"]
+    for stage, preset in [
+        ("autoencoder", "autoencoder-quick"),
+        ("classifier", "classifier-quick"),
+        ("diffusion", "diffusion-quick"),
+        ("distill", "distill"),
+    ]
+}
 
 
 @pytest.fixture
@@ -54,6 +70,7 @@ def make_read_only(monkeypatch):
             if dir is not None and any(Path(dir).resolve().is_relative_to(folder) for folder in folders):
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
             return create(*args, dir=dir, **kwargs)
+
         return wrapped
 
     if os.geteuid() == 0:
@@ -97,10 +114,15 @@ def files_under(folder):
 
 @needs_fmnist
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("error", [
-    lambda path: SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"'),
-    lambda path: OSError(errno.ENOSPC, FULL),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda path: SafetensorError(
+            f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"'
+        ),
+        lambda path: OSError(errno.ENOSPC, FULL),
+    ],
+)
 def test_a_full_disk_during_encode_is_one_line_naming_the_store_and_leaves_no_partial_cache(store, monkeypatch, error):
     written = []
 
@@ -162,7 +184,9 @@ def test_a_full_disk_at_a_checkpoint_during_training_is_one_line_and_stores_noth
 
     monkeypatch.setattr(torch, "save", fill_the_disk)
     run_dir = tmp_path / "run"
-    result = cli(store, "train", "classifier", *TINY_CLASSIFIER, "--set", "trainer.checkpoint_every=1", "--run-dir", str(run_dir))
+    result = cli(
+        store, "train", "classifier", *TINY_CLASSIFIER, "--set", "trainer.checkpoint_every=1", "--run-dir", str(run_dir)
+    )
     assert_one_line(result, f"cannot write to {run_dir / 'checkpoints'}", FULL, "--run-dir")
     assert not list((run_dir / "checkpoints").glob("*")) and store.list("classifier") == []
 
@@ -172,7 +196,9 @@ def test_a_full_disk_at_a_checkpoint_during_training_is_one_line_and_stores_noth
 
 def test_check_writable_names_a_file_in_the_way_and_leaves_nothing_behind(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(WriteError, match=rf"cannot write to {tmp_path}/notes.txt/out: {tmp_path}/notes.txt is a file, not a folder"):
+    with pytest.raises(
+        WriteError, match=rf"cannot write to {tmp_path}/notes.txt/out: {tmp_path}/notes.txt is a file, not a folder"
+    ):
         check_writable(tmp_path / "notes.txt" / "out", "--out")
     check_writable(tmp_path / "new" / "folder", "--out")
     assert os.listdir(tmp_path) == ["notes.txt"]  # the check creates nothing
@@ -182,7 +208,10 @@ def test_check_writable_refuses_a_folder_even_root_cannot_write():
     # sysfs refuses new files to every user, root included
     if not Path("/sys/kernel").is_dir():
         pytest.skip("no sysfs")
-    with pytest.raises(WriteError, match=r"cannot write to /sys/kernel/out \(.*\): make it writable or choose another folder with --out"):
+    with pytest.raises(
+        WriteError,
+        match=r"cannot write to /sys/kernel/out \(.*\): make it writable or choose another folder with --out",
+    ):
         check_writable(Path("/sys/kernel/out"), "--out")
 
 
@@ -192,8 +221,9 @@ def test_training_with_ldm_home_a_file_stops_before_the_run_starts(tmp_path, sta
     home = tmp_path / "ldm-home"
     home.write_text("not a folder")
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train", stage, *TRAIN_COMMANDS[stage], "--run-dir", str(run_dir)],
-                                env={"LDM_HOME": str(home)})
+    result = CliRunner().invoke(
+        main, ["train", stage, *TRAIN_COMMANDS[stage], "--run-dir", str(run_dir)], env={"LDM_HOME": str(home)}
+    )
     assert_one_line(result, f"cannot write to {home}", "is a file, not a folder", "--store / LDM_HOME")
     assert not run_dir.exists()  # no run folder, no log, no step
 
@@ -260,7 +290,11 @@ def test_sample_into_a_read_only_out_stops_before_sampling(store, tmp_path, monk
     calls = []
     monkeypatch.setattr(LatentDiffusionPipeline, "sample", lambda *args, **kwargs: calls.append(1))
     out = make_read_only(tmp_path / "out")
-    assert_one_line(cli(store, "sample", "--n", "2", "--steps", "2", "--out", str(out)), f"cannot write to {out / 'images'}", "--out")
+    assert_one_line(
+        cli(store, "sample", "--n", "2", "--steps", "2", "--out", str(out)),
+        f"cannot write to {out / 'images'}",
+        "--out",
+    )
     assert calls == []
 
 
@@ -286,18 +320,29 @@ def test_eval_recon_on_a_read_only_store_stops_before_evaluating(store, tmp_path
 @pytest.mark.timeout(60)
 def test_posthoc_ema_on_a_read_only_store_stops_before_reconstructing(store, tmp_path, make_read_only):
     make_read_only(store.root)
-    result = cli(store, "ema", "--model", store.list("diffusion")[0].ref, "--sigma-rel", "0.05", "--out", str(tmp_path / "ema"))
+    result = cli(
+        store, "ema", "--model", store.list("diffusion")[0].ref, "--sigma-rel", "0.05", "--out", str(tmp_path / "ema")
+    )
     assert_one_line(result, f"cannot write to {store.root}", "--store / LDM_HOME")
 
 
 @pytest.mark.timeout(60)
-def test_quantize_into_a_read_only_store_and_export_into_a_read_only_folder_stop_before_the_work(store, tmp_path, make_read_only):
+def test_quantize_into_a_read_only_store_and_export_into_a_read_only_folder_stop_before_the_work(
+    store, tmp_path, make_read_only
+):
     ref = store.list("diffusion")[0].ref
     out = make_read_only(tmp_path / "exports")
-    assert_one_line(cli(store, "export", "diffusion", ref, "--to-diffusers", str(out / "dit")), f"cannot write to {out / 'dit'}",
-                    "--to-diffusers")
+    assert_one_line(
+        cli(store, "export", "diffusion", ref, "--to-diffusers", str(out / "dit")),
+        f"cannot write to {out / 'dit'}",
+        "--to-diffusers",
+    )
     make_read_only(store.root)
-    assert_one_line(cli(store, "export", "diffusion", ref, "--quantize", "int8"), f"cannot write to {store.root}", "--store / LDM_HOME")
+    assert_one_line(
+        cli(store, "export", "diffusion", ref, "--quantize", "int8"),
+        f"cannot write to {store.root}",
+        "--store / LDM_HOME",
+    )
     assert len(store.list("diffusion")) == 1
 
 
@@ -313,7 +358,9 @@ def test_a_full_disk_where_no_command_named_the_folder_is_still_one_line_naming_
     import ldm.interop.checkpoints
 
     def fill_the_disk(tensors, path, *args, **kwargs):
-        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"')
+        raise SafetensorError(
+            f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"'
+        )
 
     monkeypatch.setattr(ldm.interop.checkpoints, "save_file", fill_the_disk)
     result = cli(store, "export", "diffusion", store.list("diffusion")[0].ref, "--to-diffusers", str(tmp_path / "dit"))

@@ -67,7 +67,7 @@ def test_distillation_target_equals_a_slow_per_sample_reference():
     t, r = (v.double() for v in sample_intervals(n, config, torch.Generator().manual_seed(1)))
     fast = distillation_target(student, teacher, x, y, t, r, config.interval_levels[-1])
     for i in range(n):  # the definition, one sample at a time
-        xi, yi, ti, ri = x[i:i + 1], y[i:i + 1], t[i:i + 1], r[i:i + 1]
+        xi, yi, ti, ri = x[i : i + 1], y[i : i + 1], t[i : i + 1], r[i : i + 1]
         gap = float(ti - ri)
         if gap == 0:
             want = teacher(xi, ti, yi)
@@ -79,7 +79,7 @@ def test_distillation_target_equals_a_slow_per_sample_reference():
             u1 = student(xi, ti * 1000, yi, r=s * 1000)
             u2 = student(xi - gap / 2 * u1, s * 1000, yi, r=ri * 1000)
             want = (u1 + u2) / 2
-        torch.testing.assert_close(fast[i:i + 1], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fast[i : i + 1], want, rtol=1e-12, atol=1e-12)
 
 
 def test_intervals_lie_on_the_sampler_grids_taught():
@@ -150,26 +150,41 @@ def teacher(store_with_cache, tmp_path_factory):
     """A briefly trained tiny rectified-flow teacher on the fixture's cache."""
     store, _, cache = store_with_cache
     root = tmp_path_factory.mktemp("teacher")
-    config = load_config(diffusion.DiffusionStageConfig, ROOT / "configs/fmnist/diffusion-quick.yaml",
-                         [*TINY_DIT, f"latents={cache.ref}", f"run_dir={root / 'run'}", "trainer.max_steps=40"])
+    config = load_config(
+        diffusion.DiffusionStageConfig,
+        ROOT / "configs/fmnist/diffusion-quick.yaml",
+        [*TINY_DIT, f"latents={cache.ref}", f"run_dir={root / 'run'}", "trainer.max_steps=40"],
+    )
     return diffusion.run(config, store)
 
 
 def distill_config(tmp_path, teacher, *extra):
-    return load_config(distill.DistillStageConfig, ROOT / "configs/fmnist/distill.yaml",
-                       [f"teacher={teacher.ref}", "trainer.batch_size=32", "trainer.log_every=1", "trainer.image_every=0",
-                        "trainer.progress=false", f"run_dir={tmp_path / 'run'}", *extra])
+    return load_config(
+        distill.DistillStageConfig,
+        ROOT / "configs/fmnist/distill.yaml",
+        [
+            f"teacher={teacher.ref}",
+            "trainer.batch_size=32",
+            "trainer.log_every=1",
+            "trainer.image_every=0",
+            "trainer.progress=false",
+            f"run_dir={tmp_path / 'run'}",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.slow
 @needs_fmnist
 def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path, store_with_cache, teacher):
     store = store_with_cache[0]
-    config = distill_config(tmp_path, teacher, "trainer.max_steps=60", "distill.finest_steps=4", "trainer.lr=2e-3",
-                            "trainer.warmup_steps=5")
+    config = distill_config(
+        tmp_path, teacher, "trainer.max_steps=60", "distill.finest_steps=4", "trainer.lr=2e-3", "trainer.warmup_steps=5"
+    )
     module_teacher = load_dit(teacher)
-    student_model, _ = distill.student_configs(module_teacher.config, DiffusionConfig(objective="flow", learn_sigma=False),
-                                               config.distill)
+    student_model, _ = distill.student_configs(
+        module_teacher.config, DiffusionConfig(objective="flow", learn_sigma=False), config.distill
+    )
     from ldm.models.dit import DiT
 
     student = DiT(student_model)
@@ -188,7 +203,10 @@ def test_a_student_starts_as_its_teacher_trains_and_samples_in_one_call(tmp_path
     from pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_artifacts(artifact.ref, store=store)
-    assert pipe.settings().sampler == "meanflow" and pipe.diffusion.built_in_guidance == config.distill.guidance_scale == 3.0
+    assert (
+        pipe.settings().sampler == "meanflow"
+        and pipe.diffusion.built_in_guidance == config.distill.guidance_scale == 3.0
+    )
     calls = []
     images = pipe.sample([0, 1, 2], num_steps=1, on_model_call=lambda: calls.append(1))
     assert images.shape[0] == 3 and torch.isfinite(images).all() and len(calls) == 1  # guidance inside: one pass
@@ -213,8 +231,23 @@ def test_distill_refuses_a_teacher_of_other_latents_and_student_settings(tmp_pat
     with pytest.raises(ArtifactError, match=f"teacher {teacher.ref} was trained on {teacher.parents['latents']}"):
         distill.run(distill_config(tmp_path, teacher, f"latents={other.ref}"), store)
     runner = CliRunner()
-    result = runner.invoke(main, ["--store", str(store.root), "train", "distill", "--config", str(ROOT / "configs/fmnist/distill.yaml"),
-                                  "--teacher", teacher.ref, "--set", f"latents={other.ref}", "--run-dir", str(tmp_path / "cli")])
+    result = runner.invoke(
+        main,
+        [
+            "--store",
+            str(store.root),
+            "train",
+            "distill",
+            "--config",
+            str(ROOT / "configs/fmnist/distill.yaml"),
+            "--teacher",
+            teacher.ref,
+            "--set",
+            f"latents={other.ref}",
+            "--run-dir",
+            str(tmp_path / "cli"),
+        ],
+    )
     assert result.exit_code != 0 and "the teacher's own latents" in result.output
     with pytest.raises(ValueError, match="no model"):
         distill.run(distill_config(tmp_path, teacher, "model.depth=3"), store)

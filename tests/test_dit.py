@@ -424,9 +424,18 @@ BLOCK_OPTIONS = {
     "rope-qk-norm": {"pos_embed": "rope", "qk_norm": True},
     "rope-checkpointing": {"pos_embed": "rope", "grad_checkpointing": True},
     "lightningdit-recipe": LIGHTNINGDIT_RECIPE,
-    "all-at-once": {"qk_norm": True, "learn_sigma": True, "grad_checkpointing": True, "mlp_norm_eps": 1e-5,
-                    "patch_size": 4, "mlp_ratio": 2.5, "timestep_freq_shift": 1,
-                    "norm": "rmsnorm", "mlp": "swiglu", "pos_embed": "rope"},
+    "all-at-once": {
+        "qk_norm": True,
+        "learn_sigma": True,
+        "grad_checkpointing": True,
+        "mlp_norm_eps": 1e-5,
+        "patch_size": 4,
+        "mlp_ratio": 2.5,
+        "timestep_freq_shift": 1,
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "pos_embed": "rope",
+    },
 }
 # TREAD routing (route_*) is not a block option here: in train mode with autograd it routes by design,
 # so its training function differs from inference; the routing tests below check both.
@@ -586,9 +595,10 @@ def test_diffusers_conversion_refuses_each_option_it_cannot_express_by_name():
             dit_state_dict_to_diffusers(DiT(config).state_dict(), config)
     # Routing changes only training; the routed DiT's inference function is a plain DiT's.
     config = tiny_config(route_ratio=0.5, route_end=2)
-    assert dit_state_dict_to_diffusers(DiT(config).state_dict(), config).keys() == dit_state_dict_to_diffusers(
-        DiT(tiny_config()).state_dict(), tiny_config()
-    ).keys()
+    assert (
+        dit_state_dict_to_diffusers(DiT(config).state_dict(), config).keys()
+        == dit_state_dict_to_diffusers(DiT(tiny_config()).state_dict(), tiny_config()).keys()
+    )
 
 
 def test_analytic_flops_count_every_option_as_a_flop_counter_does():
@@ -912,11 +922,15 @@ OPTION_COMBINATIONS = list(
 )
 
 
-@pytest.mark.parametrize(("norm", "mlp", "pos_embed", "route_ratio"), OPTION_COMBINATIONS,
-                         ids=["-".join(map(str, combination)) for combination in OPTION_COMBINATIONS])
+@pytest.mark.parametrize(
+    ("norm", "mlp", "pos_embed", "route_ratio"),
+    OPTION_COMBINATIONS,
+    ids=["-".join(map(str, combination)) for combination in OPTION_COMBINATIONS],
+)
 def test_every_option_combination_trains_one_step(norm, mlp, pos_embed, route_ratio):
-    config = tiny_config(depth=3, class_dropout_prob=0.0, qk_norm=True, norm=norm, mlp=mlp, pos_embed=pos_embed,
-                         route_ratio=route_ratio)
+    config = tiny_config(
+        depth=3, class_dropout_prob=0.0, qk_norm=True, norm=norm, mlp=mlp, pos_embed=pos_embed, route_ratio=route_ratio
+    )
     model = randomize_(DiT(config)).train()
     x, t, y = inputs(config)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -987,10 +1001,12 @@ def test_sequence_dit_matches_a_token_by_token_reference(pos_embed):
     with torch.no_grad():
         out = model(x, t, y)
         weight, bias = model.x_embedder.proj.weight, model.x_embedder.proj.bias  # (D, C, p)
-        tokens = torch.stack([
-            torch.stack([torch.einsum("dcp,cp->d", weight, x[n, :, 2 * j : 2 * j + 2]) + bias for j in range(8)])
-            for n in range(3)
-        ]) + sincos_pos_embed(cfg.hidden_size, (8,))  # (N, 8, D)
+        tokens = torch.stack(
+            [
+                torch.stack([torch.einsum("dcp,cp->d", weight, x[n, :, 2 * j : 2 * j + 2]) + bias for j in range(8)])
+                for n in range(3)
+            ]
+        ) + sincos_pos_embed(cfg.hidden_size, (8,))  # (N, 8, D)
         c_act = torch.nn.functional.silu(model.t_embedder(t) + model.y_embedder(y))
         rope = rope_tables(cfg.hidden_size // cfg.num_heads, (8,)) if pos_embed == "rope" else None
         for block in model.blocks:

@@ -7,8 +7,15 @@ import torch
 from click.testing import CliRunner
 
 from conftest import CrashAt, dit_config, needs_fmnist
-from ldm.ema import (PowerFunctionEMA, gamma_to_sigma_rel, list_snapshots, posthoc_coefficients, profile_inner_products,
-                     reconstruct, sigma_rel_to_gamma)
+from ldm.ema import (
+    PowerFunctionEMA,
+    gamma_to_sigma_rel,
+    list_snapshots,
+    posthoc_coefficients,
+    profile_inner_products,
+    reconstruct,
+    sigma_rel_to_gamma,
+)
 from ldm.models.classifier import Classifier, ClassifierConfig
 from ldm.models.dit import DiTConfig
 from pipeline import LatentDiffusionPipeline
@@ -28,8 +35,10 @@ class Toy(torch.nn.Module):
 
 def theta(step: int) -> torch.Tensor:
     """The toy parameters after `step` optimiser steps: a drift, an oscillation and a decay."""
-    return torch.tensor([math.sin(step / 200), (step / 1000) ** 2, math.exp(-step / 300) + 0.1 * math.cos(step / 37)],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [math.sin(step / 200), (step / 1000) ** 2, math.exp(-step / 300) + 0.1 * math.cos(step / 37)],
+        dtype=torch.float64,
+    )
 
 
 def train_toy(sigma_rels, steps, snapshot_every=0, folder=None):
@@ -58,7 +67,7 @@ def test_edm2_lengths_0_05_and_0_10_are_the_exponents_16_97_and_6_94():
     # EDM2 keeps these two profiles (NVlabs/edm2 training/phema.py, std_to_exp: largest root of Eq. 126's cubic)
     assert sigma_rel_to_gamma(0.05) == pytest.approx(16.9722, abs=1e-4)
     assert sigma_rel_to_gamma(0.10) == pytest.approx(6.9372, abs=1e-4)
-    assert gamma_to_sigma_rel(0.0) == pytest.approx(12 ** -0.5)  # gamma 0: the plain average, the widest profile
+    assert gamma_to_sigma_rel(0.0) == pytest.approx(12**-0.5)  # gamma 0: the plain average, the widest profile
 
 
 def test_lengths_outside_the_power_function_range_are_refused():
@@ -68,10 +77,14 @@ def test_lengths_outside_the_power_function_range_are_refused():
 
 
 def test_profile_inner_products_match_numerical_integration():
-    for t_a, gamma_a, t_b, gamma_b in ((700.0, 6.94, 1000.0, 16.97), (1000.0, 3.0, 400.0, 0.5), (500.0, 2.0, 500.0, 9.0)):
+    for t_a, gamma_a, t_b, gamma_b in (
+        (700.0, 6.94, 1000.0, 16.97),
+        (1000.0, 3.0, 400.0, 0.5),
+        (500.0, 2.0, 500.0, 9.0),
+    ):
         tau = torch.linspace(0, max(t_a, t_b), 2_000_001, dtype=torch.float64)
-        density_a = torch.where(tau <= t_a, (gamma_a + 1) * tau ** gamma_a / t_a ** (gamma_a + 1), 0.0)  # Eq. 121
-        density_b = torch.where(tau <= t_b, (gamma_b + 1) * tau ** gamma_b / t_b ** (gamma_b + 1), 0.0)
+        density_a = torch.where(tau <= t_a, (gamma_a + 1) * tau**gamma_a / t_a ** (gamma_a + 1), 0.0)  # Eq. 121
+        density_b = torch.where(tau <= t_b, (gamma_b + 1) * tau**gamma_b / t_b ** (gamma_b + 1), 0.0)
         integral = torch.trapezoid(density_a * density_b, tau)
         assert float(profile_inner_products(t_a, gamma_a, t_b, gamma_b)) == pytest.approx(float(integral), rel=1e-4)
 
@@ -151,8 +164,9 @@ def test_the_profiles_are_module_state_only_when_posthoc_ema_is_on():
     module = diffusion.DiffusionModule(diffusion.DiffusionStageConfig(model=tiny), lineage)
     assert module.power_ema is None
     assert {key.split(".")[0] for key in module.state_dict()} == {"model", "ema"}
-    profiled = diffusion.DiffusionModule(diffusion.DiffusionStageConfig(model=tiny, posthoc_ema=[0.05, 0.1],
-                                                                        posthoc_snapshot_every=10), lineage)
+    profiled = diffusion.DiffusionModule(
+        diffusion.DiffusionStageConfig(model=tiny, posthoc_ema=[0.05, 0.1], posthoc_snapshot_every=10), lineage
+    )
     assert {key.split(".")[0] for key in profiled.state_dict()} == {"model", "ema", "power_ema"}
     assert all(not p.requires_grad for p in profiled.power_ema.parameters())  # the optimizer never sees them
 
@@ -210,13 +224,35 @@ def test_ldm_ema_stores_the_lowest_fd_length_as_a_child_artifact_the_pipeline_lo
     store, _, cache = store_with_cache
     model = diffusion.run(dit_config(tmp_path, store_with_cache, "trainer.max_steps=9", *POSTHOC), store)
     classifier = Classifier(ClassifierConfig(width=8, feature_dim=16))
-    classifier_artifact = store.save("classifier", tensors={"weights.safetensors": classifier.eval().state_dict()},
-                                     config={"model": {"width": 8, "feature_dim": 16}})
-    result = CliRunner().invoke(main, [
-        "--store", str(store.root), "ema", "--model", model.ref, "--sigma-rel", "0.12,0.05", "--n", "20", "--steps", "2",
-        "--batch-size", "10", "--features", "classifier", "--classifier", classifier_artifact.ref,
-        "--out", str(tmp_path / "eval"),
-    ])
+    classifier_artifact = store.save(
+        "classifier",
+        tensors={"weights.safetensors": classifier.eval().state_dict()},
+        config={"model": {"width": 8, "feature_dim": 16}},
+    )
+    result = CliRunner().invoke(
+        main,
+        [
+            "--store",
+            str(store.root),
+            "ema",
+            "--model",
+            model.ref,
+            "--sigma-rel",
+            "0.12,0.05",
+            "--n",
+            "20",
+            "--steps",
+            "2",
+            "--batch-size",
+            "10",
+            "--features",
+            "classifier",
+            "--classifier",
+            classifier_artifact.ref,
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "<- stored" in result.output and "the model's EMA" in result.output
 
@@ -228,7 +264,11 @@ def test_ldm_ema_stores_the_lowest_fd_length_as_a_child_artifact_the_pipeline_lo
     assert [row["sigma_rel"] for row in table["table"]] == [None, 0.05, 0.12]  # the model's own EMA first
     assert len({row["frechet_distance"] for row in table["table"]}) == 3  # no tie: the choice below means something
     chosen = child.manifest["posthoc_ema"]["sigma_rel"]
-    assert chosen == table["chosen_sigma_rel"] == min(table["table"][1:], key=lambda row: row["frechet_distance"])["sigma_rel"]
+    assert (
+        chosen
+        == table["chosen_sigma_rel"]
+        == min(table["table"][1:], key=lambda row: row["frechet_distance"])["sigma_rel"]
+    )
     assert child.manifest["posthoc_ema"]["step"] == 9
 
     expected = reconstruct(list_snapshots(tmp_path / "run" / "ema-snapshots"), [chosen], step=9)[0][0]

@@ -22,7 +22,13 @@ from stages.encode import EncodeConfig, encode
 ROOT = Path(__file__).resolve().parent.parent
 # 32x32 grayscale -> 4x16x16 latents (f = 2): a random, untrained autoencoder that encodes thousands of images a second.
 TINY_F2 = AutoencoderConfig(
-    in_channels=1, resolution=32, ch=4, ch_mult=(1, 1), num_res_blocks=1, attn_at_lowest=False, latent_channels=4,
+    in_channels=1,
+    resolution=32,
+    ch=4,
+    ch_mult=(1, 1),
+    num_res_blocks=1,
+    attn_at_lowest=False,
+    latent_channels=4,
     norm_groups=1,
 )
 
@@ -42,7 +48,8 @@ def store_with_autoencoder(root: Path, data: DataConfig):
     store = ArtifactStore(root)
     torch.manual_seed(0)
     autoencoder = store.save(
-        "autoencoder", tensors={"weights.safetensors": AutoencoderKL(TINY_F2).state_dict()},
+        "autoencoder",
+        tensors={"weights.safetensors": AutoencoderKL(TINY_F2).state_dict()},
         config={"model": to_dict(TINY_F2), "data": to_dict(data)},
     )
     return store, autoencoder
@@ -61,7 +68,9 @@ def encode_in_memory(autoencoder, data: DataConfig, batch_size: int, shard_size:
     mean, std, label = torch.cat(means), torch.cat(stds), torch.cat(labels)
     return {
         f"shard-{i // shard_size:05d}.safetensors": {
-            "mean": mean[i : i + shard_size], "std": std[i : i + shard_size], "labels": label[i : i + shard_size]
+            "mean": mean[i : i + shard_size],
+            "std": std[i : i + shard_size],
+            "labels": label[i : i + shard_size],
         }
         for i in range(0, len(label), shard_size)
     }
@@ -211,7 +220,11 @@ def test_peak_memory_of_encoding_stays_near_one_shard_for_a_cache_many_shards_la
     shard_size = 256  # 4 MiB of float32 mean and std per shard
     result = subprocess.run(
         [sys.executable, str(script), str(store.root), autoencoder.ref, data.path, str(shard_size)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])

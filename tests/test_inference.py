@@ -20,7 +20,9 @@ from pipeline import LatentDiffusionPipeline
 from stages.cli import main
 from stages.interop import quantize_diffusion
 
-DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2, num_classes=10, learn_sigma=False)
+DIT = DiTConfig(
+    input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=2, num_classes=10, learn_sigma=False
+)
 FLOW = DiffusionConfig(objective="flow", learn_sigma=False)
 
 
@@ -70,8 +72,18 @@ def test_int8_linear_matches_the_float_layer_and_keeps_only_int8_weights():
 
 
 def test_quantize_int8_replaces_only_block_linears_and_shrinks_the_weights_3_5x():
-    model = random_dit(config=DiTConfig(input_size=8, patch_size=2, in_channels=8, hidden_size=256, depth=6, num_heads=4,
-                                        num_classes=10, learn_sigma=False))  # DiT-F/2 on 8x8x8 latents
+    model = random_dit(
+        config=DiTConfig(
+            input_size=8,
+            patch_size=2,
+            in_channels=8,
+            hidden_size=256,
+            depth=6,
+            num_heads=4,
+            num_classes=10,
+            learn_sigma=False,
+        )
+    )  # DiT-F/2 on 8x8x8 latents
     before = weight_bytes(model)
     names = int8_layer_names(model)
     assert len(names) == 6 * 5 and all(name.startswith("blocks.") for name in names)
@@ -89,7 +101,10 @@ def test_int8_artifact_round_trip_gives_the_same_samples_as_before_export(flow_s
     before = in_memory.sample([0, 1, 2], settings)
     quantized = quantize_diffusion(flow_store, float_ref)
     assert quantized.manifest["precision"] == "int8" and quantized.parents["diffusion"] == float_ref
-    assert quantized.manifest["files"]["weights.safetensors"]["bytes"] < flow_store.load(float_ref).manifest["files"]["weights.safetensors"]["bytes"] / 2.5
+    assert (
+        quantized.manifest["files"]["weights.safetensors"]["bytes"]
+        < flow_store.load(float_ref).manifest["files"]["weights.safetensors"]["bytes"] / 2.5
+    )
     loaded = LatentDiffusionPipeline.from_artifacts(quantized.ref, store=flow_store)  # int8 from its manifest
     assert loaded.precision == "int8" and isinstance(loaded.model.blocks[0].mlp.fc1, Int8Linear)
     assert torch.equal(loaded.sample([0, 1, 2], settings), before)
@@ -106,17 +121,42 @@ def test_int8_artifact_round_trip_gives_the_same_samples_as_before_export(flow_s
 def test_export_quantize_command_and_its_usage_errors(flow_store, tmp_path):
     runner = CliRunner()
     float_ref = flow_store.list("diffusion")[0].ref
-    result = runner.invoke(main, ["--store", str(flow_store.root), "export", "diffusion", float_ref, "--quantize", "int8",
-                                  "--keep", "blocks.*.adaLN_modulation"])
+    result = runner.invoke(
+        main,
+        [
+            "--store",
+            str(flow_store.root),
+            "export",
+            "diffusion",
+            float_ref,
+            "--quantize",
+            "int8",
+            "--keep",
+            "blocks.*.adaLN_modulation",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "smaller" in result.output and "kept float32: blocks.*.adaLN_modulation" in result.output
-    newest = [a for a in flow_store.list("diffusion") if a.manifest.get("precision") == "int8"
-              and not any("adaLN" in name for name in a.manifest["int8_layers"])]
+    newest = [
+        a
+        for a in flow_store.list("diffusion")
+        if a.manifest.get("precision") == "int8" and not any("adaLN" in name for name in a.manifest["int8_layers"])
+    ]
     assert newest, "the --keep layers stay float32 in the stored artifact"
     result = runner.invoke(main, ["--store", str(flow_store.root), "export", "diffusion", float_ref])
     assert result.exit_code != 0 and "either --to-diffusers DIR or --quantize int8" in result.output
-    result = runner.invoke(main, ["--store", str(flow_store.root), "export", "diffusion", newest[0].ref,
-                                  "--to-diffusers", str(tmp_path / "out")])
+    result = runner.invoke(
+        main,
+        [
+            "--store",
+            str(flow_store.root),
+            "export",
+            "diffusion",
+            newest[0].ref,
+            "--to-diffusers",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code != 0 and "export the model it was quantised from" in result.output
 
 
@@ -148,8 +188,15 @@ def test_cache_that_skips_nothing_equals_the_plain_sampler_bit_for_bit():
     cache = BlockCache(CacheSchedule(calls, DIT.depth, ()))
     assert torch.equal(run(model, settings, cache), plain)
     assert cache.evaluated == calls * DIT.depth and cache.skipped == 0
-    assert torch.equal(run(model, SamplingSettings(sampler="flow-heun", num_steps=5, guidance_scale=2.0,
-                                                   cache=CacheSchedule(calls, DIT.depth, ()))), plain)
+    assert torch.equal(
+        run(
+            model,
+            SamplingSettings(
+                sampler="flow-heun", num_steps=5, guidance_scale=2.0, cache=CacheSchedule(calls, DIT.depth, ())
+            ),
+        ),
+        plain,
+    )
     assert model.block_cache is None  # removed after the run
 
 
@@ -171,7 +218,9 @@ def test_a_skipped_block_adds_its_residual_of_the_previous_call():
         h = model.blocks[2](h, c_act)
         expected = unpatchify(model.final_layer(h, c_act), 2, (4, 4))
     assert torch.allclose(out, expected, atol=1e-6)
-    assert len(cache.changes) == 2 and all(change != change for change in cache.changes[0])  # NaN: nothing to compare with
+    assert len(cache.changes) == 2 and all(
+        change != change for change in cache.changes[0]
+    )  # NaN: nothing to compare with
     assert cache.changes[1][0] > 0 and len(cache.changes[1]) == 2  # blocks 0 and 2 ran at the second call
 
 
@@ -268,7 +317,9 @@ def test_pipeline_calibrates_and_counts_saved_block_evaluations(flow_store):
     pipe.block_evaluations = {"evaluated": 0, "skipped": 0}
     pipe.sample([0, 1, 2, 3], settings, cache=schedule, batch_size=2)
     counts = pipe.block_evaluations
-    assert counts["skipped"] == 2 * len(schedule.skips) and counts["evaluated"] + counts["skipped"] == 2 * 11 * DIT.depth
+    assert (
+        counts["skipped"] == 2 * len(schedule.skips) and counts["evaluated"] + counts["skipped"] == 2 * 11 * DIT.depth
+    )
 
 
 # ----------------------------------------------------------------------------- MeanFlow (few-step generation)
@@ -317,8 +368,13 @@ def test_meanflow_sampler_fits_only_a_meanflow_model_and_makes_one_call_per_step
     assert model_calls("meanflow", 1) == 1 and model_calls("meanflow", 2) == 2
     model = random_dit(config=DiTConfig(**{**DIT.__dict__, "interval_embed": True}))
     calls = []
-    sample_latents(model, meanflow, torch.tensor([1, 2]), SamplingSettings(sampler="meanflow", num_steps=2, guidance_scale=2.0),
-                   on_model_call=lambda: calls.append(1))
+    sample_latents(
+        model,
+        meanflow,
+        torch.tensor([1, 2]),
+        SamplingSettings(sampler="meanflow", num_steps=2, guidance_scale=2.0),
+        on_model_call=lambda: calls.append(1),
+    )
     assert len(calls) == 2
     with pytest.raises(ValueError, match="no interval embedding"):
         random_dit()(torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.tensor([0]), r=torch.tensor([0.0]))
@@ -327,8 +383,24 @@ def test_meanflow_sampler_fits_only_a_meanflow_model_and_makes_one_call_per_step
 def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_model(flow_store, tmp_path):
     runner = CliRunner()
     ref = flow_store.list("diffusion")[0].ref
-    args = ["--store", str(flow_store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "6",
-            "--cfg", "2", "--cache-fraction", "0.3", "--no-images"]
+    args = [
+        "--store",
+        str(flow_store.root),
+        "sample",
+        "--model",
+        ref,
+        "--n",
+        "4",
+        "--sampler",
+        "flow-heun",
+        "--steps",
+        "6",
+        "--cfg",
+        "2",
+        "--cache-fraction",
+        "0.3",
+        "--no-images",
+    ]
     first = runner.invoke(main, [*args, "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     assert "calibrated cache-flow-heun-6-cfg2-f0.3" in first.output
@@ -342,7 +414,9 @@ def test_sample_command_calibrates_a_cache_schedule_once_and_stores_it_with_the_
     assert flow_store.load(ref).manifest["metrics"]["cache-flow-heun-6-cfg2-f0.3-forecast"]["extrapolate"] is True
     # Guidance in an interval takes another path through the DiT: it gets its own schedule, never the one above.
     interval = runner.invoke(main, [*args, "--cfg-interval", "200", "800", "--out", str(tmp_path / "d")])
-    assert interval.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-t200-800-f0.3" in interval.output, interval.output
+    assert interval.exit_code == 0 and "calibrated cache-flow-heun-6-cfg2-t200-800-f0.3" in interval.output, (
+        interval.output
+    )
 
 
 def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings():
@@ -354,7 +428,12 @@ def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings()
 
     setting = Setting.parse("flow-euler:20:cache0.3:forecast:interval220-840")
     assert (setting.sampler, setting.steps, setting.cache, setting.forecast, setting.interval) == (
-        "flow-euler", 20, 0.3, True, (220.0, 840.0))
+        "flow-euler",
+        20,
+        0.3,
+        True,
+        (220.0, 840.0),
+    )
     assert setting.family == "float32 + cache forecast"
     assert Setting.parse("student:meanflow:2").student and Setting.parse("flow-heun:10").interval is None
     with pytest.raises(SystemExit, match="forecast needs"):
@@ -366,8 +445,22 @@ def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings()
 def test_shift_option_moves_the_flow_grid_is_recorded_and_is_refused_off_a_flow_sampler(flow_store, tmp_path):
     runner = CliRunner()
     ref = flow_store.list("diffusion")[0].ref
-    args = ["--store", str(flow_store.root), "sample", "--model", ref, "--n", "4", "--sampler", "flow-heun", "--steps", "4",
-            "--cfg", "2", "--no-images"]
+    args = [
+        "--store",
+        str(flow_store.root),
+        "sample",
+        "--model",
+        ref,
+        "--n",
+        "4",
+        "--sampler",
+        "flow-heun",
+        "--steps",
+        "4",
+        "--cfg",
+        "2",
+        "--no-images",
+    ]
 
     def grid(name, *extra):
         result = runner.invoke(main, [*args, *extra, "--out", str(tmp_path / name)])
@@ -380,7 +473,9 @@ def test_shift_option_moves_the_flow_grid_is_recorded_and_is_refused_off_a_flow_
     assert unit == plain and shifted != plain
     assert plain_report["shift"] == 1.0 and report["shift"] == 3.0
     pipe = LatentDiffusionPipeline.from_artifacts(ref, store=flow_store)
-    assert trajectory_name(pipe, pipe.settings(sampler="flow-heun", num_steps=4, shift=3.0)) == "flow-heun-4-shift3-cfg1"
+    assert (
+        trajectory_name(pipe, pipe.settings(sampler="flow-heun", num_steps=4, shift=3.0)) == "flow-heun-4-shift3-cfg1"
+    )
     with pytest.raises(ValueError, match=r"shift \(--shift\) 3 .*'ddim'"):
         SamplingSettings(sampler="ddim", shift=3.0).resolved(DiffusionConfig())
     bad = runner.invoke(main, [*args, "--shift", "0", "--out", str(tmp_path / "bad")])

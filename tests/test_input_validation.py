@@ -46,8 +46,12 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = str(ROOT / "configs/fmnist/autoencoder-quick.yaml")
 
 AE = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)
-DIT = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False)
-DIFFUSION = DiffusionConfig(objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False)
+DIT = DiTConfig(
+    input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False
+)
+DIFFUSION = DiffusionConfig(
+    objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False
+)
 STATS = LatentStats(mean=[0.1, -0.2, 0.0, 0.3], std=[2.0, 1.5, 1.0, 0.5])
 
 
@@ -78,15 +82,21 @@ def store(tmp_path_factory):
     """A store with a random autoencoder and a random DiT of its latents (no data needed)."""
     store = ArtifactStore(tmp_path_factory.mktemp("validation") / "store")
     torch.manual_seed(0)
-    autoencoder = store.save("autoencoder", tensors={"weights.safetensors": AutoencoderKL(AE).state_dict()},
-                             config={"model": to_dict(AE), "data": to_dict(DataConfig())})
+    autoencoder = store.save(
+        "autoencoder",
+        tensors={"weights.safetensors": AutoencoderKL(AE).state_dict()},
+        config={"model": to_dict(AE), "data": to_dict(DataConfig())},
+    )
     dit = DiT(DIT)
     with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0: give it a non-trivial function
         for p in dit.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    store.save("diffusion", tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
-               config={"model": to_dict(DIT), "diffusion": to_dict(DIFFUSION)},
-               metadata={"autoencoder": autoencoder.ref, "latent_stats": STATS.to_dict()})
+    store.save(
+        "diffusion",
+        tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
+        config={"model": to_dict(DIT), "diffusion": to_dict(DIFFUSION)},
+        metadata={"autoencoder": autoencoder.ref, "latent_stats": STATS.to_dict()},
+    )
     return store
 
 
@@ -130,7 +140,9 @@ def test_a_yaml_tag_is_refused_naming_the_file_or_the_override(tmp_path, where):
         args, named = ("--config", config), str(config)
     else:
         args, named = ("--set", f"trainer={tag}"), "override 'trainer=!!python/object/apply:os.system"
-    assert_one_line_failure(train(tmp_path, *args), named, "YAML tags are not allowed", "!!python/object/apply:os.system")
+    assert_one_line_failure(
+        train(tmp_path, *args), named, "YAML tags are not allowed", "!!python/object/apply:os.system"
+    )
 
 
 def test_a_harmless_tag_is_refused_too_so_the_rule_is_simple():
@@ -138,10 +150,13 @@ def test_a_harmless_tag_is_refused_too_so_the_rule_is_simple():
         load_config(autoencoder_stage.AutoencoderStageConfig, None, ["run_dir=!!str runs/x"])
 
 
-BOMB = "".join(
-    f"{name}: &{name} [" + ",".join([f"*{prev}" if prev else '"lol"'] * 9) + "]\n"
-    for name, prev in zip("abcdefghi", [None, *"abcdefgh"])
-) + "trainer: *i\n"  # nine levels of nine: 9**9 = 387 million strings from 600 bytes
+BOMB = (
+    "".join(
+        f"{name}: &{name} [" + ",".join([f"*{prev}" if prev else '"lol"'] * 9) + "]\n"
+        for name, prev in zip("abcdefghi", [None, *"abcdefgh"])
+    )
+    + "trainer: *i\n"
+)  # nine levels of nine: 9**9 = 387 million strings from 600 bytes
 
 
 @pytest.mark.timeout(20)
@@ -247,10 +262,19 @@ def test_the_pipeline_checks_its_device_before_loading(tmp_path):
 
 # ---- 6. imported configs against the weights' shapes -----------------------------------------
 
-SMALL_DIT = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, num_classes=10,
-                      timestep_freq_shift=1)
-SMALL_AE = AutoencoderConfig(in_channels=3, resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, latent_channels=4,
-                             norm_groups=4)
+SMALL_DIT = DiTConfig(
+    input_size=4,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=16,
+    depth=2,
+    num_heads=2,
+    num_classes=10,
+    timestep_freq_shift=1,
+)
+SMALL_AE = AutoencoderConfig(
+    in_channels=3, resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1, latent_channels=4, norm_groups=4
+)
 
 
 def diffusers_folder(tmp_path: Path, model, export, **config_changes) -> Path:
@@ -262,11 +286,14 @@ def diffusers_folder(tmp_path: Path, model, export, **config_changes) -> Path:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("changes, phrase", [
-    ({"attention_head_dim": 3_000_000}, "pos_embed.proj.weight"),  # 6M wide: ~360 TB of weights
-    ({"num_layers": 1_000_000}, "num_layers"),
-    ({"sample_size": 2_000_000}, "sample_size"),
-])
+@pytest.mark.parametrize(
+    "changes, phrase",
+    [
+        ({"attention_head_dim": 3_000_000}, "pos_embed.proj.weight"),  # 6M wide: ~360 TB of weights
+        ({"num_layers": 1_000_000}, "num_layers"),
+        ({"sample_size": 2_000_000}, "sample_size"),
+    ],
+)
 def test_a_diffusers_dit_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp_path, changes, phrase):
     folder = diffusers_folder(tmp_path, DiT(SMALL_DIT), export_dit_to_diffusers, **changes)
     start = time.perf_counter()
@@ -278,13 +305,24 @@ def test_a_diffusers_dit_config_that_does_not_fit_its_weights_is_refused_before_
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("changes, phrase", [
-    ({"block_out_channels": [8_000_000, 16_000_000]}, "decoder.conv_in.weight"),
-    ({"layers_per_block": 1_000_000}, "layers_per_block"),
-    ({"block_out_channels": [8] * 100_000, "down_block_types": ["DownEncoderBlock2D"] * 100_000,
-      "up_block_types": ["UpDecoderBlock2D"] * 100_000}, "block_out_channels"),
-])
-def test_a_diffusers_autoencoder_config_that_does_not_fit_its_weights_is_refused_before_allocating(tmp_path, changes, phrase):
+@pytest.mark.parametrize(
+    "changes, phrase",
+    [
+        ({"block_out_channels": [8_000_000, 16_000_000]}, "decoder.conv_in.weight"),
+        ({"layers_per_block": 1_000_000}, "layers_per_block"),
+        (
+            {
+                "block_out_channels": [8] * 100_000,
+                "down_block_types": ["DownEncoderBlock2D"] * 100_000,
+                "up_block_types": ["UpDecoderBlock2D"] * 100_000,
+            },
+            "block_out_channels",
+        ),
+    ],
+)
+def test_a_diffusers_autoencoder_config_that_does_not_fit_its_weights_is_refused_before_allocating(
+    tmp_path, changes, phrase
+):
     folder = diffusers_folder(tmp_path, AutoencoderKL(SMALL_AE), export_autoencoder_to_diffusers, **changes)
     start = time.perf_counter()
     with pytest.raises(InteropError) as err:
@@ -303,10 +341,14 @@ def test_a_diffusers_config_value_of_the_wrong_type_is_refused_naming_the_key(tm
 @pytest.mark.timeout(30)
 def test_compvis_and_original_dit_sizes_from_set_are_checked_before_allocating(tmp_path):
     model = AutoencoderKL(SMALL_AE)
-    save_file({k: v.contiguous() for k, v in autoencoder_state_dict_to_compvis(model.state_dict(), SMALL_AE).items()},
-              tmp_path / "kl.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in autoencoder_state_dict_to_compvis(model.state_dict(), SMALL_AE).items()},
+        tmp_path / "kl.safetensors",
+    )
     huge = AutoencoderConfig(**{**to_dict(SMALL_AE), "ch_mult": (1, 2), "ch": 4_000_000, "norm_groups": 4})
-    with pytest.raises(InteropError, match=r"decoder\.conv_in\.weight: expected \(8000000, 4, 3, 3\), got \(16, 4, 3, 3\)"):
+    with pytest.raises(
+        InteropError, match=r"decoder\.conv_in\.weight: expected \(8000000, 4, 3, 3\), got \(16, 4, 3, 3\)"
+    ):
         load_compvis_autoencoder(tmp_path / "kl.safetensors", huge)
     dit = DiT(SMALL_DIT)
     save_file(dit_state_dict_to_original(dit.state_dict(), SMALL_DIT), tmp_path / "dit.safetensors")
@@ -327,8 +369,18 @@ def test_a_fitting_diffusers_dit_still_imports(tmp_path):
 def test_a_keep_pattern_that_matches_no_layer_is_refused_naming_it(store):
     before = len(store.list("diffusion"))
     ref = store.list("diffusion")[0].ref
-    result = cli(store, "export", "diffusion", ref, "--quantize", "int8", "--keep", "blocks.*.adaLN_modulation",
-                 "--keep", "blocks.*.no_such_layer")
+    result = cli(
+        store,
+        "export",
+        "diffusion",
+        ref,
+        "--quantize",
+        "int8",
+        "--keep",
+        "blocks.*.adaLN_modulation",
+        "--keep",
+        "blocks.*.no_such_layer",
+    )
     line = assert_one_line_failure(result, "--keep 'blocks.*.no_such_layer' matches no int8 layer", "blocks.0.attn.qkv")
     assert "'blocks.*.adaLN_modulation' matches" not in line  # the pattern that matches is not blamed
     assert len(store.list("diffusion")) == before
@@ -344,7 +396,9 @@ def test_a_keep_pattern_matching_only_layers_that_stay_float_anyway_is_refused(s
 
 @pytest.mark.parametrize("command", [["sample"], ["eval", "samples"]])
 def test_guide_scale_without_guide_is_refused_before_loading(tmp_path, command):
-    result = cli(tmp_path, *command, "--model", "diffusion@no-such-version", "--guide-scale", "3", "--out", tmp_path / "out")
+    result = cli(
+        tmp_path, *command, "--model", "diffusion@no-such-version", "--guide-scale", "3", "--out", tmp_path / "out"
+    )
     assert_one_line_failure(result, "--guide-scale", "--guide")
     assert "no-such-version" not in result.output
 
@@ -357,8 +411,17 @@ def test_guide_scale_keeps_its_range_check_without_guide(tmp_path):
 # ---- 9, 10. pipeline arguments --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("labels, shown", [([1.5], "1.5"), (1.5, "1.5"), (torch.tensor([0.0, 2.5]), "2.5"),
-                                           ([True, False], "True"), ([float("nan")], "nan"), (["3"], "'3'")])
+@pytest.mark.parametrize(
+    "labels, shown",
+    [
+        ([1.5], "1.5"),
+        (1.5, "1.5"),
+        (torch.tensor([0.0, 2.5]), "2.5"),
+        ([True, False], "True"),
+        ([float("nan")], "nan"),
+        (["3"], "'3'"),
+    ],
+)
 def test_labels_that_are_not_integers_are_refused_naming_the_value(pipe, labels, shown):
     with pytest.raises(ValueError, match="class labels must be integers") as err:
         pipe.sample(labels, num_steps=1)
@@ -400,8 +463,10 @@ def test_the_pickle_conversion_hint_says_it_runs_the_files_code(tmp_path):
 
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header says width x height (8-bit gray) and that holds no pixel data: nothing to decode."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
@@ -423,7 +488,12 @@ def test_an_image_beyond_pillows_own_limit_gets_the_same_kind_of_line(tmp_path):
     with pytest.raises(ImageReadError) as err:
         load_image(path, 32, 1)
     message = str(err.value)
-    assert str(path) in message and "Pillow's own limit" in message and "data.max_pixels" in message and "\n" not in message
+    assert (
+        str(path) in message
+        and "Pillow's own limit" in message
+        and "data.max_pixels" in message
+        and "\n" not in message
+    )
 
 
 def test_the_pixel_cap_is_a_data_setting_that_folders_use(tmp_path):
@@ -438,8 +508,15 @@ def test_the_pixel_cap_is_a_data_setting_that_folders_use(tmp_path):
         DataConfig(max_pixels=0)
 
 
-TINY_AUTOENCODER = ["model.ch=8", "model.num_res_blocks=1", "loss.perceptual.net=squeeze", "loss.perceptual.backbone=random",
-                    "trainer.log_every=1", "trainer.image_every=0", "trainer.progress=false"]
+TINY_AUTOENCODER = [
+    "model.ch=8",
+    "model.num_res_blocks=1",
+    "loss.perceptual.net=squeeze",
+    "loss.perceptual.backbone=random",
+    "trainer.log_every=1",
+    "trainer.image_every=0",
+    "trainer.progress=false",
+]
 
 
 @pytest.mark.timeout(120)
@@ -449,8 +526,15 @@ def test_training_on_a_folder_with_a_huge_image_stops_in_one_line_and_stores_not
     for i in range(2):
         Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     png_header_only(folder / "huge.png", 12000, 12000)
-    overrides = [*TINY_AUTOENCODER, "data.name=folder", f"data.path={folder}", "trainer.max_steps=2", "train_subset=0",
-                 "trainer.batch_size=3", "preview_images=1"]
+    overrides = [
+        *TINY_AUTOENCODER,
+        "data.name=folder",
+        f"data.path={folder}",
+        "trainer.max_steps=2",
+        "train_subset=0",
+        "trainer.batch_size=3",
+        "preview_images=1",
+    ]
     result = train(tmp_path, "--config", QUICK, *[arg for item in overrides for arg in ("--set", item)])
     assert_one_line_failure(result, f"image {folder / 'huge.png'} is 12000x12000", "data.max_pixels", last=False)
     assert not (tmp_path / "store" / "autoencoder").exists()

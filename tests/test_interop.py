@@ -36,9 +36,23 @@ from stages.cli import main
 diffusers = pytest.importorskip("diffusers")
 
 # 16x16 RGB images -> 4x4x4 latents; three levels of distinct widths, so a level mix-up changes shapes.
-AE = AutoencoderConfig(in_channels=3, resolution=16, ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=4, norm_groups=4)
-AE_SET = ["--set", "model.in_channels=3", "--set", "model.resolution=16", "--set", "model.ch=8",
-          "--set", "model.ch_mult=[1,2,4]", "--set", "model.num_res_blocks=1", "--set", "model.norm_groups=4"]
+AE = AutoencoderConfig(
+    in_channels=3, resolution=16, ch=8, ch_mult=(1, 2, 4), num_res_blocks=1, latent_channels=4, norm_groups=4
+)
+AE_SET = [
+    "--set",
+    "model.in_channels=3",
+    "--set",
+    "model.resolution=16",
+    "--set",
+    "model.ch=8",
+    "--set",
+    "model.ch_mult=[1,2,4]",
+    "--set",
+    "model.num_res_blocks=1",
+    "--set",
+    "model.norm_groups=4",
+]
 # A DiT on those 4x4x4 latents: 4 tokens of width 16, 10 classes.
 DIT = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=16, depth=2, num_heads=2, num_classes=10)
 
@@ -67,8 +81,16 @@ def randomized(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
 def diffusers_autoencoder(**config) -> torch.nn.Module:
     torch.manual_seed(0)
     return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16, **config,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+        **config,
     ).eval()
 
 
@@ -88,7 +110,9 @@ def assert_same_autoencoder(ours: AutoencoderKL, encode, decode) -> None:
 
 
 def dit_inputs(config: DiTConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = torch.randn(4, config.in_channels, config.input_size, config.input_size, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(
+        4, config.in_channels, config.input_size, config.input_size, generator=torch.Generator().manual_seed(2)
+    )
     t = torch.tensor([0, 10, 500, 999])
     y = torch.tensor([0, 3, config.num_classes - 1, config.num_classes])  # the last one is the null class
     return x, t, y
@@ -175,8 +199,12 @@ def save_autoencoder_artifact(store: ArtifactStore, latent_stats: LatentStats | 
     model = AutoencoderKL(AE)
     metadata = {"latent_stats": latent_stats.to_dict()} if latent_stats else {}
     data = DataConfig(name="folder", path="unused", channels=3, resolution=16)
-    artifact = store.save("autoencoder", tensors={"weights.safetensors": model.state_dict()},
-                          config={"model": to_dict(AE), "data": to_dict(data)}, metadata=metadata)
+    artifact = store.save(
+        "autoencoder",
+        tensors={"weights.safetensors": model.state_dict()},
+        config={"model": to_dict(AE), "data": to_dict(data)},
+        metadata=metadata,
+    )
     return artifact, model.eval()
 
 
@@ -186,26 +214,43 @@ def save_autoencoder_artifact(store: ArtifactStore, latent_stats: LatentStats | 
 
 
 def test_diffusers_autoencoder_config_maps_onto_ours():
-    config = autoencoder_config_from_diffusers({
-        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 512, 512],
-        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-        "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 256,
-    })
+    config = autoencoder_config_from_diffusers(
+        {
+            "_class_name": "AutoencoderKL",
+            "in_channels": 3,
+            "out_channels": 3,
+            "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "sample_size": 256,
+        }
+    )
     assert (config.ch, config.ch_mult, config.num_res_blocks, config.latent_channels) == (128, (1, 2, 4, 4), 2, 4)
     assert (config.in_channels, config.out_channels, config.resolution, config.norm_groups) == (3, None, 256, 32)
     assert config.attn_at_lowest  # diffusers' default mid_block_add_attention
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"use_quant_conv": False}, "use_quant_conv"),
-    ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, "down_block_types"),
-    ({"up_block_types": ["UpDecoderBlock2D"]}, "up_block_types"),
-    ({"block_out_channels": [8, 12]}, "block_out_channels"),
-    ({"act_fn": "relu"}, "act_fn"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"use_quant_conv": False}, "use_quant_conv"),
+        ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, "down_block_types"),
+        ({"up_block_types": ["UpDecoderBlock2D"]}, "up_block_types"),
+        ({"block_out_channels": [8, 12]}, "block_out_channels"),
+        ({"act_fn": "relu"}, "act_fn"),
+    ],
+)
 def test_diffusers_autoencoder_config_ours_cannot_hold_is_refused_naming_the_field(change, field):
-    base = {"block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-            "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 4, "sample_size": 16}
+    base = {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "norm_num_groups": 4,
+        "sample_size": 16,
+    }
     with pytest.raises(ValueError, match=field):
         autoencoder_config_from_diffusers({**base, **change})
 
@@ -271,8 +316,9 @@ def test_old_diffusers_attention_names_are_accepted(tmp_path):
     save_file(tensors, file)
     ours = load_diffusers_autoencoder(tmp_path / "vae").model
     with torch.no_grad():
-        torch.testing.assert_close(ours.decode(torch.ones(1, 4, 2, 2)), theirs.decode(torch.ones(1, 4, 2, 2)).sample,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            ours.decode(torch.ones(1, 4, 2, 2)), theirs.decode(torch.ones(1, 4, 2, 2)).sample, rtol=1e-4, atol=1e-5
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +372,9 @@ def test_missing_key_is_refused_naming_it(tmp_path):
     state = compvis_state_dict(AutoencoderKL(AE))
     del state["decoder.up.0.block.1.conv2.bias"]
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "kl.safetensors")
-    output = cli_error("--store", tmp_path / "store", "import", "autoencoder", "--from-compvis", tmp_path / "kl.safetensors", *AE_SET)
+    output = cli_error(
+        "--store", tmp_path / "store", "import", "autoencoder", "--from-compvis", tmp_path / "kl.safetensors", *AE_SET
+    )
     assert "missing keys: decoder.up.0.block.1.conv2.bias" in output
 
 
@@ -399,8 +447,18 @@ def test_original_dit_checkpoint_imported_through_the_cli_samples_with_the_pipel
     ema, raw = randomized(DiT(DIT), seed=1), randomized(DiT(DIT), seed=2)
     torch.save({"ema": original_dit_state_dict(ema), "model": original_dit_state_dict(raw)}, tmp_path / "dit.pt")
 
-    output = cli("--store", store.root, "import", "diffusion", "--from-dit", tmp_path / "dit.pt",
-                 "--autoencoder", autoencoder.ref, "--num-heads", 2)
+    output = cli(
+        "--store",
+        store.root,
+        "import",
+        "diffusion",
+        "--from-dit",
+        tmp_path / "dit.pt",
+        "--autoencoder",
+        autoencoder.ref,
+        "--num-heads",
+        2,
+    )
     assert "wrote diffusion@" in output
     pipe = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store)
     raw_pipe = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store, weights="raw")
@@ -436,8 +494,14 @@ def diffusers_dit(tie_embedders: bool = True) -> torch.nn.Module:
     """diffusers' DiT with random weights; as converted from a DiT checkpoint, every block has block 0's embedders."""
     torch.manual_seed(0)
     model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=4,
-        patch_size=2, num_embeds_ada_norm=10,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=4,
+        patch_size=2,
+        num_embeds_ada_norm=10,
     )
     randomized(model, seed=3)
     if tie_embedders:
@@ -454,8 +518,9 @@ def test_diffusers_dit_imported_computes_exactly_diffusers_function(tmp_path):
     assert ours.config.timestep_freq_shift == 1 and ours.config.mlp_norm_eps == 1e-5  # diffusers' norm_eps default
     x, t, y = dit_inputs(ours.config)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, t, y), theirs(x, timestep=t, class_labels=y, return_dict=False)[0],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            ours(x, t, y), theirs(x, timestep=t, class_labels=y, return_dict=False)[0], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_diffusers_dit_with_distinct_per_block_embedders_is_refused(tmp_path):
@@ -468,14 +533,42 @@ def test_diffusers_dit_import_through_the_cli_checks_the_latent_shape(tmp_path):
     diffusers_dit().save_pretrained(tmp_path / "transformer")
     store = ArtifactStore(tmp_path / "store")
     autoencoder, _ = save_autoencoder_artifact(store)
-    output = cli_error("--store", store.root, "import", "diffusion", "--from-diffusers", tmp_path / "transformer",
-                       "--autoencoder", autoencoder.ref, "--set", "model.input_size=8")
+    output = cli_error(
+        "--store",
+        store.root,
+        "import",
+        "diffusion",
+        "--from-diffusers",
+        tmp_path / "transformer",
+        "--autoencoder",
+        autoencoder.ref,
+        "--set",
+        "model.input_size=8",
+    )
     assert "wrong shape" not in output and "(4, 8, 8) latents" in output and "model.resolution=32" in output
-    output = cli_error("--store", store.root, "import", "diffusion", "--from-diffusers", tmp_path / "transformer",
-                       "--autoencoder", autoencoder.ref)
+    output = cli_error(
+        "--store",
+        store.root,
+        "import",
+        "diffusion",
+        "--from-diffusers",
+        tmp_path / "transformer",
+        "--autoencoder",
+        autoencoder.ref,
+    )
     assert "--scaling-factor" in output  # the autoencoder was not imported, so no source statistics
-    cli("--store", store.root, "import", "diffusion", "--from-diffusers", tmp_path / "transformer",
-        "--autoencoder", autoencoder.ref, "--scaling-factor", 0.5)
+    cli(
+        "--store",
+        store.root,
+        "import",
+        "diffusion",
+        "--from-diffusers",
+        tmp_path / "transformer",
+        "--autoencoder",
+        autoencoder.ref,
+        "--scaling-factor",
+        0.5,
+    )
     assert store.load("diffusion@latest").manifest["latent_stats"]["std"] == [2.0] * 4
 
 
@@ -498,7 +591,9 @@ def test_autoencoder_exported_to_diffusers_loads_there_and_computes_the_same_fun
         lambda z: theirs.decode(z).sample,
     )
     # An export never overwrites.
-    assert "not empty" in cli_error("--store", store.root, "export", "autoencoder", artifact.ref, "--to-diffusers", tmp_path / "vae")
+    assert "not empty" in cli_error(
+        "--store", store.root, "export", "autoencoder", artifact.ref, "--to-diffusers", tmp_path / "vae"
+    )
 
 
 def test_dit_with_diffusers_timesteps_exports_exactly(tmp_path):
@@ -508,8 +603,9 @@ def test_dit_with_diffusers_timesteps_exports_exactly(tmp_path):
     theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "transformer").eval()
     x, t, y = dit_inputs(DIT)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(x, timestep=t, class_labels=y, return_dict=False)[0], ours(x, t, y),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            theirs(x, timestep=t, class_labels=y, return_dict=False)[0], ours(x, t, y), rtol=1e-5, atol=1e-5
+        )
     # And back: the import of our export is our model.
     back = load_diffusers_dit(tmp_path / "transformer").model
     with torch.no_grad():
@@ -521,10 +617,15 @@ def test_dit_with_original_timesteps_exports_with_its_measured_difference(tmp_pa
     autoencoder, _ = save_autoencoder_artifact(store)
     model = randomized(DiT(DIT), seed=5)
     weights = model.state_dict()
-    store.save("diffusion", tensors={"weights.safetensors": weights, "raw.safetensors": weights},
-               config={"model": to_dict(DIT), "diffusion": {"learn_sigma": True}},
-               metadata={"autoencoder": autoencoder.ref, "latent_stats": LatentStats([0.0] * 4, [1.0] * 4).to_dict()})
-    output = cli("--store", store.root, "export", "diffusion", "diffusion@latest", "--to-diffusers", tmp_path / "transformer")
+    store.save(
+        "diffusion",
+        tensors={"weights.safetensors": weights, "raw.safetensors": weights},
+        config={"model": to_dict(DIT), "diffusion": {"learn_sigma": True}},
+        metadata={"autoencoder": autoencoder.ref, "latent_stats": LatentStats([0.0] * 4, [1.0] * 4).to_dict()},
+    )
+    output = cli(
+        "--store", store.root, "export", "diffusion", "diffusion@latest", "--to-diffusers", tmp_path / "transformer"
+    )
     assert "NOT exact" in output and "10000^(-i/127)" in output
     config = json.loads((tmp_path / "transformer" / "config.json").read_text())
     assert config["_class_name"] == "DiTTransformer2DModel" and config["norm_eps"] == 1e-6

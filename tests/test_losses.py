@@ -21,6 +21,7 @@ from ldm.losses.autoencoder import (
 from ldm.losses.lpips import MissingWeightsError, PerceptualConfig, build_lpips
 from ldm.models.discriminator import DiscriminatorConfig, PatchDiscriminator, patch_grid_size, receptive_field
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny convolutions run far faster on one thread than on contended OpenMP threads."""

@@ -196,8 +196,10 @@ def test_frechet_distance_of_streams_equals_distance_of_all_features_at_once():
     real_features = extractor(torch.cat(real)).double().numpy()
     fake_features = extractor(torch.cat(fake)).double().numpy()
     expected = reference_frechet(
-        fake_features.mean(0), np.cov(fake_features, rowvar=False),
-        real_features.mean(0), np.cov(real_features, rowvar=False),
+        fake_features.mean(0),
+        np.cov(fake_features, rowvar=False),
+        real_features.mean(0),
+        np.cov(real_features, rowvar=False),
     )
     assert expected > 0
     assert frechet_distance_of(extractor, fake, reference) == pytest.approx(expected, rel=1e-6)
@@ -231,6 +233,7 @@ def test_inception_unavailable_names_a_missing_explicit_path(tmp_path):
 
 def test_inception_unavailable_names_the_missing_package(monkeypatch):
     real_find_spec = metrics.importlib.util.find_spec
+
     def find_spec_without_torch_fidelity(name):
         return None if name == "torch_fidelity" else real_find_spec(name)
 

@@ -30,7 +30,9 @@ def test_from_artifacts_loads_the_lineage_autoencoder_and_its_statistics(store, 
     raw = AutoencoderKL(AE)
     raw.load_state_dict(first.load_tensors())
     # decode applies the stored statistics before the decoder: the scale lives in one place
-    expected = raw.eval().decode(z * torch.tensor(STATS.std).view(1, 4, 1, 1) + torch.tensor(STATS.mean).view(1, 4, 1, 1))
+    expected = raw.eval().decode(
+        z * torch.tensor(STATS.std).view(1, 4, 1, 1) + torch.tensor(STATS.mean).view(1, 4, 1, 1)
+    )
     assert torch.allclose(pipe.decode(z), expected.clamp(-1, 1), atol=1e-6)
 
 
@@ -38,8 +40,9 @@ def test_from_artifacts_refuses_an_autoencoder_other_than_the_lineage(store):
     other = store.list("autoencoder")[1]
     with pytest.raises(ArtifactError, match="trained on latents of autoencoder@"):
         LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store, autoencoder=other.ref)
-    forced = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store, autoencoder=other.ref,
-                                                    allow_autoencoder_mismatch=True)
+    forced = LatentDiffusionPipeline.from_artifacts(
+        "diffusion@latest", store=store, autoencoder=other.ref, allow_autoencoder_mismatch=True
+    )
     assert forced.provenance.autoencoder == other.ref and forced.provenance.autoencoder_override
 
 
@@ -60,8 +63,23 @@ def test_a_decoder_fine_tune_of_the_lineage_autoencoder_is_accepted_and_any_enco
     assert torch.equal(pipe.encode(images), lineage.encode(images))  # the same latents ...
     assert not torch.allclose(pipe.decode(z), lineage.decode(z), atol=1e-3)  # ... through the new decoder
 
-    result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--n", "2", "--steps", "2", "--no-images",
-                                       "--autoencoder", tuned.ref, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--store",
+            str(copy.root),
+            "sample",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--no-images",
+            "--autoencoder",
+            tuned.ref,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "samples.json").read_text())["autoencoder"] == tuned.ref
 
@@ -85,7 +103,9 @@ def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_oth
     guided = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=small.ref)
     assert guided.provenance.guide == small.ref and plain.provenance.guide is None
     labels = [0, 3, 7]
-    assert torch.equal(guided.sample(labels, num_steps=3, guidance_scale=2.0), plain.sample(labels, num_steps=3, guidance_scale=2.0))
+    assert torch.equal(
+        guided.sample(labels, num_steps=3, guidance_scale=2.0), plain.sample(labels, num_steps=3, guidance_scale=2.0)
+    )
     by_guide = guided.sample(labels, num_steps=3, guide_scale=2.0)
     assert not torch.allclose(by_guide, plain.sample(labels, num_steps=3, guidance_scale=2.0), atol=1e-3)  # not CFG
     assert not torch.allclose(by_guide, plain.sample(labels, num_steps=3), atol=1e-3)
@@ -93,9 +113,15 @@ def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_oth
         plain.sample(labels, num_steps=3, guide_scale=2.0)
     # A model guiding itself cancels: cond + (s - 1) (cond - guide) is the conditional model at any scale.
     itself = LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=model.ref)
-    torch.testing.assert_close(itself.sample(labels, num_steps=3, guide_scale=3.0), plain.sample(labels, num_steps=3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(itself.sample(labels, num_steps=3, guidance_scale=2.0, guide_scale=3.0),
-                               plain.sample(labels, num_steps=3, guidance_scale=2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        itself.sample(labels, num_steps=3, guide_scale=3.0), plain.sample(labels, num_steps=3), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        itself.sample(labels, num_steps=3, guidance_scale=2.0, guide_scale=3.0),
+        plain.sample(labels, num_steps=3, guidance_scale=2.0),
+        atol=1e-5,
+        rtol=0,
+    )
 
     other_autoencoder = copy.list("autoencoder")[1].ref
     refused = {
@@ -106,19 +132,51 @@ def test_autoguidance_by_a_weaker_dit_of_the_same_latents_and_refusal_of_any_oth
         "num_classes is 5": save_dit(copy, replace(DIT, num_classes=5), DIFFUSION, 10, lineage),
     }
     with pytest.raises(ValueError, match=r"guide DiT takes .*\(\(4, 8, 8\), 5\)"):  # built by hand, not from artifacts
-        LatentDiffusionPipeline(plain.model, plain.autoencoder, plain.diffusion, plain.stats,
-                                guide=DiT(replace(DIT, num_classes=5)))
+        LatentDiffusionPipeline(
+            plain.model, plain.autoencoder, plain.diffusion, plain.stats, guide=DiT(replace(DIT, num_classes=5))
+        )
     for reason, artifact in refused.items():
         with pytest.raises(ArtifactError, match=f"cannot guide {model.ref}.*{reason}"):
             LatentDiffusionPipeline.from_artifacts(model.ref, store=copy, guide=artifact.ref)
 
-    result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--model", model.ref, "--n", "2", "--steps", "2",
-                                       "--no-images", "--cfg", "1", "--guide", small.ref, "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--store",
+            str(copy.root),
+            "sample",
+            "--model",
+            model.ref,
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--no-images",
+            "--cfg",
+            "1",
+            "--guide",
+            small.ref,
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0 and f"cfg 1.0 + autoguidance 2.0 by {small.ref}" in result.output, result.output
     written = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert written["guide"] == small.ref and written["guide_scale"] == 2.0 and written["guidance_scale"] == 1.0
-    result = CliRunner().invoke(main, ["--store", str(copy.root), "sample", "--model", model.ref, "--guide",
-                                       refused["objective is 'flow'"].ref, "--out", str(tmp_path / "out2")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--store",
+            str(copy.root),
+            "sample",
+            "--model",
+            model.ref,
+            "--guide",
+            refused["objective is 'flow'"].ref,
+            "--out",
+            str(tmp_path / "out2"),
+        ],
+    )
     assert result.exit_code != 0 and "cannot guide" in result.output
 
 
@@ -161,7 +219,9 @@ def test_img2img_strength_zero_is_the_reconstruction_and_one_is_a_fresh_sample(p
     reconstruction = pipe.decode(pipe.encode(images))
     assert torch.equal(pipe.img2img(images, strength=0.0, class_labels=[1, 2, 3], num_steps=10), reconstruction)
     fresh = pipe.sample([1, 2, 3], num_steps=10, guidance_scale=1.5, seed=5)
-    assert torch.allclose(pipe.img2img(images, 1.0, [1, 2, 3], num_steps=10, guidance_scale=1.5, seed=5), fresh, atol=1e-6)
+    assert torch.allclose(
+        pipe.img2img(images, 1.0, [1, 2, 3], num_steps=10, guidance_scale=1.5, seed=5), fresh, atol=1e-6
+    )
     halfway = pipe.img2img(images, 0.5, 4, num_steps=10, seed=5)  # one label for all images
     assert halfway.shape == images.shape
     assert not torch.allclose(halfway, reconstruction, atol=1e-3) and not torch.allclose(halfway, fresh, atol=1e-3)
@@ -189,8 +249,24 @@ def test_inpaint_keeps_the_unmasked_region(pipe):
 
 def test_sample_command_writes_a_grid_and_the_single_images(tmp_path, store):
     out = tmp_path / "samples"
-    result = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--n", "6", "--classes", "1,7", "--steps", "3",
-                                       "--cfg", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--store",
+            str(store.root),
+            "sample",
+            "--n",
+            "6",
+            "--classes",
+            "1,7",
+            "--steps",
+            "3",
+            "--cfg",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "samples.json").read_text())
     assert report["labels"] == [1, 7, 1, 7, 1, 7] and report["sampler"] == "dpm++2m" and report["steps"] == 3
@@ -204,8 +280,10 @@ def test_sample_command_writes_a_grid_and_the_single_images(tmp_path, store):
 def test_sample_command_guidance_interval_and_spacing(tmp_path, store):
     def grid(*args):
         out = tmp_path / "-".join(args).replace(" ", "")
-        result = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--n", "4", "--steps", "3", "--no-images",
-                                           "--out", str(out), *args])
+        result = CliRunner().invoke(
+            main,
+            ["--store", str(store.root), "sample", "--n", "4", "--steps", "3", "--no-images", "--out", str(out), *args],
+        )
         assert result.exit_code == 0, result.output
         return (out / "grid.png").read_bytes(), json.loads((out / "samples.json").read_text())
 
@@ -217,7 +295,9 @@ def test_sample_command_guidance_interval_and_spacing(tmp_path, store):
     assert everywhere == guided and nowhere == conditional and guided != conditional and leading != guided
     assert report["guidance_interval"] == [0.0, 999.0] and report["spacing"] == "trailing"
     assert leading_report["spacing"] == "leading"
-    bad = CliRunner().invoke(main, ["--store", str(store.root), "sample", "--cfg-interval", "500", "100", "--out", str(tmp_path)])
+    bad = CliRunner().invoke(
+        main, ["--store", str(store.root), "sample", "--cfg-interval", "500", "100", "--out", str(tmp_path)]
+    )
     assert bad.exit_code != 0 and "--cfg-interval 100 500" in bad.output
 
 
@@ -227,15 +307,22 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
 
     torch.manual_seed(3)
     classifier = Classifier(ClassifierConfig(width=8, feature_dim=16))
-    store.save("classifier", tensors={"weights.safetensors": classifier.eval().state_dict()},
-               config={"model": to_dict(ClassifierConfig(width=8, feature_dim=16))})
+    store.save(
+        "classifier",
+        tensors={"weights.safetensors": classifier.eval().state_dict()},
+        config={"model": to_dict(ClassifierConfig(width=8, feature_dim=16))},
+    )
     settings = SamplingSettings(num_steps=2, guidance_scale=1.5, batch_size=20, guidance_interval=(100, 800))
-    report = evaluate_samples(store, "diffusion@latest", settings, n=40, features="classifier", out_dir=tmp_path / "eval")
+    report = evaluate_samples(
+        store, "diffusion@latest", settings, n=40, features="classifier", out_dir=tmp_path / "eval"
+    )
     assert report["n"] == 40 and report["features"].startswith("classifier@") and not report["is_standard_fid"]
     assert 0.0 <= report["class_accuracy"] <= 1.0 and report["seconds_per_image"] > 0
     # The random autoencoder's reconstructions are far from real images; two real sets are close.
     assert 0 < report["real_reference_distance"] < report["autoencoder_reference_distance"]
-    assert report["autoencoder_reference"].startswith(f"40 train images encoded and decoded by {store.list('autoencoder')[0].ref}")
+    assert report["autoencoder_reference"].startswith(
+        f"40 train images encoded and decoded by {store.list('autoencoder')[0].ref}"
+    )
     assert report["ratio_to_reference"] == pytest.approx(report["frechet_distance"] / report["real_reference_distance"])
     # The accuracy ceiling: the classifier on the same 40 train images, as they are and through the autoencoder.
     pipe = LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store)
@@ -243,13 +330,22 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     with torch.no_grad():
         real = (classifier(images).argmax(1) == labels).float().mean().item()
         rebuilt = (classifier(pipe.decode(pipe.encode(images))).argmax(1) == labels).float().mean().item()
-    assert report["real_class_accuracy"] == pytest.approx(real) and report["autoencoder_class_accuracy"] == pytest.approx(rebuilt)
+    assert report["real_class_accuracy"] == pytest.approx(real) and report[
+        "autoencoder_class_accuracy"
+    ] == pytest.approx(rebuilt)
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
     assert report["guidance_interval"] == [100.0, 800.0] and report["spacing"] == "trailing"
     recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-t100-800-n40"]
     assert recorded["autoencoder_reference_distance"] == report["autoencoder_reference_distance"]
     model = store.load("diffusion@latest")  # autoguided evaluations are recorded under their own name
-    guided = evaluate_samples(store, model.ref, SamplingSettings(num_steps=2, guide_scale=2.0, batch_size=20), n=20,
-                              features="classifier", out_dir=tmp_path / "guided", guide_ref=model.ref)
+    guided = evaluate_samples(
+        store,
+        model.ref,
+        SamplingSettings(num_steps=2, guide_scale=2.0, batch_size=20),
+        n=20,
+        features="classifier",
+        out_dir=tmp_path / "guided",
+        guide_ref=model.ref,
+    )
     assert guided["guide"] == model.ref and guided["guide_scale"] == 2.0 and guided["guidance_scale"] == 1.0
     assert f"samples-dpm++2m-2-cfg1-guide2-{model.version}-n20" in store.load(model.ref).manifest["metrics"]

@@ -46,13 +46,19 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_a_child_overrides_its_base_key_by_key_and_runs_in_its_own_folder(tmp_path):
-    write(tmp_path / "presets/base.yaml", "model: {preset: DiT-T/2, in_channels: 8}\ndiffusion: {learn_sigma: false}\n"
-                                          "trainer: {max_steps: 100, lr: 0.001}\n"
-                                          "run_dir: runs/elsewhere\n")
+    write(
+        tmp_path / "presets/base.yaml",
+        "model: {preset: DiT-T/2, in_channels: 8}\ndiffusion: {learn_sigma: false}\n"
+        "trainer: {max_steps: 100, lr: 0.001}\n"
+        "run_dir: runs/elsewhere\n",
+    )
     child = write(tmp_path / "presets/child.yaml", "base: base.yaml\ntrainer: {max_steps: 7}\n")
     config = load_config(DiffusionStageConfig, child)
     assert (config.trainer.max_steps, config.trainer.lr) == (7, 0.001)  # merged within trainer
-    assert (config.model.in_channels, config.model.depth) == (8, load_config(DiffusionStageConfig, tmp_path / "presets/base.yaml").model.depth)
+    assert (config.model.in_channels, config.model.depth) == (
+        8,
+        load_config(DiffusionStageConfig, tmp_path / "presets/base.yaml").model.depth,
+    )
     assert config.run_dir == "runs/presets/child"  # derived, never the base's folder
     assert load_config(DiffusionStageConfig, child, ["run_dir=mine"]).run_dir == "mine"
 

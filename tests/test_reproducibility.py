@@ -11,14 +11,22 @@ from ldm.training import deterministic_run, reproducible
 from stages import autoencoder
 
 # The cheapest run through every path of the stage: LPIPS, the discriminator from the first step, the EMA.
-GAN = ["trainer.max_steps=3", "loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.in_channels=1",
-       "ema_decay=0.5"]
+GAN = [
+    "trainer.max_steps=3",
+    "loss.disc_enabled=true",
+    "loss.disc_start=0",
+    "loss.discriminator.in_channels=1",
+    "ema_decay=0.5",
+]
 
 
 def weights_with_threads(tmp_path, name: str, threads: int, *overrides: str) -> dict[str, torch.Tensor]:
     """The stored weights of the tiny GAN run started by a process set to `threads` threads."""
-    config = load_config(autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK,
-                         [*TINY_AUTOENCODER, *GAN, *overrides, f"run_dir={tmp_path / name}"])
+    config = load_config(
+        autoencoder.AutoencoderStageConfig,
+        AUTOENCODER_QUICK,
+        [*TINY_AUTOENCODER, *GAN, *overrides, f"run_dir={tmp_path / name}"],
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -17,19 +17,23 @@ from ldm.config import dump_yaml, load_config
 from ldm.training import LOCK, AtomicCheckpointIO, RunFolderInUse, run_folder_lock
 from stages import autoencoder
 
-
 # Stores are given to train_cli as text: conftest's cli() takes `.root` of anything that has one, and a Path's is "/".
 
 
 def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int, bytes]]:
     """Every file under `folder` but those named in `skip`: size, modification time and content."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 def planted_run(run_dir: Path) -> None:
     """A run folder with the tiny config and a checkpoint of step 0, as a run that is training leaves it."""
-    config = load_config(autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK, [*TINY_AUTOENCODER, f"run_dir={run_dir}"])
+    config = load_config(
+        autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK, [*TINY_AUTOENCODER, f"run_dir={run_dir}"]
+    )
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_yaml(config))
     torch.save({"global_step": 0, "step": 0}, run_dir / "checkpoints" / "last.ckpt")
@@ -69,8 +73,13 @@ with run_folder_lock(Path(sys.argv[1])):
 def test_the_lock_names_its_holder_and_is_released_when_the_holder_is_killed(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunFolderInUse, match=f"PID {holder.pid} on "), run_folder_lock(run_dir):
@@ -141,8 +150,12 @@ def test_resuming_a_finished_run_says_so_trains_nothing_and_keeps_its_artifact(f
     result = train_cli(str(store), run_dir, "trainer.max_steps=2", resume=True)
     assert result.exit_code == 0, result.output
     finished = [line for line in result.output.splitlines() if "already finished" in line]
-    assert finished == [("the run already finished at step 2: nothing to train; its weights are stored as they are. "
-                         "To train on, resume with a higher trainer.max_steps")], result.output
+    assert finished == [
+        (
+            "the run already finished at step 2: nothing to train; its weights are stored as they are. "
+            "To train on, resume with a higher trainer.max_steps"
+        )
+    ], result.output
     assert "nan" not in result.output and "this run" not in result.output
     assert not re.search(r"\d \w*/s\b", result.output)  # no throughput of the nothing it trained
     assert f"wrote {stored[0].ref} " in result.output  # the artifact already stored, not a new one

@@ -30,7 +30,9 @@ def test_sample_command_refuses_an_out_that_is_a_file_before_sampling(tmp_path, 
     monkeypatch.setattr(LatentDiffusionPipeline, "sample", lambda *args, **kwargs: calls.append(1))
     target = tmp_path / "notes.txt"
     target.write_text("mine")
-    assert_clean_failure(cli(store, "sample", "--n", "2", "--steps", "2", "--out", str(target)), "is a file, not a folder")
+    assert_clean_failure(
+        cli(store, "sample", "--n", "2", "--steps", "2", "--out", str(target)), "is a file, not a folder"
+    )
     assert calls == [] and target.read_text() == "mine"
 
 
@@ -38,8 +40,13 @@ def test_sample_command_refuses_a_folder_holding_earlier_samples(tmp_path, store
     out = tmp_path / "out"
     assert cli(store, "sample", "--n", "2", "--steps", "2", "--out", str(out)).exit_code == 0
     before = (out / "samples.json").read_bytes()
-    assert_clean_failure(cli(store, "sample", "--n", "3", "--steps", "2", "--out", str(out)), "already holds samples", "--overwrite")
-    assert (out / "samples.json").read_bytes() == before and images_in(out) == ["000000-class0.png", "000001-class1.png"]
+    assert_clean_failure(
+        cli(store, "sample", "--n", "3", "--steps", "2", "--out", str(out)), "already holds samples", "--overwrite"
+    )
+    assert (out / "samples.json").read_bytes() == before and images_in(out) == [
+        "000000-class0.png",
+        "000001-class1.png",
+    ]
 
 
 def test_overwrite_replaces_earlier_samples_and_leaves_other_files(tmp_path, store):
@@ -79,10 +86,22 @@ def test_a_run_stopped_after_the_first_batch_keeps_its_images_and_an_incomplete_
 
 
 def test_streamed_images_do_not_depend_on_the_batch_size(tmp_path, store):
-    by_two = write_samples(store, "diffusion@latest", SamplingSettings(num_steps=3, seed=4, batch_size=2), n=5, classes="3,8",
-                           out_dir=tmp_path / "two")
-    by_five = write_samples(store, "diffusion@latest", SamplingSettings(num_steps=3, seed=4, batch_size=5), n=5, classes="3,8",
-                            out_dir=tmp_path / "five")
+    by_two = write_samples(
+        store,
+        "diffusion@latest",
+        SamplingSettings(num_steps=3, seed=4, batch_size=2),
+        n=5,
+        classes="3,8",
+        out_dir=tmp_path / "two",
+    )
+    by_five = write_samples(
+        store,
+        "diffusion@latest",
+        SamplingSettings(num_steps=3, seed=4, batch_size=5),
+        n=5,
+        classes="3,8",
+        out_dir=tmp_path / "five",
+    )
     assert by_two["complete"] and by_two["sampled"] == 5 and by_two["labels"] == by_five["labels"] == [3, 8, 3, 8, 3]
     assert images_in(tmp_path / "two") == images_in(tmp_path / "five")
     for name in ["grid.png", *(f"images/{image}" for image in images_in(tmp_path / "two"))]:
@@ -91,7 +110,13 @@ def test_streamed_images_do_not_depend_on_the_batch_size(tmp_path, store):
 
 
 def test_the_grid_of_a_large_run_holds_whole_rows_of_classes(tmp_path, store):
-    write_samples(store, "diffusion@latest", SamplingSettings(num_steps=1, batch_size=130), n=260, out_dir=tmp_path,
-                  single_images=False)
+    write_samples(
+        store,
+        "diffusion@latest",
+        SamplingSettings(num_steps=1, batch_size=130),
+        n=260,
+        out_dir=tmp_path,
+        single_images=False,
+    )
     # 260 > 256 images: the first 250 (25 per class), one row per class, 2x upscaled
     assert Image.open(tmp_path / "grid.png").size == (2 * (25 * 34 + 2), 2 * (10 * 34 + 2))

@@ -18,12 +18,12 @@ from ldm.diffusion.samplers import (
     FLOW_SAMPLERS,
     Denoiser,
     InpaintDenoiser,
+    SamplerExtras,
     cfg_denoiser,
     flow_times,
     karras_sigmas,
     per_sample_generators,
     randn_like_per_sample,
-    SamplerExtras,
     run_sampler,
     sample,
     sample_ddim,
@@ -205,7 +205,9 @@ def test_ddim_with_eta_one_is_ddpm_step_for_step():
     x_T = prior_draw(standard_normal(64, seed=3))
     timesteps = timestep_spacing("trailing", 1000, 25)
     denoiser = Denoiser(exact_vp_model("v"), "v")
-    ddpm = sample_ddpm(denoiser, x_T, timesteps, SamplerExtras(SCHEDULE, per_sample_generators(0, 64), variance="small"))
+    ddpm = sample_ddpm(
+        denoiser, x_T, timesteps, SamplerExtras(SCHEDULE, per_sample_generators(0, 64), variance="small")
+    )
     ddim = sample_ddim(denoiser, x_T, timesteps, SamplerExtras(SCHEDULE, per_sample_generators(0, 64), eta=1.0))
     torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
 
@@ -301,8 +303,13 @@ def test_autoguidance_guides_by_the_weaker_model_alone_or_added_to_cfg():
     model.batch_sizes.clear(), weak.batch_sizes.clear()
     assert torch.equal(cfg_denoiser(model, y, null_label=10, scale=1.0, guide=guide, guide_scale=1.0)(x, t), cond)
     assert weak.batch_sizes == []  # guide_scale 1: the guide is never run
-    inside_only = cfg_denoiser(model, y, null_label=10, scale=1.0, interval=(100.0, 500.0), guide=guide, guide_scale=2.5)
-    assert torch.equal(inside_only(x, torch.full((4,), 800.0)), model(x, torch.full((4,), 800.0), y)) and weak.batch_sizes == []
+    inside_only = cfg_denoiser(
+        model, y, null_label=10, scale=1.0, interval=(100.0, 500.0), guide=guide, guide_scale=2.5
+    )
+    assert (
+        torch.equal(inside_only(x, torch.full((4,), 800.0)), model(x, torch.full((4,), 800.0), y))
+        and weak.batch_sizes == []
+    )
     with pytest.raises(ValueError, match="guide_scale 2 needs a guide model"):
         cfg_denoiser(model, y, null_label=10, scale=1.0, guide_scale=2.0)
 
@@ -365,7 +372,9 @@ def data_draw(n, seed):
     return MU + S * stratified_normal(n, seed)
 
 
-@pytest.mark.parametrize("name, steps", [("ddim", 200), ("dpm++2m", 20), ("heun", 40), ("flow-euler", 200), ("flow-heun", 20)])
+@pytest.mark.parametrize(
+    "name, steps", [("ddim", 200), ("dpm++2m", 20), ("heun", 40), ("flow-euler", 200), ("flow-heun", 20)]
+)
 def test_a_partial_chain_from_noised_data_keeps_the_data_distribution(name, steps):
     """SDEdit from real data: noising to the kept step's level and running the rest of the exact ODE maps
     q(x_t) to q(x_0), so data in gives the data's mean and std out (Meng et al. 2022)."""
@@ -383,7 +392,9 @@ def test_strength_zero_returns_the_input_and_strength_one_ignores_it():
     x0, noise = data_draw(16, 5), standard_normal(16, 6)
     denoiser = Denoiser(exact_vp_model("eps"))
     assert torch.equal(run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10, strength=0.0, x0=x0), x0)
-    assert torch.equal(run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10, strength=0.04, x0=x0), x0)  # keeps 0 of 10 steps
+    assert torch.equal(
+        run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10, strength=0.04, x0=x0), x0
+    )  # keeps 0 of 10 steps
     full = run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10)
     assert torch.equal(run_sampler("dpm++2m", denoiser, noise, SCHEDULE, 10, strength=1.0, x0=x0), full)
     with pytest.raises(ValueError, match="x0"):
@@ -406,7 +417,9 @@ def test_inpainting_keeps_the_known_latents_and_samples_the_rest(name):
     assert torch.allclose(x[:, [0, 2]], free[:, [0, 2]], atol=1e-9)  # independent channels: the free sample
 
 
-@pytest.mark.parametrize("sampler, steps, calls", [("heun", 6, 11), ("flow-heun", 6, 11), ("flow-euler", 6, 6), ("dpm++2m", 6, 6)])
+@pytest.mark.parametrize(
+    "sampler, steps, calls", [("heun", 6, 11), ("flow-heun", 6, 11), ("flow-euler", 6, 6), ("dpm++2m", 6, 6)]
+)
 def test_sample_latents_counts_every_network_call_and_matches_sampler_to_objective(sampler, steps, calls):
     from ldm.diffusion.schedules import DiffusionConfig
     from ldm.generation import SamplingSettings, model_calls, sample_latents
@@ -414,12 +427,18 @@ def test_sample_latents_counts_every_network_call_and_matches_sampler_to_objecti
 
     objective = "flow" if sampler in FLOW_SAMPLERS else "ddpm"
     torch.manual_seed(0)
-    model = DiT(DiTConfig(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False)).eval()
+    model = DiT(
+        DiTConfig(input_size=4, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=3, learn_sigma=False)
+    ).eval()
     diffusion = DiffusionConfig(objective=objective, learn_sigma=False)
     counted = []
-    latents = sample_latents(model, diffusion, torch.tensor([0, 2]),
-                             SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=2.0),
-                             on_model_call=lambda: counted.append(1))
+    latents = sample_latents(
+        model,
+        diffusion,
+        torch.tensor([0, 2]),
+        SamplingSettings(sampler=sampler, num_steps=steps, guidance_scale=2.0),
+        on_model_call=lambda: counted.append(1),
+    )
     assert latents.shape == (2, 4, 4, 4) and torch.isfinite(latents).all()
     assert len(counted) == model_calls(sampler, steps) == calls
     wrong = "dpm++2m" if objective == "flow" else "flow-heun"
@@ -430,8 +449,13 @@ def test_sample_latents_counts_every_network_call_and_matches_sampler_to_objecti
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "euler", "heun", "flow-euler", "flow-heun"])
 def test_every_sampler_calls_back_once_per_step_with_the_state_it_returns(name):
     steps, seen = 7, []
-    x = run(name, standard_normal(4), steps, generators=per_sample_generators(0, 4),
-            callback=lambda i, state: seen.append((i, state.clone())))
+    x = run(
+        name,
+        standard_normal(4),
+        steps,
+        generators=per_sample_generators(0, 4),
+        callback=lambda i, state: seen.append((i, state.clone())),
+    )
     assert [i for i, _ in seen] == list(range(steps))
     assert torch.equal(seen[-1][1], x)
 

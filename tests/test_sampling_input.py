@@ -7,7 +7,6 @@ from conftest import DIFFUSION, DIT, assert_clean_failure, cli
 from ldm.generation import SamplingSettings, sample_latents
 from ldm.models.dit import DiT
 
-
 # ---- sampling options -----------------------------------------------------------------------
 
 
@@ -23,13 +22,17 @@ def test_sample_latents_refuses_zero_steps_so_every_caller_does():
 
 
 def test_sample_command_refuses_zero_steps_before_loading_a_model(tmp_path, store):
-    result = cli(store, "sample", "--model", "diffusion@no-such-version", "--steps", "0", "--out", str(tmp_path / "out"))
+    result = cli(
+        store, "sample", "--model", "diffusion@no-such-version", "--steps", "0", "--out", str(tmp_path / "out")
+    )
     assert_clean_failure(result, "--steps", "got 0")
     assert not (tmp_path / "out").exists()
 
 
 def test_eval_samples_command_refuses_zero_steps_before_loading_a_model(tmp_path, store):
-    result = cli(store, "eval", "samples", "--model", "diffusion@no-such-version", "--steps", "0", "--out", str(tmp_path))
+    result = cli(
+        store, "eval", "samples", "--model", "diffusion@no-such-version", "--steps", "0", "--out", str(tmp_path)
+    )
     assert_clean_failure(result, "--steps", "got 0")
 
 
@@ -45,15 +48,21 @@ def test_guidance_zero_is_the_unconditional_model(pipe):
     assert images.shape == (2, 1, 32, 32)
     # uncond + 0 (cond - uncond): the model given the null label, whatever class was asked for
     null = torch.full((2,), pipe.model.null_class)
-    unconditional = sample_latents(pipe.model, pipe.diffusion, null, pipe.settings(num_steps=2, guidance_scale=1.0, seed=3))
-    torch.testing.assert_close(latents, unconditional, rtol=1e-4, atol=1e-5)  # round-off: a batch of 2N against one of N
+    unconditional = sample_latents(
+        pipe.model, pipe.diffusion, null, pipe.settings(num_steps=2, guidance_scale=1.0, seed=3)
+    )
+    torch.testing.assert_close(
+        latents, unconditional, rtol=1e-4, atol=1e-5
+    )  # round-off: a batch of 2N against one of N
     _, conditional = pipe.sample([1, 2], num_steps=2, guidance_scale=1.0, seed=3, return_latents=True)
     assert not torch.allclose(conditional, unconditional, atol=1e-3)  # the labels matter to this model
 
 
 def test_sample_command_refuses_negative_cfg_and_guide_scale(tmp_path, store):
     assert_clean_failure(cli(store, "sample", "--cfg", "-2", "--out", str(tmp_path / "a")), "--cfg", "got -2")
-    assert_clean_failure(cli(store, "sample", "--guide-scale", "-1", "--out", str(tmp_path / "b")), "--guide-scale", "got -1")
+    assert_clean_failure(
+        cli(store, "sample", "--guide-scale", "-1", "--out", str(tmp_path / "b")), "--guide-scale", "got -1"
+    )
 
 
 def test_img2img_refuses_a_strength_outside_zero_one(pipe):

@@ -33,8 +33,14 @@ TINY_F8 = AutoencoderConfig(
     in_channels=3, resolution=256, ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, latent_channels=4, norm_groups=4
 )
 ONE_CPU_PROCESS = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=1", "trainer.strategy=auto"]
-QUIET = ["trainer.progress=false", "trainer.image_every=0", "trainer.log_every=1",
-         "preview.per_class=1", "preview.max_classes=1", "preview.steps=1"]
+QUIET = [
+    "trainer.progress=false",
+    "trainer.image_every=0",
+    "trainer.log_every=1",
+    "preview.per_class=1",
+    "preview.max_classes=1",
+    "preview.steps=1",
+]
 TINY_DIT = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2"]
 
 
@@ -58,10 +64,12 @@ def paper_parameter_count(config: DiTConfig) -> int:
     return (
         linear(p2 * config.in_channels, d)  # patch embedding
         + t * d  # position embedding (an nn.Parameter with requires_grad=False in DiT's code)
-        + linear(TIMESTEP_FREQUENCY_DIM, d) + linear(d, d)  # timestep MLP
+        + linear(TIMESTEP_FREQUENCY_DIM, d)
+        + linear(d, d)  # timestep MLP
         + (config.num_classes + 1) * d  # label table with the null class
         + config.depth * block
-        + linear(d, 2 * d) + linear(d, p2 * config.out_channels)  # final layer
+        + linear(d, 2 * d)
+        + linear(d, p2 * config.out_channels)  # final layer
     )
 
 
@@ -77,8 +85,12 @@ def test_imagenet_presets_load_with_the_dit_paper_training_setup(name):
     assert model == DIT_PRESETS[name]  # S/B/L/XL at patch 2, as the paper's table
     assert (model.input_size, model.in_channels, model.num_classes) == (32, 4, 1000)
     assert model.learn_sigma and config.diffusion.learn_sigma and model.class_dropout_prob == 0.1
-    assert (config.diffusion.objective, config.diffusion.schedule, config.diffusion.num_timesteps,
-            config.diffusion.prediction) == ("ddpm", "linear", 1000, "eps")
+    assert (
+        config.diffusion.objective,
+        config.diffusion.schedule,
+        config.diffusion.num_timesteps,
+        config.diffusion.prediction,
+    ) == ("ddpm", "linear", 1000, "eps")
     assert (trainer.lr, trainer.weight_decay, trainer.warmup_steps, config.lr_schedule) == (1e-4, 0.0, 0, "constant")
     assert trainer.batch_size == 256 and config.ema_decay == 0.9999
     assert trainer.precision == "bf16-mixed" and trainer.strategy == "ddp"
@@ -99,7 +111,10 @@ def test_imagenet_presets_build_dits_of_the_paper_sizes():
         assert counts[name] == paper_parameter_count(config), name
     assert counts["DiT-XL/2"] == 675_129_632  # what DiT's train.py prints
     assert {n: round(c / 1e6, 1) for n, c in counts.items()} == {
-        "DiT-S/2": 33.0, "DiT-B/2": 130.5, "DiT-L/2": 458.1, "DiT-XL/2": 675.1
+        "DiT-S/2": 33.0,
+        "DiT-B/2": 130.5,
+        "DiT-L/2": 458.1,
+        "DiT-XL/2": 675.1,
     }
 
 
@@ -122,7 +137,8 @@ def imagenet_store(tmp_path_factory):
     store = ArtifactStore(root / "store")
     torch.manual_seed(0)
     autoencoder = store.save(
-        "autoencoder", tensors={"weights.safetensors": AutoencoderKL(TINY_F8).state_dict()},
+        "autoencoder",
+        tensors={"weights.safetensors": AutoencoderKL(TINY_F8).state_dict()},
         config={"model": to_dict(TINY_F8), "data": to_dict(data)},
     )
     cache = encode(store, autoencoder.ref, EncodeConfig(split="train", batch_size=6, shard_size=5), data)
@@ -133,7 +149,9 @@ def test_imagenet_folder_encodes_to_a_sharded_cache_of_32x32x4_latents_with_wnid
     _, artifact = imagenet_store
     cache = LatentCache(artifact)
     assert sorted(n for n in artifact.manifest["files"] if n.startswith("shard-")) == [
-        "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
     ]
     assert cache.mean.shape == (12, 2, 4, 32, 32) and cache.latent_shape == (4, 32, 32)
     assert cache.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # wnids in sorted order
@@ -146,8 +164,13 @@ def test_one_dit_s2_step_of_the_imagenet_preset_runs_on_the_cpu(tmp_path, imagen
     # CPU without bf16 units, where autocast emulates it (32-true takes about 6 s).
     store, cache = imagenet_store
     config = load_preset(
-        "DiT-S/2", *ONE_CPU_PROCESS, *QUIET, "trainer.max_steps=1", "trainer.batch_size=2",
-        f"latents={cache.ref}", f"run_dir={tmp_path / 'run'}",
+        "DiT-S/2",
+        *ONE_CPU_PROCESS,
+        *QUIET,
+        "trainer.max_steps=1",
+        "trainer.batch_size=2",
+        f"latents={cache.ref}",
+        f"run_dir={tmp_path / 'run'}",
     )
     artifact = diffusion.run(config, store)
     losses = read_metrics(tmp_path / "run")["train/loss"]
@@ -166,9 +189,17 @@ def test_fsdp_on_cpu_is_refused_by_lightning_before_any_step(tmp_path, imagenet_
     # If a Lightning release lifts it, this test fails: replace it with a 2-process FSDP run.
     store, cache = imagenet_store
     config = load_preset(
-        "DiT-S/2", *TINY_DIT, *QUIET, "trainer.strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
-        "trainer.max_steps=2", "trainer.batch_size=4", "trainer.precision=32-true",
-        f"latents={cache.ref}", f"run_dir={tmp_path / 'run'}",
+        "DiT-S/2",
+        *TINY_DIT,
+        *QUIET,
+        "trainer.strategy=fsdp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=2",
+        "trainer.batch_size=4",
+        "trainer.precision=32-true",
+        f"latents={cache.ref}",
+        f"run_dir={tmp_path / 'run'}",
     )
     refusal = "The strategy `fsdp` requires a GPU accelerator, but received `accelerator='cpu'`"
     with pytest.raises(ValueError, match=re.escape(refusal)):
@@ -211,12 +242,25 @@ def test_two_ddp_ranks_read_disjoint_halves_of_each_global_batch_of_the_cache(tm
     script = tmp_path / "record_batches.py"
     script.write_text(RECORD_BATCHES_SCRIPT)
     # 3 steps of a global batch of 4 are one epoch of the 12 cached images.
-    overrides = [*TINY_DIT, *QUIET, "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                 "trainer.max_steps=3", "trainer.batch_size=4", "trainer.precision=32-true",
-                 f"latents={cache.ref}", f"run_dir={tmp_path / 'run'}"]
+    overrides = [
+        *TINY_DIT,
+        *QUIET,
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=3",
+        "trainer.batch_size=4",
+        "trainer.precision=32-true",
+        f"latents={cache.ref}",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     result = subprocess.run(
         [sys.executable, str(script), str(store.root), str(tmp_path), str(imagenet_preset_path("DiT-S/2")), *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

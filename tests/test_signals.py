@@ -28,11 +28,29 @@ ENDLESS = ["lr_schedule=constant", "trainer.max_steps=100000", "trainer.checkpoi
 
 def launch(store: Path, run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, list[str]]:
     """Start `ldm train autoencoder` (the quick preset, TINY_AUTOENCODER, `overrides`) as a process of its own."""
-    command = [sys.executable, "-m", "stages.cli", "--store", str(store), "train", "autoencoder",
-               "--config", AUTOENCODER_QUICK, "--run-dir", str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "stages.cli",
+        "--store",
+        str(store),
+        "train",
+        "autoencoder",
+        "--config",
+        AUTOENCODER_QUICK,
+        "--run-dir",
+        str(run_dir),
+    ]
     command += [arg for item in (*TINY_AUTOENCODER, *overrides) for arg in ("--set", item)]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     return process, command
 
 
@@ -81,8 +99,11 @@ def test_sigterm_ends_with_143_one_line_a_whole_checkpoint_and_a_resume_equal_to
 
     # Resumed to two steps past the stop, it ends exactly where a run straight to that step does.
     def config(folder: Path, steps: int):
-        return load_config(autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK,
-                           [*TINY_AUTOENCODER, *ENDLESS, f"trainer.max_steps={steps}", f"run_dir={folder}"])
+        return load_config(
+            autoencoder.AutoencoderStageConfig,
+            AUTOENCODER_QUICK,
+            [*TINY_AUTOENCODER, *ENDLESS, f"trainer.max_steps={steps}", f"run_dir={folder}"],
+        )
 
     resumed = autoencoder.run(config(run_dir, step + 2), ArtifactStore(store), resume=True)
     straight = autoencoder.run(config(tmp_path / "straight", step + 2), ArtifactStore(tmp_path / "store2"))
@@ -100,7 +121,9 @@ def test_ctrl_c_ends_with_130_and_the_step_it_saved_on_a_line_of_its_own(tmp_pat
     status, stderr = stop_when_training(process, run_dir, signal.SIGINT, group=True)
 
     assert status == 130, stderr[-3000:]
-    match = re.fullmatch(r"stopped by SIGINT at step (\d+), saved in .+; continue with: .+ --resume", stderr.strip().splitlines()[-1])
+    match = re.fullmatch(
+        r"stopped by SIGINT at step (\d+), saved in .+; continue with: .+ --resume", stderr.strip().splitlines()[-1]
+    )
     assert match, stderr[-3000:]
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == int(match[1])
     assert "KeyboardInterrupt" not in stderr and "Traceback" not in stderr
@@ -149,8 +172,11 @@ class SigtermAt(Callback):
 @needs_fmnist
 def test_the_python_api_stopped_by_sigterm_raises_instead_of_exiting_with_status_0(tmp_path):
     # No stop_on_signals here: Lightning's own handler stops the loop with a SystemExit of status 0.
-    config = load_config(autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK,
-                         [*TINY_AUTOENCODER, "trainer.max_steps=6", f"run_dir={tmp_path / 'run'}"])
+    config = load_config(
+        autoencoder.AutoencoderStageConfig,
+        AUTOENCODER_QUICK,
+        [*TINY_AUTOENCODER, "trainer.max_steps=6", f"run_dir={tmp_path / 'run'}"],
+    )
     with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM"):
         autoencoder.run(config, ArtifactStore(tmp_path / "store"), callbacks=[SigtermAt(2)])
     assert not ArtifactStore(tmp_path / "store").list("autoencoder")

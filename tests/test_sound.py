@@ -28,8 +28,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def signal_config(**overrides) -> AutoencoderConfig:
     """A tiny 1-D autoencoder: 512-sample clips, strides 4 and 2, (4, 64) latents."""
-    return AutoencoderConfig(**{"in_channels": 1, "resolution": 512, "ch": 8, "ch_mult": (1, 2, 2), "latent_channels": 4,
-                                "norm_groups": 4, "spatial_dims": 1, "down_strides": (4, 2), **overrides})
+    return AutoencoderConfig(
+        **{
+            "in_channels": 1,
+            "resolution": 512,
+            "ch": 8,
+            "ch_mult": (1, 2, 2),
+            "latent_channels": 4,
+            "norm_groups": 4,
+            "spatial_dims": 1,
+            "down_strides": (4, 2),
+            **overrides,
+        }
+    )
 
 
 # ----------------------------------------------------------------------------- the 1-D autoencoder
@@ -73,8 +84,11 @@ def test_griffin_lim_recovers_a_signal_with_the_same_spectrogram_repeatably():
 
 def test_spectrogram_front_end_refuses_a_waveform_loss():
     with pytest.raises(ValueError, match="perceptual.weight 0"):
-        load_config(autoencoder.AutoencoderStageConfig, ROOT / "configs/fsdd/autoencoder.yaml",
-                    ["loss.perceptual.kind=stft", "loss.perceptual.weight=1.0"])
+        load_config(
+            autoencoder.AutoencoderStageConfig,
+            ROOT / "configs/fsdd/autoencoder.yaml",
+            ["loss.perceptual.kind=stft", "loss.perceptual.weight=1.0"],
+        )
 
 
 def test_a_clip_length_other_than_the_models_is_refused():
@@ -92,8 +106,12 @@ def test_signal_strides_are_checked_against_the_levels_and_the_domain():
 
 
 def test_signal_loss_uses_the_stft_term_and_a_spectrogram_discriminator_with_the_adaptive_weight():
-    config = AutoencoderLossConfig(perceptual=PerceptualConfig(kind="stft", weight=1.0), disc_enabled=True, disc_start=0,
-                                   discriminator=DiscriminatorConfig(in_channels=1, ch=8, n_layers=2))
+    config = AutoencoderLossConfig(
+        perceptual=PerceptualConfig(kind="stft", weight=1.0),
+        disc_enabled=True,
+        disc_start=0,
+        discriminator=DiscriminatorConfig(in_channels=1, ch=8, n_layers=2),
+    )
     loss = AutoencoderLoss(config, spatial_dims=1)
     model = AutoencoderKL(signal_config())
     x = torch.randn(2, 1, 2048).clamp(-1, 1)  # long enough for the 512-point STFT's PatchGAN
@@ -109,7 +127,9 @@ def test_signal_loss_uses_the_stft_term_and_a_spectrogram_discriminator_with_the
 
 def test_lpips_on_signals_and_stft_on_images_are_refused():
     with pytest.raises(ValueError, match="'lpips' for images and 'stft' for sound"):
-        AutoencoderLoss(AutoencoderLossConfig(perceptual=PerceptualConfig(kind="lpips", backbone="random")), spatial_dims=1)
+        AutoencoderLoss(
+            AutoencoderLossConfig(perceptual=PerceptualConfig(kind="lpips", backbone="random")), spatial_dims=1
+        )
     with pytest.raises(ValueError, match="'lpips' for images and 'stft' for sound"):
         AutoencoderLoss(AutoencoderLossConfig(perceptual=PerceptualConfig(kind="stft")), spatial_dims=2)
 
@@ -162,9 +182,18 @@ def test_sound_data_option_picks_fsdd_or_a_folder(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
-TINY_AE = ["model.ch=8", "model.norm_groups=4", "model.latent_channels=4", "model.griffin_lim_iters=4",
-           "trainer.max_steps=6", "trainer.batch_size=8", "trainer.image_every=0", "trainer.progress=false",
-           "trainer.log_every=1", "train_subset=64"]
+TINY_AE = [
+    "model.ch=8",
+    "model.norm_groups=4",
+    "model.latent_channels=4",
+    "model.griffin_lim_iters=4",
+    "trainer.max_steps=6",
+    "trainer.batch_size=8",
+    "trainer.image_every=0",
+    "trainer.progress=false",
+    "trainer.log_every=1",
+    "train_subset=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +202,43 @@ def sound_chain(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sound")
     store = ArtifactStore(tmp / "store")
     data = [f"data.path={FSDD_DIR}", "data.download=false"]
-    ae_config = load_config(autoencoder.AutoencoderStageConfig, ROOT / "configs/fsdd/autoencoder.yaml",
-                            [*TINY_AE, *data, f"run_dir={tmp / 'ae'}"])
+    ae_config = load_config(
+        autoencoder.AutoencoderStageConfig,
+        ROOT / "configs/fsdd/autoencoder.yaml",
+        [*TINY_AE, *data, f"run_dir={tmp / 'ae'}"],
+    )
     ae = autoencoder.run(ae_config, store)
     cache = encode(store, ae.ref, EncodeConfig(limit=96, batch_size=48))
-    dit_config = load_config(diffusion.DiffusionStageConfig, ROOT / "configs/fsdd/diffusion.yaml", [
-        "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.in_channels=4", "trainer.max_steps=4",
-        "trainer.batch_size=8", "trainer.image_every=0", "trainer.progress=false", "preview.per_class=1",
-        f"latents={cache.ref}", f"run_dir={tmp / 'dit'}"])
+    dit_config = load_config(
+        diffusion.DiffusionStageConfig,
+        ROOT / "configs/fsdd/diffusion.yaml",
+        [
+            "model.hidden_size=32",
+            "model.depth=1",
+            "model.num_heads=2",
+            "model.in_channels=4",
+            "trainer.max_steps=4",
+            "trainer.batch_size=8",
+            "trainer.image_every=0",
+            "trainer.progress=false",
+            "preview.per_class=1",
+            f"latents={cache.ref}",
+            f"run_dir={tmp / 'dit'}",
+        ],
+    )
     dit = diffusion.run(dit_config, store)
-    cls_config = load_config(classifier.ClassifierStageConfig, ROOT / "configs/fsdd/classifier.yaml", [
-        "model.width=4", "trainer.max_steps=3", "trainer.batch_size=16", "trainer.progress=false", *data,
-        f"run_dir={tmp / 'cls'}"])
+    cls_config = load_config(
+        classifier.ClassifierStageConfig,
+        ROOT / "configs/fsdd/classifier.yaml",
+        [
+            "model.width=4",
+            "trainer.max_steps=3",
+            "trainer.batch_size=16",
+            "trainer.progress=false",
+            *data,
+            f"run_dir={tmp / 'cls'}",
+        ],
+    )
     cls = classifier.run(cls_config, store)
     return store, ae, cache, dit, cls, tmp
 
@@ -202,8 +256,8 @@ def test_sound_cache_has_one_view_of_1d_latents_and_names_its_autoencoder(sound_
 @pytest.mark.slow
 @needs_fsdd
 def test_sound_dit_samples_wav_files_and_a_spectrogram_grid(sound_chain):
-    from stages.sample import write_samples
     from ldm.generation import SamplingSettings
+    from stages.sample import write_samples
 
     store, ae, cache, dit, cls, tmp = sound_chain
     assert dit.parents["latents"] == cache.ref and dit.manifest["autoencoder"] == ae.ref
@@ -233,16 +287,19 @@ def test_sound_pipeline_returns_signals_and_saves_them(sound_chain):
 @pytest.mark.slow
 @needs_fsdd
 def test_sound_reconstruction_and_sample_evaluation_report_sound_measures(sound_chain):
+    from ldm.generation import SamplingSettings
     from stages.evaluate import evaluate_reconstruction
     from stages.sample import evaluate_samples
-    from ldm.generation import SamplingSettings
 
     store, ae, cache, dit, cls, tmp = sound_chain
-    recon = evaluate_reconstruction(store, ae.ref, split="test", limit=32, classifier_ref=cls.ref, out_dir=tmp / "recon")
+    recon = evaluate_reconstruction(
+        store, ae.ref, split="test", limit=32, classifier_ref=cls.ref, out_dir=tmp / "recon"
+    )
     assert {"si_sdr_db", "mr_stft", "log_mel_distance"} <= recon.keys() and "psnr_db" not in recon
     assert recon["rfid_features"].startswith(cls.ref) and (tmp / "recon" / "audio" / "00-reconstruction.wav").is_file()
-    report = evaluate_samples(store, dit.ref, SamplingSettings(num_steps=2, batch_size=20), n=20, classifier_ref=cls.ref,
-                              out_dir=tmp / "eval")
+    report = evaluate_samples(
+        store, dit.ref, SamplingSettings(num_steps=2, batch_size=20), n=20, classifier_ref=cls.ref, out_dir=tmp / "eval"
+    )
     assert report["features"].startswith(cls.ref) and report["real_reference"].startswith("20 train vs 20 test")
     assert 0 <= report["class_accuracy"] <= 1 and report["frechet_distance"] > 0
 
@@ -253,7 +310,10 @@ def test_an_image_classifier_cannot_measure_sound(sound_chain, tmp_path):
     from ldm.loading import feature_extractor
 
     store, *_ = sound_chain
-    image_classifier = store.save("classifier", tensors={"weights.safetensors": Classifier(ClassifierConfig(width=4)).state_dict()},
-                                  config={"model": {"width": 4}})
+    image_classifier = store.save(
+        "classifier",
+        tensors={"weights.safetensors": Classifier(ClassifierConfig(width=4)).state_dict()},
+        config={"model": {"width": 4}},
+    )
     with pytest.raises(Exception, match="classifies images, but the data is sound"):
         feature_extractor(store, "auto", image_classifier.ref, torch.device("cpu"), sound=True)

@@ -17,8 +17,18 @@ import torch
 from conftest import FSDD_DIR, needs_fsdd
 from ldm.audio import read_wav, write_wav
 from ldm.data.sound import (
-    FSDD, FSDD_COMMIT, FSDD_LISTING_SHA256, FSDD_URL, SoundFolderDataset, download_fsdd, ensure_fsdd, find_fsdd,
-    fsdd_fingerprint, listing_sha256, read_sha256sums, scan_sound_folder,
+    FSDD,
+    FSDD_COMMIT,
+    FSDD_LISTING_SHA256,
+    FSDD_URL,
+    SoundFolderDataset,
+    download_fsdd,
+    ensure_fsdd,
+    find_fsdd,
+    fsdd_fingerprint,
+    listing_sha256,
+    read_sha256sums,
+    scan_sound_folder,
 )
 
 

@@ -53,12 +53,28 @@ class RecordStart(Callback):
 def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state(tmp_path):
     store = tmp_path / "store"
     command = [
-        sys.executable, "-m", "stages.cli", "--store", str(store), "train", "autoencoder",
-        "--config", str(ROOT / "configs/fmnist/autoencoder-quick.yaml"),
+        sys.executable,
+        "-m",
+        "stages.cli",
+        "--store",
+        str(store),
+        "train",
+        "autoencoder",
+        "--config",
+        str(ROOT / "configs/fmnist/autoencoder-quick.yaml"),
         *[arg for item in TINY_AUTOENCODER for arg in ("--set", item)],
-        "--set", "trainer.max_steps=100000", "--set", "trainer.checkpoint_every=3",
-        "--set", "loss.disc_enabled=true", "--set", "loss.disc_start=0",
-        "--set", "loss.discriminator.in_channels=1", "--run-dir", str(tmp_path / "run"),
+        "--set",
+        "trainer.max_steps=100000",
+        "--set",
+        "trainer.checkpoint_every=3",
+        "--set",
+        "loss.disc_enabled=true",
+        "--set",
+        "loss.disc_start=0",
+        "--set",
+        "loss.discriminator.in_channels=1",
+        "--run-dir",
+        str(tmp_path / "run"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -84,8 +100,12 @@ def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state
     assert saved_batches >= 3 and saved_batches % 3 == 0
 
     config = tiny_config(
-        tmp_path, f"trainer.max_steps={saved_batches + 2}", "trainer.checkpoint_every=3",
-        "loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.in_channels=1",
+        tmp_path,
+        f"trainer.max_steps={saved_batches + 2}",
+        "trainer.checkpoint_every=3",
+        "loss.disc_enabled=true",
+        "loss.disc_start=0",
+        "loss.discriminator.in_channels=1",
     )
     probe = RecordStart()
     artifact = autoencoder.run(config, ArtifactStore(store), resume=True, callbacks=[probe])
@@ -122,10 +142,19 @@ def test_kl_f8_preset_trains_a_step_with_the_gan_on_small_random_rgb_images(tmp_
         autoencoder.AutoencoderStageConfig,
         ROOT / "configs/imagenet256/autoencoder-kl-f8.yaml",
         [
-            f"data.path={tmp_path / 'images'}", "data.resolution=64", "data.num_workers=0",
-            "loss.perceptual.backbone=random", "loss.perceptual.net=squeeze", "loss.disc_start=0",
-            "trainer.max_steps=1", "trainer.batch_size=2", "trainer.precision=32-true", "trainer.progress=false",
-            "trainer.image_every=0", "preview_images=1", f"run_dir={tmp_path / 'run'}",
+            f"data.path={tmp_path / 'images'}",
+            "data.resolution=64",
+            "data.num_workers=0",
+            "loss.perceptual.backbone=random",
+            "loss.perceptual.net=squeeze",
+            "loss.disc_start=0",
+            "trainer.max_steps=1",
+            "trainer.batch_size=2",
+            "trainer.precision=32-true",
+            "trainer.progress=false",
+            "trainer.image_every=0",
+            "preview_images=1",
+            f"run_dir={tmp_path / 'run'}",
         ],
     )
     assert (config.model.ch, config.model.ch_mult, config.model.latent_channels) == (128, (1, 2, 4, 4), 4)
@@ -141,10 +170,19 @@ def test_kl_f8_preset_trains_a_step_with_the_gan_on_small_random_rgb_images(tmp_
 def test_decoder_fine_tune_with_the_gan_keeps_the_encoder_bit_exact_and_names_its_start(tmp_path):
     store = ArtifactStore(tmp_path / "store")
     start = autoencoder.run(tiny_config(tmp_path, "trainer.max_steps=2", f"run_dir={tmp_path / 'start'}"), store)
-    tuned = autoencoder.run(tiny_config(
-        tmp_path, "trainer.max_steps=3", f"init_from={start.ref}", "train_parts=decoder", "loss.disc_enabled=true",
-        "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small", f"run_dir={tmp_path / 'tuned'}",
-    ), store)
+    tuned = autoencoder.run(
+        tiny_config(
+            tmp_path,
+            "trainer.max_steps=3",
+            f"init_from={start.ref}",
+            "train_parts=decoder",
+            "loss.disc_enabled=true",
+            "loss.disc_start=0",
+            "loss.discriminator.preset=patchgan-34-small",
+            f"run_dir={tmp_path / 'tuned'}",
+        ),
+        store,
+    )
     before, after = start.load_tensors(), tuned.load_tensors()
     encoder_side = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
     assert encoder_side and all(torch.equal(before[k], after[k]) for k in encoder_side)
@@ -156,7 +194,9 @@ def test_decoder_fine_tune_with_the_gan_keeps_the_encoder_bit_exact_and_names_it
     with pytest.raises(ValueError, match="init_from"):
         tiny_config(tmp_path, "train_parts=decoder")
     with pytest.raises(ValueError, match="same model settings"):
-        autoencoder.run(tiny_config(tmp_path, f"init_from={start.ref}", "model.ch=16", f"run_dir={tmp_path / 'x'}"), store)
+        autoencoder.run(
+            tiny_config(tmp_path, f"init_from={start.ref}", "model.ch=16", f"run_dir={tmp_path / 'x'}"), store
+        )
 
 
 @pytest.mark.slow
@@ -169,13 +209,19 @@ def test_short_training_lowers_the_loss_and_evaluation_reports_named_metrics(tmp
     assert np.mean(rec[-10:]) < 0.7 * np.mean(rec[:5])
 
     clf_config = load_config(
-        classifier.ClassifierStageConfig, ROOT / "configs/fmnist/classifier-quick.yaml",
+        classifier.ClassifierStageConfig,
+        ROOT / "configs/fmnist/classifier-quick.yaml",
         ["trainer.max_steps=20", "trainer.progress=false", f"run_dir={tmp_path / 'clf'}"],
     )
     feature_classifier = classifier.run(clf_config, store)
     report = evaluate_reconstruction(
-        store, artifact.ref, limit=100, batch_size=50, classifier_ref=feature_classifier.ref,
-        lpips="random", out_dir=tmp_path / "eval",
+        store,
+        artifact.ref,
+        limit=100,
+        batch_size=50,
+        classifier_ref=feature_classifier.ref,
+        lpips="random",
+        out_dir=tmp_path / "eval",
     )
     assert report["data"]["images"] == 100
     assert 5 < report["psnr_db"] < 60 and 0 < report["ssim"] <= 1 and report["rfid"] >= 0
@@ -194,7 +240,10 @@ def test_short_training_lowers_the_loss_and_evaluation_reports_named_metrics(tmp
         real = (clf(images).argmax(1) == labels).float().mean().item()
         rebuilt = (clf(ae.decode(ae.encode(images).mode()).clamp(-1, 1)).argmax(1) == labels).float().mean().item()
     assert report["real_class_accuracy"] == pytest.approx(real) and report["class_accuracy"] == pytest.approx(rebuilt)
-    assert stored["class_accuracy"] == pytest.approx(rebuilt) and report["class_accuracy_classifier"] == feature_classifier.ref
+    assert (
+        stored["class_accuracy"] == pytest.approx(rebuilt)
+        and report["class_accuracy_classifier"] == feature_classifier.ref
+    )
 
 
 def test_scale_equivariance_loss_decodes_the_half_size_latent_against_the_half_size_image():
@@ -212,12 +261,15 @@ def test_scale_equivariance_loss_decodes_the_half_size_latent_against_the_half_s
 
 @needs_fmnist
 def test_equivariance_weight_adds_its_logged_term_to_the_total(tmp_path):
-    artifact = autoencoder.run(tiny_config(tmp_path, "trainer.max_steps=3", "equivariance_weight=0.5"),
-                               ArtifactStore(tmp_path / "store"))
+    artifact = autoencoder.run(
+        tiny_config(tmp_path, "trainer.max_steps=3", "equivariance_weight=0.5"), ArtifactStore(tmp_path / "store")
+    )
     logged = read_metrics(tmp_path / "run")
     equivariance = [value for _, value in logged["train/equivariance"]]
     assert len(equivariance) == 3 and min(equivariance) > 0
-    for (_, total), (_, nll), (_, kl), eq in zip(logged["train/total"], logged["train/nll"], logged["train/kl"], equivariance):
+    for (_, total), (_, nll), (_, kl), eq in zip(
+        logged["train/total"], logged["train/nll"], logged["train/kl"], equivariance
+    ):
         assert total == pytest.approx(nll + 1e-6 * kl + 0.5 * eq, rel=1e-4)
     assert artifact.config()["equivariance_weight"] == 0.5
     with pytest.raises(ValueError, match="equivariance_weight must be >= 0"):
@@ -234,17 +286,29 @@ class RecordLearningRates(Callback):
 
 @needs_fmnist
 def test_disc_lr_scale_gives_the_discriminator_its_own_learning_rate_in_training(tmp_path):
-    gan = ("loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small",
-           "trainer.lr=3e-4", "trainer.warmup_steps=0", "trainer.max_steps=1")
+    gan = (
+        "loss.disc_enabled=true",
+        "loss.disc_start=0",
+        "loss.discriminator.preset=patchgan-34-small",
+        "trainer.lr=3e-4",
+        "trainer.warmup_steps=0",
+        "trainer.max_steps=1",
+    )
     module = autoencoder.AutoencoderModule(tiny_config(tmp_path, *gan, "disc_lr_scale=4"))
     (opt_ae, opt_disc), _ = module.configure_optimizers()
-    assert {id(p) for p in opt_disc.param_groups[0]["params"]} == {id(p) for p in module.loss.discriminator_parameters()}
+    assert {id(p) for p in opt_disc.param_groups[0]["params"]} == {
+        id(p) for p in module.loss.discriminator_parameters()
+    }
     # In a run: the trainer's start-of-training lr reset (there for resumes) must keep the discriminator's own rate.
     probe = RecordLearningRates()
-    autoencoder.run(tiny_config(tmp_path, *gan, "disc_lr_scale=4"), ArtifactStore(tmp_path / "store"), callbacks=[probe])
+    autoencoder.run(
+        tiny_config(tmp_path, *gan, "disc_lr_scale=4"), ArtifactStore(tmp_path / "store"), callbacks=[probe]
+    )
     assert probe.lrs == [pytest.approx(3e-4), pytest.approx(1.2e-3)]
     default = RecordLearningRates()
-    autoencoder.run(tiny_config(tmp_path, *gan, f"run_dir={tmp_path / 'b'}"), ArtifactStore(tmp_path / "store"), callbacks=[default])
+    autoencoder.run(
+        tiny_config(tmp_path, *gan, f"run_dir={tmp_path / 'b'}"), ArtifactStore(tmp_path / "store"), callbacks=[default]
+    )
     assert default.lrs == [pytest.approx(3e-4), pytest.approx(3e-4)]  # the default: both at trainer.lr
     with pytest.raises(ValueError, match="disc_lr_scale must be > 0"):
         tiny_config(tmp_path, "disc_lr_scale=0")
@@ -266,11 +330,21 @@ def test_ema_decay_stores_the_running_average_of_a_decoder_fine_tune(tmp_path):
     store = ArtifactStore(tmp_path / "store")
     start = autoencoder.run(tiny_config(tmp_path, "trainer.max_steps=2", f"run_dir={tmp_path / 'start'}"), store)
     probe = RecordDecoderOutputWeights()
-    tuned = autoencoder.run(tiny_config(
-        tmp_path, "trainer.max_steps=4", f"init_from={start.ref}", "train_parts=decoder", "ema_decay=0.2",
-        "loss.disc_enabled=true", "loss.disc_start=0", "loss.discriminator.preset=patchgan-34-small",
-        f"run_dir={tmp_path / 'tuned'}",
-    ), store, callbacks=[probe])
+    tuned = autoencoder.run(
+        tiny_config(
+            tmp_path,
+            "trainer.max_steps=4",
+            f"init_from={start.ref}",
+            "train_parts=decoder",
+            "ema_decay=0.2",
+            "loss.disc_enabled=true",
+            "loss.disc_start=0",
+            "loss.discriminator.preset=patchgan-34-small",
+            f"run_dir={tmp_path / 'tuned'}",
+        ),
+        store,
+        callbacks=[probe],
+    )
     # The reference: e <- d_b e + (1 - d_b) w_b from the start's weights, d_b = min(0.2, (1 + b) / (10 + b)).
     expected = start.load_tensors()["decoder.conv_out.weight"]
     for b, weight in enumerate(probe.iterates):
@@ -280,7 +354,9 @@ def test_ema_decay_stores_the_running_average_of_a_decoder_fine_tune(tmp_path):
     assert len(probe.iterates) == 4
     assert torch.allclose(stored["decoder.conv_out.weight"], expected, atol=1e-6)
     assert not torch.allclose(stored["decoder.conv_out.weight"], probe.iterates[-1], atol=1e-6)  # not the last step
-    assert tuned.manifest["encoder_sha256"] == start.manifest["encoder_sha256"]  # the frozen encoder's average is itself
+    assert (
+        tuned.manifest["encoder_sha256"] == start.manifest["encoder_sha256"]
+    )  # the frozen encoder's average is itself
     checkpoint = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert torch.equal(checkpoint["state_dict"]["ema.decoder.conv_out.weight"], stored["decoder.conv_out.weight"])
     with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
@@ -289,8 +365,17 @@ def test_ema_decay_stores_the_running_average_of_a_decoder_fine_tune(tmp_path):
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     result = CliRunner().invoke(
-        main, ["--store", str(tmp_path), "train", "autoencoder", "--config",
-               str(ROOT / "configs/fmnist/autoencoder-quick.yaml"), "--set", "loss.kl_wieght=1"],
+        main,
+        [
+            "--store",
+            str(tmp_path),
+            "train",
+            "autoencoder",
+            "--config",
+            str(ROOT / "configs/fmnist/autoencoder-quick.yaml"),
+            "--set",
+            "loss.kl_wieght=1",
+        ],
     )
     assert result.exit_code != 0
     assert "loss.kl_wieght" in result.output and "kl_weight" in result.output
@@ -325,8 +410,12 @@ def test_progress_bar_counts_batches_when_a_batch_takes_two_optimiser_steps():
     def total(steps_per_batch, max_steps, global_step):
         bar = ProgressBar(steps_per_batch)
         # Lightning's trainer counts optimiser steps: an autoencoder with a discriminator takes 2 a batch
-        bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=max_steps * steps_per_batch,
-                                       global_step=global_step * steps_per_batch, num_training_batches=float("inf"))
+        bar._trainer = SimpleNamespace(
+            max_epochs=-1,
+            max_steps=max_steps * steps_per_batch,
+            global_step=global_step * steps_per_batch,
+            num_training_batches=float("inf"),
+        )
         return bar.total_train_batches
 
     assert total(2, 5000, 0) == 5000  # was 10000: the bar ended at 50%

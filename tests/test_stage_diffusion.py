@@ -33,7 +33,9 @@ def test_cache_holds_posterior_of_images_and_flips_with_measured_stats(store_wit
     store, ae, artifact = store_with_cache
     assert artifact.parents == {"autoencoder": ae.ref}
     assert sorted(n for n in artifact.manifest["files"] if n.startswith("shard-")) == [
-        "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
     ]
     cache = LatentCache(artifact)
     assert cache.mean.shape == (2000, 2, 4, 8, 8) and cache.labels.shape == (2000,)
@@ -91,8 +93,11 @@ def test_fashion_mnist_cache_holds_no_flips_by_default_and_warns_when_asked_for_
     store = ArtifactStore(tmp_path / "store")
     torch.manual_seed(0)
     config = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)
-    ae = store.save("autoencoder", tensors={"weights.safetensors": AutoencoderKL(config).state_dict()},
-                    config={"model": to_dict(config), "data": to_dict(DataConfig())})
+    ae = store.save(
+        "autoencoder",
+        tensors={"weights.safetensors": AutoencoderKL(config).state_dict()},
+        config={"model": to_dict(config), "data": to_dict(DataConfig())},
+    )
     plain = encode(store, ae.ref, EncodeConfig(limit=50, batch_size=50))
     assert plain.manifest["views"] == 1 and LatentCache(plain).num_views == 1
     assert "warning" not in capsys.readouterr().out
@@ -131,7 +136,9 @@ def test_latent_batches_are_a_function_of_the_step_and_ranks_split_the_global_ba
 @needs_fmnist
 def test_training_loss_drops_over_200_steps_on_fmnist_latents(tmp_path, store_with_cache):
     store = store_with_cache[0]
-    artifact = diffusion.run(dit_config(tmp_path, store_with_cache, "trainer.max_steps=200", "trainer.checkpoint_every=200"), store)
+    artifact = diffusion.run(
+        dit_config(tmp_path, store_with_cache, "trainer.max_steps=200", "trainer.checkpoint_every=200"), store
+    )
     losses = [v for _, v in read_metrics(tmp_path / "run")["train/loss"]]
     assert len(losses) == 200
     assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10])
@@ -162,15 +169,18 @@ def test_ema_samples_of_a_short_run_stay_on_the_data_scale(tmp_path, store_with_
     for name in ("weights.safetensors", "raw.safetensors"):  # EMA and trained weights
         model = diffusion.DiT(config.model)
         model.load_state_dict(artifact.load_tensors(name))
-        z = sample_latents(model.eval(), config.diffusion, torch.arange(8),
-                           SamplingSettings(num_steps=20).resolved(config.diffusion))  # the objective's sampler
+        z = sample_latents(
+            model.eval(), config.diffusion, torch.arange(8), SamplingSettings(num_steps=20).resolved(config.diffusion)
+        )  # the objective's sampler
         spread[name] = z.std().item()
     assert spread["weights.safetensors"] < 2 * spread["raw.safetensors"]
 
 
 @pytest.mark.slow
 @needs_fmnist
-def test_crashed_and_resumed_run_ends_with_the_same_ema_weights_and_step_as_an_uninterrupted_one(tmp_path, store_with_cache):
+def test_crashed_and_resumed_run_ends_with_the_same_ema_weights_and_step_as_an_uninterrupted_one(
+    tmp_path, store_with_cache
+):
     store = store_with_cache[0]
     common = ["trainer.max_steps=8", "trainer.checkpoint_every=4", "model.class_dropout_prob=0.5"]
     straight = diffusion.run(dit_config(tmp_path / "a", store_with_cache, *common), store)
@@ -207,17 +217,29 @@ def test_init_from_continues_from_both_weight_sets_and_records_the_start_as_a_pa
         stored = first.load_tensors(name)
         assert all(torch.equal(stored[key], seen[key]) for key in stored), f"{name} was not the start of the new run"
     assert second.parents == {"latents": cache.ref, "diffusion": first.ref}
-    assert not torch.equal(second.load_tensors("raw.safetensors")["final_layer.linear.weight"],
-                           first.load_tensors("raw.safetensors")["final_layer.linear.weight"])  # and it trained on
+    assert not torch.equal(
+        second.load_tensors("raw.safetensors")["final_layer.linear.weight"],
+        first.load_tensors("raw.safetensors")["final_layer.linear.weight"],
+    )  # and it trained on
 
     with pytest.raises(ValueError, match="continue with the same model settings"):
-        diffusion.run(dit_config(tmp_path / "c", store_with_cache, "trainer.max_steps=2", "model.depth=3",
-                                 f"init_from={first.ref}"), store)
-    elsewhere = store.save("diffusion", tensors={"raw.safetensors": {"w": torch.zeros(1)}}, config=to_dict(config),
-                           parents={"latents": "latents@0123456789ab"})
+        diffusion.run(
+            dit_config(
+                tmp_path / "c", store_with_cache, "trainer.max_steps=2", "model.depth=3", f"init_from={first.ref}"
+            ),
+            store,
+        )
+    elsewhere = store.save(
+        "diffusion",
+        tensors={"raw.safetensors": {"w": torch.zeros(1)}},
+        config=to_dict(config),
+        parents={"latents": "latents@0123456789ab"},
+    )
     try:
         with pytest.raises(ArtifactError, match="another cache is another latent space"):
-            diffusion.run(dit_config(tmp_path / "d", store_with_cache, "trainer.max_steps=2", f"init_from={elsewhere.ref}"), store)
+            diffusion.run(
+                dit_config(tmp_path / "d", store_with_cache, "trainer.max_steps=2", f"init_from={elsewhere.ref}"), store
+            )
     finally:  # the store is the module's: leave no stand-in behind for the other tests' listings
         shutil.rmtree(elsewhere.path)
 
@@ -267,11 +289,28 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path, st
     store, _, cache = store_with_cache
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    overrides = [*TINY_DIT, "trainer.max_steps=2", "trainer.strategy=ddp", "trainer.devices=2",
-                 "trainer.accelerator=cpu", f"run_dir={tmp_path / 'run'}"]
+    overrides = [
+        *TINY_DIT,
+        "trainer.max_steps=2",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     result = subprocess.run(
-        [sys.executable, str(script), str(store.root), cache.ref, str(tmp_path), str(ROOT / "configs/fmnist/diffusion-quick.yaml"), *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(script),
+            str(store.root),
+            cache.ref,
+            str(tmp_path),
+            str(ROOT / "configs/fmnist/diffusion-quick.yaml"),
+            *overrides,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -287,8 +326,15 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path, st
 @needs_fmnist
 def test_meanflow_trains_from_scratch_and_samples_in_one_and_two_calls(tmp_path, store_with_cache):
     store = store_with_cache[0]
-    config = dit_config(tmp_path, store_with_cache, "trainer.max_steps=150", "diffusion.objective=meanflow",
-                        "model.interval_embed=true", "model.time_input_scale=0.001", "preview.steps=1")
+    config = dit_config(
+        tmp_path,
+        store_with_cache,
+        "trainer.max_steps=150",
+        "diffusion.objective=meanflow",
+        "model.interval_embed=true",
+        "model.time_input_scale=0.001",
+        "preview.steps=1",
+    )
     artifact = diffusion.run(config, store)
     mse = [v for _, v in read_metrics(tmp_path / "run")["train/mse"]]
     assert np.mean(mse[-30:]) < 0.8 * np.mean(mse[:10])
@@ -304,7 +350,11 @@ def test_meanflow_trains_from_scratch_and_samples_in_one_and_two_calls(tmp_path,
 
 
 def test_meanflow_objective_and_interval_embedding_go_together(tmp_path):
-    store_with_cache = (None, None, SimpleNamespace(ref="latents@0123456789ab"))  # settings alone: nothing reads the cache
+    store_with_cache = (
+        None,
+        None,
+        SimpleNamespace(ref="latents@0123456789ab"),
+    )  # settings alone: nothing reads the cache
     with pytest.raises(ValueError, match="interval_embed"):
         dit_config(tmp_path, store_with_cache, "diffusion.objective=meanflow")
     with pytest.raises(ValueError, match="interval_embed"):
@@ -315,7 +365,9 @@ def test_meanflow_objective_and_interval_embedding_go_together(tmp_path):
 
 def test_adamw_betas_come_from_the_config_and_bad_ones_are_refused():
     def module(*extra):
-        config = load_config(diffusion.DiffusionStageConfig, ROOT / "configs/fmnist/diffusion-quick.yaml", [*TINY_DIT, *extra])
+        config = load_config(
+            diffusion.DiffusionStageConfig, ROOT / "configs/fmnist/diffusion-quick.yaml", [*TINY_DIT, *extra]
+        )
         return diffusion.DiffusionModule(config, lineage={})
 
     assert module().configure_optimizers()["optimizer"].defaults["betas"] == (0.9, 0.999)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import DIT, save_autoencoder, save_dit
 
+from conftest import DIT, save_autoencoder, save_dit
 from ldm.artifacts import ArtifactStore, seal_record
 from ldm.caching import CacheSchedule
 from ldm.diffusion.schedules import DiffusionConfig
@@ -35,8 +35,22 @@ def model_ref(store):
 
 
 def sample(store, out, *extra):
-    return CliRunner().invoke(main, ["--store", str(store.root), "sample", "--model", model_ref(store), *SAMPLE,
-                                     "--out", str(out), "--cache-fraction", "0.3", *extra])
+    return CliRunner().invoke(
+        main,
+        [
+            "--store",
+            str(store.root),
+            "sample",
+            "--model",
+            model_ref(store),
+            *SAMPLE,
+            "--out",
+            str(out),
+            "--cache-fraction",
+            "0.3",
+            *extra,
+        ],
+    )
 
 
 def calibrated(store, tmp_path):
@@ -92,7 +106,9 @@ def test_a_schedule_edited_to_skip_half_is_refused_and_verify_fails_naming_it(st
 
 
 @pytest.mark.timeout(60)
-def test_an_edited_schedule_whose_seal_was_recomputed_is_still_refused_for_skipping_more_than_its_fraction(store, tmp_path):
+def test_an_edited_schedule_whose_seal_was_recomputed_is_still_refused_for_skipping_more_than_its_fraction(
+    store, tmp_path
+):
     path = calibrated(store, tmp_path)
     artifact = store.load(model_ref(store))
 
@@ -109,8 +125,11 @@ def test_an_edited_schedule_whose_seal_was_recomputed_is_still_refused_for_skipp
 def test_a_schedule_moved_to_the_entry_of_another_fraction_is_never_reused(store, tmp_path):
     path = calibrated(store, tmp_path)
     edit_entry(path, lambda metrics: metrics.update({ENTRY.replace("f0.3", "f0.2"): metrics[ENTRY]}))
-    assert_refused(sample(store, tmp_path / "moved", "--cache-fraction", "0.2"), ENTRY.replace("f0.3", "f0.2"),
-                   "after it was stored")
+    assert_refused(
+        sample(store, tmp_path / "moved", "--cache-fraction", "0.2"),
+        ENTRY.replace("f0.3", "f0.2"),
+        "after it was stored",
+    )
 
 
 @pytest.mark.timeout(60)
@@ -120,24 +139,42 @@ def test_a_schedule_copied_from_another_model_is_refused(store, tmp_path):
     other = other_store.load(save_flow_dit(other_store, 1))
     record = json.loads(path.read_text())["metrics"][ENTRY]
     edit_entry(other.path / "manifest.json", lambda metrics: metrics.update({ENTRY: record}))
-    result = CliRunner().invoke(main, ["--store", str(other_store.root), "sample", "--model", other.ref, *SAMPLE,
-                                       "--out", str(tmp_path / "copied"), "--cache-fraction", "0.3"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--store",
+            str(other_store.root),
+            "sample",
+            "--model",
+            other.ref,
+            *SAMPLE,
+            "--out",
+            str(tmp_path / "copied"),
+            "--cache-fraction",
+            "0.3",
+        ],
+    )
     assert_refused(result, other.ref, ENTRY, "after it was stored")
 
 
-@pytest.mark.parametrize("entry, phrase", [
-    ("junk", "a JSON object"),
-    ([[1, 0]], "a JSON object"),
-    ({"calls": "eleven", "depth": 2, "skips": [[1, 0]]}, "calls must be an integer"),
-    ({"calls": 11, "depth": 2, "skips": "1,0"}, "skips must be a list of [call, block] pairs"),
-    ({"calls": 11, "depth": 2, "skips": [[1, "x"]]}, "skips must be a list of [call, block] pairs"),
-    ({"calls": 11, "depth": 2, "skips": [[1]]}, "skips must be a list of [call, block] pairs"),
-    ({"calls": 11, "depth": 2, "skips": [[1, 5]]}, "outside calls"),
-    ({"calls": 11, "skips": [[1, 0]]}, "depth must be an integer"),
-    ({"calls": 11, "depth": 2, "skips": [[1, 0]], "extrapolate": "yes"}, "extrapolate must be true or false"),
-])
+@pytest.mark.parametrize(
+    "entry, phrase",
+    [
+        ("junk", "a JSON object"),
+        ([[1, 0]], "a JSON object"),
+        ({"calls": "eleven", "depth": 2, "skips": [[1, 0]]}, "calls must be an integer"),
+        ({"calls": 11, "depth": 2, "skips": "1,0"}, "skips must be a list of [call, block] pairs"),
+        ({"calls": 11, "depth": 2, "skips": [[1, "x"]]}, "skips must be a list of [call, block] pairs"),
+        ({"calls": 11, "depth": 2, "skips": [[1]]}, "skips must be a list of [call, block] pairs"),
+        ({"calls": 11, "depth": 2, "skips": [[1, 5]]}, "outside calls"),
+        ({"calls": 11, "skips": [[1, 0]]}, "depth must be an integer"),
+        ({"calls": 11, "depth": 2, "skips": [[1, 0]], "extrapolate": "yes"}, "extrapolate must be true or false"),
+    ],
+)
 @pytest.mark.timeout(60)
-def test_a_malformed_schedule_entry_is_refused_in_one_line_naming_the_artifact_and_the_entry(store, tmp_path, entry, phrase):
+def test_a_malformed_schedule_entry_is_refused_in_one_line_naming_the_artifact_and_the_entry(
+    store, tmp_path, entry, phrase
+):
     path = store.load(model_ref(store)).path / "manifest.json"
     edit_entry(path, lambda metrics: metrics.update({ENTRY: entry}))
     assert_refused(sample(store, tmp_path / "out"), model_ref(store), ENTRY, "malformed", phrase)
@@ -150,7 +187,9 @@ def test_an_unsealed_schedule_stored_before_sealing_is_calibrated_anew_not_reuse
     unsealed = {"calls": 11, "depth": 2, "skips": half_the_blocks({"calls": 11, "depth": 2}), "extrapolate": False}
     edit_entry(path, lambda metrics: metrics.update({ENTRY: unsealed}))
     result = sample(store, tmp_path / "out")
-    assert result.exit_code == 0 and f"calibrated {ENTRY}" in result.output and "not sealed" in result.output, result.output
+    assert result.exit_code == 0 and f"calibrated {ENTRY}" in result.output and "not sealed" in result.output, (
+        result.output
+    )
     record = json.loads(path.read_text())["metrics"][ENTRY]
     assert len(record["skips"]) == 7 and "sealed_sha256" in record
 

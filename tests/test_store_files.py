@@ -26,8 +26,11 @@ needs_dev_zero = pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="nee
 
 
 def save_small(store, value=1.0):
-    return store.save("diffusion", tensors={"weights.safetensors": {"w": torch.full((2, 3), value)}},
-                      config={"model": {"hidden_size": 8}, "value": value})
+    return store.save(
+        "diffusion",
+        tensors={"weights.safetensors": {"w": torch.full((2, 3), value)}},
+        config={"model": {"hidden_size": 8}, "value": value},
+    )
 
 
 def cli(store, *args):
@@ -159,7 +162,9 @@ def test_a_manifest_naming_a_file_outside_its_folder_is_refused(tmp_path):
     version = hashlib.sha256("".join(f"{n}:{f['sha256']}\n" for n, f in files.items()).encode()).hexdigest()[:12]
     (folder / "manifest.json").write_text(json.dumps({"stage": "diffusion", "version": version, "files": files}))
     folder.rename(folder.parent / version)
-    with pytest.raises(ArtifactError, match=r"is damaged: manifest.json names '../../secret', which is not a plain file name"):
+    with pytest.raises(
+        ArtifactError, match=r"is damaged: manifest.json names '../../secret', which is not a plain file name"
+    ):
         store.load(f"diffusion@{version}")
 
 
@@ -206,7 +211,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 def killed_write(store) -> Path:
     """The temporary folder a writer killed mid-write left in the store."""
-    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(store.root)], cwd=ROOT, timeout=60, check=False)  # dies by SIGKILL
+    subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(store.root)], cwd=ROOT, timeout=60, check=False
+    )  # dies by SIGKILL
     (left,) = [p for p in (store.root / "diffusion").iterdir() if p.name.startswith(".tmp-")]
     return left
 
@@ -310,8 +317,11 @@ def damaged_newer(store):
 def test_latest_over_a_damaged_newer_artifact_warns_naming_it(tmp_path):
     store = ArtifactStore(tmp_path)
     old, newer = damaged_newer(store)
-    with pytest.warns(ArtifactWarning, match=rf"diffusion@latest is {old.ref}, not the newer diffusion/{newer.version}, "
-                                             rf"which is damaged: config.yaml was changed after saving"):
+    with pytest.warns(
+        ArtifactWarning,
+        match=rf"diffusion@latest is {old.ref}, not the newer diffusion/{newer.version}, "
+        rf"which is damaged: config.yaml was changed after saving",
+    ):
         assert store.load("diffusion@latest").ref == old.ref
 
 

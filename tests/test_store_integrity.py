@@ -46,8 +46,11 @@ def test_edited_latent_stats_are_refused_on_load_even_without_verifying_files(tm
     store = ArtifactStore(tmp_path)
     saved = save_diffusion_like(store)
     edit_manifest(saved, latent_stats={"mode": "global", "mean": [0.0], "std": [3.0]})
-    with pytest.raises(ArtifactError, match=rf"diffusion/{saved.version} is damaged: manifest.json was changed after "
-                                            rf"saving .*no longer hash to its version {saved.version}.*restore the file"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"diffusion/{saved.version} is damaged: manifest.json was changed after "
+        rf"saving .*no longer hash to its version {saved.version}.*restore the file",
+    ):
         store.load(saved.ref, verify=verify)
 
 
@@ -176,8 +179,11 @@ def test_resolve_by_prefix_names_a_folder_without_manifest_as_damaged(tmp_path):
     store = ArtifactStore(tmp_path)
     saved = save_diffusion_like(store)
     (saved.path / "manifest.json").unlink()
-    with pytest.raises(ArtifactError, match=f"diffusion/{saved.version} is damaged: no manifest.json in the folder; "
-                                            "delete the folder or restore the file"):
+    with pytest.raises(
+        ArtifactError,
+        match=f"diffusion/{saved.version} is damaged: no manifest.json in the folder; "
+        "delete the folder or restore the file",
+    ):
         store.resolve(f"diffusion@{saved.version[:6]}")
 
 
@@ -224,7 +230,10 @@ def test_verify_cli_fails_with_exit_1_for_an_edited_manifest(tmp_path):
     result = cli(store, "artifacts", "verify", saved.ref)
     assert_no_traceback(result)
     assert result.exit_code == 1
-    assert f"diffusion/{saved.version}" in result.output and "FAILED: manifest.json was changed after saving" in result.output
+    assert (
+        f"diffusion/{saved.version}" in result.output
+        and "FAILED: manifest.json was changed after saving" in result.output
+    )
 
 
 def test_verify_cli_without_ref_reports_every_folder_and_exits_1_when_one_failed(tmp_path):

@@ -8,7 +8,6 @@ from conftest import AUTOENCODER_QUICK, assert_clean_failure, train_cli
 from ldm.config import ConfigError, load_config
 from stages import autoencoder
 
-
 # ---- nothing untrained is stored ------------------------------------------------------------
 
 
@@ -19,12 +18,15 @@ def test_a_run_of_no_steps_is_refused_before_anything_is_stored(tmp_path, steps)
     assert not (tmp_path / "store").exists() and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("override, phrase", [
-    ("trainer.lr=-1e-4", "lr must be a positive number"),
-    ("trainer.batch_size=0", "batch_size must be >= 1"),
-    ("trainer.checkpoint_every=0", "checkpoint_every must be >= 1"),
-    ("trainer.grad_clip=-1", "grad_clip must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, phrase",
+    [
+        ("trainer.lr=-1e-4", "lr must be a positive number"),
+        ("trainer.batch_size=0", "batch_size must be >= 1"),
+        ("trainer.checkpoint_every=0", "checkpoint_every must be >= 1"),
+        ("trainer.grad_clip=-1", "grad_clip must be >= 0"),
+    ],
+)
 def test_nonsense_trainer_settings_are_refused_naming_the_key(override, phrase):
     with pytest.raises(ConfigError, match=phrase):
         load_config(autoencoder.AutoencoderStageConfig, AUTOENCODER_QUICK, [override])
@@ -39,7 +41,15 @@ def test_a_corrupt_image_in_a_folder_is_one_line_naming_the_file(tmp_path):
     for i in range(3):
         Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    result = train_cli(tmp_path / "store", tmp_path / "run", "data.name=folder", f"data.path={folder}",
-                       "trainer.max_steps=2", "train_subset=0", "trainer.batch_size=3", "preview_images=1")
+    result = train_cli(
+        tmp_path / "store",
+        tmp_path / "run",
+        "data.name=folder",
+        f"data.path={folder}",
+        "trainer.max_steps=2",
+        "train_subset=0",
+        "trainer.batch_size=3",
+        "preview_images=1",
+    )
     assert_clean_failure(result, f"cannot read image {folder / '1.png'}")
     assert not (tmp_path / "store" / "autoencoder").exists()

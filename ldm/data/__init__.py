@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.fmnist import (
-    FMNIST_CLASSES, PAYLOAD_SHA256, SPLIT_FILES, FashionMNIST, check_split, ensure_fmnist, load_fmnist,
+    FMNIST_CLASSES,
+    PAYLOAD_SHA256,
+    SPLIT_FILES,
+    FashionMNIST,
+    check_split,
+    ensure_fmnist,
+    load_fmnist,
 )
 from ldm.data.folder import DEFAULT_MAX_PIXELS, ON_ERROR_CHOICES, ImageFolderDataset, scan_image_folder
 from ldm.data.sound import FSDD, SoundFolderDataset, check_fsdd_split, ensure_fsdd, fsdd_fingerprint, scan_sound_folder
@@ -36,12 +42,14 @@ class DataConfig:
     """Which images (or sounds) a stage reads and how they are prepared."""
 
     name: str = "fmnist"  # "fmnist" or "folder" (images), "fsdd" or "soundfolder" (sound)
-    path: Optional[str] = None  # folder: the image root; fmnist: a folder with the four IDX files (else searched)
+    path: str | None = None  # folder: the image root; fmnist: a folder with the four IDX files (else searched)
     resolution: int = 32  # square side in pixels; Fashion-MNIST's 28 is padded to 32
     channels: int = 1  # 1 (grayscale) or 3 (RGB); Fashion-MNIST is 1
     hflip: bool = False  # random horizontal flip of training items
     on_error: str = "raise"  # unreadable folder image: "raise" or "skip" (counted, warned)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # folder images larger (width x height) are refused from their header, undecoded
+    max_pixels: int = (
+        DEFAULT_MAX_PIXELS  # folder images larger (width x height) are refused from their header, undecoded
+    )
     num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
     download: bool = True  # fmnist, fsdd: fetch from the official source when not found locally
     length: int = 8192  # sound: samples per clip; shorter recordings are zero-padded, longer ones keep their start
@@ -58,7 +66,13 @@ class DataConfig:
             raise ValueError(f"data.path is required when data.name is '{self.name}' (the root folder of the files)")
         if self.path is not None and not isinstance(self.path, str):
             raise ValueError(f"data.path must be a string or null, got {self.path!r}")
-        for field, low in (("resolution", 8), ("num_workers", 0), ("length", 64), ("sample_rate", 1000), ("max_pixels", 1)):
+        for field, low in (
+            ("resolution", 8),
+            ("num_workers", 0),
+            ("length", 64),
+            ("sample_rate", 1000),
+            ("max_pixels", 1),
+        ):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"data.{field} must be an int >= {low}, got {value!r}")
@@ -67,8 +81,10 @@ class DataConfig:
         if self.name == "fmnist" and self.channels != 1:
             raise ValueError(f"Fashion-MNIST is grayscale: data.channels must be 1, got {self.channels!r}")
         if self.is_sound and (self.channels != 1 or self.hflip):
-            raise ValueError(f"sound is mono and has no flips: data.channels must be 1 and data.hflip false "
-                             f"(got {self.channels!r}, {self.hflip!r})")
+            raise ValueError(
+                f"sound is mono and has no flips: data.channels must be 1 and data.hflip false "
+                f"(got {self.channels!r}, {self.hflip!r})"
+            )
         if self.name == "fsdd" and self.sample_rate != 8000:
             raise ValueError(f"FSDD is recorded at 8000 Hz: data.sample_rate must be 8000, got {self.sample_rate!r}")
         if self.on_error not in ON_ERROR_CHOICES:
@@ -76,7 +92,6 @@ class DataConfig:
         for field in ("hflip", "download"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"data.{field} must be true or false, got {getattr(self, field)!r}")
-
 
     @property
     def mirror_invariant(self) -> bool:
@@ -122,14 +137,21 @@ def build_dataset(config: DataConfig, split: str) -> Dataset:
     config.validate()
     if config.name == "fmnist":
         check_split(split)
-        return FashionMNIST(split, resolution=config.resolution, hflip=config.hflip,
-                            root=config.path, download=config.download)
+        return FashionMNIST(
+            split, resolution=config.resolution, hflip=config.hflip, root=config.path, download=config.download
+        )
     if config.name == "fsdd":
         return FSDD(split, length=config.length, root=config.path, download=config.download)
     if config.name == "soundfolder":
         return SoundFolderDataset(_folder_split_root(config.path, split), config.length, config.sample_rate)
-    return ImageFolderDataset(_folder_split_root(config.path, split), config.resolution, channels=config.channels,
-                              on_error=config.on_error, hflip=config.hflip, max_pixels=config.max_pixels)
+    return ImageFolderDataset(
+        _folder_split_root(config.path, split),
+        config.resolution,
+        channels=config.channels,
+        on_error=config.on_error,
+        hflip=config.hflip,
+        max_pixels=config.max_pixels,
+    )
 
 
 def iterate_images(dataset: Dataset, batch_size: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -178,7 +200,18 @@ def data_fingerprint(config: DataConfig, split: str) -> str:
 
 
 __all__ = [
-    "DATASET_NAMES", "FMNIST_CLASSES", "FSDD", "SOUND_DATASETS", "DataConfig", "FashionMNIST", "ImageFolderDataset",
-    "SoundFolderDataset", "build_dataset",
-    "data_fingerprint", "ensure_fmnist", "iterate_images", "load_fmnist", "with_data",
+    "DATASET_NAMES",
+    "FMNIST_CLASSES",
+    "FSDD",
+    "SOUND_DATASETS",
+    "DataConfig",
+    "FashionMNIST",
+    "ImageFolderDataset",
+    "SoundFolderDataset",
+    "build_dataset",
+    "data_fingerprint",
+    "ensure_fmnist",
+    "iterate_images",
+    "load_fmnist",
+    "with_data",
 ]

@@ -6,8 +6,9 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 
 def user_cache_dir(name: str) -> Path:

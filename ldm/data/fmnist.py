@@ -23,7 +23,6 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -34,8 +33,16 @@ from ldm.artifacts import plain_mode
 from ldm.data.fetch import search_dirs, stream_download, user_cache_dir
 
 FMNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -145,12 +152,12 @@ def _cache_dir() -> Path:
     return user_cache_dir("fashion-mnist")
 
 
-def candidate_dirs(root: Optional[str | Path] = None) -> list[Path]:
+def candidate_dirs(root: str | Path | None = None) -> list[Path]:
     """Return the folders searched for the four files, in order."""
     return [Path(root).expanduser()] if root is not None else search_dirs("fashion-mnist", system=[SYSTEM_DIR])
 
 
-def _file_in(folder: Path, stem: str) -> Optional[Path]:
+def _file_in(folder: Path, stem: str) -> Path | None:
     """The gzipped or plain copy of ``stem`` inside ``folder``, if there is one."""
     for name in (stem + ".gz", stem):
         if (folder / name).is_file():
@@ -158,7 +165,7 @@ def _file_in(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
-def find_fmnist(root: Optional[str | Path] = None) -> Optional[Path]:
+def find_fmnist(root: str | Path | None = None) -> Path | None:
     """Return the first searched folder that holds all four files, or None."""
     for folder in candidate_dirs(root):
         if all(_file_in(folder, stem) for stem in FILE_STEMS):
@@ -176,7 +183,7 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _not_found_message(root: Optional[str | Path], attempts: list[str]) -> str:
+def _not_found_message(root: str | Path | None, attempts: list[str]) -> str:
     searched = "\n".join(f"  - {d}" for d in candidate_dirs(root))
     if root is None and not os.environ.get("LDM_DATA"):
         searched = "  - $LDM_DATA (not set)\n" + searched
@@ -212,7 +219,7 @@ def _download(url: str, dest: Path, timeout: float = 30.0) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def download_fmnist(dest: Optional[Path] = None, base_url: Optional[str] = None) -> Path:
+def download_fmnist(dest: Path | None = None, base_url: str | None = None) -> Path:
     """Download the missing files from the official source into ``dest`` (the user cache); return it."""
     dest = Path(dest) if dest is not None else _cache_dir()
     base_url = base_url or DOWNLOAD_URL
@@ -231,8 +238,7 @@ def _install_system_package() -> None:
         subprocess.run(cmd, check=True, env=env)
 
 
-def ensure_fmnist(download: bool = True, install_system_package: bool = False,
-                  root: Optional[str | Path] = None) -> Path:
+def ensure_fmnist(download: bool = True, install_system_package: bool = False, root: str | Path | None = None) -> Path:
     """Return the folder holding Fashion-MNIST, downloading or apt-installing it if allowed."""
     found = find_fmnist(root)
     if found is not None:
@@ -271,8 +277,7 @@ def check_split(split: str) -> None:
         raise ValueError(f"Fashion-MNIST split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
 
 
-def load_fmnist(split: str, root: Optional[str | Path] = None,
-                download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def load_fmnist(split: str, root: str | Path | None = None, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images uint8 (N, 28, 28), labels int64 (N,)) of split 'train' (60000) or 'test' (10000)."""
     check_split(split)
     folder = ensure_fmnist(download=download, root=root)
@@ -303,16 +308,23 @@ def to_model_range(images: torch.Tensor, resolution: int = 32) -> torch.Tensor:
         x = F.pad(x, (2, 2, 2, 2), value=0)  # (N, 1, 32, 32); padding in uint8 is cheaper, 0 maps to -1
     x = x.to(torch.float32).div_(127.5).sub_(1.0)
     if resolution not in (28, 32):
-        x = F.interpolate(x, size=(resolution, resolution), mode="bicubic",
-                          antialias=resolution < 32, align_corners=False).clamp_(-1.0, 1.0)
+        x = F.interpolate(
+            x, size=(resolution, resolution), mode="bicubic", antialias=resolution < 32, align_corners=False
+        ).clamp_(-1.0, 1.0)
     return x
 
 
 class FashionMNIST(Dataset):
     """Fashion-MNIST as (image float32 (1, R, R) in [-1, 1], label int) pairs, converted once up front."""
 
-    def __init__(self, split: str, resolution: int = 32, hflip: bool = False,
-                 root: Optional[str | Path] = None, download: bool = True) -> None:
+    def __init__(
+        self,
+        split: str,
+        resolution: int = 32,
+        hflip: bool = False,
+        root: str | Path | None = None,
+        download: bool = True,
+    ) -> None:
         if not isinstance(resolution, int) or resolution < 8:
             raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
         raw_images, labels = load_fmnist(split, root=root, download=download)

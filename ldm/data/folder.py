@@ -48,8 +48,11 @@ def _images_under(folder: Path) -> list[Path]:
     # os.walk lists each folder with one scandir, without a stat per file: this matters at ImageNet's 1.28M files.
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, name) for name in filenames
-                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+        found += [
+            Path(dirpath, name)
+            for name in filenames
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        ]
     return sorted(found)
 
 
@@ -120,17 +123,23 @@ def _open_within(path: str | Path, max_pixels: int) -> Image.Image:
         try:
             image = Image.open(path)
         except Image.DecompressionBombError:  # over twice Pillow's MAX_IMAGE_PIXELS: refused before we see the size
-            raise ImageReadError(f"image {path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's own limit "
-                                 f"(data.max_pixels = {max_pixels} cannot lift it): shrink the file") from None
+            raise ImageReadError(
+                f"image {path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's own limit "
+                f"(data.max_pixels = {max_pixels} cannot lift it): shrink the file"
+            ) from None
     width, height = image.size
     if width * height > max_pixels:
         image.close()
-        raise ImageReadError(f"image {path} is {width}x{height} ({width * height / 1e6:.1f} Mpx), more than "
-                             f"data.max_pixels = {max_pixels}: shrink the file, or raise the cap (--set data.max_pixels=N)")
+        raise ImageReadError(
+            f"image {path} is {width}x{height} ({width * height / 1e6:.1f} Mpx), more than "
+            f"data.max_pixels = {max_pixels}: shrink the file, or raise the cap (--set data.max_pixels=N)"
+        )
     return image
 
 
-def load_image(path: str | Path, resolution: int, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def load_image(
+    path: str | Path, resolution: int, channels: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
     """Return the image at ``path`` as float32 (channels, resolution, resolution) in [-1, 1]."""
     try:
         with _open_within(path, max_pixels) as image:
@@ -152,8 +161,15 @@ def load_image(path: str | Path, resolution: int, channels: int = 3, max_pixels:
 class ImageFolderDataset(Dataset):
     """Images under ``root`` as (float32 (channels, R, R) in [-1, 1], label int) pairs."""
 
-    def __init__(self, root: str | Path, resolution: int, channels: int = 3, on_error: str = "raise",
-                 hflip: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        channels: int = 3,
+        on_error: str = "raise",
+        hflip: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
         if on_error not in ON_ERROR_CHOICES:

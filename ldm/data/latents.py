@@ -8,8 +8,8 @@ rather than one frozen sample of it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch.utils.data import IterableDataset
@@ -46,8 +46,10 @@ class LatentStats:
         return {"mode": self.mode, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LatentStats":
-        return cls(mean=[float(v) for v in data["mean"]], std=[float(v) for v in data["std"]], mode=data.get("mode", "channel"))
+    def from_dict(cls, data: dict) -> LatentStats:
+        return cls(
+            mean=[float(v) for v in data["mean"]], std=[float(v) for v in data["std"]], mode=data.get("mode", "channel")
+        )
 
 
 STATS_BLOCK = 64  # items reduced together by LatentStatsAccumulator, counted from the first item

@@ -9,7 +9,8 @@ global batch, so N ranks together see what one process with the same global batc
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -25,7 +26,9 @@ def rank_and_world() -> tuple[int, int]:
 def check_divisible(batch_size: int, world: int) -> None:
     """Raise ValueError unless a global batch splits evenly over the processes."""
     if batch_size % world:
-        raise ValueError(f"trainer.batch_size {batch_size} (the global batch) must be divisible by the {world} processes")
+        raise ValueError(
+            f"trainer.batch_size {batch_size} (the global batch) must be divisible by the {world} processes"
+        )
 
 
 def endless_steps(source: Any) -> Iterator[Any]:

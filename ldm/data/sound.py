@@ -31,7 +31,6 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -75,9 +74,11 @@ def _load_clips(files: list[Path], length: int, sample_rate: int, normalize: boo
     for i, path in enumerate(files):
         signal, rate = read_wav(path)  # (T,)
         if rate != sample_rate:
-            raise ValueError(f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz; resample it, e.g. "
-                             f"`sox {path.name} -r {sample_rate} out.wav` or "
-                             f"`ffmpeg -i {path.name} -ar {sample_rate} out.wav`")
+            raise ValueError(
+                f"{path}: sample rate {rate} Hz, expected {sample_rate} Hz; resample it, e.g. "
+                f"`sox {path.name} -r {sample_rate} out.wav` or "
+                f"`ffmpeg -i {path.name} -ar {sample_rate} out.wav`"
+            )
         kept = signal[:length]  # zero padding at the end comes from torch.zeros
         clips[i, 0, : len(kept)] = kept
     return peak_normalize(clips) if normalize else clips
@@ -100,7 +101,7 @@ def read_sha256sums(path: Path) -> dict[str, str]:
             continue
         match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
         if not match:
-            raise ValueError(f"{path}, line {number}: not a sha256sum line (\"<64 hex digits>  <name>\"): {line!r}")
+            raise ValueError(f'{path}, line {number}: not a sha256sum line ("<64 hex digits>  <name>"): {line!r}')
         listed[match.group(2).removeprefix("./").removeprefix("recordings/")] = match.group(1).lower()
     return listed
 
@@ -112,12 +113,15 @@ def write_sha256sums(path: Path, hashes: dict[str, str]) -> None:
 
 def _recordings(folder: Path) -> list[Path]:
     """The FSDD recordings in ``folder/recordings``, refusing files with names FSDD does not use."""
-    files = sorted(p for p in (folder / "recordings").iterdir()
-                   if p.suffix.lower() == ".wav" and not p.name.startswith("."))
+    files = sorted(
+        p for p in (folder / "recordings").iterdir() if p.suffix.lower() == ".wav" and not p.name.startswith(".")
+    )
     strange = [p.name for p in files if not _FSDD_NAME.fullmatch(p.name)]
     if strange:
-        raise ValueError(f"{folder / 'recordings'}: {strange[0]} (and {len(strange) - 1} more) is not named "
-                         "<digit>_<speaker>_<index>.wav; remove it, or load such files with SoundFolderDataset")
+        raise ValueError(
+            f"{folder / 'recordings'}: {strange[0]} (and {len(strange) - 1} more) is not named "
+            "<digit>_<speaker>_<index>.wav; remove it, or load such files with SoundFolderDataset"
+        )
     return files
 
 
@@ -128,23 +132,32 @@ def verify_fsdd(folder: str | Path) -> dict[str, str]:
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         if len(hashes) != FSDD_NUM_FILES:
-            warnings.warn(f"{folder}: {len(hashes)} FSDD recordings instead of {FSDD_NUM_FILES}, and no SHA256SUMS "
-                          "to check them against", stacklevel=2)
+            warnings.warn(
+                f"{folder}: {len(hashes)} FSDD recordings instead of {FSDD_NUM_FILES}, and no SHA256SUMS "
+                "to check them against",
+                stacklevel=2,
+            )
         return hashes
     listed = read_sha256sums(sums)
     redo = f"the copy is corrupt: re-download it (delete {folder}) or copy it again"
     missing = sorted(set(listed) - set(hashes))
     if missing:
-        raise ValueError(f"{folder / 'recordings' / missing[0]}: listed in {sums} but missing "
-                         f"({len(missing)} missing in all); {redo}")
+        raise ValueError(
+            f"{folder / 'recordings' / missing[0]}: listed in {sums} but missing "
+            f"({len(missing)} missing in all); {redo}"
+        )
     unlisted = sorted(set(hashes) - set(listed))
     if unlisted:
-        raise ValueError(f"{folder / 'recordings' / unlisted[0]}: not listed in {sums} ({len(unlisted)} unlisted "
-                         "in all); remove it, or regenerate SHA256SUMS if the files are meant to be there")
+        raise ValueError(
+            f"{folder / 'recordings' / unlisted[0]}: not listed in {sums} ({len(unlisted)} unlisted "
+            "in all); remove it, or regenerate SHA256SUMS if the files are meant to be there"
+        )
     for name, digest in hashes.items():
         if digest != listed[name]:
-            raise ValueError(f"{folder / 'recordings' / name}: checksum mismatch (sha256 {digest}, {sums} lists "
-                             f"{listed[name]}); {redo}")
+            raise ValueError(
+                f"{folder / 'recordings' / name}: checksum mismatch (sha256 {digest}, {sums} lists "
+                f"{listed[name]}); {redo}"
+            )
     return hashes
 
 
@@ -156,7 +169,7 @@ def _cache_dir() -> Path:
     return user_cache_dir("fsdd")
 
 
-def candidate_dirs(root: Optional[str | Path] = None) -> list[Path]:
+def candidate_dirs(root: str | Path | None = None) -> list[Path]:
     """Return the folders searched for FSDD's ``recordings/``, in order."""
     if root is not None:
         root = Path(root).expanduser()
@@ -169,7 +182,7 @@ def _holds_recordings(folder: Path) -> bool:
     return recordings.is_dir() and any(_FSDD_NAME.fullmatch(p.name) for p in recordings.iterdir())
 
 
-def find_fsdd(root: Optional[str | Path] = None) -> Optional[Path]:
+def find_fsdd(root: str | Path | None = None) -> Path | None:
     """Return the first searched folder that holds FSDD recordings in ``recordings/``, or None."""
     return next((folder for folder in candidate_dirs(root) if _holds_recordings(folder)), None)
 
@@ -194,7 +207,7 @@ def _extract_recordings(archive: Path, folder: Path) -> dict[str, str]:
     return hashes
 
 
-def download_fsdd(dest: Optional[Path] = None, url: str = FSDD_URL, timeout: float = 60.0) -> Path:
+def download_fsdd(dest: Path | None = None, url: str = FSDD_URL, timeout: float = 60.0) -> Path:
     """Return ``dest`` (default: the user cache) after downloading, verifying and atomically placing FSDD there."""
     dest = Path(dest) if dest is not None else _cache_dir()
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -208,9 +221,11 @@ def download_fsdd(dest: Optional[Path] = None, url: str = FSDD_URL, timeout: flo
         hashes = _extract_recordings(archive, staging)
         archive.unlink()
         if len(hashes) != FSDD_NUM_FILES or listing_sha256(hashes) != FSDD_LISTING_SHA256:
-            raise ValueError(f"the FSDD download from {url} is not commit {FSDD_COMMIT[:12]}'s recordings "
-                             f"({len(hashes)} recordings, expected {FSDD_NUM_FILES}, or different content); "
-                             "try again, or fetch it by hand (see ldm/data/sound.py)")
+            raise ValueError(
+                f"the FSDD download from {url} is not commit {FSDD_COMMIT[:12]}'s recordings "
+                f"({len(hashes)} recordings, expected {FSDD_NUM_FILES}, or different content); "
+                "try again, or fetch it by hand (see ldm/data/sound.py)"
+            )
         write_sha256sums(staging / "SHA256SUMS", hashes)
         try:
             os.replace(staging, dest)
@@ -222,7 +237,7 @@ def download_fsdd(dest: Optional[Path] = None, url: str = FSDD_URL, timeout: flo
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _not_found_message(root: Optional[str | Path], attempts: list[str]) -> str:
+def _not_found_message(root: str | Path | None, attempts: list[str]) -> str:
     searched = "\n".join(f"  - {folder}/recordings/" for folder in candidate_dirs(root))
     if root is None and not os.environ.get("LDM_DATA"):
         searched = "  - $LDM_DATA/fsdd/recordings/ and $LDM_DATA/recordings/ ($LDM_DATA is not set)\n" + searched
@@ -236,7 +251,7 @@ def _not_found_message(root: Optional[str | Path], attempts: list[str]) -> str:
     )
 
 
-def ensure_fsdd(root: Optional[str | Path] = None, download: bool = True) -> Path:
+def ensure_fsdd(root: str | Path | None = None, download: bool = True) -> Path:
     """Return the folder holding FSDD's ``recordings/``, downloading it into the user cache if allowed."""
     found = find_fsdd(root)
     if found is not None:
@@ -289,8 +304,12 @@ def fsdd_fingerprint(root: str | Path, split: str) -> str:
     """Return a 16-hex-digit hash of ``split``'s file names and contents in the FSDD folder ``root``."""
     folder = ensure_fsdd(root, download=False)
     hashes = verify_fsdd(folder)
-    content = {"version": FINGERPRINT_VERSION, "name": "fsdd", "split": split,
-               "files": [[name, hashes[name]] for name in _split_names(hashes, split)]}
+    content = {
+        "version": FINGERPRINT_VERSION,
+        "name": "fsdd",
+        "split": split,
+        "files": [[name, hashes[name]] for name in _split_names(hashes, split)],
+    }
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -298,14 +317,22 @@ def fsdd_fingerprint(root: str | Path, split: str) -> str:
 class FSDD(Dataset):
     """Free Spoken Digit Dataset: 8 kHz spoken digits 0-9 as fixed-length clips, ordered by (digit, speaker, index)."""
 
-    def __init__(self, split: str, length: int = 8192, root: Optional[str | Path] = None,
-                 download: bool = True, normalize: bool = True):
+    def __init__(
+        self,
+        split: str,
+        length: int = 8192,
+        root: str | Path | None = None,
+        download: bool = True,
+        normalize: bool = True,
+    ):
         check_fsdd_split(split)
         self.root = ensure_fsdd(root, download=download)
         names = _split_names(verify_fsdd(self.root), split)
         if not names:
-            raise ValueError(f"{self.root / 'recordings'} holds no recordings of the {split!r} split "
-                             f"(indices {FSDD_SPLITS[split].start}-{FSDD_SPLITS[split].stop - 1})")
+            raise ValueError(
+                f"{self.root / 'recordings'} holds no recordings of the {split!r} split "
+                f"(indices {FSDD_SPLITS[split].start}-{FSDD_SPLITS[split].stop - 1})"
+            )
         self.split, self.length = split, length
         self.classes, self.sample_rate = FSDD_CLASSES, FSDD_SAMPLE_RATE
         self.files = [self.root / "recordings" / name for name in names]
@@ -329,8 +356,13 @@ def _class_order(name: str) -> tuple[int, int, str]:
 
 def _wav_files(folder: Path, recursive: bool) -> list[Path]:
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() == ".wav" and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in found
+        if p.suffix.lower() == ".wav"
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def scan_sound_folder(root: str | Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
@@ -342,16 +374,22 @@ def scan_sound_folder(root: str | Path) -> tuple[list[Path], list[int], tuple[st
     per_class = {d.name: files for d in subfolders if (files := _wav_files(d, recursive=True))}
     loose = _wav_files(root, recursive=False)
     if per_class and loose:
-        raise ValueError(f"{root} mixes .wav files at its top level (e.g. {loose[0].name}) with class subfolders "
-                         f"({', '.join(sorted(per_class)[:5])}); move the loose files into a class folder")
+        raise ValueError(
+            f"{root} mixes .wav files at its top level (e.g. {loose[0].name}) with class subfolders "
+            f"({', '.join(sorted(per_class)[:5])}); move the loose files into a class folder"
+        )
     if not per_class:
         if not loose:
-            raise ValueError(f"no .wav files in {root} or its subfolders; lay them out as "
-                             f"{root}/<class>/<name>.wav or {root}/<class>_<name>.wav")
+            raise ValueError(
+                f"no .wav files in {root} or its subfolders; lay them out as "
+                f"{root}/<class>/<name>.wav or {root}/<class>_<name>.wav"
+            )
         unlabelled = [p.name for p in loose if "_" not in p.stem or not p.stem.split("_", 1)[0]]
         if unlabelled:
-            raise ValueError(f"{root / unlabelled[0]}: the file name has no '<class>_' prefix; rename it "
-                             "<class>_<anything>.wav, or put the files in class subfolders")
+            raise ValueError(
+                f"{root / unlabelled[0]}: the file name has no '<class>_' prefix; rename it "
+                "<class>_<anything>.wav, or put the files in class subfolders"
+            )
         for path in loose:
             per_class.setdefault(path.stem.split("_", 1)[0], []).append(path)
     classes = tuple(sorted(per_class, key=_class_order))

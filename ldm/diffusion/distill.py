@@ -22,8 +22,8 @@ Times are flow times in [0, 1]; networks get FLOW_TIME_SCALE * t, as every flow 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ class DistillConfig:
     anchor_share: float = 0.25  # share of each batch with r = t (the teacher's velocity itself)
     # Guide the teacher only at network timesteps (1000 t) in [lo, hi], its conditional velocity elsewhere
     # (Kynkaanniemi et al. 2024; `--cfg-interval` of the samplers). None: guide at every time.
-    guidance_interval: Optional[tuple[float, float]] = None
+    guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.guidance_interval = check_guidance_interval(self.guidance_interval)
@@ -63,8 +63,9 @@ class DistillConfig:
         return [1.0 / 2**k for k in range(self.finest_steps.bit_length())]
 
 
-def guided_velocity(model: Callable[..., Tensor], null_class: int, scale: float,
-                    interval: Optional[tuple[float, float]] = None) -> Velocity:
+def guided_velocity(
+    model: Callable[..., Tensor], null_class: int, scale: float, interval: tuple[float, float] | None = None
+) -> Velocity:
     """Return the velocity field v(x, t, y) of a flow network with classifier-free guidance at `scale` (inside
     `interval`, network timesteps, when given): the samplers' `cfg_denoiser` (both halves in one batched call;
     scale 1 one plain call), for any labels and flow times."""
@@ -75,8 +76,9 @@ def guided_velocity(model: Callable[..., Tensor], null_class: int, scale: float,
     return velocity
 
 
-def sample_intervals(n: int, config: DistillConfig, generator: Optional[torch.Generator] = None,
-                     device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+def sample_intervals(
+    n: int, config: DistillConfig, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """Return (t, r) (N,) flow times with r <= t: a share `anchor_share` has r = t, t uniform in (0, 1]; the
     rest take a level d uniformly from `interval_levels` and an interval [t - d, t] of that sampler grid."""
     draw_on = generator.device if generator is not None else device
@@ -92,8 +94,9 @@ def sample_intervals(n: int, config: DistillConfig, generator: Optional[torch.Ge
 
 
 @torch.no_grad()
-def distillation_target(student: Callable[..., Tensor], teacher: Velocity, x_t: Tensor, y: Tensor, t: Tensor,
-                        r: Tensor, finest: float) -> Tensor:
+def distillation_target(
+    student: Callable[..., Tensor], teacher: Velocity, x_t: Tensor, y: Tensor, t: Tensor, r: Tensor, finest: float
+) -> Tensor:
     """Return the student's regression target (N, C, ...) at (x_t, r, t), flow times; see the module docstring.
 
     `student(x, t, y, r=r)` takes network units; `teacher(x, t, y)` is a (guided) velocity field in flow time.
@@ -125,9 +128,15 @@ def distillation_target(student: Callable[..., Tensor], teacher: Velocity, x_t: 
     return target
 
 
-def distillation_losses(student: Callable[..., Tensor], bootstrap: Callable[..., Tensor], teacher: Velocity,
-                        x0: Tensor, y: Tensor, config: DistillConfig,
-                        generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+def distillation_losses(
+    student: Callable[..., Tensor],
+    bootstrap: Callable[..., Tensor],
+    teacher: Velocity,
+    x0: Tensor,
+    y: Tensor,
+    config: DistillConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
     """Return per-sample losses (N,) of one distillation batch: dict(loss, mse, t).
 
     x0 (N, C, ...) are data latents; x_t lies on the straight path to fresh noise, as the teacher was

@@ -10,7 +10,7 @@ tensor or a Python float. The v of Salimans & Ho 2022 is v = sqrt(alpha_bar) eps
 """
 
 import math
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,11 @@ from ldm.diffusion.schedules import DiffusionConfig, NoiseSchedule, expand_to, g
 # timestep embedder was designed for (its frequencies assume timesteps up to ~1000).
 FLOW_TIME_SCALE = 1000.0
 
-AlphaBar = Union[Tensor, float]
+AlphaBar = Tensor | float
 # model(x_t (N, C, H, W), t (N,) float32 network timesteps, y (N,) labels) -> (N, C or 2C, H, W);
 # called with return_block=k as well, -> (output, tokens (N, T, D) of the residual stream after block k);
 # a MeanFlow network also takes r=(N,), the start of the averaging interval in network units.
-ConditionalModel = Callable[..., Union[Tensor, tuple[Tensor, Tensor]]]
+ConditionalModel = Callable[..., Tensor | tuple[Tensor, Tensor]]
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -106,7 +106,7 @@ def q_posterior_mean_variance(
     return mean, variance, log_variance
 
 
-def split_variance(model_output: Tensor, channels: int, learn_sigma: bool) -> tuple[Tensor, Optional[Tensor]]:
+def split_variance(model_output: Tensor, channels: int, learn_sigma: bool) -> tuple[Tensor, Tensor | None]:
     """Return (prediction (N, C, ...), variance values (N, C, ...) or None) of a model output."""
     if not learn_sigma:
         if model_output.shape[1] != channels:
@@ -126,7 +126,7 @@ def p_mean_variance(
     prediction: str = "eps",
     learn_sigma: bool = False,
     fixed_variance: str = "small",
-    clip_x0: Optional[float] = None,
+    clip_x0: float | None = None,
 ) -> dict[str, Tensor]:
     """Return the reverse step p(x_{t-1} | x_t): dict(mean, variance, log_variance, pred_x0).
 
@@ -293,8 +293,8 @@ def flow_velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
 def flow_sample_t(
     n: int,
     config: DiffusionConfig,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[torch.device] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Return n float32 flow times in (0, 1): uniform, or logit-normal t = sigmoid(m + s n), then `shift_time`d (SD3)."""
     draw_on = generator.device if generator is not None else device
@@ -337,8 +337,9 @@ def velocity_cosine_loss(prediction: Tensor, target: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- MeanFlow
 
 
-def meanflow_sample_times(n: int, config: DiffusionConfig, generator: Optional[torch.Generator] = None,
-                          device: Optional[torch.device] = None) -> tuple[Tensor, Tensor]:
+def meanflow_sample_times(
+    n: int, config: DiffusionConfig, generator: torch.Generator | None = None, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """Return (t, r) (N,) with r <= t: two draws of `flow_sample_t`, sorted; a share 1 - meanflow_ratio gets r = t."""
     a, b = flow_sample_t(n, config, generator, device), flow_sample_t(n, config, generator, device)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
@@ -347,8 +348,9 @@ def meanflow_sample_times(n: int, config: DiffusionConfig, generator: Optional[t
     return t, torch.where(same, t, r)
 
 
-def meanflow_target(model: ConditionalModel, x0: Tensor, noise: Tensor, y: Tensor, t: Tensor,
-                    r: Tensor) -> tuple[Tensor, Tensor]:
+def meanflow_target(
+    model: ConditionalModel, x0: Tensor, noise: Tensor, y: Tensor, t: Tensor, r: Tensor
+) -> tuple[Tensor, Tensor]:
     """Return (u, target) (N, C, ...) of the MeanFlow objective (Geng et al. 2025, eq. 10 and Alg. 1): the
     network's average velocity u(x_t, r, t) and its regression target, detached.
 
@@ -370,8 +372,9 @@ def meanflow_target(model: ConditionalModel, x0: Tensor, noise: Tensor, y: Tenso
     return u, (v - expand_to(t - r, v).to(v.dtype) * du_dt).detach()
 
 
-def meanflow_loss(model: ConditionalModel, x0: Tensor, noise: Tensor, y: Tensor, t: Tensor, r: Tensor,
-                  config: DiffusionConfig) -> dict[str, Tensor]:
+def meanflow_loss(
+    model: ConditionalModel, x0: Tensor, noise: Tensor, y: Tensor, t: Tensor, r: Tensor, config: DiffusionConfig
+) -> dict[str, Tensor]:
     """Return per-sample losses (N,) of MeanFlow: the squared error to `meanflow_target` divided by
     sg((err + c)^p), the paper's adaptive weight (sec. 4.3), and the plain error as "mse"."""
     u, target = meanflow_target(model, x0, noise, y, t, r)
@@ -399,7 +402,7 @@ def dispersive_loss(z: Tensor, temperature: float = 1.0) -> Tensor:
     return torch.log((2 * torch.exp(-sq_dist / temperature).sum() + n) / n**2)
 
 
-def dispersive_block_index(config: DiffusionConfig, depth: Optional[int]) -> Optional[int]:
+def dispersive_block_index(config: DiffusionConfig, depth: int | None) -> int | None:
     """Return the block whose tokens the dispersive loss reads (-1 resolves to depth // 2), or None when it is off."""
     if config.dispersive_weight == 0:
         return None
@@ -414,7 +417,9 @@ def dispersive_block_index(config: DiffusionConfig, depth: Optional[int]) -> Opt
     return block
 
 
-def _call_model(model: ConditionalModel, x_t: Tensor, t: Tensor, y: Tensor, block: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+def _call_model(
+    model: ConditionalModel, x_t: Tensor, t: Tensor, y: Tensor, block: int | None
+) -> tuple[Tensor, Tensor | None]:
     """Return (output, tokens after `block` or None); without a block the model is called exactly as (x_t, t, y)."""
     if block is None:
         return model(x_t, t, y), None
@@ -430,9 +435,9 @@ def training_losses(
     x0: Tensor,
     y: Tensor,
     config: DiffusionConfig,
-    schedule: Optional[NoiseSchedule] = None,
-    generator: Optional[torch.Generator] = None,
-    depth: Optional[int] = None,
+    schedule: NoiseSchedule | None = None,
+    generator: torch.Generator | None = None,
+    depth: int | None = None,
 ) -> dict[str, Tensor]:
     """Return per-sample losses (N,) for a batch: dict(loss, mse, [vb], [cos], [disp], t), drawing t and noise.
 

@@ -19,8 +19,8 @@ generators when given, so image i depends only on its own seed, never on the bat
 """
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ ModelFn = Callable[..., Tensor]
 
 SPACINGS = ("leading", "trailing", "linspace")
 Callback = Callable[[int, Tensor], None]  # callback(step index, x after that step)
-Grid = Union[Tensor, Sequence[float]]  # descending: int64 network timesteps, Karras sigmas or flow times
+Grid = Tensor | Sequence[float]  # descending: int64 network timesteps, Karras sigmas or flow times
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ class Denoiser:
     model_fn: ModelFn
     prediction: str = "eps"  # "eps" | "v" | "x0" for the VP chain; "velocity" for rectified flow
     learn_sigma: bool = False  # the output carries C variance channels after the prediction (improved DDPM)
-    clip_x0: Optional[float] = None  # clamp x0 to [-clip, clip]: pixel-space models; None for latents (DiT)
+    clip_x0: float | None = None  # clamp x0 to [-clip, clip]: pixel-space models; None for latents (DiT)
 
     @classmethod
-    def from_config(cls, model_fn: ModelFn, config: DiffusionConfig, clip_x0: Optional[float] = None) -> "Denoiser":
+    def from_config(cls, model_fn: ModelFn, config: DiffusionConfig, clip_x0: float | None = None) -> "Denoiser":
         """Return the denoiser of a network trained with `config`."""
         if config.is_flow:
             return cls(model_fn, "velocity", False, clip_x0)
@@ -81,8 +81,8 @@ class InpaintDenoiser(Denoiser):
     raw output and are not supported.
     """
 
-    known: Optional[Tensor] = None  # (N, C, h, w) clean latents
-    regenerate: Optional[Tensor] = None  # (N, 1, h, w) 1 where new content is sampled, 0 where known is kept
+    known: Tensor | None = None  # (N, C, h, w) clean latents
+    regenerate: Tensor | None = None  # (N, 1, h, w) 1 where new content is sampled, 0 where known is kept
 
     def __call__(self, x_t: Tensor, t: float, alpha_bar: float) -> Tensor:
         x0 = super().__call__(x_t, t, alpha_bar)
@@ -93,8 +93,8 @@ class InpaintDenoiser(Denoiser):
 class SamplerExtras:
     """What a sampler may read besides its denoiser, state and grid; each sampler reads only its own fields."""
 
-    schedule: Optional[NoiseSchedule] = None  # the VP chain of the discrete and Karras samplers
-    generators: Optional[Sequence[torch.Generator]] = None  # per-sample noise of stochastic steps
+    schedule: NoiseSchedule | None = None  # the VP chain of the discrete and Karras samplers
+    generators: Sequence[torch.Generator] | None = None  # per-sample noise of stochastic steps
     eta: float = 0.0  # ddim: 0 is the ODE, 1 DDPM's posterior
     variance: str = "small"  # ddpm's fixed variance when not learned: "small" (beta-tilde) or "large" (beta)
     sde: bool = False  # dpm++2m: the SDE form
@@ -109,7 +109,7 @@ class SamplerExtras:
 NO_EXTRAS = SamplerExtras()
 
 
-def _after_step(callback: Optional[Callback], i: int, x: Tensor) -> None:
+def _after_step(callback: Callback | None, i: int, x: Tensor) -> None:
     if callback is not None:
         callback(i, x)
 
@@ -134,7 +134,7 @@ def randn_like_per_sample(
     return torch.stack([s.to(device) for s in slices]).to(dtype)
 
 
-def _noise_like(x: Tensor, generators: Optional[Sequence[torch.Generator]]) -> Tensor:
+def _noise_like(x: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
     return torch.randn_like(x) if generators is None else randn_like_per_sample(x.shape, generators, x.device, x.dtype)
 
 
@@ -178,7 +178,11 @@ def flow_times(num_steps: int, shift: float = 1.0) -> list[float]:
 
 
 def sample_ddpm(
-    denoiser: Denoiser, x: Tensor, timesteps: Tensor, extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020, Alg. 2) on the chain respaced to `timesteps`; returns x_0.
 
@@ -189,7 +193,9 @@ def sample_ddpm(
     for step, i in enumerate(reversed(range(chain.num_timesteps))):
         row = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = denoiser.output(x, float(chain.timestep_map[i]))  # (N, C or 2C, H, W)
-        p = p_mean_variance(out, x, row, chain, denoiser.prediction, denoiser.learn_sigma, extras.variance, denoiser.clip_x0)
+        p = p_mean_variance(
+            out, x, row, chain, denoiser.prediction, denoiser.learn_sigma, extras.variance, denoiser.clip_x0
+        )
         x = p["mean"]
         if i > 0:  # the last step returns the mean of p(x_0 | x_1)
             x = x + torch.exp(0.5 * p["log_variance"]) * _noise_like(x, extras.generators)
@@ -198,7 +204,11 @@ def sample_ddpm(
 
 
 def sample_ddim(
-    denoiser: Denoiser, x: Tensor, timesteps: Tensor, extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) over descending rows `timesteps`; extras.eta = 0 is the ODE, 1 DDPM's posterior.
 
@@ -219,7 +229,11 @@ def sample_ddim(
 
 
 def sample_dpmpp_2m(
-    denoiser: Denoiser, x: Tensor, timesteps: Tensor, extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): second-order multistep on x0 in lambda = log(alpha / sigma).
 
@@ -267,7 +281,7 @@ def sample_dpmpp_2m(
 Derivative = Callable[[Tensor, float], Tensor]
 
 
-def euler_steps(derivative: Derivative, x: Tensor, grid: Sequence[float], callback: Optional[Callback] = None) -> Tensor:
+def euler_steps(derivative: Derivative, x: Tensor, grid: Sequence[float], callback: Callback | None = None) -> Tensor:
     """Euler on dx/ds = derivative(x, s) along the descending grid; returns x at its last point."""
     for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
         x = x + (s_next - s) * derivative(x, s)
@@ -275,7 +289,7 @@ def euler_steps(derivative: Derivative, x: Tensor, grid: Sequence[float], callba
     return x
 
 
-def heun_steps(derivative: Derivative, x: Tensor, grid: Sequence[float], callback: Optional[Callback] = None) -> Tensor:
+def heun_steps(derivative: Derivative, x: Tensor, grid: Sequence[float], callback: Callback | None = None) -> Tensor:
     """Heun's method (Karras et al. 2022, Alg. 1, deterministic) on dx/ds = derivative(x, s) along the grid.
 
     The step onto s = 0 is Euler, as in Karras' algorithm: one network call fewer, and the network is
@@ -306,14 +320,22 @@ def edm_derivative(denoiser: Denoiser, extras: SamplerExtras, name: str) -> Deri
 
 
 def sample_euler(
-    denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Sequence[float],
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Euler on the probability-flow ODE over Karras sigmas, EDM scale."""
     return euler_steps(edm_derivative(denoiser, extras, "euler"), x, sigmas, callback)
 
 
 def sample_heun(
-    denoiser: Denoiser, x: Tensor, sigmas: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Sequence[float],
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Heun on the probability-flow ODE over Karras sigmas, EDM scale; Euler on the last step to sigma = 0."""
     return heun_steps(edm_derivative(denoiser, extras, "heun"), x, sigmas, callback)
@@ -327,21 +349,33 @@ def flow_velocity(denoiser: Denoiser, name: str) -> Derivative:
 
 
 def sample_flow_euler(
-    denoiser: Denoiser, x: Tensor, times: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    times: Sequence[float],
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Euler on dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data)."""
     return euler_steps(flow_velocity(denoiser, "flow-euler"), x, times, callback)
 
 
 def sample_flow_heun(
-    denoiser: Denoiser, x: Tensor, times: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    times: Sequence[float],
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Heun on dx/dt = v(x, t) in flow time, as SiT samples its ODE; Euler on the step onto t = 0."""
     return heun_steps(flow_velocity(denoiser, "flow-heun"), x, times, callback)
 
 
 def sample_meanflow(
-    denoiser: Denoiser, x: Tensor, times: Sequence[float], extras: SamplerExtras = NO_EXTRAS, callback: Optional[Callback] = None
+    denoiser: Denoiser,
+    x: Tensor,
+    times: Sequence[float],
+    extras: SamplerExtras = NO_EXTRAS,
+    callback: Callback | None = None,
 ) -> Tensor:
     """MeanFlow sampling: x_r = x_t - (t - r) u(x_t, r, t) over the grid, one network call per step (Geng et al. 2025, eq. 12).
 
@@ -358,7 +392,7 @@ def sample_meanflow(
 # ----------------------------------------------------------------------------- the registry
 
 
-Sampler = Callable[[Denoiser, Tensor, Grid, SamplerExtras, Optional[Callback]], Tensor]
+Sampler = Callable[[Denoiser, Tensor, Grid, SamplerExtras, Callback | None], Tensor]
 
 
 @dataclass(frozen=True)
@@ -368,7 +402,7 @@ class SamplerSpec:
     function: Sampler
     family: str  # "vp": network timesteps on --spacing; "karras": Karras sigmas, EDM scale; "flow": flow times
     second_order: bool = False  # two calls a step, one on the last (heun, flow-heun)
-    extras: Optional[dict] = None  # fixed SamplerExtras fields (dpm++2m-sde: sde=True)
+    extras: dict | None = None  # fixed SamplerExtras fields (dpm++2m-sde: sde=True)
 
 
 SAMPLER_SPECS: dict[str, SamplerSpec] = {
@@ -400,7 +434,7 @@ def model_calls(sampler: str, num_steps: int, strength: float = 1.0) -> int:
 # ----------------------------------------------------------------------------- guidance
 
 
-def check_guidance_interval(interval: Optional[Sequence[float]]) -> Optional[tuple[float, float]]:
+def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, float] | None:
     """Return the guidance interval as (t_lo, t_hi) floats, or None for none; raise ValueError unless t_lo <= t_hi."""
     if interval is None or len(interval) == 0:
         return None
@@ -408,8 +442,10 @@ def check_guidance_interval(interval: Optional[Sequence[float]]) -> Optional[tup
         raise ValueError(f"guidance interval must be two timesteps (t_lo, t_hi), got {tuple(interval)}")
     lo, hi = (float(t) for t in interval)
     if not lo <= hi:  # a NaN end fails too
-        raise ValueError(f"guidance interval ({lo:g}, {hi:g}) is reversed, so no step would be guided: "
-                         f"give (t_lo, t_hi) = ({hi:g}, {lo:g}) (--cfg-interval {hi:g} {lo:g})")
+        raise ValueError(
+            f"guidance interval ({lo:g}, {hi:g}) is reversed, so no step would be guided: "
+            f"give (t_lo, t_hi) = ({hi:g}, {lo:g}) (--cfg-interval {hi:g} {lo:g})"
+        )
     return lo, hi
 
 
@@ -418,9 +454,9 @@ def cfg_denoiser(
     y: Tensor,
     null_label: int,
     scale: float,
-    interval: Optional[tuple[float, float]] = None,
+    interval: tuple[float, float] | None = None,
     learn_sigma: bool = False,
-    guide: Optional[ConditionalModel] = None,
+    guide: ConditionalModel | None = None,
     guide_scale: float = 1.0,
 ) -> ModelFn:
     """Return model_fn(x_t, t) with classifier-free guidance uncond + scale (cond - uncond) (Ho & Salimans 2022).
@@ -442,9 +478,11 @@ def cfg_denoiser(
     interval = check_guidance_interval(interval)
     network = model
 
-    def model(x: Tensor, t: Tensor, labels: Tensor, r: Optional[Tensor] = None, net: ConditionalModel = network) -> Tensor:
+    def model(x: Tensor, t: Tensor, labels: Tensor, r: Tensor | None = None, net: ConditionalModel = network) -> Tensor:
         out = net(x, t, labels) if r is None else net(x, t, labels, r=r)
-        return out.to(torch.promote_types(out.dtype, torch.float32))  # a bf16-autocast network's output too: guidance and steps stay float32
+        return out.to(
+            torch.promote_types(out.dtype, torch.float32)
+        )  # a bf16-autocast network's output too: guidance and steps stay float32
 
     if guide_scale != 1.0 and guide is None:
         raise ValueError(f"guide_scale {guide_scale:g} needs a guide model")
@@ -453,13 +491,14 @@ def cfg_denoiser(
         return lambda x, t, r=None: model(x, t, y, r)
     null = torch.full_like(y, null_label)
 
-    def guided_fn(x: Tensor, t: Tensor, r: Optional[Tensor] = None) -> Tensor:
+    def guided_fn(x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
         active = torch.ones_like(t, dtype=torch.bool) if interval is None else (t >= interval[0]) & (t <= interval[1])
         if not bool(active.any()):
             return model(x, t, y, r)  # outside the interval: no second pass is needed
         if scale != 1.0:
-            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
-                         None if r is None else torch.cat([r, r]))  # (2N, C or 2C, H, W)
+            both = model(
+                torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), None if r is None else torch.cat([r, r])
+            )  # (2N, C or 2C, H, W)
             cond, uncond = both.chunk(2)
         else:
             cond = model(x, t, y, r)
@@ -481,17 +520,17 @@ def run_sampler(
     name: str,
     denoiser: Denoiser,
     x_T: Tensor,
-    schedule: Optional[NoiseSchedule],
+    schedule: NoiseSchedule | None,
     num_steps: int,
     spacing: str = "trailing",
     eta: float = 0.0,
     variance: str = "small",
     rho: float = 7.0,
     shift: float = 1.0,
-    generators: Optional[Sequence[torch.Generator]] = None,
+    generators: Sequence[torch.Generator] | None = None,
     strength: float = 1.0,
-    x0: Optional[Tensor] = None,
-    callback: Optional[Callback] = None,
+    x0: Tensor | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Return samples x_0 (N, C, H, W) from x_T (N, C, H, W) ~ N(0, I) with the named sampler.
 
@@ -518,13 +557,13 @@ def run_sampler(
     extras = SamplerExtras(schedule, generators, eta, variance, **(spec.extras or {}))
     partial = kept < num_steps
     if spec.family == "flow":
-        times = flow_times(num_steps, shift)[-(kept + 1):]
+        times = flow_times(num_steps, shift)[-(kept + 1) :]
         x = (1 - times[0]) * x0 + times[0] * x_T if partial else x_T
         return spec.function(denoiser, x, times, extras, callback)
     schedule = extras.vp_schedule(name)
     if spec.family == "karras":
         sigma_min, sigma_max = schedule.sigmas[0].item(), schedule.sigmas[-1].item()
-        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)[-(kept + 1):]
+        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)[-(kept + 1) :]
         # EDM scale x / sqrt(alpha_bar): from pure noise, the VP state at sigma_max scaled up
         x = x0 + sigmas[0] * x_T if partial else x_T * (1 + sigma_max**2) ** 0.5
         return spec.function(denoiser, x, sigmas, extras, callback)
@@ -540,10 +579,10 @@ def sample(
     name: str,
     denoiser: Denoiser,
     shape: Sequence[int],
-    schedule: Optional[NoiseSchedule],
+    schedule: NoiseSchedule | None,
     num_steps: int,
     generators: Sequence[torch.Generator],
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     **sampler_kwargs,
 ) -> Tensor:

@@ -13,7 +13,6 @@ is where rounding hurts).
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -55,9 +54,15 @@ class DiffusionConfig:
     loss_weighting: str = "uniform"  # "uniform" | "min-snr"
     min_snr_gamma: float = 5.0
     # Recipe options below default to off; each names its source.
-    velocity_cosine_weight: float = 0.0  # flow: + w (1 - cos(v_pred, v)) over channels, LightningDiT's cos loss (Yao et al. 2025)
-    time_shift: float = 1.0  # flow: train at t' = s t / (1 + (s - 1) t), s > 1 more at high noise (Esser et al. 2024, SD3)
-    dispersive_weight: float = 0.0  # + w L_disp of one block's tokens, Dispersive Loss (Wang & He 2025, arXiv 2506.09027)
+    velocity_cosine_weight: float = (
+        0.0  # flow: + w (1 - cos(v_pred, v)) over channels, LightningDiT's cos loss (Yao et al. 2025)
+    )
+    time_shift: float = (
+        1.0  # flow: train at t' = s t / (1 + (s - 1) t), s > 1 more at high noise (Esser et al. 2024, SD3)
+    )
+    dispersive_weight: float = (
+        0.0  # + w L_disp of one block's tokens, Dispersive Loss (Wang & He 2025, arXiv 2506.09027)
+    )
     dispersive_block: int = -1  # the block (0-based) whose tokens are dispersed; -1: the middle one, depth // 2
     dispersive_temperature: float = 1.0  # tau of L_disp; the official PyTorch code uses 1, the paper's JAX runs 0.5
     # meanflow: share of samples drawn with r < t (the rest r = t, plain flow matching); MeanFlow's best
@@ -88,15 +93,21 @@ class DiffusionConfig:
         if self.num_timesteps < 2:
             raise ValueError(f"diffusion.num_timesteps = {self.num_timesteps}; need at least 2")
         if self.is_flow and self.learn_sigma:
-            raise ValueError(f"diffusion.learn_sigma must be false for objective {self.objective!r} (a velocity has no variance)")
+            raise ValueError(
+                f"diffusion.learn_sigma must be false for objective {self.objective!r} (a velocity has no variance)"
+            )
         if self.is_flow and self.loss_weighting != "uniform":
-            raise ValueError(f"diffusion.loss_weighting must be 'uniform' for objective {self.objective!r} (use time_sampling instead)")
+            raise ValueError(
+                f"diffusion.loss_weighting must be 'uniform' for objective {self.objective!r} (use time_sampling instead)"
+            )
         if not 0.0 <= self.meanflow_ratio <= 1.0:
             raise ValueError(f"diffusion.meanflow_ratio = {self.meanflow_ratio}; must be in [0, 1]")
         if not (self.meanflow_weight_power >= 0 and self.meanflow_weight_c > 0):
             raise ValueError("diffusion.meanflow_weight_power must be >= 0 and diffusion.meanflow_weight_c > 0")
         if self.objective == "meanflow" and (self.velocity_cosine_weight > 0 or self.dispersive_weight > 0):
-            raise ValueError("objective 'meanflow' takes neither velocity_cosine_weight nor dispersive_weight: set them to 0")
+            raise ValueError(
+                "objective 'meanflow' takes neither velocity_cosine_weight nor dispersive_weight: set them to 0"
+            )
         if self.min_snr_gamma <= 0:
             raise ValueError(f"diffusion.min_snr_gamma = {self.min_snr_gamma}; must be positive")
         if self.logit_normal_std <= 0:
@@ -104,20 +115,28 @@ class DiffusionConfig:
         if not self.velocity_cosine_weight >= 0:
             raise ValueError(f"diffusion.velocity_cosine_weight = {self.velocity_cosine_weight}; must be >= 0")
         if not self.is_flow and self.velocity_cosine_weight > 0:
-            raise ValueError("diffusion.velocity_cosine_weight applies to objective 'flow' only (a ddpm network predicts no velocity)")
+            raise ValueError(
+                "diffusion.velocity_cosine_weight applies to objective 'flow' only (a ddpm network predicts no velocity)"
+            )
         if not self.time_shift > 0:
-            raise ValueError(f"diffusion.time_shift = {self.time_shift}; must be positive (1 leaves the times as drawn)")
+            raise ValueError(
+                f"diffusion.time_shift = {self.time_shift}; must be positive (1 leaves the times as drawn)"
+            )
         if not self.is_flow and self.time_shift != 1:
             raise ValueError("diffusion.time_shift applies to objective 'flow' only; keep it at 1 for 'ddpm'")
         if not self.dispersive_weight >= 0:
             raise ValueError(f"diffusion.dispersive_weight = {self.dispersive_weight}; must be >= 0")
         if self.dispersive_block < -1:
-            raise ValueError(f"diffusion.dispersive_block = {self.dispersive_block}; must be a block index >= 0, or -1 for the middle block")
+            raise ValueError(
+                f"diffusion.dispersive_block = {self.dispersive_block}; must be a block index >= 0, or -1 for the middle block"
+            )
         if not self.dispersive_temperature > 0:
             raise ValueError(f"diffusion.dispersive_temperature = {self.dispersive_temperature}; must be positive")
         if not (self.built_in_guidance == 0 or (self.built_in_guidance >= 1 and self.is_flow)):
-            raise ValueError(f"diffusion.built_in_guidance = {self.built_in_guidance}; 0 (none), or a guidance scale >= 1 "
-                             f"that a distilled flow student learned (set by ldm train distill)")
+            raise ValueError(
+                f"diffusion.built_in_guidance = {self.built_in_guidance}; 0 (none), or a guidance scale >= 1 "
+                f"that a distilled flow student learned (set by ldm train distill)"
+            )
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -168,7 +187,7 @@ class NoiseSchedule:
     """
 
     alphas_cumprod: Tensor  # (T,) float64, strictly decreasing in (0, 1)
-    timestep_map: Optional[Tensor] = None  # (T,) int64; identity unless respaced
+    timestep_map: Tensor | None = None  # (T,) int64; identity unless respaced
     betas: Tensor = field(init=False, repr=False)
     alphas_cumprod_prev: Tensor = field(init=False, repr=False)  # alpha_bar_{t-1}, with alpha_bar_{-1} = 1
     posterior_variance: Tensor = field(init=False, repr=False)  # beta-tilde_t of Ho et al. 2020, eq. 7
@@ -217,18 +236,18 @@ class NoiseSchedule:
         kept = torch.unique(torch.as_tensor(timesteps, dtype=torch.long, device=self.alphas_cumprod.device))  # sorted
         return NoiseSchedule(self.alphas_cumprod[kept], self.timestep_map[kept])
 
-    def to(self, device: Union[torch.device, str]) -> "NoiseSchedule":
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
         """Return the same schedule with its tables on `device` (still float64)."""
         return NoiseSchedule(self.alphas_cumprod.to(device), self.timestep_map.to(device))
 
-    def t_to_sigma(self, t: Union[Tensor, float]) -> Tensor:
+    def t_to_sigma(self, t: Tensor | float) -> Tensor:
         """Return sigma at fractional timesteps t in [0, T-1], interpolating log sigma linearly between rows."""
         t = torch.as_tensor(t, dtype=torch.float64, device=self.log_sigmas.device).clamp(0, self.num_timesteps - 1)
         low = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - low
         return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]).exp()
 
-    def sigma_to_t(self, sigma: Union[Tensor, float]) -> Tensor:
+    def sigma_to_t(self, sigma: Tensor | float) -> Tensor:
         """Return the fractional timestep whose interpolated sigma is `sigma` (inverse of `t_to_sigma`), in [0, T-1]."""
         log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device=self.log_sigmas.device).log()
         high = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, self.num_timesteps - 1)

@@ -68,7 +68,9 @@ def autoencoder_config_from_diffusers(config_json: dict) -> AutoencoderConfig:
 
     class_name = config_json.get("_class_name", "AutoencoderKL")
     if class_name != "AutoencoderKL":
-        raise ValueError(f"_class_name is {brief(class_name)}: only diffusers' AutoencoderKL maps onto our KL autoencoder")
+        raise ValueError(
+            f"_class_name is {brief(class_name)}: only diffusers' AutoencoderKL maps onto our KL autoencoder"
+        )
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if not isinstance(get(key), list) or not get(key):
             raise ValueError(f"{key} must be a non-empty list, got {brief(get(key))}")
@@ -80,12 +82,18 @@ def autoencoder_config_from_diffusers(config_json: dict) -> AutoencoderConfig:
             f"must have one entry per level"
         )
     if any(t != "DownEncoderBlock2D" for t in down):
-        raise ValueError(f"down_block_types {brief(down)}: our encoder levels are DownEncoderBlock2D only (no attention inside levels)")
+        raise ValueError(
+            f"down_block_types {brief(down)}: our encoder levels are DownEncoderBlock2D only (no attention inside levels)"
+        )
     if any(t != "UpDecoderBlock2D" for t in up):
-        raise ValueError(f"up_block_types {brief(up)}: our decoder levels are UpDecoderBlock2D only (no attention inside levels)")
+        raise ValueError(
+            f"up_block_types {brief(up)}: our decoder levels are UpDecoderBlock2D only (no attention inside levels)"
+        )
     ch = widths[0]
     if any(w % ch for w in widths):
-        raise ValueError(f"block_out_channels {brief(widths)} are not multiples of the first entry; ours are ch * ch_mult")
+        raise ValueError(
+            f"block_out_channels {brief(widths)} are not multiples of the first entry; ours are ch * ch_mult"
+        )
     if get("act_fn") != "silu":
         raise ValueError(f"act_fn is {brief(get('act_fn'))}; our autoencoder uses silu")
     for key in ("use_quant_conv", "use_post_quant_conv"):
@@ -114,7 +122,9 @@ def autoencoder_config_from_diffusers(config_json: dict) -> AutoencoderConfig:
             norm_groups=groups,
         )
     except ValueError as err:
-        raise ValueError(f"the diffusers config does not fit AutoencoderConfig (sample_size / block_out_channels): {err}") from err
+        raise ValueError(
+            f"the diffusers config does not fit AutoencoderConfig (sample_size / block_out_channels): {err}"
+        ) from err
 
 
 def latent_stats_from_diffusers(config_json: dict, latent_channels: int) -> tuple[LatentStats, list[str]]:
@@ -139,17 +149,23 @@ def latent_stats_from_diffusers(config_json: dict, latent_channels: int) -> tupl
                 f"for {latent_channels} latent channels"
             )
         notes.append("latent statistics per channel from latents_mean, latents_std and scaling_factor")
-        return LatentStats([float(m) for m in latents_mean], [float(s) / scaling for s in latents_std], "channel"), notes
+        return LatentStats(
+            [float(m) for m in latents_mean], [float(s) / scaling for s in latents_std], "channel"
+        ), notes
     shift = float(config_json.get("shift_factor") or 0.0)
-    notes.append(f"latent statistics from scaling_factor {scaling:g}" + (f" and shift_factor {shift:g}" if shift else ""))
+    notes.append(
+        f"latent statistics from scaling_factor {scaling:g}" + (f" and shift_factor {shift:g}" if shift else "")
+    )
     return LatentStats([shift] * latent_channels, [1.0 / scaling] * latent_channels, "global"), notes
 
 
 def diffusers_scaling_from_stats(stats: LatentStats | None) -> tuple[dict[str, Any], list[str]]:
     """diffusers' scaling_factor / shift_factor (and latents_mean / latents_std for per-channel stats), with notes."""
     if stats is None:
-        note = ("no latent statistics known for this autoencoder: wrote scaling_factor 1.0 (latents are used "
-                "unscaled); pass --latents REF to take them from a latent cache")
+        note = (
+            "no latent statistics known for this autoencoder: wrote scaling_factor 1.0 (latents are used "
+            "unscaled); pass --latents REF to take them from a latent cache"
+        )
         return {"scaling_factor": 1.0, "shift_factor": None}, [note]
     means, stds = torch.tensor(stats.mean, dtype=torch.float64), torch.tensor(stats.std, dtype=torch.float64)
     if stats.mode == "global" or (torch.all(means == means[0]) and torch.all(stds == stds[0])):
@@ -311,7 +327,9 @@ def export_autoencoder_to_diffusers(
         "use_post_quant_conv": True,
         "mid_block_add_attention": config.attn_at_lowest,
     }
-    path = _write_diffusers_folder(out_dir, config_json, autoencoder_state_dict_to_diffusers(model.state_dict(), config))
+    path = _write_diffusers_folder(
+        out_dir, config_json, autoencoder_state_dict_to_diffusers(model.state_dict(), config)
+    )
     return ExportReport(path, _load_back_and_compare(verify, notes, lambda: _compare_autoencoder(model, path)), notes)
 
 
@@ -440,7 +458,9 @@ def load_compvis_autoencoder(path: PathLike, config: AutoencoderConfig = COMPVIS
     source = _tensors_only(obj, path, "CompVis AutoencoderKL")
     notes = []
     if any(k.startswith("first_stage_model.") for k in source):
-        source = {k.removeprefix("first_stage_model."): v for k, v in source.items() if k.startswith("first_stage_model.")}
+        source = {
+            k.removeprefix("first_stage_model."): v for k, v in source.items() if k.startswith("first_stage_model.")
+        }
         notes.append("used the first_stage_model.* weights of a full latent-diffusion checkpoint")
     dropped = [k for k in source if k.startswith("loss.")]
     source = {k: v for k, v in source.items() if not k.startswith("loss.")}
@@ -452,12 +472,16 @@ def load_compvis_autoencoder(path: PathLike, config: AutoencoderConfig = COMPVIS
         expected = autoencoder_state_dict_to_compvis(AutoencoderKL(config).state_dict(), config)
     hint = ""
     if any(re.match(r"^(encoder\.down|decoder\.up)\.\d+\.attn\.", k) for k in source):
-        hint = ("This autoencoder has attention inside its levels (attn_resolutions, as LDM's kl-f16 / kl-f32), "
-                "which our AutoencoderKL does not have.")
+        hint = (
+            "This autoencoder has attention inside its levels (attn_resolutions, as LDM's kl-f16 / kl-f32), "
+            "which our AutoencoderKL does not have."
+        )
     elif (guess := guess_compvis_config(source)) is not None:
         settings = " ".join(f"--set model.{k}={json.dumps(v, separators=(',', ':'))}" for k, v in guess.items())
         hint = f"The checkpoint's shapes suggest: {settings}"
-    shape = ", ".join(f"{k}={getattr(config, k)}" for k in ("in_channels", "ch", "ch_mult", "num_res_blocks", "latent_channels"))
+    shape = ", ".join(
+        f"{k}={getattr(config, k)}" for k in ("in_channels", "ch", "ch_mult", "num_res_blocks", "latent_channels")
+    )
     check_layout(source, expected, f"the weights in {path} (read as {shape})", hint)
     model = AutoencoderKL(config)
     model.load_state_dict(state_dict_from_compvis(source, config), strict=True)

@@ -166,7 +166,7 @@ def check_count(source: dict[str, Tensor], prefix: str, count: int, key: str, wh
     Checked before the model is built: building costs time per block even on the meta device, and a
     config.json may ask for millions.
     """
-    found = len({k[len(prefix):].split(".", 1)[0] for k in source if k.startswith(prefix)})
+    found = len({k[len(prefix) :].split(".", 1)[0] for k in source if k.startswith(prefix)})
     if found != count:
         raise InteropError(f"{where}: {key} gives {count:,}, but the weights hold {found:,} ({prefix}N)")
 
@@ -181,8 +181,10 @@ def check_computed_size(skeleton: nn.Module, where: str, cause: str) -> None:
     computed = sum(b.numel() * b.element_size() for name, b in skeleton.named_buffers() if name not in stored)
     weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
     if computed > max(weights, 1 << 30):
-        raise InteropError(f"{where}: {cause} asks for {computed / 1e9:,.1f} GB of position tables, more than the "
-                           f"{weights / 1e6:,.1f} MB of weights; it is not the size this model was trained at")
+        raise InteropError(
+            f"{where}: {cause} asks for {computed / 1e9:,.1f} GB of position tables, more than the "
+            f"{weights / 1e6:,.1f} MB of weights; it is not the size this model was trained at"
+        )
 
 
 def _model_folder(path: PathLike, subfolder: str) -> Path:
@@ -239,8 +241,11 @@ def _write_diffusers_folder(out_dir: PathLike, config_json: dict, tensors: dict[
         version = _diffusers_version()
         header = {"_class_name": config_json.pop("_class_name"), **({"_diffusers_version": version} if version else {})}
         (tmp / "config.json").write_text(json.dumps({**header, **config_json}, indent=2) + "\n")
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-                  str(tmp / DIFFUSERS_WEIGHTS[0]), metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp / DIFFUSERS_WEIGHTS[0]),
+            metadata={"format": "pt"},
+        )
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)

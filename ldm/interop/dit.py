@@ -82,10 +82,14 @@ def dit_config_from_original(state_dict: dict[str, Tensor], num_heads: int | Non
     depth = len({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
     out_channels = final.shape[0] // patch**2
     if out_channels not in (in_channels, 2 * in_channels):
-        raise InteropError(f"final_layer.linear gives {out_channels} output channels for {in_channels} input channels; "
-                           f"expected {in_channels} (mean only) or {2 * in_channels} (learn_sigma)")
+        raise InteropError(
+            f"final_layer.linear gives {out_channels} output channels for {in_channels} input channels; "
+            f"expected {in_channels} (mean only) or {2 * in_channels} (learn_sigma)"
+        )
     if t_in.shape[1] != TIMESTEP_FREQUENCY_DIM:
-        raise InteropError(f"t_embedder.mlp.0.weight takes {t_in.shape[1]} frequency features; ours has {TIMESTEP_FREQUENCY_DIM}")
+        raise InteropError(
+            f"t_embedder.mlp.0.weight takes {t_in.shape[1]} frequency features; ours has {TIMESTEP_FREQUENCY_DIM}"
+        )
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is None:
         raise InteropError("pos_embed is missing: it gives the latent size the DiT was trained at")
@@ -160,13 +164,19 @@ def load_original_dit(path: PathLike, overrides: dict[str, Any] | None = None) -
     check_computed_size(skeleton, where, f"input_size {config.input_size}")
     _check_pos_embed(state["pos_embed"], config, str(path))
     model = DiT(config)
-    ours = {re.sub(r"\.adaLN_modulation\.1\.", ".adaLN_modulation.", k): v for k, v in state.items() if k != "pos_embed"}
+    ours = {
+        re.sub(r"\.adaLN_modulation\.1\.", ".adaLN_modulation.", k): v for k, v in state.items() if k != "pos_embed"
+    }
     model.load_state_dict(ours, strict=True)
     raw_ours = None
     if raw is not None:
-        check_layout(raw, expected, f"the raw (\"model\") DiT weights in {path}")
-        raw_ours = {re.sub(r"\.adaLN_modulation\.1\.", ".adaLN_modulation.", k): v.float() for k, v in raw.items() if k != "pos_embed"}
-    notes = ["EMA weights from \"ema\"; raw weights from \"model\""] if raw is not None else []
+        check_layout(raw, expected, f'the raw ("model") DiT weights in {path}')
+        raw_ours = {
+            re.sub(r"\.adaLN_modulation\.1\.", ".adaLN_modulation.", k): v.float()
+            for k, v in raw.items()
+            if k != "pos_embed"
+        }
+    notes = ['EMA weights from "ema"; raw weights from "model"'] if raw is not None else []
     return Imported(model.eval(), config, raw_state_dict=raw_ours, notes=notes, files=[path])
 
 
@@ -184,8 +194,12 @@ def dit_config_from_diffusers(config_json: dict) -> DiTConfig:
     class_name = config_json.get("_class_name", "DiTTransformer2DModel")
     if class_name not in ("DiTTransformer2DModel", "Transformer2DModel"):
         raise ValueError(f"_class_name is {brief(class_name)}: expected diffusers' DiTTransformer2DModel")
-    required = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
-                "norm_elementwise_affine": False}
+    required = {
+        "norm_type": "ada_norm_zero",
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "norm_elementwise_affine": False,
+    }
     for key, value in required.items():
         if get(key) != value:
             raise ValueError(f"{key} is {brief(get(key))}; a DiT has {value!r}")
@@ -194,8 +208,18 @@ def dit_config_from_diffusers(config_json: dict) -> DiTConfig:
             raise ValueError(f"{key} is {brief(config_json[key])}: not a class-conditional DiT (expected null)")
     if get("patch_size") is None or get("num_embeds_ada_norm") is None:
         raise ValueError("patch_size and num_embeds_ada_norm must be set for a DiT")
-    size = {key: config_int(get(key), key) for key in ("in_channels", "num_attention_heads", "attention_head_dim",
-                                                        "sample_size", "patch_size", "num_layers", "num_embeds_ada_norm")}
+    size = {
+        key: config_int(get(key), key)
+        for key in (
+            "in_channels",
+            "num_attention_heads",
+            "attention_head_dim",
+            "sample_size",
+            "patch_size",
+            "num_layers",
+            "num_embeds_ada_norm",
+        )
+    }
     in_channels = size["in_channels"]
     out_channels = in_channels if get("out_channels") is None else config_int(get("out_channels"), "out_channels")
     if out_channels not in (in_channels, 2 * in_channels):
@@ -246,7 +270,9 @@ def _one_to_one_dit_keys(config: DiTConfig) -> dict[str, str]:
 def dit_state_dict_to_diffusers(state_dict: dict[str, Tensor], config: DiTConfig) -> dict[str, Tensor]:
     """Our DiT state dict under DiTTransformer2DModel's names; the embedders are copied into every block."""
     if config.qk_norm:
-        raise InteropError("diffusers' DiTTransformer2DModel has no QK-norm; a DiT with qk_norm=true cannot be exported")
+        raise InteropError(
+            "diffusers' DiTTransformer2DModel has no QK-norm; a DiT with qk_norm=true cannot be exported"
+        )
     # The recipe options change the function, which diffusers' DiT cannot express. (TREAD's route_* only
     # change training: the inference function is a plain DiT's, so a routed DiT converts exactly.)
     for name, plain in (("norm", "layernorm"), ("mlp", "gelu"), ("pos_embed", "sincos")):

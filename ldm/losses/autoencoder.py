@@ -23,9 +23,10 @@ and the latent size grow together. The logged `rec` and `lpips` are plain means,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -112,13 +113,15 @@ def _frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def build_perceptual(config: PerceptualConfig, spatial_dims: int) -> Optional[nn.Module]:
+def build_perceptual(config: PerceptualConfig, spatial_dims: int) -> nn.Module | None:
     """The perceptual term: LPIPS for images, the multi-resolution STFT loss for signals (None at weight 0)."""
     if config.weight == 0:
         return None
     if (config.kind == "stft") != (spatial_dims == 1):
-        raise ValueError(f"perceptual.kind {config.kind!r} does not fit {spatial_dims}-D data: use 'lpips' for "
-                         f"images and 'stft' for sound (or perceptual.weight 0)")
+        raise ValueError(
+            f"perceptual.kind {config.kind!r} does not fit {spatial_dims}-D data: use 'lpips' for "
+            f"images and 'stft' for sound (or perceptual.weight 0)"
+        )
     return MultiResolutionSTFTLoss() if config.kind == "stft" else build_lpips(config)
 
 
@@ -129,13 +132,15 @@ class AutoencoderLoss(nn.Module):
     PatchGAN per STFT resolution. The weighting, adaptive GAN weight and warm-up are the same for both.
     """
 
-    def __init__(self, config: Optional[AutoencoderLossConfig] = None, spatial_dims: int = 2) -> None:
+    def __init__(self, config: AutoencoderLossConfig | None = None, spatial_dims: int = 2) -> None:
         super().__init__()
         self.config = config = config or AutoencoderLossConfig()
-        self.perceptual: Optional[PerceptualLoss | MultiResolutionSTFTLoss] = build_perceptual(config.perceptual, spatial_dims)
+        self.perceptual: PerceptualLoss | MultiResolutionSTFTLoss | None = build_perceptual(
+            config.perceptual, spatial_dims
+        )
         discriminator = PatchDiscriminator if spatial_dims == 2 else SpectrogramDiscriminator
-        self.discriminator: Optional[nn.Module] = discriminator(config.discriminator) if config.disc_enabled else None
-        self.logvar: Optional[nn.Parameter] = nn.Parameter(torch.zeros(())) if config.learn_logvar else None
+        self.discriminator: nn.Module | None = discriminator(config.discriminator) if config.disc_enabled else None
+        self.logvar: nn.Parameter | None = nn.Parameter(torch.zeros(())) if config.learn_logvar else None
 
     def perceptual_description(self) -> str:
         """What the perceptual term is, honestly: standard LPIPS, a random-backbone variant, or none."""
@@ -172,7 +177,7 @@ class AutoencoderLoss(nn.Module):
         recon: Tensor,
         posterior: Posterior,
         global_step: int,
-        last_layer: Optional[Tensor] = None,
+        last_layer: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss for the autoencoder's update, and detached scalar logs.
 

@@ -23,7 +23,6 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import lpips
 import torch
@@ -41,7 +40,7 @@ class PerceptualConfig:
     kind: str = "lpips"
     net: str = "vgg"  # vgg | alex | squeeze (LDM and taming use vgg)
     backbone: str = "pretrained"  # pretrained: torchvision ImageNet weights | random: seeded random init
-    weights_path: Optional[str] = None  # torchvision backbone file; None: look in the torch hub cache
+    weights_path: str | None = None  # torchvision backbone file; None: look in the torch hub cache
     download: bool = False  # let torch.hub fetch a missing backbone file (needs internet)
     weight: float = 1.0  # multiplier of LPIPS in the autoencoder loss; 0 skips building it
     random_seed: int = 0  # seed of the random backbone, so runs with `backbone: random` are repeatable
@@ -165,7 +164,7 @@ def backbone_state_dict_for_lpips(torchvision_state: dict[str, Tensor], net: nn.
 class PerceptualLoss(nn.Module):
     """LPIPS distance per sample between two image batches in [-1, 1]; frozen, always in eval mode."""
 
-    def __init__(self, config: PerceptualConfig, model: lpips.LPIPS, backbone_source: Optional[Path]) -> None:
+    def __init__(self, config: PerceptualConfig, model: lpips.LPIPS, backbone_source: Path | None) -> None:
         super().__init__()
         self.config = config
         self.lpips = model
@@ -257,7 +256,7 @@ def _load_backbone(model: lpips.LPIPS, path: Path, net: str) -> None:
         ) from error
 
 
-def build_lpips(config: Optional[PerceptualConfig] = None) -> PerceptualLoss:
+def build_lpips(config: PerceptualConfig | None = None) -> PerceptualLoss:
     """A frozen LPIPS module per `config`; raises MissingWeightsError if a pretrained backbone is not on disk."""
     config = config or PerceptualConfig()
     # Find the file first, so a missing one fails before the (seconds-long) construction.

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ class AutoencoderConfig:
     """Architecture of `AutoencoderKL` (defaults: the "fmnist-f4" preset); plain types for YAML."""
 
     in_channels: int = 1
-    out_channels: Optional[int] = None  # None: same as in_channels
+    out_channels: int | None = None  # None: same as in_channels
     resolution: int = 32  # training image size (clip length in samples for 1-D); the network runs at any multiple of f
     ch: int = 32  # base channel count; level i has ch * ch_mult[i] channels
     ch_mult: tuple[int, ...] = (1, 2, 2)  # one entry per level; f = 2 ** (len(ch_mult) - 1) unless down_strides
@@ -82,18 +81,23 @@ class AutoencoderConfig:
         if self.spatial_dims not in (1, 2):
             raise ValueError(f"spatial_dims must be 1 (signals) or 2 (images), got {self.spatial_dims}")
         if self.down_strides and len(self.down_strides) != len(self.ch_mult) - 1:
-            raise ValueError(f"down_strides needs one stride per level transition ({len(self.ch_mult) - 1}), "
-                             f"got {self.down_strides}")
+            raise ValueError(
+                f"down_strides needs one stride per level transition ({len(self.ch_mult) - 1}), got {self.down_strides}"
+            )
         if self.spatial_dims == 2 and any(s != 2 for s in self.down_strides):
             raise ValueError(f"images downsample by 2 per level; down_strides {self.down_strides} is for 1-D signals")
         if any(s < 2 or s % 2 for s in self.down_strides):
             raise ValueError(f"down_strides must be even numbers >= 2, got {self.down_strides}")
         if self.front_end not in ("none", "stft"):
             raise ValueError(f"front_end must be 'none' or 'stft', got {self.front_end!r}")
-        if self.front_end == "stft" and (self.spatial_dims != 1 or self.in_channels != 1 or self.image_channels_out != 1):
+        if self.front_end == "stft" and (
+            self.spatial_dims != 1 or self.in_channels != 1 or self.image_channels_out != 1
+        ):
             raise ValueError("front_end 'stft' is for mono sound: spatial_dims 1 and in_channels 1")
         if min(self.n_fft, self.hop_length, self.griffin_lim_iters) < 1 or self.hop_length > self.n_fft:
-            raise ValueError(f"n_fft, hop_length and griffin_lim_iters must be positive with hop_length <= n_fft: {self}")
+            raise ValueError(
+                f"n_fft, hop_length and griffin_lim_iters must be positive with hop_length <= n_fft: {self}"
+            )
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
         if min(self.in_channels, self.ch, self.num_res_blocks, self.latent_channels, self.norm_groups) < 1:
@@ -104,7 +108,7 @@ class AutoencoderConfig:
             raise ValueError(f"resolution {self.resolution} is not a multiple of f={self.downsample_factor}")
 
     @classmethod
-    def presets(cls) -> dict[str, "AutoencoderConfig"]:
+    def presets(cls) -> dict[str, AutoencoderConfig]:
         """The named presets (YAML may name one: `model: fmnist-f4`)."""
         return AUTOENCODER_PRESETS
 
@@ -156,29 +160,64 @@ AUTOENCODER_PRESETS: dict[str, AutoencoderConfig] = {
     # 8 kHz speech, 8192-sample clips -> (8, 128) latents: f = 64 (strides 4, 4, 4), 8x fewer numbers
     # than samples. Sized for a quarter of an hour on two CPU cores.
     "fsdd-f64": AutoencoderConfig(
-        in_channels=1, resolution=8192, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, latent_channels=8,
-        norm_groups=8, spatial_dims=1, down_strides=(4, 4, 4),
+        in_channels=1,
+        resolution=8192,
+        ch=32,
+        ch_mult=(1, 2, 4, 4),
+        num_res_blocks=1,
+        latent_channels=8,
+        norm_groups=8,
+        spatial_dims=1,
+        down_strides=(4, 4, 4),
     ),
     # The same clips as spectrograms: 129 frequency bins over 128 frames (n_fft 256, hop 64), strides 2, 2
     # -> (16, 32) latents, f = 256 samples per latent step; decoded by Griffin-Lim. Minutes, not hours, on a CPU.
     "fsdd-spec": AutoencoderConfig(
-        in_channels=1, resolution=8192, ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16,
-        norm_groups=8, spatial_dims=1, down_strides=(2, 2), front_end="stft", n_fft=256, hop_length=64,
+        in_channels=1,
+        resolution=8192,
+        ch=64,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        latent_channels=16,
+        norm_groups=8,
+        spatial_dims=1,
+        down_strides=(2, 2),
+        front_end="stft",
+        n_fft=256,
+        hop_length=64,
     ),
     # The LDM KL autoencoders for 256x256 RGB; kl-f8 is the Stable Diffusion v1 VAE's shape
     # (83.7M parameters). LDM's kl-f16 also has attention inside its 16x16 level; ours has the
     # middle-block attention only.
     "kl-f4": AutoencoderConfig(
-        in_channels=3, resolution=256, ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, latent_channels=3,
-        attn_at_lowest=True, norm_groups=32,
+        in_channels=3,
+        resolution=256,
+        ch=128,
+        ch_mult=(1, 2, 4),
+        num_res_blocks=2,
+        latent_channels=3,
+        attn_at_lowest=True,
+        norm_groups=32,
     ),
     "kl-f8": AutoencoderConfig(
-        in_channels=3, resolution=256, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
-        attn_at_lowest=True, norm_groups=32,
+        in_channels=3,
+        resolution=256,
+        ch=128,
+        ch_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        latent_channels=4,
+        attn_at_lowest=True,
+        norm_groups=32,
     ),
     "kl-f16": AutoencoderConfig(
-        in_channels=3, resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, latent_channels=16,
-        attn_at_lowest=True, norm_groups=32,
+        in_channels=3,
+        resolution=256,
+        ch=128,
+        ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,
+        latent_channels=16,
+        attn_at_lowest=True,
+        norm_groups=32,
     ),
 }
 
@@ -197,7 +236,9 @@ def conv_class(spatial_dims: int) -> type[nn.Module]:
 class ResnetBlock(nn.Module):
     """Pre-activation residual block: (GroupNorm, SiLU, 3x3 conv) x 2, 1x1 shortcut if C changes."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float, norm_groups: int, spatial_dims: int = 2) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, dropout: float, norm_groups: int, spatial_dims: int = 2
+    ) -> None:
         super().__init__()
         conv = conv_class(spatial_dims)
         self.norm1 = group_norm(in_channels, norm_groups)
@@ -390,7 +431,7 @@ class DiagonalGaussian:
         mean, logvar = moments.chunk(2, dim=1)
         return cls(mean, logvar)
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """A reparameterised draw mean + std * eps (differentiable in mean and logvar)."""
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
@@ -416,7 +457,7 @@ class DiagonalGaussian:
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder: `encode` images to a posterior, `decode` latents to images."""
 
-    def __init__(self, config: Optional[AutoencoderConfig] = None) -> None:
+    def __init__(self, config: AutoencoderConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or AutoencoderConfig()
         self.encoder = Encoder(config)
@@ -456,7 +497,7 @@ class AutoencoderKL(nn.Module):
         return features
 
     def forward(
-        self, x: Tensor, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
+        self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
     ) -> tuple[Tensor, DiagonalGaussian]:
         """Reconstruction of features = `analysis(data)` (the data itself, or its spectrogram features) through a posterior
         sample (or its mean), and the posterior. The training step computes `analysis` once, for input and target."""

@@ -38,7 +38,7 @@ class DiscriminatorConfig:
     norm: str = "batch"  # batch (pix2pix, taming) | group | none
 
     @classmethod
-    def presets(cls) -> dict[str, "DiscriminatorConfig"]:
+    def presets(cls) -> dict[str, DiscriminatorConfig]:
         """The named presets (YAML may name one: `discriminator: patchgan-70`)."""
         return DISCRIMINATOR_PRESETS
 
@@ -87,7 +87,9 @@ class SpectrogramDiscriminator(nn.Module):
     frequency detail, as the multi-resolution discriminator of UnivNet (Jang et al. 2021).
     """
 
-    def __init__(self, config: DiscriminatorConfig, resolutions: tuple[tuple[int, int, int], ...] = SPEECH_STFT_RESOLUTIONS):
+    def __init__(
+        self, config: DiscriminatorConfig, resolutions: tuple[tuple[int, int, int], ...] = SPEECH_STFT_RESOLUTIONS
+    ):
         super().__init__()
         self.config = config
         self.resolutions = resolutions  # (n_fft, hop, window), the STFT loss's

@@ -83,9 +83,7 @@ class DiTConfig:
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}")
         if self.timestep_freq_shift not in (0, 1):
-            raise ValueError(
-                f"timestep_freq_shift must be 0 (DiT) or 1 (diffusers), got {self.timestep_freq_shift}"
-            )
+            raise ValueError(f"timestep_freq_shift must be 0 (DiT) or 1 (diffusers), got {self.timestep_freq_shift}")
         if not self.time_input_scale > 0:
             raise ValueError(f"time_input_scale must be positive, got {self.time_input_scale}")
         if not self.mlp_norm_eps > 0:
@@ -97,7 +95,9 @@ class DiTConfig:
         head_dim = self.hidden_size // self.num_heads
         if self.pos_embed == "rope" and head_dim % (2 * self.spatial_dims):
             # Each head's channels split into one part per axis of (cos, sin) pairs.
-            raise ValueError(f"pos_embed 'rope' needs a head width divisible by {2 * self.spatial_dims}, got {head_dim}")
+            raise ValueError(
+                f"pos_embed 'rope' needs a head width divisible by {2 * self.spatial_dims}, got {head_dim}"
+            )
         if not 0.0 <= self.route_ratio < 1.0:
             raise ValueError(f"route_ratio must lie in [0, 1), got {self.route_ratio}")
         if self.route_ratio > 0:
@@ -156,7 +156,7 @@ class DiTConfig:
         return self.num_classes
 
     @classmethod
-    def presets(cls) -> dict[str, "DiTConfig"]:
+    def presets(cls) -> dict[str, DiTConfig]:
         """The named size presets (YAML may name one: `model: DiT-S/2`)."""
         return DIT_PRESETS
 
@@ -213,9 +213,7 @@ def sincos_pos_embed(embed_dim: int, grid_shape: tuple[int, ...]) -> torch.Tenso
     return torch.cat([embed_1d(axis) for axis in reversed(coords)], dim=1).float()  # (T, D)
 
 
-def timestep_embedding(
-    t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0
-) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 0) -> torch.Tensor:
     """Return sinusoidal features (N, dim) of (possibly fractional) timesteps t (N,), always in float32.
 
     Frequencies are f_i = max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; the features are
@@ -546,7 +544,11 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_block: int | None = None,
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        return_block: int | None = None,
         r: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Return the prediction (N, C_out, *S) for noisy latents x (N, C, *S), timesteps t (N,), labels y (N,).
@@ -565,7 +567,9 @@ class DiT(nn.Module):
         """
         cfg = self.config
         if tuple(x.shape[1:]) != cfg.latent_shape:
-            raise ValueError(f"expected latents of shape (N, {', '.join(map(str, cfg.latent_shape))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected latents of shape (N, {', '.join(map(str, cfg.latent_shape))}), got {tuple(x.shape)}"
+            )
         if return_block is not None and not 0 <= return_block < cfg.depth:
             raise ValueError(f"return_block {return_block} is not a block index 0..{cfg.depth - 1}")
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
