@@ -192,7 +192,7 @@ class LatentDiffusionPipeline:
         return self.model.config.num_classes
 
     def save_audio(self, signals: torch.Tensor, folder: str | Path, prefix: str = "sample") -> list[Path]:
-        """Write signals (N, 1, L) of a sound model as 16-bit WAV files `<prefix>-NNNNNN.wav` in folder; return their paths."""
+        """Write signals (N, 1, L) as 16-bit WAV files `<prefix>-NNNNNN.wav` in folder; return their paths."""
         if self.sample_rate is None:
             raise ValueError(
                 "save_audio is for sound models; this pipeline makes images (use output='pil' or ldm.images)"
@@ -233,7 +233,7 @@ class LatentDiffusionPipeline:
         on_model_call: Callable[[], None] | None = None,
         **options,
     ):
-        """Class-conditional images (N, C, H, W) in [-1, 1] (signals (N, 1, L) for sound), or PIL images with output="pil".
+        """Class-conditional images (N, C, H, W) in [-1, 1] (sound: signals (N, 1, L)), or PIL images with output="pil".
 
         `settings` (a SamplingSettings) and/or its fields by name (`num_steps=20, guidance_scale=2.0,
         seed=0, ...`, which override those of `settings`) say how: the sampler, steps, classifier-free
@@ -386,16 +386,19 @@ class LatentDiffusionPipeline:
             raise ValueError(f"images must be {side}x{side} for this model, got {tuple(images.shape[-2:])}")
         check_range("images", images, -1.0, 1.0, "the autoencoder's range")
 
-    def settings(self, settings: SamplingSettings | None = None, **options) -> SamplingSettings:
+    def settings(
+        self, settings: SamplingSettings | None = None, default_guidance: float = 1.0, **options
+    ) -> SamplingSettings:
         """Return `settings` (default SamplingSettings()) with `options` (its fields by name) applied, validated,
-        and the sampler chosen for this model's objective; a guide scale needs the pipeline's guide."""
+        and the sampler chosen for this model's objective; a guidance_scale of None becomes `default_guidance`
+        (1 for a student with guidance built in); a guide scale needs the pipeline's guide."""
         unknown = sorted(set(options) - {f.name for f in fields(SamplingSettings)})
         if unknown:
             raise TypeError(
                 f"unknown sampling option(s) {', '.join(unknown)}; SamplingSettings has "
                 f"{', '.join(f.name for f in fields(SamplingSettings))}"
             )
-        settings = replace(settings or SamplingSettings(), **options).resolved(self.diffusion)
+        settings = replace(settings or SamplingSettings(), **options).resolved(self.diffusion, default_guidance)
         if settings.guide_scale != 1.0 and self.guide is None:
             raise ValueError(
                 f"guide_scale {settings.guide_scale:g} needs a guide DiT: load the pipeline with "

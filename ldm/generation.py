@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -43,37 +43,68 @@ def default_sampler(diffusion: DiffusionConfig) -> str:
 
 
 VARIANCES = ("small", "large")  # ddpm's fixed variance when the model does not learn it (beta-tilde, beta)
-# The options of `ldm sample` / `ldm eval samples` that set a field, named in its errors.
-FLAGS = {
-    "num_steps": "--steps",
-    "guidance_scale": "--cfg",
-    "guide_scale": "--guide-scale",
-    "seed": "--seed",
-    "batch_size": "--batch-size",
-    "guidance_interval": "--cfg-interval",
-    "spacing": "--spacing",
-    "sampler": "--sampler",
-    "shift": "--shift",
-}
+
+
+def option(flag: str, help: str, **click_options: Any) -> dict[str, Any]:
+    """Field metadata of a setting the sampling commands take as `flag` (stages/cli.py builds the options from it)."""
+    return {"flag": flag, "help": help, **click_options}
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     """Every option of a sampling run, validated once where it is built (the pipeline, `ldm sample`,
-    `ldm eval samples` and training previews all pass one of these down to the sampler)."""
+    `ldm eval samples`, `ldm ema` and training previews all pass one of these down to the sampler).
 
-    sampler: str | None = None  # None: dpm++2m, or flow-euler for a rectified-flow model
-    num_steps: int = 25  # sampler steps (heun and flow-heun call the network 2 num_steps - 1 times)
-    guidance_scale: float = 1.0  # classifier-free guidance (0: unconditional, 1: none)
-    guidance_interval: tuple[float, float] | None = None  # guide only at network timesteps in [lo, hi]
-    guide_scale: float = 1.0  # autoguidance by a weaker DiT (1: none); needs a guide model
-    spacing: str = "trailing"  # timestep grid of ddpm, ddim, dpm++2m(-sde)
+    A field with an `option` in its metadata is a command-line flag of every sampling command, which
+    takes its name, help and choices from here; the others are set from Python.
+    """
+
+    sampler: str | None = field(
+        default=None,
+        metadata=option(
+            "--sampler",
+            "Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.",
+            choices=SAMPLERS,
+        ),
+    )
+    num_steps: int = field(
+        default=25, metadata=option("--steps", "Sampler steps (network calls; heun and flow-heun make 2 per step).")
+    )
+    # Classifier-free guidance (0: unconditional, 1: none). None: the caller's default once the model is known,
+    # 1 for a distilled student (guidance built in); `resolved` chooses.
+    guidance_scale: float | None = field(
+        default=1.0, metadata=option("--cfg", "Classifier-free guidance scale (0: unconditional, 1: no guidance).")
+    )
+    guidance_interval: tuple[float, float] | None = field(
+        default=None,
+        metadata=option(
+            "--cfg-interval",
+            "Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.",
+            metavar="T_LO T_HI",
+        ),
+    )
+    guide_scale: float = field(  # needs a guide model
+        default=1.0, metadata=option("--guide-scale", "Autoguidance scale, with --guide (default 2; 1: none).")
+    )
+    spacing: str = field(
+        default="trailing",
+        metadata=option(
+            "--spacing",
+            "Timestep grid of ddpm, ddim and dpm++2m(-sde) (euler and heun use Karras sigmas).",
+            choices=SPACINGS,
+        ),
+    )
     eta: float = 0.0  # ddim's noise (0: deterministic, 1: ddpm's marginals)
     variance: str = "small"  # ddpm's fixed variance when not learned
     rho: float = 7.0  # Karras sigma spacing of euler and heun
-    shift: float = 1.0  # time shift of the flow samplers' grid
-    seed: int = 0  # image i draws from seed + i, whatever the batch
-    batch_size: int = 64
+    shift: float = field(
+        default=1.0,
+        metadata=option(
+            "--shift", "Time shift of the flow samplers' grid (SD3): above 1 spends more steps at high noise."
+        ),
+    )
+    seed: int = field(default=0, metadata=option("--seed", "Image i uses seed + i, whatever the batch size."))
+    batch_size: int = field(default=64, metadata=option("--batch-size", "Images sampled at once."))
     cache: CacheSchedule | None = None  # step caching: blocks that reuse their previous residual (ldm.caching)
 
     def __post_init__(self) -> None:
@@ -84,7 +115,8 @@ class SamplingSettings:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{_named(name)} must be an integer >= {low}, got {value!r}")
         # A negative scale extrapolates away from the condition: a silent mistake, never a setting.
-        _check_real("guidance_scale", self.guidance_scale, 0.0, "0: unconditional, 1: no guidance")
+        if self.guidance_scale is not None:  # None: chosen by `resolved`
+            _check_real("guidance_scale", self.guidance_scale, 0.0, "0: unconditional, 1: no guidance")
         _check_real("guide_scale", self.guide_scale, 0.0, "1: no autoguidance")
         _check_real("eta", self.eta, 0.0, "0: deterministic ddim")
         for name in ("rho", "shift"):
@@ -97,7 +129,8 @@ class SamplingSettings:
         if self.cache is not None:
             if not isinstance(self.cache, CacheSchedule):
                 raise ValueError(
-                    f"cache must be a CacheSchedule (LatentDiffusionPipeline.calibrate_cache makes one), got {type(self.cache).__name__}"
+                    f"cache must be a CacheSchedule (LatentDiffusionPipeline.calibrate_cache makes one), "
+                    f"got {type(self.cache).__name__}"
                 )
             if self.sampler is not None and self.cache.calls != model_calls(self.sampler, self.num_steps):
                 raise ValueError(
@@ -106,8 +139,12 @@ class SamplingSettings:
                     f"for this setting"
                 )
 
-    def resolved(self, diffusion: DiffusionConfig) -> SamplingSettings:
-        """These settings with the sampler chosen for the objective; raise ValueError for a sampler of the other one."""
+    def resolved(self, diffusion: DiffusionConfig, default_guidance: float = 1.0) -> SamplingSettings:
+        """These settings with the sampler chosen for the objective and, when guidance_scale is None, the guidance:
+        1 for a student with guidance built in, else `default_guidance`; raise ValueError for what does not fit."""
+        if self.guidance_scale is None:
+            guidance = 1.0 if diffusion.built_in_guidance else default_guidance
+            return replace(self, guidance_scale=guidance).resolved(diffusion)
         sampler = self.sampler or default_sampler(diffusion)
         if (sampler in FLOW_SAMPLERS) != diffusion.is_flow or (
             sampler == "meanflow" and diffusion.objective != "meanflow"
@@ -137,7 +174,12 @@ class SamplingSettings:
 
 
 def _named(name: str) -> str:
-    return f"{name} ({FLAGS[name]})" if name in FLAGS else name
+    """A setting's name, with its command-line flag where it has one."""
+    flag = SETTING_FIELDS[name].metadata.get("flag") if name in SETTING_FIELDS else None
+    return f"{name} ({flag})" if flag else name
+
+
+SETTING_FIELDS = {f.name: f for f in fields(SamplingSettings)}
 
 
 def _check_real(name: str, value: float, low: float, meaning: str) -> None:
@@ -203,7 +245,8 @@ def sample_latents(
     if regenerate is not None:
         if settings.sampler not in X0_SAMPLERS:
             raise ValueError(
-                f"inpainting needs a sampler that steps on the x0 estimate, one of {X0_SAMPLERS}; got {settings.sampler!r}"
+                f"inpainting needs a sampler that steps on the x0 estimate, one of {X0_SAMPLERS}; "
+                f"got {settings.sampler!r}"
             )
         if x0 is None:
             raise ValueError("inpainting needs the known latents x0")

@@ -25,7 +25,6 @@ from ldm.artifacts import (
 from ldm.config import ConfigError, load_config
 from ldm.data.folder import ImageReadError
 from ldm.destinations import WriteError, write_error
-from ldm.diffusion import samplers
 from ldm.runtime import DEVICE_FORMS, check_device, tune_cpu_allocator
 
 
@@ -117,7 +116,7 @@ def main(ctx: click.Context, store: str) -> None:
 
 
 def _store_warnings_in_one_line(show):
-    """A `warnings.showwarning` that prints the store's warnings as one `warning: ...` line and passes others to `show`."""
+    """A `warnings.showwarning` printing the store's warnings as one `warning: ...` line; others go to `show`."""
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, ArtifactWarning):
@@ -257,6 +256,22 @@ def train_distill(ctx: click.Context, **options) -> None:
     _train(ctx, DistillStageConfig, run, **options)
 
 
+# Options of more than one command.
+AUTOENCODER_DATA_OPTION = click.option(
+    "--data",
+    default=None,
+    help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV "
+    "files (default: the data the autoencoder was trained on).",
+)
+FEATURES_OPTION = click.option(
+    "--features",
+    type=click.Choice(["auto", "inception", "classifier"]),
+    default="auto",
+    show_default=True,
+    help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.",
+)
+
+
 @main.command("encode")
 @click.option(
     "--autoencoder",
@@ -265,11 +280,7 @@ def train_distill(ctx: click.Context, **options) -> None:
     show_default=True,
     help="Autoencoder artifact reference.",
 )
-@click.option(
-    "--data",
-    default=None,
-    help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).",
-)
+@AUTOENCODER_DATA_OPTION
 @click.option("--split", default="train", show_default=True)
 @set_option
 @click.pass_context
@@ -278,8 +289,8 @@ def encode_command(
 ) -> None:
     """Encode a data set once into a `latents` artifact (posterior mean/std, flips, latent statistics).
 
-    Settings (--set key=value): flips, stats (channel|global|source: an imported autoencoder's own), batch_size, shard_size, dtype,
-    autocast_bf16, limit, device. A re-run with the same inputs returns the stored cache.
+    Settings (--set key=value): flips, stats (channel|global|source: an imported autoencoder's own), batch_size,
+    shard_size, dtype, autocast_bf16, limit, device. A re-run with the same inputs returns the stored cache.
     """
 
     from ldm.config import from_dict
@@ -314,11 +325,7 @@ def evaluate() -> None:
     show_default=True,
     help="Autoencoder artifact reference.",
 )
-@click.option(
-    "--data",
-    default=None,
-    help="fmnist or an image folder path; for sound, fsdd, a folder holding FSDD's recordings/, or a folder of WAV files (default: the data the autoencoder was trained on).",
-)
+@AUTOENCODER_DATA_OPTION
 @click.option(
     "--split", default="test", show_default=True, help="Data split (fmnist: train or test; folders: a subfolder)."
 )
@@ -331,13 +338,7 @@ def evaluate() -> None:
     show_default=True,
     help="Classifier artifact for the Frechet distance when Inception weights are absent.",
 )
-@click.option(
-    "--features",
-    type=click.Choice(["auto", "inception", "classifier"]),
-    default="auto",
-    show_default=True,
-    help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.",
-)
+@FEATURES_OPTION
 @click.option(
     "--lpips",
     type=click.Choice(["auto", "pretrained", "random"]),
@@ -363,83 +364,135 @@ def eval_recon(ctx: click.Context, **kwargs) -> None:
         _fail(err)
 
 
-SAMPLERS = click.Choice(samplers.SAMPLERS)
-# Options shared by `ldm sample` and `ldm eval samples`.
-SPACING_OPTION = click.option(
-    "--spacing",
-    type=click.Choice(samplers.SPACINGS),
-    default="trailing",
-    show_default=True,
-    help="Timestep grid of ddpm, ddim and dpm++2m(-sde) (euler and heun use Karras sigmas).",
-)
-SHIFT_OPTION = click.option(
-    "--shift",
-    default=1.0,
-    show_default=True,
-    help="Time shift of the flow samplers' grid (SD3): above 1 spends more steps at high noise.",
-)
-DECODER_OPTION = click.option(
-    "--autoencoder",
-    "autoencoder_ref",
-    default=None,
-    help="Decode with this autoencoder instead of the lineage's; it must share the lineage's encoder (a decoder fine-tune).",
-)
-GUIDE_OPTION = click.option(
-    "--guide",
-    "guide_ref",
-    default=None,
-    help="Autoguidance by this weaker DiT (same latent cache and objective; smaller or trained less), at --guide-scale; "
-    "--cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
-)
-GUIDE_SCALE_OPTION = click.option(
-    "--guide-scale", type=float, default=None, help="Autoguidance scale, with --guide (default 2)."
-)
+def sampling_options(*, steps: int, cfg: float, batch_size: int, guide: bool = True):
+    """The options of a command that samples, made from SamplingSettings' fields (flag, help and choices in their
+    metadata) so that every sampling command takes the same flags; `steps`, `cfg` and `batch_size` are this command's
+    defaults (cfg: for a model without guidance built in). `settings_from_options` turns them back into settings."""
+    from dataclasses import fields
+
+    from ldm.generation import SamplingSettings
+
+    defaults = {"num_steps": steps, "batch_size": batch_size}
+    skipped = set() if guide else {"guide_scale"}
+
+    def decorate(command):
+        for setting in reversed([f for f in fields(SamplingSettings) if "flag" in f.metadata]):
+            if setting.name in skipped:
+                continue
+            meta = dict(setting.metadata)
+            flag, help_text, choices = meta.pop("flag"), meta.pop("help"), meta.pop("choices", None)
+            option = {"help": help_text, **meta}
+            if choices is not None:
+                option["type"] = click.Choice(choices)
+            if setting.name == "guidance_interval":
+                option.update(nargs=2, type=float, default=None)
+            elif setting.name == "guidance_scale":  # None: chosen once the model is known (a student's is 1)
+                option.update(type=float, default=None)
+                option["help"] += f" Default: {cfg:g}, or 1 for a distilled student (guidance built in)."
+            elif setting.name == "guide_scale":  # None: 2 with --guide; refused without one
+                option.update(type=float, default=None)
+            else:
+                option.update(
+                    default=defaults.get(setting.name, setting.default), show_default=setting.default is not None
+                )
+                if "type" not in option:
+                    option["type"] = type(option["default"])
+            command = click.option(flag, setting.name, **option)(command)
+        return command
+
+    return decorate
 
 
-def CACHE_OPTION(command):
-    """--cache-fraction and --cache-forecast of the commands that sample."""
-    command = click.option(
-        "--cache-forecast",
-        is_flag=True,
-        help="With --cache-fraction: a skipped block adds the linear forecast in t of its last two residuals "
-        "instead of the last one (TaylorSeer's first order).",
-    )(command)
-    return click.option(
-        "--cache-fraction",
-        type=click.FloatRange(0.0, 0.9),
-        default=0.0,
-        show_default=True,
-        help="Step caching: skip this share of the DiT's block evaluations, reusing residuals of the previous call "
-        "(a schedule calibrated once per model and setting, kept in the artifact's manifest).",
-    )(command)
+def settings_from_options(options: dict, guide_ref: str | None = None):
+    """Pop the SamplingSettings fields `sampling_options` added from a command's `options` and return the settings,
+    validated as they are built; a --guide-scale without --guide is refused, as the pipeline refuses it."""
+    from dataclasses import fields, replace
+
+    from ldm.generation import SamplingSettings
+
+    values = {f.name: options.pop(f.name) for f in fields(SamplingSettings) if f.name in options}
+    guide_scale = values.pop("guide_scale", None)
+    settings = SamplingSettings(**values, guide_scale=2.0 if guide_scale is None else guide_scale)
+    if guide_scale is not None and not guide_ref:  # its range was checked above, so a bad value hears that first
+        raise click.UsageError(
+            "--guide-scale only applies with --guide (autoguidance by a weaker DiT): add "
+            "--guide diffusion@<weaker model>, or drop --guide-scale"
+        )
+    return settings if guide_ref else replace(settings, guide_scale=1.0)
 
 
-PRECISION_OPTION = click.option(
-    "--precision",
-    type=click.Choice(["float32", "bf16", "int8"]),
-    default=None,
-    help="DiT arithmetic: int8 block linears (CPU), bf16 autocast, or float32. Default: the artifact's own (float32, "
-    "or int8 for one stored by `ldm export diffusion --quantize int8`).",
-)
-CFG_INTERVAL_OPTION = click.option(
-    "--cfg-interval",
-    nargs=2,
-    type=float,
-    default=None,
-    metavar="T_LO T_HI",
-    help="Guide only at network timesteps in [T_LO, T_HI] (0-999; flow: 1000 t), the conditional model elsewhere.",
-)
+def model_options(command):
+    """The options that choose what a sampling command loads (stages.sample.SamplingModel): --model, --autoencoder,
+    --guide, --precision, --cache-fraction, --cache-forecast and --device."""
+    for option in reversed(
+        [
+            click.option(
+                "--model",
+                "model_ref",
+                default="diffusion@latest",
+                show_default=True,
+                help="Diffusion artifact reference.",
+            ),
+            click.option(
+                "--autoencoder",
+                "autoencoder_ref",
+                default=None,
+                help="Decode with this autoencoder instead of the lineage's; it must share the lineage's encoder "
+                "(a decoder fine-tune).",
+            ),
+            click.option(
+                "--guide",
+                "guide_ref",
+                default=None,
+                help="Autoguidance by this weaker DiT (same latent cache and objective; smaller or trained less), at "
+                "--guide-scale; --cfg 1 for autoguidance alone, above 1 to add classifier-free guidance.",
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(["float32", "bf16", "int8"]),
+                default=None,
+                help="DiT arithmetic: int8 block linears (CPU), bf16 autocast, or float32. Default: the artifact's own "
+                "(float32, or int8 for one stored by `ldm export diffusion --quantize int8`).",
+            ),
+            click.option(
+                "--cache-fraction",
+                type=click.FloatRange(0.0, 0.9),
+                default=0.0,
+                show_default=True,
+                help="Step caching: skip this share of the DiT's block evaluations, reusing residuals of the previous "
+                "call (a schedule calibrated once per model and setting, kept in the artifact's manifest).",
+            ),
+            click.option(
+                "--cache-forecast",
+                is_flag=True,
+                help="With --cache-fraction: a skipped block adds the linear forecast in t of its last two residuals "
+                "instead of the last one (TaylorSeer's first order).",
+            ),
+            DEVICE_OPTION,
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def model_from_options(options: dict):
+    """Pop the options `model_options` added and return the SamplingModel they describe."""
+    from stages.sample import SamplingModel
+
+    return SamplingModel(
+        ref=options.pop("model_ref"),
+        autoencoder=options.pop("autoencoder_ref"),
+        guide=options.pop("guide_ref"),
+        precision=options.pop("precision"),
+        cache_fraction=options.pop("cache_fraction"),
+        cache_forecast=options.pop("cache_forecast"),
+        device=options.pop("device"),
+    )
 
 
 def MEASUREMENT_OPTIONS(command):
     """--classifier and --features of the commands that measure samples (`ldm eval samples`, `ldm ema`)."""
-    command = click.option(
-        "--features",
-        type=click.Choice(["auto", "inception", "classifier"]),
-        default="auto",
-        show_default=True,
-        help="Feature extractor of the Frechet distance; auto uses Inception when its weights are present.",
-    )(command)
+    command = FEATURES_OPTION(command)
     return click.option(
         "--classifier",
         "classifier_ref",
@@ -450,34 +503,10 @@ def MEASUREMENT_OPTIONS(command):
 
 
 @main.command("sample")
-@click.option(
-    "--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference."
-)
+@model_options
 @click.option("--n", default=64, show_default=True, help="Number of images.")
 @click.option("--classes", default=None, help="Class indices, e.g. 3 or 0,2,5 (cycled); default: every class in turn.")
-@click.option(
-    "--steps", default=25, show_default=True, help="Sampler steps (network calls; heun and flow-heun make 2 per step)."
-)
-@click.option(
-    "--sampler",
-    type=SAMPLERS,
-    default=None,
-    help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.",
-)
-@click.option(
-    "--cfg",
-    type=float,
-    default=None,
-    help="Classifier-free guidance scale (1: no guidance). Default: 2, or 1 for a distilled student (guidance built in).",
-)
-@SPACING_OPTION
-@SHIFT_OPTION
-@CFG_INTERVAL_OPTION
-@GUIDE_OPTION
-@GUIDE_SCALE_OPTION
-@DECODER_OPTION
-@click.option("--seed", default=0, show_default=True, help="Image i uses seed + i, whatever the batch size.")
-@click.option("--batch-size", default=64, show_default=True)
+@sampling_options(steps=25, cfg=2.0, batch_size=64)
 @click.option(
     "--out",
     "out_dir",
@@ -486,30 +515,15 @@ def MEASUREMENT_OPTIONS(command):
     help="Folder for grid.png, images/ (audio/ for a sound model: WAV files) and samples.json.",
 )
 @click.option("--no-images", is_flag=True, help="Write only the grid, not one PNG (or WAV) per sample.")
-@PRECISION_OPTION
-@CACHE_OPTION
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png, audio/NNNNNN-classC.wav; nothing else).",
+    help="Replace the samples of an earlier run in --out (grid.png, samples.json, images/NNNNNN-classC.png, "
+    "audio/NNNNNN-classC.wav; nothing else).",
 )
-@DEVICE_OPTION
 @click.pass_context
 def sample_command(
-    ctx: click.Context,
-    model_ref: str,
-    n: int,
-    classes: str | None,
-    out_dir: str,
-    no_images: bool,
-    overwrite: bool,
-    autoencoder_ref: str | None,
-    guide_ref: str | None,
-    device: str,
-    precision: str | None,
-    cache_fraction: float,
-    cache_forecast: bool,
-    **options,
+    ctx: click.Context, n: int, classes: str | None, out_dir: str, no_images: bool, overwrite: bool, **options
 ) -> None:
     """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder.
 
@@ -518,151 +532,37 @@ def sample_command(
     from stages.sample import write_samples
 
     try:
-        settings = _default_cfg(ctx, model_ref, 2.0, options["cfg"], _sampling_settings(guide_ref, **options))
-        write_samples(
-            _store(ctx),
-            model_ref,
-            settings,
-            n,
-            classes,
-            out_dir,
-            device,
-            not no_images,
-            autoencoder_ref,
-            guide_ref,
-            overwrite,
-            precision,
-            cache_fraction,
-            cache_forecast,
-        )
+        model = model_from_options(options)
+        settings = settings_from_options(options, model.guide)
+        write_samples(_store(ctx), model, settings, n, classes, out_dir, not no_images, overwrite, default_guidance=2.0)
     except USER_ERRORS as err:
         _fail(err)
 
 
-def _default_cfg(ctx: click.Context, model_ref: str, default: float, cfg: float | None, settings):
-    """`settings` with the guidance scale --cfg gave, or when it gave none: 1 for a student with guidance built in,
-    else `default`. The other options were checked already, before the model is looked up."""
-    from dataclasses import replace
-
-    from ldm.loading import dit_configs
-
-    if cfg is not None:
-        return settings
-    built_in = dit_configs(_store(ctx).load(model_ref, stage="diffusion", verify=False))[1].built_in_guidance
-    return replace(settings, guidance_scale=1.0 if built_in else default)
-
-
-def _sampling_settings(
-    guide_ref: str | None,
-    steps: int,
-    sampler: str | None,
-    cfg: float | None,
-    spacing: str,
-    shift: float,
-    cfg_interval: tuple[float, float] | None,
-    guide_scale: float | None,
-    seed: int,
-    batch_size: int,
-):
-    """The SamplingSettings of `ldm sample` / `ldm eval samples` options (validated as they are built); a
-    --guide-scale without --guide is refused, as the pipeline refuses guide_scale without a guide."""
-    from dataclasses import replace
-
-    from ldm.generation import SamplingSettings
-
-    # cfg None (not given): 1 here; _default_cfg picks the model's default once the other options are checked
-    settings = SamplingSettings(
-        sampler=sampler,
-        num_steps=steps,
-        guidance_scale=1.0 if cfg is None else cfg,
-        guidance_interval=cfg_interval,
-        spacing=spacing,
-        shift=shift,
-        seed=seed,
-        batch_size=batch_size,
-        guide_scale=2.0 if guide_scale is None else guide_scale,
-    )
-    if guide_ref:
-        return settings
-    if guide_scale is not None:  # its range was checked above, so a bad value hears that first
-        raise click.UsageError(
-            "--guide-scale only applies with --guide (autoguidance by a weaker DiT): add "
-            "--guide diffusion@<weaker model>, or drop --guide-scale"
-        )
-    return replace(settings, guide_scale=1.0)
-
-
 @evaluate.command("samples")
-@click.option(
-    "--model", "model_ref", default="diffusion@latest", show_default=True, help="Diffusion artifact reference."
-)
+@model_options
 @click.option(
     "--n", default=10_000, show_default=True, help="Samples (class-balanced); also the number of real images compared."
 )
-@click.option("--steps", default=20, show_default=True)
-@click.option(
-    "--sampler",
-    type=SAMPLERS,
-    default=None,
-    help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.",
-)
-@click.option(
-    "--cfg",
-    type=float,
-    default=None,
-    help="Guidance scale for the measurement (often lower than for pictures). Default: 1.5, or 1 for a distilled student (guidance built in).",
-)
-@SPACING_OPTION
-@SHIFT_OPTION
-@CFG_INTERVAL_OPTION
-@GUIDE_OPTION
-@GUIDE_SCALE_OPTION
-@DECODER_OPTION
-@click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=250, show_default=True)
+@sampling_options(steps=20, cfg=1.5, batch_size=250)
 @MEASUREMENT_OPTIONS
 @click.option(
     "--out", "out_dir", default=None, help="Folder for report.json and samples.png (default runs/eval/samples-...)."
 )
-@DEVICE_OPTION
-@PRECISION_OPTION
-@CACHE_OPTION
 @click.pass_context
 def eval_samples(
-    ctx: click.Context,
-    model_ref: str,
-    n: int,
-    classifier_ref: str,
-    features: str,
-    out_dir: str | None,
-    autoencoder_ref: str | None,
-    guide_ref: str | None,
-    device: str,
-    precision: str | None,
-    cache_fraction: float,
-    cache_forecast: bool,
-    **options,
+    ctx: click.Context, n: int, classifier_ref: str, features: str, out_dir: str | None, **options
 ) -> None:
-    """Sample quality: Frechet distance to the test split, class accuracy, time per image; numbers go into the manifest."""
+    """Sample quality: Frechet distance to the test split, class accuracy, time per image; numbers go into the manifest.
+
+    --cfg is the guidance of the measurement, often lower than for pictures.
+    """
     from stages.sample import evaluate_samples
 
     try:
-        settings = _default_cfg(ctx, model_ref, 1.5, options["cfg"], _sampling_settings(guide_ref, **options))
-        evaluate_samples(
-            _store(ctx),
-            model_ref,
-            settings,
-            n,
-            classifier_ref,
-            features,
-            out_dir,
-            device,
-            autoencoder_ref,
-            guide_ref,
-            precision,
-            cache_fraction,
-            cache_forecast,
-        )
+        model = model_from_options(options)
+        settings = settings_from_options(options, model.guide)
+        evaluate_samples(_store(ctx), model, settings, n, classifier_ref, features, out_dir, default_guidance=1.5)
     except USER_ERRORS as err:
         _fail(err)
 
@@ -689,21 +589,7 @@ def eval_samples(
 @click.option(
     "--n", default=1000, show_default=True, help="Samples per EMA length (class-balanced; the same seeds for each)."
 )
-@click.option("--steps", default=20, show_default=True)
-@click.option(
-    "--sampler",
-    type=SAMPLERS,
-    default=None,
-    help="Default: dpm++2m, flow-euler for a rectified-flow model, meanflow (MeanFlow steps) for a MeanFlow model.",
-)
-@click.option(
-    "--cfg", default=1.5, show_default=True, help="Guidance scale for the measurement (often lower than for pictures)."
-)
-@SPACING_OPTION
-@SHIFT_OPTION
-@CFG_INTERVAL_OPTION
-@click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=250, show_default=True)
+@sampling_options(steps=20, cfg=1.5, batch_size=250, guide=False)
 @MEASUREMENT_OPTIONS
 @click.option(
     "--out",
@@ -735,7 +621,7 @@ def ema_command(
     from stages.ema import parse_sigma_rels, posthoc_ema
 
     try:
-        settings = _sampling_settings(None, guide_scale=None, **options)
+        settings = settings_from_options(options)
         posthoc_ema(
             _store(ctx),
             model_ref,
@@ -747,6 +633,7 @@ def ema_command(
             features,
             out_dir,
             device,
+            default_guidance=1.5,
         )
     except USER_ERRORS as err:
         _fail(err)
@@ -853,11 +740,13 @@ def artifacts_verify(ctx: click.Context, ref: str | None) -> None:
     failed = sum(v.problem is not None for v in verdicts)
     legacy = sum(v.problem is None and v.legacy for v in verdicts)
     click.echo(
-        f"{len(verdicts)} checked in {store.root}: {len(verdicts) - failed - legacy} ok, {legacy} legacy, {failed} failed"
+        f"{len(verdicts)} checked in {store.root}: {len(verdicts) - failed - legacy} ok, {legacy} legacy, "
+        f"{failed} failed"
     )
     if stale:
         click.echo(
-            f"{_count(len(stale), 'stale temporary folder')}: `ldm artifacts clean` removes {'it' if len(stale) == 1 else 'them'}"
+            f"{_count(len(stale), 'stale temporary folder')}: `ldm artifacts clean` removes "
+            f"{'it' if len(stale) == 1 else 'them'}"
         )
     if failed:
         ctx.exit(1)
@@ -891,7 +780,8 @@ def artifacts_clean(ctx: click.Context, stage: str | None, dry_run: bool) -> Non
         return
     done = "would remove" if dry_run else "removed"
     click.echo(
-        f"{done} {_count(len(stale), 'stale temporary folder')} ({_size(sum(f.bytes for f in stale))}) from {store.root}"
+        f"{done} {_count(len(stale), 'stale temporary folder')} ({_size(sum(f.bytes for f in stale))}) "
+        f"from {store.root}"
     )
 
 
@@ -949,18 +839,21 @@ def import_group() -> None:
     "--from-diffusers",
     type=click.Path(),
     default=None,
-    help="diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin), or a pipeline folder with vae/.",
+    help="diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors or .bin), or a pipeline "
+    "folder with vae/.",
 )
 @click.option(
     "--from-compvis",
     type=click.Path(),
     default=None,
-    help="CompVis latent-diffusion / taming AutoencoderKL checkpoint (.ckpt, .pt or .safetensors); its shape is the kl-f8 one unless --set model.* says otherwise.",
+    help="CompVis latent-diffusion / taming AutoencoderKL checkpoint (.ckpt, .pt or .safetensors); its shape is the "
+    "kl-f8 one unless --set model.* says otherwise.",
 )
 @click.option(
     "--data",
     default=None,
-    help="Default data of `ldm encode` / `ldm eval recon` for this autoencoder: fmnist or an image folder (default: fmnist for 1 channel, none for RGB).",
+    help="Default data of `ldm encode` / `ldm eval recon` for this autoencoder: fmnist or an image folder (default: "
+    "fmnist for 1 channel, none for RGB).",
 )
 @import_set_option
 @click.pass_context
@@ -990,7 +883,8 @@ def import_autoencoder_command(
     "--from-dit",
     type=click.Path(),
     default=None,
-    help='facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt, or .safetensors): a state dict, or one under "ema" / "model".',
+    help="facebookresearch/DiT checkpoint (e.g. DiT-XL-2-256x256.pt, or .safetensors): a state dict, or one under "
+    '"ema" / "model".',
 )
 @click.option(
     "--from-diffusers",
@@ -1062,11 +956,13 @@ def export_group() -> None:
     "--latents",
     "latents_ref",
     default=None,
-    help="Latent cache whose statistics become scaling_factor (default: the source's, else the newest cache of this autoencoder).",
+    help="Latent cache whose statistics become scaling_factor (default: the source's, else the newest cache of this "
+    "autoencoder).",
 )
 @click.pass_context
 def export_autoencoder_command(ctx: click.Context, ref: str, out_dir: str, latents_ref: str | None) -> None:
-    """Write an autoencoder artifact as a diffusers AutoencoderKL folder, loaded back and compared when diffusers is installed."""
+    """Write an autoencoder artifact as a diffusers AutoencoderKL folder (loaded back and compared when diffusers is
+    installed)."""
     from stages.interop import export_autoencoder
 
     try:
@@ -1095,7 +991,8 @@ def export_autoencoder_command(ctx: click.Context, ref: str, out_dir: str, laten
     "--quantize",
     type=click.Choice(["int8"]),
     default=None,
-    help="Instead: store the EMA DiT with int8 block linears as a new diffusion artifact (CPU sampling, ~3.5x smaller).",
+    help="Instead: store the EMA DiT with int8 block linears as a new diffusion artifact (CPU sampling, ~3.5x "
+    "smaller).",
 )
 @click.option(
     "--keep",
@@ -1107,8 +1004,8 @@ def export_autoencoder_command(ctx: click.Context, ref: str, out_dir: str, laten
 def export_diffusion_command(
     ctx: click.Context, ref: str, out_dir: str | None, weights: str, quantize: str | None, keep: tuple[str, ...]
 ) -> None:
-    """Write a diffusion artifact's DiT as a diffusers DiTTransformer2DModel folder and print how closely diffusers reproduces it,
-    or (--quantize int8) store it quantised for `ldm sample` and the pipeline, which load it as int8.
+    """Write a diffusion artifact's DiT as a diffusers DiTTransformer2DModel folder and print how closely diffusers
+    reproduces it, or (--quantize int8) store it quantised for `ldm sample` and the pipeline, which load it as int8.
 
     diffusers' DiT has fixed timestep frequencies; a DiT trained here (timestep_freq_shift 0, as the
     original DiT) is then not exact, and the printed relative output difference says by how much.

@@ -113,6 +113,7 @@ def posthoc_ema(
     features: str = "auto",
     out_dir: str | Path | None = None,
     device: str = "cpu",
+    default_guidance: float = 1.5,
 ) -> Artifact:
     """Reconstruct, measure and compare EMA lengths of `model_ref`; store the lowest-FD one and return its artifact."""
     if n < 1:
@@ -132,7 +133,7 @@ def posthoc_ema(
 
     device_ = torch.device(device)
     pipe = LatentDiffusionPipeline.from_artifacts(model.ref, store=store, device=device_)
-    settings = pipe.settings(settings)
+    settings = pipe.settings(settings, default_guidance)
     own_ema = model.load_tensors("weights.safetensors")
     for sigma_rel, weights in zip(sigma_rels, candidates):
         if weights.keys() != own_ema.keys() or any(weights[k].shape != own_ema[k].shape for k in own_ema):
@@ -186,7 +187,7 @@ def measure_lengths(
     candidates: dict[float, dict[str, torch.Tensor]],
     out_dir: Path,
 ) -> tuple[list[dict], list[dict]]:
-    """Measure the model's own EMA, then each reconstructed length, with the same samples; return the table rows and reports.
+    """Measure the model's own EMA, then each reconstructed length, with the same samples; return rows and reports.
 
     Writes one grid per row into out_dir.
     """
@@ -227,7 +228,8 @@ def save_reconstruction(
     step: int,
     snapshots_used: int,
 ) -> Artifact:
-    """Store reconstructed EMA weights as a `diffusion` artifact: the model's config, latents and raw weights, the model as parent."""
+    """Store reconstructed EMA weights as a `diffusion` artifact with the model's config, latents and raw weights, and
+    the model as its parent."""
     return store.save(
         "diffusion",
         tensors={"weights.safetensors": weights, "raw.safetensors": model.load_tensors("raw.safetensors")},
@@ -240,8 +242,8 @@ def save_reconstruction(
                 for key in ("autoencoder", "latent_stats", "latent_shape", "num_classes")
                 if key in model.manifest
             },
-            "weights": f"weights.safetensors holds the post-hoc EMA of length sigma_rel {sigma_rel:g}, reconstructed at "
-            f"step {step} (for sampling); raw.safetensors the trained weights of {model.ref}",
+            "weights": f"weights.safetensors holds the post-hoc EMA of length sigma_rel {sigma_rel:g}, reconstructed "
+            f"at step {step} (for sampling); raw.safetensors the trained weights of {model.ref}",
             "posthoc_ema": {
                 "sigma_rel": sigma_rel,
                 "gamma": sigma_rel_to_gamma(sigma_rel),
@@ -269,5 +271,6 @@ def print_table(rows: list[dict], chosen: float, report: dict) -> None:
         f"  {'real train vs test':<40} {report['real_reference_distance']:10.4f} {report['real_class_accuracy']:10.4f}"
     )
     print(
-        f"  {'autoencoder reconstructions':<40} {report['autoencoder_reference_distance']:10.4f} {report['autoencoder_class_accuracy']:10.4f}"
+        f"  {'autoencoder reconstructions':<40} {report['autoencoder_reference_distance']:10.4f} "
+        f"{report['autoencoder_class_accuracy']:10.4f}"
     )

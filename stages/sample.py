@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,23 +56,53 @@ def parse_classes(spec: str | None, n: int, num_classes: int) -> torch.Tensor:
     return torch.tensor(choices).repeat((n + len(choices) - 1) // len(choices))[:n]
 
 
+@dataclass(frozen=True)
+class SamplingModel:
+    """The DiT a sampling command loads and what comes with it: decoder, guide, arithmetic, step caching, device."""
+
+    ref: str = "diffusion@latest"
+    autoencoder: str | None = None  # decode with this decoder fine-tune instead of the lineage's
+    guide: str | None = None  # autoguidance by this weaker DiT (at the settings' guide_scale)
+    precision: str | None = None  # float32 | bf16 | int8; None: the artifact's own
+    cache_fraction: float = 0.0  # step caching: the share of block evaluations to skip (0: none)
+    cache_forecast: bool = False  # a skipped block adds the linear forecast of its residual
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, model: SamplingModel | str) -> SamplingModel:
+        """`model` itself, or the defaults around a model reference."""
+        return model if isinstance(model, SamplingModel) else cls(model)
+
+    def load(self, store: ArtifactStore) -> LatentDiffusionPipeline:
+        """The pipeline of this DiT with its decoder, guide and precision."""
+        return LatentDiffusionPipeline.from_artifacts(
+            self.ref,
+            store=store,
+            autoencoder=self.autoencoder,
+            device=self.device,
+            guide=self.guide,
+            precision=self.precision,
+        )
+
+    def with_cache(
+        self, store: ArtifactStore, pipe: LatentDiffusionPipeline, settings: SamplingSettings
+    ) -> SamplingSettings:
+        """`settings` with this model's step-caching schedule (`stored_cache_schedule`), if it caches."""
+        return stored_cache_schedule(store, self.ref, pipe, settings, self.cache_fraction, self.cache_forecast)
+
+
 def write_samples(
     store: ArtifactStore,
-    model_ref: str,
+    model: SamplingModel | str,
     settings: SamplingSettings,
     n: int = 64,
     classes: str | None = None,
     out_dir: str | Path = "out/samples",
-    device: str = "cpu",
     single_images: bool = True,
-    autoencoder_ref: str | None = None,
-    guide_ref: str | None = None,
     overwrite: bool = False,
-    precision: str | None = None,
-    cache_fraction: float = 0.0,
-    cache_forecast: bool = False,
+    default_guidance: float = 2.0,
 ) -> dict:
-    """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json, and return the report.
+    """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json; return the report.
 
     A sound model writes audio/NNNNNN-classC.wav instead of the PNGs, and grid.png shows spectrograms.
 
@@ -81,13 +111,11 @@ def write_samples(
     what it made. Only the images of the grid stay in memory. Image i uses seed + i whatever the batch size.
     """
     _check_count(n)
-    out_dir = Path(out_dir)
-    pipe = LatentDiffusionPipeline.from_artifacts(
-        model_ref, store=store, autoencoder=autoencoder_ref, device=device, guide=guide_ref, precision=precision
-    )
+    out_dir, model = Path(out_dir), SamplingModel.of(model)
+    pipe = model.load(store)
     singles = out_dir / ("images" if pipe.sample_rate is None else "audio")
     check_writable(singles if single_images else out_dir, "--out")
-    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
+    settings = model.with_cache(store, pipe, pipe.settings(settings, default_guidance))
     labels = parse_classes(classes, n, pipe.num_classes)
     earlier = earlier_samples(out_dir, overwrite)
     recorded = {**report_settings(pipe, settings), "n": n}
@@ -152,7 +180,8 @@ def stored_cache_schedule(
     `forecast`, skipped blocks add a linear forecast of their residual (`ldm.caching`) instead of the last one.
 
     The schedule is calibrated once per model and setting (`pipe.calibrate_cache`) and kept in the artifact's
-    manifest under metrics["cache-<sampler>-<steps>-cfg<scale>[-t<interval>][-guide...][-<precision>]-f<fraction>[-forecast]"]
+    manifest under metrics["cache-<sampler>-<steps>-cfg<scale>[-t<interval>][-guide...][-<precision>]-f<fraction>"
+    "[-forecast]"]
     (the setting's whole trajectory, so another guidance interval or guide never reuses it), sealed to the model,
     that name and the fraction; later runs reuse it, and refuse one that was edited, moved or copied (`ldm.caching`).
     """
@@ -183,7 +212,7 @@ def stored_cache_schedule(
 
 
 def earlier_samples(out_dir: Path, overwrite: bool) -> list[Path]:
-    """Return the files an earlier `ldm sample` left in out_dir, to remove; raise FileExistsError if any, unless overwrite."""
+    """Return the files an earlier `ldm sample` left in out_dir, to remove; FileExistsError if any, unless overwrite."""
     ours = [out_dir / name for name in ("grid.png", "samples.json") if (out_dir / name).is_file()]
     singles = [
         path
@@ -202,7 +231,8 @@ def earlier_samples(out_dir: Path, overwrite: bool) -> list[Path]:
 
 
 def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
-    """Write a grid of images (N, C, H, W) with labels (N,), one row per class when every class has as many, and return its path."""
+    """Write a grid of images (N, C, H, W) with labels (N,), one row per class when every class has as many; return
+    its path."""
     n, distinct = len(labels), len(set(labels.tolist()))
     balanced = n % distinct == 0
     order = torch.argsort(labels, stable=True) if balanced else torch.arange(n)
@@ -228,18 +258,13 @@ def _write_json(path: Path, report: dict) -> None:
 @torch.no_grad()
 def evaluate_samples(
     store: ArtifactStore,
-    model_ref: str,
+    model: SamplingModel | str,
     settings: SamplingSettings,
     n: int = 10_000,
     classifier_ref: str = "classifier@latest",
     features: str = "auto",
     out_dir: str | Path | None = None,
-    device: str = "cpu",
-    autoencoder_ref: str | None = None,
-    guide_ref: str | None = None,
-    precision: str | None = None,
-    cache_fraction: float = 0.0,
-    cache_forecast: bool = False,
+    default_guidance: float = 1.5,
 ) -> dict:
     """Frechet distance of n class-balanced samples to the test split, class accuracy and time per image.
 
@@ -250,13 +275,11 @@ def evaluate_samples(
     """
     _check_count(n)
     check_writable(Path(out_dir or EVAL_FOLDER), "--out")
-    device_ = torch.device(device)
-    pipe = LatentDiffusionPipeline.from_artifacts(
-        model_ref, store=store, autoencoder=autoencoder_ref, device=device_, guide=guide_ref, precision=precision
-    )
-    store.check_writable(store.load(model_ref, stage="diffusion", verify=False))  # the numbers go into its manifest
-    settings = stored_cache_schedule(store, model_ref, pipe, pipe.settings(settings), cache_fraction, cache_forecast)
-    reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, device_)
+    model = SamplingModel.of(model)
+    pipe = model.load(store)
+    store.check_writable(store.load(model.ref, stage="diffusion", verify=False))  # the numbers go into its manifest
+    settings = model.with_cache(store, pipe, pipe.settings(settings, default_guidance))
+    reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, pipe.device)
     report, first = measure_samples(pipe, settings, n, reference)
     if settings.cache is not None:
         counts = pipe.block_evaluations
@@ -270,7 +293,7 @@ def evaluate_samples(
         )
         _write_json(out_dir / "report.json", report)
     store.update_manifest(
-        store.load(model_ref, stage="diffusion", verify=False), metrics={name: report_metrics(report)}
+        store.load(model.ref, stage="diffusion", verify=False), metrics={name: report_metrics(report)}
     )
     print_sample_report(report, out_dir, grid)
     return report
@@ -279,7 +302,8 @@ def evaluate_samples(
 def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
     kind = "FID" if report["is_standard_fid"] else "FD (not Inception FID)"
     print(
-        f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps ({report['spacing']}), "
+        f"{report['n']} samples of {report['model']}: {report['sampler']}, {report['steps']} steps "
+        f"({report['spacing']}), "
         f"{guidance_text(report)}"
     )
     print(f"  {kind:<22} {report['frechet_distance']:9.4f}   [{report['features']}]")
@@ -288,7 +312,8 @@ def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
         f"samples are {report['ratio_to_reference']:.2f}x that)"
     )
     print(
-        f"  reconstructions        {report['autoencoder_reference_distance']:9.4f}   ({report['autoencoder_reference']}: "
+        f"  reconstructions        {report['autoencoder_reference_distance']:9.4f}   "
+        f"({report['autoencoder_reference']}: "
         f"the floor for samples decoded by this autoencoder)"
     )
     print(f"  class accuracy         {report['class_accuracy']:9.4f}   [{report['class_accuracy_classifier']}]")
@@ -297,7 +322,8 @@ def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
         f"({report['class_accuracy_reference']}: the second is the ceiling for samples)"
     )
     print(
-        f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, {report['threads']} threads"
+        f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, "
+        f"{report['threads']} threads"
         f"{', ' + report['precision'] if report.get('precision', 'float32') != 'float32' else ''})"
     )
     if "block_evaluations_saved" in report:

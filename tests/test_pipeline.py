@@ -303,7 +303,7 @@ def test_sample_command_guidance_interval_and_spacing(tmp_path, store):
 
 @needs_fmnist
 def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp_path, store):
-    from stages.sample import evaluate_samples
+    from stages.sample import SamplingModel, evaluate_samples
 
     torch.manual_seed(3)
     classifier = Classifier(ClassifierConfig(width=8, feature_dim=16))
@@ -340,12 +340,11 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     model = store.load("diffusion@latest")  # autoguided evaluations are recorded under their own name
     guided = evaluate_samples(
         store,
-        model.ref,
+        SamplingModel(model.ref, guide=model.ref),
         SamplingSettings(num_steps=2, guide_scale=2.0, batch_size=20),
         n=20,
         features="classifier",
         out_dir=tmp_path / "guided",
-        guide_ref=model.ref,
     )
     assert guided["guide"] == model.ref and guided["guide_scale"] == 2.0 and guided["guidance_scale"] == 1.0
     assert f"samples-dpm++2m-2-cfg1-guide2-{model.version}-n20" in store.load(model.ref).manifest["metrics"]
