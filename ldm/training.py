@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import logging
 import math
 import os
 import pickle
@@ -29,6 +30,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Subset
 
 from ldm.artifacts import write_atomic
@@ -41,10 +43,41 @@ from ldm.images import save_curves
 LAST = "last.ckpt"
 LOCK = "run.lock"  # held (flock) by the process training in the run folder; it names that process
 
-# Our checkpoints save the state after each step on purpose (that is what a resume continues from).
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-# The latent cache is an endless iterable with no length, and every stage sets max_steps.
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+def _hide_harmless_notices() -> None:
+    """Hide the notices every fit prints that report no problem of the run; every other warning still shows.
+
+    Each filter matches one notice by its text (and, where it can, its category and origin). Installed when
+    a Trainer is built rather than on import, where a catch_warnings around the import (pytest's, for one)
+    would undo it.
+    """
+    # Our checkpoints save the state after each step on purpose (that is what a resume continues from).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # The latent cache is an endless iterable with no length, and every stage sets max_steps.
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # Lightning's own pytree helper builds torch's deprecated LeafSpec: nothing of ours uses it.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # The modules a stage keeps in eval mode are frozen networks none of whose weights train (the LPIPS
+    # network, EMA copies); the fit loop cannot tell them from a model left in eval mode by mistake.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Found \d+ module\(s\) in eval mode at the start of training",
+        category=PossibleUserWarning,
+        module=r"lightning\.pytorch\.loops\.fit_loop",
+    )
+    # Lightning advertises its cloud services (litlogger, litmodels) at every fit, through rank_zero_info.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_a_cloud_tip)
+
+
+def _not_a_cloud_tip(record: logging.LogRecord) -> bool:
+    """Whether a log record is anything but Lightning's advert for its cloud ("💡 Tip: For seamless cloud ...")."""
+    return not record.getMessage().startswith("💡 Tip: For seamless cloud")
+
 
 # Settings a resumed run may change freely (how long, how often it logs, on what hardware) and those it
 # may change only when asked (--allow-change KEY): the usual remedies for a diverging run. Any other
@@ -100,7 +133,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """Return a run's checkpoint, loaded onto the CPU (`mmap`: its tensors read only when used); CheckpointError if unsafe or unreadable."""
+    """Return a run's checkpoint, loaded onto the CPU; CheckpointError if unsafe or unreadable.
+
+    With `mmap`, its tensors are read only when used.
+    """
     # Run folders may sit on shared storage that others can write: never run pickle code from one.
     # Our checkpoints hold tensors and plain data only. Loaded onto the CPU first, so a resume
     # never allocates a second copy of the model on the accelerator.
@@ -231,7 +267,7 @@ def stop_on_signals() -> Iterator[None]:
 
 
 def interrupted_message(stop: TrainingInterrupted, run_dir: str | os.PathLike, resume_command: str) -> str:
-    """The one line a run stopped by a signal ends with: the step its checkpoint holds and the command that continues it."""
+    """The one line a run stopped by a signal ends with: the step its checkpoint holds and the command resuming it."""
     name = signal.Signals(stop.signum).name
     checkpoint = last_checkpoint(run_dir)
     if checkpoint is None:
@@ -244,7 +280,10 @@ def interrupted_message(stop: TrainingInterrupted, run_dir: str | os.PathLike, r
 
 
 class ProgressBar(TQDMProgressBar):
-    """The tqdm bar in batches (Lightning counts optimiser steps), without the version number, which means nothing to a reader."""
+    """The tqdm bar in batches (Lightning counts optimiser steps), without the version number.
+
+    The version number means nothing to a reader.
+    """
 
     def __init__(self, steps_per_batch: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -464,6 +503,7 @@ def build_trainer(
     """
     if torch.cuda.is_available():  # no effect on CPUs; 32-true stays exact fp32 there
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+    _hide_harmless_notices()
     kwargs: dict[str, Any] = dict(
         default_root_dir=run_dir,
         max_steps=config.max_steps * steps_per_batch,
@@ -636,7 +676,8 @@ def fit_stage(
             raise
     if trainer.interrupted:
         print(
-            f"interrupted at step {trainer.global_step // steps_per_batch}; continue with --resume (run folder {run_dir})"
+            f"interrupted at step {trainer.global_step // steps_per_batch}; "
+            f"continue with --resume (run folder {run_dir})"
         )
         return None
     return (trainer, timer()) if trainer.is_global_zero else None
@@ -653,7 +694,8 @@ def non_finite_message(what: str, step: int, run_dir: Path | None) -> str:
     checkpoint = last_checkpoint(run_dir) if run_dir is not None else None
     where = (
         f"The last good checkpoint is {checkpoint}: resume with --resume after lowering trainer.lr "
-        f"(--allow-change trainer.lr), setting trainer.grad_clip or using trainer.precision=32-true (allowed the same way)"
+        "(--allow-change trainer.lr), setting trainer.grad_clip or using trainer.precision=32-true "
+        "(allowed the same way)"
         if checkpoint is not None
         else "No checkpoint was written yet (trainer.checkpoint_every); start again after lowering trainer.lr, "
         "setting trainer.grad_clip or using trainer.precision=32-true"
