@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev,bench]'
 	touch $@
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast lint
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -23,3 +23,8 @@ test: $(VENV)/.installed
 # Every test but those marked slow (end-to-end training, subprocesses, DDP, benches): a few minutes on two cores.
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -ra -m "not slow"
+
+# ruff's formatter and linter (pyproject.toml), as CI runs them before the tests.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
