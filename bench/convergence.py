@@ -90,7 +90,10 @@ class Recipe:
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
-        """NAME=PRESET[:key=value,...], e.g. rms=configs/fmnist/diffusion-flow.yaml:model.hidden_size=256,betas=[0.9,0.95]."""
+        """NAME=PRESET[:key=value,...].
+
+        E.g. rms=configs/fmnist/diffusion-flow.yaml:model.hidden_size=256,betas=[0.9,0.95].
+        """
         name, sep, rest = text.partition("=")
         if not sep or not name or not rest:
             raise ValueError(f"--recipe must look like NAME=PRESET[:key=value,...], got {text!r}")
@@ -323,7 +326,10 @@ def train_diffusers_peer(
     probe: Probe,
     device: torch.device,
 ) -> dict:
-    """Train diffusers' DiT as its training scripts do, at the baseline's size, batch and optimiser; return its setup."""
+    """Train diffusers' DiT as its training scripts do, at the baseline's size, batch and optimiser.
+
+    Return its setup.
+    """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
@@ -425,7 +431,10 @@ def mean_curve(by_seed: dict[int, list[Point]], axis: str) -> list[tuple[float, 
 
 
 def fd_ratio_at_equal(line: dict[int, list[Point]], baseline: dict[int, list[Point]], axis: str) -> tuple[float, float]:
-    """(line FD / baseline FD, x) at the furthest x both reached, each FD the mean over seeds of its interpolated curve."""
+    """(line FD / baseline FD, x) at the furthest x both reached.
+
+    Each FD is the mean over seeds of its interpolated curve.
+    """
     x = min(x_of(points[-1], axis) for points in (*line.values(), *baseline.values()))
 
     def fd(by_seed: dict[int, list[Point]]) -> float:
@@ -463,7 +472,8 @@ def print_summary(results: Results, lines: list[str], floor: float, n: int) -> N
         by_images, images = fd_ratio_at_equal(by_seed, baseline, "images")
         print(
             f"{line:<14} {len(by_seed):>5} {statistics.mean(p.step for p in last):>7.0f} "
-            f"{statistics.mean(p.images_seen for p in last):>9.0f} {statistics.mean(p.train_minutes for p in last):>9.2f} "
+            f"{statistics.mean(p.images_seen for p in last):>9.0f} "
+            f"{statistics.mean(p.train_minutes for p in last):>9.2f} "
             f"{eval_minutes:>8.2f} {statistics.mean(fds):>8.3f}{spread(fds):<6} "
             f"{statistics.mean(accuracies):>8.3f}{spread(accuracies):<6} "
             f"{by_minutes:>8.2f}x @ {minutes:5.2f} min {by_images:>7.2f}x @ {images:>7.0f}"
@@ -575,7 +585,8 @@ def main(argv: list[str] | None = None) -> Results:
     )
     print(
         f"cache {latents_ref} ({len(cache)} images, latents {'x'.join(map(str, cache.latent_shape))}); budget "
-        f"{budget.steps or 'no'} steps, {budget.minutes or 'no'} training minutes; evaluation every {args.eval_every} steps: "
+        f"{budget.steps or 'no'} steps, {budget.minutes or 'no'} training minutes; "
+        f"evaluation every {args.eval_every} steps: "
         f"{args.n} samples, {args.calls} network calls, cfg {args.cfg}"
     )
     if budget.steps is None:

@@ -51,7 +51,8 @@ PRECISIONS = {  # name: (matmul precision for float32, autocast dtype or None)
 NO_CUDA = (
     "bench/gpu.py measures a CUDA GPU, but torch {version} sees none (torch.cuda.is_available() is False{why}).\n"
     "Run it on a machine with an NVIDIA GPU: python bench/gpu.py\n"
-    "To check the script itself here: python bench/gpu.py --device cpu --preset DiT-S/2 --batch 2 --repeats 1 --warmup 1"
+    "To check the script itself here: "
+    "python bench/gpu.py --device cpu --preset DiT-S/2 --batch 2 --repeats 1 --warmup 1"
 )
 
 

@@ -276,7 +276,8 @@ def main() -> None:
         print(
             f"{row['setting']:<28} {row['calls']:>5} {row['blocks_saved']:>12.1%} {row['frechet_distance']:>8.4f} "
             f"{row['fd_ratio']:>6.3f} {row['class_accuracy']:>8.4f} {row['ms_per_image']:>7.2f} {row['speedup']:>7.2f} "
-            f"{row['weight_mb']:>10.2f} {row.get('loaded_mb', float('nan')):>9.0f} {row.get('peak_mb', float('nan')):>8.0f}"
+            f"{row['weight_mb']:>10.2f} {row.get('loaded_mb', float('nan')):>9.0f} "
+            f"{row.get('peak_mb', float('nan')):>8.0f}"
         )
     with open(out / "inference.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

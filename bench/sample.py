@@ -173,7 +173,8 @@ def main() -> None:
         print(f"{name:<10} {total:>9.2f} {1000 * total / args.n:>10.2f} {args.n / total:>10.1f}")
     print(
         f"speedup (diffusers' time / ours): {theirs_s / ours_s:.2f}x overall; per batch median "
-        f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x; load average now {os.getloadavg()[0]:.1f}"
+        f"{statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x; "
+        f"load average now {os.getloadavg()[0]:.1f}"
     )
 
 

@@ -78,7 +78,10 @@ class ArtifactWarning(UserWarning):
 
 
 class StoreFileError(ArtifactError):
-    """A file of an artifact that the store will not read: not a regular file (a link, FIFO, device), or too large for metadata."""
+    """A file of an artifact that the store will not read.
+
+    Not a regular file (a link, FIFO, device), or too large for metadata.
+    """
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -230,7 +233,7 @@ class Artifact:
 
     @property
     def sealed(self) -> bool:
-        """Whether the version covers the manifest's fields (False: a legacy artifact, whose version hashes its files only)."""
+        """Whether the version covers the manifest's fields (False: a legacy artifact's version hashes files only)."""
         return "manifest_format" in self.manifest
 
     def config(self) -> dict[str, Any]:
@@ -274,7 +277,10 @@ class Artifact:
         return path
 
     def file_problem(self) -> str | None:
-        """Return why a file does not match the manifest's sha256 (missing, not a regular file, unreadable, changed), or None when all match."""
+        """Return why a file does not match the manifest's sha256, or None when all match.
+
+        A file fails when it is missing, not a regular file, unreadable, or changed.
+        """
         for name, expected in self.manifest["files"].items():
             file = self.path / name
             try:
@@ -377,7 +383,10 @@ def _seal_problem(manifest: dict[str, Any]) -> str | None:
     elif form == MANIFEST_FORMAT:
         expected = _version(manifest["files"], _sealed_fields(manifest))
     else:
-        return f"its manifest_format {form!r} is not one this ldm reads ({MANIFEST_FORMAT}); upgrade ldm or re-create the artifact"
+        return (
+            f"its manifest_format {form!r} is not one this ldm reads ({MANIFEST_FORMAT}); "
+            "upgrade ldm or re-create the artifact"
+        )
     if expected != manifest["version"]:
         return (
             f"manifest.json was changed after saving (its fields no longer hash to its version {manifest['version']}); "
@@ -434,7 +443,10 @@ def _config_problem(path: Path, manifest: dict[str, Any]) -> str | None:
     except OSError as err:
         return f"config.yaml cannot be read ({err}); restore it or re-create the artifact"
     if actual != expected["sha256"]:
-        return "config.yaml was changed after saving (its sha256 is not the manifest's); restore it or re-create the artifact"
+        return (
+            "config.yaml was changed after saving (its sha256 is not the manifest's); "
+            "restore it or re-create the artifact"
+        )
     return None
 
 
@@ -687,7 +699,7 @@ class ArtifactStore:
         return ArtifactWriter(self, stage)
 
     def _stored_copy(self, final: Path, stage: str) -> Artifact | None:
-        """The sound stored copy of an artifact being saved again; None once a damaged copy is removed to be replaced."""
+        """The sound stored copy of an artifact being saved again; None once a damaged one is removed to be replaced."""
         try:
             existing = self._open(final, stage)
             existing.verify()
@@ -714,7 +726,8 @@ class ArtifactStore:
         )
         if refused:
             raise ArtifactError(
-                f"cannot change {', '.join(refused)} of {artifact.ref}: sealed into its version; save a new artifact instead"
+                f"cannot change {', '.join(refused)} of {artifact.ref}: sealed into its version; "
+                "save a new artifact instead"
             )
         for key, value in fields.items():
             if isinstance(value, dict) and isinstance(manifest.get(key), dict):
@@ -728,11 +741,14 @@ class ArtifactStore:
     # ---- reading ----------------------------------------------------------------------------
 
     def resolve(self, ref: str, stage: str | None = None) -> Path:
-        """Return the folder of the artifact that `ref` names, its manifest checked; raise ArtifactError saying what exists."""
+        """Return the folder of the artifact `ref` names, its manifest checked; ArtifactError saying what exists."""
         return self._find(str(ref), stage).path
 
     def load(self, ref: str, stage: str | None = None, verify: bool = True) -> Artifact:
-        """Return the artifact `ref` names, its manifest checked against its version and (`verify`) its files against their sha256."""
+        """Return the artifact `ref` names, its manifest checked against its version.
+
+        With `verify`, its files are checked against their sha256 as well.
+        """
         artifact = self._find(str(ref), stage)
         if stage is not None and artifact.stage != stage:
             raise ArtifactError(
@@ -755,11 +771,11 @@ class ArtifactStore:
         return sorted(good, key=_age), broken
 
     def list(self, stage: str | None = None) -> list[Artifact]:
-        """Return the sound stored artifacts (of one stage, or all), oldest first; `scan` also names the damaged ones."""
+        """Return the sound stored artifacts (of one stage or all), oldest first; `scan` also names the damaged ones."""
         return self.scan(stage)[0]
 
     def audit(self, ref: str | None = None) -> list[Verdict]:
-        """Return a Verdict for the artifact `ref` names, or for every folder in the store: manifest and files checked."""
+        """Return a Verdict for the artifact `ref` names or every folder in the store: manifest and files checked."""
         if ref is not None:
             try:
                 return [_verdict(self._find(str(ref)))]
@@ -850,7 +866,7 @@ class ArtifactStore:
         return matches[0]
 
     def _open(self, path: Path, stage: str) -> Artifact:
-        """The artifact in the store folder `<stage>/<path.name>`; DamagedArtifactError unless it is sound and in its place."""
+        """The artifact in store folder `<stage>/<path.name>`; DamagedArtifactError unless it is sound and in place."""
         manifest = read_manifest(path, _label(path))
         if manifest["stage"] != stage:
             raise DamagedArtifactError(
@@ -877,7 +893,10 @@ class ArtifactStore:
 
 
 def _made(path: Path, manifest: Any = None) -> str:
-    """When the folder's artifact was made, as `created` says it: the manifest's own if it reads, else the folder's mtime."""
+    """When the folder's artifact was made, as `created` says it.
+
+    The manifest's own if it reads, else the folder's mtime.
+    """
     if manifest is None and not os.path.islink(path):
         try:
             manifest = json.loads(_read_metadata(path / MANIFEST))
@@ -946,7 +965,7 @@ def _temp_folder(path: Path, remove: bool = False) -> TempFolder | None:
 
 
 def _tree_usage(path: Path) -> tuple[int, float]:
-    """The bytes of the regular files under `path` and the seconds since anything there last changed (no link followed)."""
+    """The bytes of regular files under `path` and the seconds since anything there last changed (no link followed)."""
     size, changed = 0, os.lstat(path).st_mtime
     for folder, subfolders, files in os.walk(path):
         for name in subfolders + files:
@@ -988,7 +1007,7 @@ def seal_record(artifact: Artifact, key: str, record: dict[str, Any]) -> dict[st
 
 
 def record_problem(artifact: Artifact, key: str) -> str | None:
-    """Why the sealed record metrics[key] does not match its seal (edited, or moved from another key or artifact), or None."""
+    """Why the sealed record metrics[key] fails its seal (edited, or moved from another key or artifact), or None."""
     record = artifact.manifest["metrics"][key]
     body = {name: value for name, value in record.items() if name != RECORD_SEAL}
     if body.get("artifact") == artifact.version and record[RECORD_SEAL] == _record_digest(key, body):

@@ -223,7 +223,7 @@ def spectrogram_features(x: torch.Tensor, n_fft: int, hop_length: int) -> torch.
 def griffin_lim(
     features: torch.Tensor, n_fft: int, hop_length: int, n_iter: int = 32, momentum: float = 0.99, seed: int = 0
 ) -> torch.Tensor:
-    """Return signals (N, 1, frames * hop_length) whose STFT magnitude matches `spectrogram_features` output (N, F, frames).
+    """Return signals (N, 1, frames * hop_length) whose STFT magnitude matches `spectrogram_features` (N, F, frames).
 
     Fast Griffin-Lim (Perraudin, Balazs & Sondergaard 2013): alternate between the signal whose STFT
     is closest to magnitude x phase, and the phase of that signal's STFT, with momentum on the phase.
@@ -325,7 +325,7 @@ def mr_stft_distance(estimate: torch.Tensor, reference: torch.Tensor) -> torch.T
 
 
 def take_windows(signals: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
-    """Return signals[n, :, start[n] : start[n] + length] for every n: windows (N, C, length) of signals (N, C, L), one gather."""
+    """Return windows (N, C, length) of signals (N, C, L), signals[n, :, start[n] : start[n] + length], one gather."""
     index = start[:, None] + torch.arange(length, device=signals.device)  # (N, length)
     return signals.gather(2, index[:, None, :].expand(-1, signals.shape[1], -1))
 
@@ -336,7 +336,10 @@ PICTURE_LOG_RANGE = (-7.0, 5.0)
 
 
 def spectrogram_pictures(signals: torch.Tensor, n_fft: int = 256, hop_length: int = 64) -> torch.Tensor:
-    """Return log-magnitude spectrograms (N, 1, n_fft/2 + 1, frames) in [-1, 1] of signals (N, 1, L), low frequencies at the bottom."""
+    """Return log-magnitude spectrograms (N, 1, n_fft/2 + 1, frames) in [-1, 1] of signals (N, 1, L).
+
+    Low frequencies are at the bottom.
+    """
     low, high = PICTURE_LOG_RANGE
     magnitude = stft_magnitude(signals.detach().float().cpu().clamp(-1, 1), n_fft, hop_length)  # (N, F, frames)
     scaled = (magnitude.log().clamp(low, high) - low) / (high - low) * 2 - 1

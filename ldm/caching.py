@@ -223,7 +223,7 @@ def skips_for(fraction: float, calls: int, depth: int) -> int:
 
 
 def sealed_schedule(schedule: CacheSchedule, model: Artifact, name: str, fraction: float) -> dict:
-    """The record that stores `schedule`, calibrated for `fraction`, as metrics[name] of `model`: sealed to all three."""
+    """The record that stores `schedule`, calibrated for `fraction`, as `model`'s metrics[name]: sealed to all three."""
     return seal_record(model, name, {**schedule.to_dict(), "cache_fraction": fraction})
 
 
@@ -262,7 +262,10 @@ def _misfit(
 ) -> str | None:
     """Why a sealed schedule does not fit the setting it is asked for (only a forged seal lets one through), or None."""
     if (schedule.calls, schedule.depth) != (calls, depth):
-        return f"is for {schedule.calls} calls of {schedule.depth} blocks, but this setting makes {calls} calls of {depth} blocks"
+        return (
+            f"is for {schedule.calls} calls of {schedule.depth} blocks, "
+            f"but this setting makes {calls} calls of {depth} blocks"
+        )
     if schedule.extrapolate != extrapolate:
         return f"was calibrated {'with' if schedule.extrapolate else 'without'} --cache-forecast"
     if record.get("cache_fraction") != fraction or len(schedule.skips) != skips_for(fraction, calls, depth):

@@ -29,7 +29,8 @@ _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _DENIED = {errno.EROFS, errno.EACCES, errno.EPERM}
 _IN_THE_WAY = {errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
 _FAILING = {errno.EIO}
-# safetensors' Rust errors carry the OS error in their text: "... (os error 28) at path ..." (or "code: 28" in older ones).
+# safetensors' Rust errors carry the OS error in their text: "... (os error 28) at path ..."
+# (or "code: 28" in older ones).
 _SAFETENSORS_ERRNO = re.compile(r"os error (\d+)|code: (\d+)")
 _SAFETENSORS_PATH = re.compile(r'at path "([^"]+)"')
 

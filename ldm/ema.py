@@ -54,7 +54,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """Return sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) of the profile with exponent gamma (Eq. 123)."""
+    """Return sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) of the profile of exponent gamma (Eq. 123)."""
     if not gamma > -1:
         raise ValueError(f"a power-function EMA needs gamma > -1, got {gamma!r}")
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
@@ -131,9 +131,10 @@ def posthoc_coefficients(
 def combine_snapshots(
     snapshots: Iterable[dict[str, torch.Tensor]], coefficients: torch.Tensor
 ) -> list[dict[str, torch.Tensor]]:
-    """Return, for each column j of coefficients (K, J), sum_k coefficients[k, j] * snapshot_k, reading each snapshot once.
+    """Return, for each column j of coefficients (K, J), sum_k coefficients[k, j] * snapshot_k.
 
-    Sums run in float32 (float64 stays float64) and are returned in the snapshots' dtype.
+    Each snapshot is read once. Sums run in float32 (float64 stays float64) and are returned in the
+    snapshots' dtype.
     """
     outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(coefficients.shape[1])]
     dtypes: dict[str, torch.dtype] = {}
@@ -228,7 +229,7 @@ def snapshot_name(step: int, sigma_rel: float) -> str:
 def write_snapshot(
     folder: Path, step: int, sigma_rel: float, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write one profile's tensors at `step` atomically (safetensors with its step and sigma_rel) and return the path."""
+    """Write one profile's tensors at `step` atomically (safetensors with its step and sigma_rel); return the path."""
     header = {**(metadata or {}), "format": SNAPSHOT_FORMAT, "step": str(step), "sigma_rel": repr(float(sigma_rel))}
     data = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, metadata=header)
     path = Path(folder) / snapshot_name(step, sigma_rel)
@@ -237,7 +238,7 @@ def write_snapshot(
 
 
 def list_snapshots(folder: Path) -> list[Snapshot]:
-    """Return the snapshots in `folder`, ordered by (step, sigma_rel); step and sigma_rel come from each file's header."""
+    """Return the snapshots in `folder`, ordered by (step, sigma_rel), both read from each file's header."""
     found = []
     for path in sorted(Path(folder).glob("step*-sigma*.safetensors")):
         if not SNAPSHOT_NAME.fullmatch(path.name):
@@ -251,7 +252,7 @@ def list_snapshots(folder: Path) -> list[Snapshot]:
 
 
 def remove_snapshots_after(folder: Path, step: int) -> list[Path]:
-    """Delete the snapshots of steps after `step` (left by a run that crashed past its last checkpoint) and return them."""
+    """Delete the snapshots of steps after `step` (left by a run that crashed past its last checkpoint); return them."""
     stale = [s.path for s in list_snapshots(folder) if s.step > step] if Path(folder).is_dir() else []
     for path in stale:
         path.unlink()
@@ -272,7 +273,8 @@ def reconstruct(
     if not any(s.step == step for s in snapshots):
         steps = sorted({s.step for s in snapshots})
         raise ValueError(
-            f"no snapshot at step {step}: the EMA can only be reconstructed at a snapshot's step ({steps[0]} ... {steps[-1]})"
+            f"no snapshot at step {step}: the EMA can only be reconstructed at a snapshot's step "
+            f"({steps[0]} ... {steps[-1]})"
         )
     used = [s for s in snapshots if 0 < s.step <= step]
     if len({(s.step, s.sigma_rel) for s in used}) != len(used):

@@ -124,7 +124,7 @@ def sample_reference(
 
 @torch.no_grad()
 def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleReference) -> tuple[dict, torch.Tensor]:
-    """Return the report of n class-balanced samples (image i from settings.seed + i) and the first 100 images (on the CPU)."""
+    """Return the report of n class-balanced samples (image i from settings.seed + i), and the first 100 on the CPU."""
     labels = torch.arange(n) % pipe.num_classes
     sample_stats = FeatureStats()
     correct, seconds, grid_images = 0, 0.0, []
@@ -160,11 +160,15 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
         if reference.reference_distance > 0
         else float("inf"),
         "autoencoder_reference_distance": reference.autoencoder_distance,
-        "autoencoder_reference": f"{n_real} train images encoded and decoded by {pipe.provenance.autoencoder} vs {n_real} test images",
+        "autoencoder_reference": (
+            f"{n_real} train images encoded and decoded by {pipe.provenance.autoencoder} vs {n_real} test images"
+        ),
         "class_accuracy": correct / n,
         "real_class_accuracy": reference.real_accuracy,
         "autoencoder_class_accuracy": reference.autoencoder_accuracy,
-        "class_accuracy_reference": f"the same {n_real} train images as they are and encoded and decoded by {pipe.provenance.autoencoder}",
+        "class_accuracy_reference": (
+            f"the same {n_real} train images as they are and encoded and decoded by {pipe.provenance.autoencoder}"
+        ),
         "class_accuracy_classifier": reference.classifier_ref,
         "seconds_per_image": seconds / n,
         "test_data": {"images": n_real, "fingerprint": reference.test_fingerprint},
@@ -176,7 +180,8 @@ def measure_samples(pipe, settings: SamplingSettings, n: int, reference: SampleR
 
 def trajectory_name(pipe, settings: SamplingSettings) -> str:
     """`dpm++2m-20[-leading]-cfg1.5[-t220-840][-guide2-<id>]` (a flow sampler: `flow-heun-10[-shift2]-cfg...`): what
-    decides a sampling run's path through the DiT, in the names of its measurements and of its step-caching schedules."""
+    decides a sampling run's path through the DiT, in the names of its measurements and of its
+    step-caching schedules."""
     interval = (
         f"-t{settings.guidance_interval[0]:g}-{settings.guidance_interval[1]:g}" if settings.guidance_interval else ""
     )

@@ -53,7 +53,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> Image.Image:
-    """Return one PIL image tiling a batch (N, C, H, W) in [-1, 1] (or the spectrograms of signals (N, 1, L)), `nrow` per row."""
+    """Return one PIL image tiling a batch (N, C, H, W) in [-1, 1], `nrow` per row.
+
+    A batch of signals (N, 1, L) is drawn as their spectrograms.
+    """
     if images.ndim == 3:
         images = spectrogram_pictures(images)  # (N, 1, F, frames)
     n, c, h, w = images.shape

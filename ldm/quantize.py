@@ -37,7 +37,7 @@ def check_precision(precision: str) -> str:
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (int8 (out, in), float32 scales (out,)) with weight ~ int8 * scale[:, None], symmetric per output channel."""
+    """Return (int8 (out, in), float32 scales (out,)), weight ~ int8 * scale[:, None], symmetric per output channel."""
     weight = weight.detach().float()
     scale = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # a zero row keeps a finite scale
     return torch.clamp(torch.round(weight / scale[:, None]), -127, 127).to(torch.int8), scale

@@ -127,6 +127,7 @@ def run(
         )
         print(f"\nwrote {artifact.ref}  ({artifact.path})")
         print(
-            f"  test accuracy {accuracy:.4f} on {len(test)} {'clips' if config.data.is_sound else 'images'}, {trainer.global_step} steps in {format_seconds(seconds)}"
+            f"  test accuracy {accuracy:.4f} on {len(test)} {'clips' if config.data.is_sound else 'images'}, "
+            f"{trainer.global_step} steps in {format_seconds(seconds)}"
         )
         return artifact

@@ -74,23 +74,28 @@ def run_demo(out: Path) -> dict[str, object]:
     print(f"\ndemo finished in {format_seconds(timer())}")
     print(f"  artifacts:        {store.root}   (ldm --store {store.root} artifacts list)")
     print(
-        f"  classifier:       {feature_classifier.ref}  test accuracy {feature_classifier.manifest['metrics']['test']['accuracy']:.4f}"
+        f"  classifier:       {feature_classifier.ref}  "
+        f"test accuracy {feature_classifier.manifest['metrics']['test']['accuracy']:.4f}"
     )
     print(f"  autoencoder:      {ae.ref}  PSNR {recon['psnr_db']:.2f} dB, SSIM {recon['ssim']:.4f}")
     print(f"  reconstructions:  {out / 'eval-recon' / 'reconstructions.png'}")
     print(f"  latent cache:     {cache.ref}  ({cache.manifest['images']} images x {cache.manifest['views']} views)")
     print(
-        f"  diffusion:        {model.ref}  final loss {model.manifest['training']['final'].get('loss', float('nan')):.4f}"
+        f"  diffusion:        {model.ref}  "
+        f"final loss {model.manifest['training']['final'].get('loss', float('nan')):.4f}"
     )
     print(
-        f"  samples:          FD {sample_report['frechet_distance']:.3f} (real train vs test {sample_report['real_reference_distance']:.3f}, "
+        f"  samples:          FD {sample_report['frechet_distance']:.3f} "
+        f"(real train vs test {sample_report['real_reference_distance']:.3f}, "
         f"reconstructed train vs test {sample_report['autoencoder_reference_distance']:.3f}), "
-        f"class accuracy {sample_report['class_accuracy']:.3f} (reconstructed train images {sample_report['autoencoder_class_accuracy']:.3f}), "
+        f"class accuracy {sample_report['class_accuracy']:.3f} "
+        f"(reconstructed train images {sample_report['autoencoder_class_accuracy']:.3f}), "
         f"{1000 * sample_report['seconds_per_image']:.1f} ms/image "
         f"({sample_report['n']} samples, {sample_report['features'].split(' ')[0]} features)"
     )
     print(
-        f"  sample grid:      {out / 'samples' / 'grid.png'} (one row per class, flow-heun 10 steps, CFG {samples['guidance_scale']})"
+        f"  sample grid:      {out / 'samples' / 'grid.png'} "
+        f"(one row per class, flow-heun 10 steps, CFG {samples['guidance_scale']})"
     )
     print(f"  training curves:  {runs / 'autoencoder' / 'loss.png'}, {runs / 'diffusion' / 'loss.png'}")
     return {

@@ -109,7 +109,8 @@ class DiffusionStageConfig:
     def __post_init__(self) -> None:
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(
-                f"model.learn_sigma ({self.model.learn_sigma}) and diffusion.learn_sigma ({self.diffusion.learn_sigma}) "
+                f"model.learn_sigma ({self.model.learn_sigma}) and "
+                f"diffusion.learn_sigma ({self.diffusion.learn_sigma}) "
                 f"must agree: the network's output channels and the loss are two sides of the same choice"
             )
         if self.lr_schedule not in ("constant", "cosine"):
@@ -132,7 +133,8 @@ class DiffusionStageConfig:
             raise ValueError(f"posthoc_ema lists a length twice: {self.posthoc_ema}")
         if self.posthoc_ema and self.posthoc_snapshot_every < 1:
             raise ValueError(
-                f"posthoc_ema needs posthoc_snapshot_every >= 1 (steps between snapshots), got {self.posthoc_snapshot_every}"
+                f"posthoc_ema needs posthoc_snapshot_every >= 1 (steps between snapshots), "
+                f"got {self.posthoc_snapshot_every}"
             )
         if not self.posthoc_ema and self.posthoc_snapshot_every != 0:
             raise ValueError(
@@ -141,7 +143,10 @@ class DiffusionStageConfig:
             )
 
     def check_meanflow_time_scale(self) -> None:
-        """Refuse the MeanFlow identity's objective at DiT's 0-999 timestep range (a distilled student takes no derivative)."""
+        """Refuse the MeanFlow identity's objective at DiT's 0-999 timestep range.
+
+        A distilled student takes no derivative.
+        """
         if self.diffusion.objective == "meanflow" and self.model.time_input_scale > 0.01:
             raise ValueError(
                 f"model.time_input_scale {self.model.time_input_scale:g} with objective 'meanflow': set it to 0.001 "
@@ -196,7 +201,8 @@ class DiffusionModule(L.LightningModule):
             stale = remove_snapshots_after(self.run_dir / SNAPSHOT_FOLDER, self.global_step)
             if stale:
                 print(
-                    f"removed {len(stale)} post-hoc EMA snapshots after step {self.global_step} from {self.run_dir / SNAPSHOT_FOLDER}"
+                    f"removed {len(stale)} post-hoc EMA snapshots after step {self.global_step} "
+                    f"from {self.run_dir / SNAPSHOT_FOLDER}"
                 )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -312,7 +318,8 @@ def open_cache(store: ArtifactStore, config: DiffusionStageConfig) -> LatentCach
         if expected.ref != cache.autoencoder_ref:
             raise ArtifactError(
                 f"latent cache {artifact.ref} was encoded by {cache.autoencoder_ref}, not by {expected.ref}: "
-                f"encode the data with that autoencoder (ldm encode --autoencoder {expected.ref}) or drop the autoencoder setting"
+                f"encode the data with that autoencoder (ldm encode --autoencoder {expected.ref}) "
+                "or drop the autoencoder setting"
             )
     return cache
 
@@ -390,7 +397,8 @@ def train_and_store(
         loader = DataLoader(module.batches, batch_size=None, num_workers=0)
         params = sum(p.numel() for p in module.model.parameters())
         print(
-            f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, objective {config.diffusion.objective} "
+            f"DiT: {params / 1e6:.2f}M parameters, {config.model.num_patches} tokens, "
+            f"objective {config.diffusion.objective} "
             f"({config.diffusion.prediction if config.diffusion.objective == 'ddpm' else 'velocity'}), "
             f"{len(cache)} cached images from {cache.artifact.ref}"
         )

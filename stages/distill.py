@@ -65,7 +65,8 @@ def student_configs(
     teacher_model: DiTConfig, teacher_diffusion: DiffusionConfig, distill: DistillConfig
 ) -> tuple[DiTConfig, DiffusionConfig]:
     """Return the student's (DiTConfig, DiffusionConfig): the teacher's network with an interval embedding and no
-    label dropout (it learns the guided velocity, so it has no unconditional use), sampled as an average-velocity model."""
+    label dropout (it learns the guided velocity, so it has no unconditional use), sampled as an average-velocity
+    model."""
     if teacher_diffusion.objective != "flow":
         raise ValueError(
             f"the teacher's objective is {teacher_diffusion.objective!r}; distillation needs a rectified-flow "
@@ -143,8 +144,8 @@ def run(
     if cache.artifact.ref != teacher_latents:
         raise ArtifactError(
             f"teacher {teacher_artifact.ref} was trained on {teacher_latents}, but the student would train on "
-            f"{cache.artifact.ref}: a student learns its teacher's velocity on the teacher's own latents. Leave latents "
-            f"unset (the teacher's cache) or name a teacher trained on {cache.artifact.ref}"
+            f"{cache.artifact.ref}: a student learns its teacher's velocity on the teacher's own latents. "
+            f"Leave latents unset (the teacher's cache) or name a teacher trained on {cache.artifact.ref}"
         )
     model, diffusion = student_configs(*dit_configs(teacher_artifact), config.distill)
     config = replace(config, model=model, diffusion=diffusion, latents=cache.artifact.ref)
@@ -157,8 +158,8 @@ def run(
         else " at timesteps {:g}-{:g}".format(*config.distill.guidance_interval)
     )
     print(
-        f"distilling {teacher_artifact.ref} (guidance {config.distill.guidance_scale:g}{within} built in) into a student of "
-        f"{', '.join(str(round(1 / d)) for d in config.distill.interval_levels)} steps"
+        f"distilling {teacher_artifact.ref} (guidance {config.distill.guidance_scale:g}{within} built in) "
+        f"into a student of {', '.join(str(round(1 / d)) for d in config.distill.interval_levels)} steps"
     )
     return train_and_store(
         store,

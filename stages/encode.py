@@ -199,6 +199,7 @@ def encode(
         f"latents {tuple(latent_shape[1:])}) in {format_seconds(seconds)}"
     )
     print(
-        f"  latent stats ({stats.mode}): mean {[round(v, 4) for v in stats.mean]}, std {[round(v, 4) for v in stats.std]}"
+        f"  latent stats ({stats.mode}): mean {[round(v, 4) for v in stats.mean]}, "
+        f"std {[round(v, 4) for v in stats.std]}"
     )
     return artifact

@@ -174,7 +174,8 @@ def print_report(report: dict, out_dir: Path, picture: Path) -> None:
             f"{report['class_accuracy_classifier']}: the ceiling for samples decoded by this autoencoder)"
         )
     print(
-        f"  encode    {report['encode_images_per_s']:8.1f} images/s, decode {report['decode_images_per_s']:.1f} images/s "
+        f"  encode    {report['encode_images_per_s']:8.1f} images/s, "
+        f"decode {report['decode_images_per_s']:.1f} images/s "
         f"({report['device']}, {report['threads']} threads)"
     )
     print(f"  report {out_dir / 'report.json'}   side-by-side {picture}")

@@ -190,8 +190,8 @@ def import_diffusion(
     dit_latents = config.latent_shape
     if tuple(ae_config.latent_shape) != dit_latents:
         raise ValueError(
-            f"the DiT works on {dit_latents} latents, but {autoencoder.ref} makes {tuple(ae_config.latent_shape)} at its "
-            f"resolution {ae_config.resolution}: import the autoencoder with --set model.resolution="
+            f"the DiT works on {dit_latents} latents, but {autoencoder.ref} makes {tuple(ae_config.latent_shape)} "
+            f"at its resolution {ae_config.resolution}: import the autoencoder with --set model.resolution="
             f"{config.input_size * ae_config.downsample_factor} (or give the matching one)"
         )
     stats = _latent_stats_for_diffusion(autoencoder, scaling_factor, shift_factor, config.in_channels)
@@ -301,14 +301,15 @@ def export_diffusion(store: ArtifactStore, ref: str, out_dir: str, weights: str 
 
 
 def check_keep_patterns(int8_layers: list[str], keep: Iterable[str]) -> None:
-    """Raise ValueError naming the first --keep pattern that matches none of `int8_layers` (a typo would keep nothing)."""
+    """Raise ValueError naming the first --keep pattern matching none of `int8_layers` (a typo would keep nothing)."""
     for pattern in keep:
         if not any(fnmatch.fnmatch(name, pattern) for name in int8_layers):
             blocks = sorted({int(name.split(".")[1]) for name in int8_layers})
             inside = ", ".join(dict.fromkeys(name.split(".", 2)[2] for name in int8_layers))
             raise ValueError(
                 f"--keep {brief(pattern)} matches no int8 layer: each of blocks.{blocks[0]} .. blocks.{blocks[-1]} has "
-                f"{inside} (e.g. {int8_layers[0]}); patterns are fnmatch over these names, e.g. 'blocks.*.adaLN_modulation'"
+                f"{inside} (e.g. {int8_layers[0]}); patterns are fnmatch over these names, "
+                "e.g. 'blocks.*.adaLN_modulation'"
             )
 
 
@@ -341,8 +342,8 @@ def quantize_diffusion(store: ArtifactStore, ref: str, keep: Iterable[str] = ())
             },
             "precision": "int8",
             "int8_layers": layers,
-            "weights": f"weights.safetensors holds the EMA weights of {artifact.ref} with {len(layers)} block linears as "
-            f"int8 (per-channel scales) for CPU sampling; no raw weights",
+            "weights": f"weights.safetensors holds the EMA weights of {artifact.ref} "
+            f"with {len(layers)} block linears as int8 (per-channel scales) for CPU sampling; no raw weights",
             "training": artifact.manifest.get("training", {}),
         },
     )
@@ -350,7 +351,8 @@ def quantize_diffusion(store: ArtifactStore, ref: str, keep: Iterable[str] = ())
     source = artifact.manifest["files"]["weights.safetensors"]["bytes"]
     print(f"wrote {quantized.ref}  ({quantized.path})")
     print(
-        f"  {len(layers)} linear layers int8 ({', '.join(sorted({name.split('.')[-1] for name in layers}))} of every block), "
+        f"  {len(layers)} linear layers int8 "
+        f"({', '.join(sorted({name.split('.')[-1] for name in layers}))} of every block), "
         f"the embeddings and final layer float32" + (f"; kept float32: {', '.join(keep)}" if keep else "")
     )
     print(

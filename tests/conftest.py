@@ -44,7 +44,7 @@ needs_fmnist = pytest.mark.skipif(
 
 
 def fsdd_dir() -> Path | None:
-    """The FSDD copy tests read: $LDM_DATA/fsdd, else the project's neighbour folder ../shared/data/fsdd; None if neither."""
+    """The FSDD copy tests read: $LDM_DATA/fsdd, else ../shared/data/fsdd beside the project; None if neither."""
     candidates = [Path(os.environ["LDM_DATA"]) / "fsdd"] if os.environ.get("LDM_DATA") else []
     candidates.append(ROOT.parent / "shared" / "data" / "fsdd")
     return next((path for path in candidates if (path / "recordings").is_dir()), None)

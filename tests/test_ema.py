@@ -42,7 +42,10 @@ def theta(step: int) -> torch.Tensor:
 
 
 def train_toy(sigma_rels, steps, snapshot_every=0, folder=None):
-    """Run the toy trajectory for `steps` steps with profiles of `sigma_rels`; snapshot into `folder` every snapshot_every."""
+    """Run the toy trajectory for `steps` steps with profiles of `sigma_rels`.
+
+    Snapshots go into `folder` every `snapshot_every` steps.
+    """
     toy = Toy()
     ema = PowerFunctionEMA(toy, sigma_rels)
     for step in range(1, steps + 1):

@@ -1,4 +1,7 @@
-"""Pretrained weights in and out: each source built here with random weights, imported, and compared output for output."""
+"""Pretrained weights in and out, compared output for output.
+
+Each source is built here with random weights, then imported.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def cli_error(*args: str) -> str:
 
 
 def randomized(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
-    """The model with every parameter drawn from N(0, std^2): a fresh DiT's zero-initialised layers would hide mix-ups."""
+    """The model with every parameter drawn from N(0, std^2): a fresh DiT's zero-init layers would hide mix-ups."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -125,7 +125,10 @@ def test_imagenet_presets_build_dits_of_the_paper_sizes():
 
 @pytest.fixture(scope="module")
 def imagenet_store(tmp_path_factory):
-    """A store with a tiny f8 autoencoder and the latent cache (4x32x32, with flips) of a 12-image ImageNet-style folder."""
+    """A store with a tiny f8 autoencoder and the latent cache of a 12-image ImageNet-style folder.
+
+    The cache holds 4x32x32 latents, with flips.
+    """
     root = tmp_path_factory.mktemp("scale")
     rng = np.random.default_rng(0)
     for wnid in ("n01440764", "n01443537", "n01484850"):  # train/<wnid>/*.JPEG, as ImageNet unpacks

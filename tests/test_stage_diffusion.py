@@ -275,7 +275,8 @@ DDP_SCRIPT = textwrap.dedent(
 
     class DumpWeights(Callback):
         def on_train_end(self, trainer, module):
-            torch.save({k: v.clone() for k, v in module.model.state_dict().items()}, f"{out}/rank{trainer.global_rank}.pt")
+            weights = {k: v.clone() for k, v in module.model.state_dict().items()}
+            torch.save(weights, f"{out}/rank{trainer.global_rank}.pt")
 
     config = load_config(diffusion.DiffusionStageConfig, config_path, sys.argv[5:] + [f"latents={cache}"])
     diffusion.run(config, ArtifactStore(store), callbacks=[DumpWeights()])

@@ -1,4 +1,4 @@
-"""Step-caching schedules are sealed: stored bound to their model, setting and fraction, refused when edited or moved."""
+"""Step-caching schedules are sealed: bound to their model, setting and fraction, refused when edited or moved."""
 
 import json
 
@@ -18,7 +18,7 @@ ENTRY = "cache-flow-heun-6-cfg2-f0.3"  # 11 network calls x 2 blocks: 0.3 of the
 
 
 def save_flow_dit(store: ArtifactStore, seed: int) -> str:
-    """Store a random autoencoder and a random flow DiT of its latents, both drawn with `seed`; return the DiT's reference."""
+    """Store a random autoencoder and a random flow DiT of its latents, both drawn with `seed`; return the DiT's ref."""
     return save_dit(store, DIT, FLOW, seed, save_autoencoder(store, seed).ref).ref
 
 
@@ -68,7 +68,10 @@ def edit_entry(manifest_path, edit):
 
 
 def half_the_blocks(record):
-    """Skip every block at every other call after the first: 50% of the evaluations of 11 calls x 2 blocks, minus one call."""
+    """Skip every block at every other call after the first.
+
+    That is 50% of the evaluations of 11 calls x 2 blocks, minus one call.
+    """
     return [[call, block] for call in range(1, record["calls"], 2) for block in range(record["depth"])]
 
 

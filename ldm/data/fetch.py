@@ -28,7 +28,7 @@ def search_dirs(name: str, system: Sequence[Path] = ()) -> list[Path]:
 
 
 def stream_download(url: str, out: BinaryIO, label: str, timeout: float) -> int:
-    """Write the body of `url` into the open file `out`, showing `label`'s progress on stderr; return the bytes written."""
+    """Write `url`'s body into the open file `out`, showing `label`'s progress on stderr; return the bytes written."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
         total = int(response.headers.get("Content-Length") or 0)
         done, last_shown = 0, 0.0

@@ -296,7 +296,7 @@ def flow_sample_t(
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
 ) -> Tensor:
-    """Return n float32 flow times in (0, 1): uniform, or logit-normal t = sigmoid(m + s n), then `shift_time`d (SD3)."""
+    """Return n float32 flow times in (0, 1): uniform or logit-normal t = sigmoid(m + s n), then `shift_time`d (SD3)."""
     draw_on = generator.device if generator is not None else device
     if config.time_sampling == "uniform":
         t = torch.rand(n, generator=generator, device=draw_on)
@@ -329,7 +329,8 @@ def velocity_cosine_loss(prediction: Tensor, target: Tensor) -> Tensor:
 
     LightningDiT's cos loss (hustvl/LightningDiT, transport/transport.py:
     `mean_flat(1 - cosine_similarity(model_output, ut, dim=1))`, added to the MSE with weight 1): it
-    trains the velocity's direction apart from its length. 0 for any positive multiple of the target, 2 for its negative.
+    trains the velocity's direction apart from its length. 0 for any positive multiple of the target,
+    2 for its negative.
     """
     return mean_flat(1 - F.cosine_similarity(prediction, target, dim=1))  # cosine (N, H, W) -> (N,)
 

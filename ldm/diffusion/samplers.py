@@ -14,8 +14,9 @@ Every sampler has one signature, as k-diffusion's: `sample_x(denoiser, x, grid, 
 after step i. `SAMPLER_SPECS` names each sampler's function and family; `run_sampler` builds the grid and
 the starting state of the family and calls it. Discrete samplers (ddpm, ddim, dpm++2m, dpm++2m-sde) start
 from x_T in the VP scale at the first timestep of the grid; Karras samplers (euler, heun) run in the EDM
-scale x / sqrt(alpha_bar); flow samplers start from pure noise at t = 1. Stochastic steps draw their noise from per-sample
-generators when given, so image i depends only on its own seed, never on the batch it was drawn in.
+scale x / sqrt(alpha_bar); flow samplers start from pure noise at t = 1. Stochastic steps draw their noise
+from per-sample generators when given, so image i depends only on its own seed, never on the batch it was
+drawn in.
 """
 
 import math
@@ -377,7 +378,7 @@ def sample_meanflow(
     extras: SamplerExtras = NO_EXTRAS,
     callback: Callback | None = None,
 ) -> Tensor:
-    """MeanFlow sampling: x_r = x_t - (t - r) u(x_t, r, t) over the grid, one network call per step (Geng et al. 2025, eq. 12).
+    """MeanFlow sampling (Geng et al. 2025, eq. 12): x_r = x_t - (t - r) u(x_t, r, t), one network call per step.
 
     Exact for any number of steps when u is the true average velocity; one step maps noise to data.
     """

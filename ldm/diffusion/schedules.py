@@ -98,7 +98,8 @@ class DiffusionConfig:
             )
         if self.is_flow and self.loss_weighting != "uniform":
             raise ValueError(
-                f"diffusion.loss_weighting must be 'uniform' for objective {self.objective!r} (use time_sampling instead)"
+                f"diffusion.loss_weighting must be 'uniform' for objective {self.objective!r} "
+                "(use time_sampling instead)"
             )
         if not 0.0 <= self.meanflow_ratio <= 1.0:
             raise ValueError(f"diffusion.meanflow_ratio = {self.meanflow_ratio}; must be in [0, 1]")
@@ -116,7 +117,8 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.velocity_cosine_weight = {self.velocity_cosine_weight}; must be >= 0")
         if not self.is_flow and self.velocity_cosine_weight > 0:
             raise ValueError(
-                "diffusion.velocity_cosine_weight applies to objective 'flow' only (a ddpm network predicts no velocity)"
+                "diffusion.velocity_cosine_weight applies to objective 'flow' only "
+                "(a ddpm network predicts no velocity)"
             )
         if not self.time_shift > 0:
             raise ValueError(
@@ -128,7 +130,8 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.dispersive_weight = {self.dispersive_weight}; must be >= 0")
         if self.dispersive_block < -1:
             raise ValueError(
-                f"diffusion.dispersive_block = {self.dispersive_block}; must be a block index >= 0, or -1 for the middle block"
+                f"diffusion.dispersive_block = {self.dispersive_block}; must be a block index >= 0, "
+                "or -1 for the middle block"
             )
         if not self.dispersive_temperature > 0:
             raise ValueError(f"diffusion.dispersive_temperature = {self.dispersive_temperature}; must be positive")

@@ -60,7 +60,10 @@ DIFFUSERS_AUTOENCODER_DEFAULTS: dict[str, Any] = {
 
 
 def autoencoder_config_from_diffusers(config_json: dict) -> AutoencoderConfig:
-    """Return the AutoencoderConfig of a diffusers `AutoencoderKL` config.json; ValueError naming a field ours cannot hold."""
+    """Return the AutoencoderConfig of a diffusers `AutoencoderKL` config.json.
+
+    A field ours cannot hold raises a ValueError naming it.
+    """
 
     def get(key: str) -> Any:
         value = config_json.get(key)
@@ -83,7 +86,8 @@ def autoencoder_config_from_diffusers(config_json: dict) -> AutoencoderConfig:
         )
     if any(t != "DownEncoderBlock2D" for t in down):
         raise ValueError(
-            f"down_block_types {brief(down)}: our encoder levels are DownEncoderBlock2D only (no attention inside levels)"
+            f"down_block_types {brief(down)}: our encoder levels are DownEncoderBlock2D only "
+            "(no attention inside levels)"
         )
     if any(t != "UpDecoderBlock2D" for t in up):
         raise ValueError(

@@ -66,8 +66,8 @@ def _conversion_hint(path: Path, nested: tuple[str, ...]) -> str:
     if nested:
         pick += f"sd = next((sd[k] for k in {nested!r} if k in sd), sd); "
     return (
-        "Converting it to safetensors unpickles it (weights_only=False), which runs any code the file holds: do it only "
-        "for a file from a source you trust, once, then import the .safetensors file it writes:\n"
+        "Converting it to safetensors unpickles it (weights_only=False), which runs any code the file holds: "
+        "do it only for a file from a source you trust, once, then import the .safetensors file it writes:\n"
         f"  python -c \"import torch; from safetensors.torch import save_file; src = '{path}'; {pick}"
         "save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
         f"'{path.with_suffix('.safetensors')}')\""
@@ -154,7 +154,7 @@ def check_layout(source: dict[str, Tensor], expected: dict[str, Tensor], what: s
 
 
 def config_int(value: Any, key: str) -> int:
-    """`value` of a config.json's `key` as an int >= 1 (every size and count of a model is one); ValueError otherwise."""
+    """`value` of config.json's `key` as an int >= 1 (every size and count of a model is one); ValueError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{key} must be a positive integer, got {brief(value)}")
     return value
@@ -197,7 +197,8 @@ def _model_folder(path: PathLike, subfolder: str) -> Path:
     if (path / subfolder / "config.json").is_file():
         return path / subfolder
     raise InteropError(
-        f"{path} has no config.json (nor {subfolder}/config.json); it holds: {_few(p.name for p in path.iterdir()) or 'nothing'}"
+        f"{path} has no config.json (nor {subfolder}/config.json); "
+        f"it holds: {_few(p.name for p in path.iterdir()) or 'nothing'}"
     )
 
 
@@ -231,7 +232,10 @@ def _diffusers_version() -> str | None:
 
 
 def _write_diffusers_folder(out_dir: PathLike, config_json: dict, tensors: dict[str, Tensor]) -> Path:
-    """Write config.json and diffusion_pytorch_model.safetensors into a new folder, atomically (temporary folder, rename)."""
+    """Write config.json and diffusion_pytorch_model.safetensors into a new folder, atomically.
+
+    The files go into a temporary folder, which is renamed once they are complete.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new folder (nothing was overwritten)")

@@ -69,7 +69,7 @@ def dit_state_dict_to_original(state_dict: dict[str, Tensor], config: DiTConfig)
 
 
 def dit_config_from_original(state_dict: dict[str, Tensor], num_heads: int | None = None) -> DiTConfig:
-    """Return the DiTConfig that an original DiT state dict's shapes imply; num_heads given or from the paper presets."""
+    """Return the DiTConfig an original DiT state dict's shapes imply; num_heads given or from the paper presets."""
     try:
         embed = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         final = state_dict["final_layer.linear.weight"]  # (p*p*C_out, D)
@@ -186,7 +186,7 @@ def load_original_dit(path: PathLike, overrides: dict[str, Any] | None = None) -
 
 
 def dit_config_from_diffusers(config_json: dict) -> DiTConfig:
-    """Return the DiTConfig of a diffusers DiTTransformer2DModel config.json (diffusers' timestep frequencies and eps)."""
+    """Return the DiTConfig of a diffusers DiTTransformer2DModel config.json (diffusers' timestep frequencies, eps)."""
 
     def get(key: str) -> Any:
         return config_json.get(key, DIFFUSERS_DIT_DEFAULTS[key])
@@ -320,7 +320,7 @@ def dit_state_dict_from_diffusers(state_dict: dict[str, Tensor], config: DiTConf
 
 
 def load_diffusers_dit(path: PathLike, overrides: dict[str, Any] | None = None) -> Imported:
-    """Return our DiT with the weights of a diffusers DiTTransformer2DModel folder (or a pipeline folder's transformer/).
+    """Return our DiT with the weights of a diffusers DiTTransformer2DModel folder (or a pipeline's transformer/).
 
     The config gets timestep_freq_shift=1 and diffusers' norm_eps, so the import computes exactly
     diffusers' function.

@@ -34,7 +34,10 @@ from ldm.artifacts import sha256_file
 
 @dataclass
 class PerceptualConfig:
-    """Which perceptual term to build: LPIPS (its network and where its backbone weights come from) or, for sound, the STFT loss."""
+    """Which perceptual term to build: LPIPS or, for sound, the STFT loss.
+
+    For LPIPS, also its network and where its backbone weights come from.
+    """
 
     # lpips: images; stft: 1-D signals, the multi-resolution STFT loss (Yamamoto et al. 2020), which needs no weights.
     kind: str = "lpips"

@@ -119,7 +119,10 @@ class AutoencoderConfig:
 
     @property
     def downsample_factor(self) -> int:
-        """Reduction f between data and latent: the product of the level strides (times the STFT hop with the stft front end)."""
+        """Reduction f between data and latent: the product of the level strides.
+
+        With the stft front end, times the STFT hop.
+        """
         return math.prod(self.strides) * (self.hop_length if self.front_end == "stft" else 1)
 
     @property
@@ -297,7 +300,10 @@ class SignalDownsample(nn.Module):
 
 
 class SignalUpsample(nn.Module):
-    """Lengthen a signal (N, C, L) by an even stride s: the transposed conv of kernel 2s, each input spread over 2s outputs."""
+    """Lengthen a signal (N, C, L) by an even stride s: the transposed conv of kernel 2s.
+
+    Each input is spread over 2s outputs.
+    """
 
     def __init__(self, channels: int, stride: int) -> None:
         super().__init__()
@@ -469,12 +475,15 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = conv(config.latent_channels, config.latent_channels, 1)
 
     def analysis(self, x: Tensor) -> Tensor:
-        """What the network sees of data x: x itself, or its spectrogram features (N, F, frames) with the stft front end."""
+        """What the network sees of x: x itself, or its spectrogram features (N, F, frames) with the stft front end."""
         cfg = self.config
         return spectrogram_features(x, cfg.n_fft, cfg.hop_length) if cfg.front_end == "stft" else x
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
-        """Posterior over latents (N, latent_channels, H/f, W/f) for images x (N, C, H, W) in [-1, 1] (or signals (N, 1, L))."""
+        """Posterior over latents (N, latent_channels, H/f, W/f) for images x (N, C, H, W) in [-1, 1].
+
+        Or for signals x (N, 1, L).
+        """
         return self.encode_features(self.analysis(x))
 
     def encode_features(self, features: Tensor) -> DiagonalGaussian:
@@ -499,8 +508,9 @@ class AutoencoderKL(nn.Module):
     def forward(
         self, x: Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruction of features = `analysis(data)` (the data itself, or its spectrogram features) through a posterior
-        sample (or its mean), and the posterior. The training step computes `analysis` once, for input and target."""
+        """Reconstruction of features = `analysis(data)` (the data itself, or its spectrogram features)
+        through a posterior sample (or its mean), and the posterior. The training step computes `analysis`
+        once, for input and target."""
         posterior = self.encode_features(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode_features(z), posterior

@@ -180,7 +180,10 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, ...]) -> torch.Tensor:
-    """Return the latent (N, C, *(g*p for g in grid)) whose patches are the tokens x (N, T, p**d * C); inverse of `patchify`."""
+    """Return the latent (N, C, *(g*p for g in grid)) whose patches are the tokens x (N, T, p**d * C).
+
+    The inverse of `patchify`.
+    """
     n, t, dim = x.shape
     p, d = patch_size, len(grid)
     c = dim // p**d
@@ -242,7 +245,8 @@ def rope_tables(head_dim: int, grid_shape: tuple[int, ...]) -> tuple[torch.Tenso
     omega_i = 10000^(-i / (head_dim/2)) (the 1-D RoPE of Su et al. 2021). Apply with timm's
     `apply_rot_embed(x, sin, cos)`.
     """
-    # timm's tables have dim / 2 channels per axis: a grid fills a head with dim = head_dim, a sequence with 2 * head_dim.
+    # timm's tables have dim / 2 channels per axis: a grid fills a head with dim = head_dim,
+    # a sequence with 2 * head_dim.
     dim = 2 * head_dim // len(grid_shape)
     return build_rotary_pos_embed(list(grid_shape), dim=dim, in_pixels=False, temperature=10000.0)
 
