@@ -104,6 +104,13 @@ class AutoencoderStageConfig:
                 "loss is the spectral term already: set loss.perceptual.weight 0 and loss.disc_enabled false "
                 "(a spectrogram discriminator for this front end is not built yet)"
             )
+        disc_channels, image_channels = self.loss.discriminator.in_channels, self.model.image_channels_out
+        if self.loss.disc_enabled and self.model.spatial_dims == 2 and disc_channels != image_channels:
+            raise ValueError(
+                f"loss.discriminator.in_channels is {disc_channels}, but the autoencoder's images have "
+                f"{image_channels} channel(s): set loss.discriminator.in_channels={image_channels} (or a preset made "
+                f"for them, e.g. loss.discriminator.preset=patchgan-34-small for 1 channel)"
+            )
         if self.model.spatial_dims == 1 and not self.data.is_sound:
             raise ValueError(f"model.spatial_dims 1 is for sound, but data.name is {self.data.name!r} (images)")
         if self.model.spatial_dims == 1 and self.model.resolution != self.data.length:

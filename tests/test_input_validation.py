@@ -547,3 +547,12 @@ def test_the_default_cap_reads_a_4096_square_header(tmp_path):
         load_image(path, 32, 1)
     assert "max_pixels" not in str(err.value)
     assert math.prod((4096, 4096)) == DataConfig().max_pixels
+
+
+def test_a_discriminator_for_other_image_channels_is_refused_when_the_config_loads():
+    from stages.autoencoder import AutoencoderStageConfig
+
+    with pytest.raises(ConfigError, match=r"discriminator.in_channels is 3, .* 1 channel\(s\).*in_channels=1"):
+        load_config(AutoencoderStageConfig, ROOT / "configs/fmnist/autoencoder-quick.yaml", ["loss.disc_enabled=true"])
+    fitted = ["loss.disc_enabled=true", "loss.discriminator.preset=patchgan-34-small"]
+    assert load_config(AutoencoderStageConfig, ROOT / "configs/fmnist/autoencoder-quick.yaml", fitted).loss.disc_enabled

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
 
 from conftest import TINY_DIT, CrashAt, dit_config, needs_fmnist
 from ldm.artifacts import ArtifactError, ArtifactStore
@@ -266,6 +267,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch
     from lightning.pytorch.callbacks import Callback
+    from safetensors.torch import save_file
     from ldm.artifacts import ArtifactStore
     from ldm.config import load_config
     from stages import diffusion
@@ -275,8 +277,8 @@ DDP_SCRIPT = textwrap.dedent(
 
     class DumpWeights(Callback):
         def on_train_end(self, trainer, module):
-            weights = {k: v.clone() for k, v in module.model.state_dict().items()}
-            torch.save(weights, f"{out}/rank{trainer.global_rank}.pt")
+            weights = {k: v.detach().clone().contiguous() for k, v in module.model.state_dict().items()}
+            save_file(weights, f"{out}/rank{trainer.global_rank}.safetensors")
 
     config = load_config(diffusion.DiffusionStageConfig, config_path, sys.argv[5:] + [f"latents={cache}"])
     diffusion.run(config, ArtifactStore(store), callbacks=[DumpWeights()])
@@ -314,8 +316,8 @@ def test_two_process_cpu_ddp_leaves_identical_weights_on_both_ranks(tmp_path, st
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    rank0 = load_file(tmp_path / "rank0.safetensors")
+    rank1 = load_file(tmp_path / "rank1.safetensors")
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
