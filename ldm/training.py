@@ -742,6 +742,20 @@ def save_loss_curves(run_dir: Path, names: Sequence[str], path: Path, title: str
     return save_curves(curves, path, title=title, log_y=positive)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_optimizer_settings(lr_schedule: str, betas: Sequence[float], ema_decay: float) -> None:
+    """Raise ValueError unless the settings every trained stage shares make sense: a known learning-rate schedule,
+    two Adam(W) decay rates in [0, 1) and an EMA decay in [0, 1) (0: the EMA is the weights themselves)."""
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"betas must be two AdamW decay rates in [0, 1), such as [0.9, 0.95], got {list(betas)}")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: the EMA is the weights themselves), got {ema_decay}")
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Return the learning-rate multiplier at `step`: linear warm-up, then constant or cosine decay to 0."""
     if warmup > 0 and step < warmup:

@@ -27,6 +27,7 @@ from ldm.images import save_side_by_side
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.training import (
+    check_optimizer_settings,
     compiled,
     fit_stage,
     format_seconds,
@@ -77,14 +78,11 @@ class AutoencoderStageConfig:
     run_dir: str = "runs/autoencoder"
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        check_optimizer_settings(self.lr_schedule, self.betas, self.ema_decay)
         if not self.disc_lr_scale > 0:
             raise ValueError(
                 f"disc_lr_scale must be > 0 (the discriminator's lr over trainer.lr), got {self.disc_lr_scale}"
             )
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA, store the last weights), got {self.ema_decay}")
         if self.train_parts not in ("all", "decoder"):
             raise ValueError(f"train_parts must be 'all' or 'decoder', got {self.train_parts!r}")
         if self.equivariance_weight < 0:

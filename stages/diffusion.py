@@ -32,6 +32,7 @@ from ldm.images import save_grid
 from ldm.loading import DIT_WEIGHT_FILES, load_autoencoder
 from ldm.models.dit import DiT, DiTConfig
 from ldm.training import (
+    check_optimizer_settings,
     compiled,
     fit_stage,
     format_seconds,
@@ -113,12 +114,7 @@ class DiffusionStageConfig:
                 f"diffusion.learn_sigma ({self.diffusion.learn_sigma}) "
                 f"must agree: the network's output channels and the loss are two sides of the same choice"
             )
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
-            raise ValueError(
-                f"betas must be two AdamW decay rates in [0, 1), such as [0.9, 0.95], got {list(self.betas)}"
-            )
+        check_optimizer_settings(self.lr_schedule, self.betas, self.ema_decay)
         dispersive_block_index(self.diffusion, self.model.depth)  # a block the DiT has, checked before any step
         if (self.diffusion.objective == "meanflow") != self.model.interval_embed:
             raise ValueError(

@@ -53,3 +53,21 @@ def test_a_corrupt_image_in_a_folder_is_one_line_naming_the_file(tmp_path):
     )
     assert_clean_failure(result, f"cannot read image {folder / '1.png'}")
     assert not (tmp_path / "store" / "autoencoder").exists()
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "diffusion"])
+@pytest.mark.parametrize(
+    "override, phrase",
+    [
+        ("lr_schedule=linear", "lr_schedule must be"),
+        ("betas=[0.9,1.0]", "betas must be"),
+        ("ema_decay=1.0", "ema_decay"),
+    ],
+)
+def test_every_trained_stage_checks_its_optimizer_settings_alike(stage, override, phrase):
+    from stages.autoencoder import AutoencoderStageConfig
+    from stages.diffusion import DiffusionStageConfig
+
+    config_class = {"autoencoder": AutoencoderStageConfig, "diffusion": DiffusionStageConfig}[stage]
+    with pytest.raises(ConfigError, match=phrase):
+        load_config(config_class, None, [override])
