@@ -239,6 +239,24 @@ def _expand_preset(value: Any, tp: type, where: str) -> Any:
     return fields
 
 
+def _over_default(field: dataclasses.Field, value: Any) -> Any:
+    """A section given as some of its keys, laid over the field's own default: a stage whose trainer defaults to
+    batch 256 keeps 256 when a preset or --set gives only trainer.max_steps. A section naming a preset is whole."""
+    if not isinstance(value, dict) or "preset" in value or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    return _laid_over(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
+def _laid_over(default: dict, given: dict) -> dict:
+    """`given` over `default` key by key, into sub-sections too, except those that name a preset (those are whole)."""
+    merged = dict(default)
+    for key, value in given.items():
+        nested = isinstance(value, dict) and "preset" not in value and isinstance(merged.get(key), dict)
+        merged[key] = _laid_over(merged[key], value) if nested else value
+    return merged
+
+
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     """Return a `cls` instance filled from `data`; unknown keys are an error naming the valid ones."""
     if not isinstance(data, dict):
@@ -254,6 +272,7 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
             f"unknown config key(s) {_few(f'{prefix}{k}' for k in unknown)} in {cls.__name__}; "
             f"valid keys: {', '.join(sorted(fields))}"
         )
+    data = {name: _over_default(fields[name], value) for name, value in data.items()}
     kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in data.items()}
     try:
         config = cls(**kwargs)

@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import torch
@@ -54,19 +55,28 @@ class PreviewConfig:
 
     per_class: int = 2
     max_classes: int = 10
-    sampler: str = ""  # "" picks dpm++2m (ddpm objective) or flow-euler (flow)
-    steps: int = 20
-    guidance_scale: float = 2.0
-    seed: int = 0
+    # How the grids are sampled, as `ldm sample` would (sampler None: the objective's default).
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(num_steps=20, guidance_scale=2.0))
 
-    def settings(self) -> SamplingSettings:
-        """The sampling settings of the preview grids (validated when the config is built)."""
-        return SamplingSettings(
-            sampler=self.sampler or None, num_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
-        )
+    # Keys of configs written before previews held a SamplingSettings, and their names there.
+    LEGACY_KEYS: ClassVar[dict[str, str]] = {
+        "sampler": "sampler",
+        "steps": "num_steps",
+        "guidance_scale": "guidance_scale",
+        "seed": "seed",
+    }
 
-    def __post_init__(self) -> None:
-        self.settings()
+    @classmethod
+    def derive_keys(cls, data: dict) -> dict:
+        """A preview written with the sampling keys beside per_class (preview.steps, preview.sampler: "") as one
+        with them under `sampling`, so older configs, stored artifacts and `--set preview.steps=N` still load."""
+        legacy = {key: data[key] for key in cls.LEGACY_KEYS if key in data}
+        if not legacy:
+            return data
+        sampling = dict(data.get("sampling") or {})
+        for key, value in legacy.items():
+            sampling[cls.LEGACY_KEYS[key]] = None if key == "sampler" and value == "" else value
+        return {**{k: v for k, v in data.items() if k not in legacy}, "sampling": sampling}
 
 
 @dataclass
@@ -285,7 +295,7 @@ class DiffusionModule(L.LightningModule):
         cfg = self.config.preview
         classes = min(cfg.max_classes, self.config.model.num_classes)
         labels = torch.arange(classes).repeat_interleave(cfg.per_class)
-        z = sample_latents(self.ema, self.config.diffusion, labels, cfg.settings())
+        z = sample_latents(self.ema, self.config.diffusion, labels, cfg.sampling)
         images = autoencoder.to(z.device).decode(stats.denormalize(z))
         return save_grid(
             images, self.run_dir / "images" / name, nrow=cfg.per_class * 2 if classes > 5 else cfg.per_class, scale=2

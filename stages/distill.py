@@ -18,6 +18,7 @@ from ldm.config import TrainerConfig
 from ldm.destinations import check_run_writable
 from ldm.diffusion.distill import DistillConfig, distillation_losses, guided_velocity
 from ldm.diffusion.schedules import DiffusionConfig
+from ldm.generation import SamplingSettings
 from ldm.loading import dit_configs, load_dit
 from ldm.models.dit import DiT, DiTConfig
 from stages.diffusion import (
@@ -45,15 +46,16 @@ class DistillStageConfig(DiffusionStageConfig):
     ema_decay: float = 0.999
     lr_schedule: str = "cosine"
     preview: PreviewConfig = field(
-        default_factory=lambda: PreviewConfig(sampler="meanflow", steps=2, guidance_scale=1.0)
+        default_factory=lambda: PreviewConfig(sampling=SamplingSettings(sampler="meanflow", num_steps=2))
     )
     run_dir: str = "runs/distill"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.preview.guidance_scale != 1:
+        if self.preview.sampling.guidance_scale != 1:
             raise ValueError(
-                f"preview.guidance_scale {self.preview.guidance_scale:g}: a student has its guidance built in "
+                f"preview.sampling.guidance_scale {self.preview.sampling.guidance_scale:g}: a student has its guidance "
+                f"built in "
                 f"(distill.guidance_scale); preview it at 1"
             )
 

@@ -118,7 +118,7 @@ TINY_DIT = [
     "trainer.progress=false",
     "ema_decay=0.9",
     "preview.per_class=1",
-    "preview.steps=2",
+    "preview.sampling.num_steps=2",
 ]
 
 

@@ -260,5 +260,5 @@ def test_distill_refuses_a_teacher_of_other_latents_and_student_settings(tmp_pat
 @pytest.mark.parametrize("domain", ["fmnist", "fsdd"])
 def test_distill_presets_load(domain):
     config = load_config(distill.DistillStageConfig, ROOT / f"configs/{domain}/distill.yaml")
-    assert config.preview.guidance_scale == 1 and config.distill.guidance_scale > 1
+    assert config.preview.sampling.guidance_scale == 1 and config.distill.guidance_scale > 1
     assert config.run_dir == f"runs/{domain}/distill" and config.latents == ""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm.config import ConfigError, load_config, to_dict
+from ldm.config import ConfigError, from_dict, load_config, to_dict
 from stages.autoencoder import AutoencoderStageConfig
 from stages.classifier import ClassifierStageConfig
 from stages.diffusion import DiffusionStageConfig
@@ -36,7 +36,20 @@ def test_every_preset_is_recorded_and_nothing_recorded_is_missing():
 def test_each_preset_resolves_to_the_configuration_it_had_before_inheritance(name):
     overrides = ["init_from=autoencoder@stand-in"] if name in NEEDS_INIT_FROM else []
     config = load_config(stage_config(name), ROOT / name, overrides)
-    assert json.loads(json.dumps(to_dict(config))) == RESOLVED[name]
+    # The records are in the keys of their time (preview.steps beside preview.per_class), read as stored configs are.
+    before = from_dict(stage_config(name), RESOLVED[name])
+    assert config == before
+    assert json.loads(json.dumps(to_dict(config))) == json.loads(json.dumps(to_dict(before)))
+
+
+def test_a_preview_in_the_older_keys_loads_as_the_same_settings():
+    older = {"preview": {"per_class": 1, "sampler": "", "steps": 3, "guidance_scale": 1.5, "seed": 4}}
+    preview = from_dict(DiffusionStageConfig, older).preview
+    assert (preview.per_class, preview.sampling.sampler, preview.sampling.num_steps) == (1, None, 3)
+    assert (preview.sampling.guidance_scale, preview.sampling.seed) == (1.5, 4)
+    assert load_config(DiffusionStageConfig, None, ["preview.steps=7"]).preview.sampling.num_steps == 7
+    with pytest.raises(ConfigError, match="num_steps"):
+        load_config(DiffusionStageConfig, None, ["preview.sampling.num_steps=0"])
 
 
 def write(path: Path, text: str) -> Path:
@@ -92,3 +105,13 @@ def test_learn_sigma_is_set_once_under_diffusion_and_the_dit_follows(tmp_path):
     assert load_config(DiffusionStageConfig, fixed).model.learn_sigma is False  # DiT-S/2 alone does
     with pytest.raises(ConfigError, match="must agree"):  # an explicit disagreement is still refused
         load_config(DiffusionStageConfig, fixed, ["model.learn_sigma=true"])
+
+
+def test_a_section_given_in_part_keeps_the_stages_own_defaults_for_the_rest():
+    from stages.distill import DistillStageConfig
+
+    dit = load_config(DiffusionStageConfig, None, ["trainer.max_steps=5"]).trainer
+    assert (dit.max_steps, dit.batch_size, dit.lr) == (5, DiffusionStageConfig().trainer.batch_size, 1e-4)
+    assert load_config(DistillStageConfig, None, ["trainer.lr=0.5"]).trainer.grad_clip == 1.0  # the student's default
+    preview = load_config(DistillStageConfig, None, ["preview.per_class=1"]).preview.sampling
+    assert (preview.sampler, preview.num_steps) == ("meanflow", 2)  # the student's preview, not the class default

@@ -39,7 +39,7 @@ QUIET = [
     "trainer.log_every=1",
     "preview.per_class=1",
     "preview.max_classes=1",
-    "preview.steps=1",
+    "preview.sampling.num_steps=1",
 ]
 TINY_DIT = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2"]
 

@@ -336,7 +336,7 @@ def test_meanflow_trains_from_scratch_and_samples_in_one_and_two_calls(tmp_path,
         "diffusion.objective=meanflow",
         "model.interval_embed=true",
         "model.time_input_scale=0.001",
-        "preview.steps=1",
+        "preview.sampling.num_steps=1",
     )
     artifact = diffusion.run(config, store)
     mse = [v for _, v in read_metrics(tmp_path / "run")["train/mse"]]
