@@ -39,6 +39,7 @@ def identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @needs_fmnist
 def test_the_thread_count_of_the_process_changes_a_run_that_is_not_deterministic(tmp_path):
@@ -48,6 +49,7 @@ def test_the_thread_count_of_the_process_changes_a_run_that_is_not_deterministic
     assert not identical(one, two)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @needs_fmnist
 def test_a_deterministic_run_gives_identical_weights_whatever_threads_the_process_had(tmp_path):

@@ -69,6 +69,7 @@ with run_folder_lock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_the_lock_names_its_holder_and_is_released_when_the_holder_is_killed(tmp_path):
     run_dir = tmp_path / "run"

@@ -130,6 +130,7 @@ def test_ctrl_c_ends_with_130_and_the_step_it_saved_on_a_line_of_its_own(tmp_pat
     assert not tmp_leftovers(run_dir, store)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @needs_fmnist
 def test_sigterm_while_the_artifact_is_written_leaves_no_temporary_folder_and_a_resume_stores_it(tmp_path, monkeypatch):
@@ -168,6 +169,7 @@ class SigtermAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @needs_fmnist
 def test_the_python_api_stopped_by_sigterm_raises_instead_of_exiting_with_status_0(tmp_path):

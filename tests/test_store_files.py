@@ -225,6 +225,7 @@ def age(folder: Path, seconds: float) -> None:
         os.utime(path, (then, then), follow_symlinks=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_verify_reports_a_killed_writers_folder_and_clean_removes_it(tmp_path):
     store = ArtifactStore(tmp_path)
@@ -246,6 +247,7 @@ def test_verify_reports_a_killed_writers_folder_and_clean_removes_it(tmp_path):
     assert "stale" not in again.output and again.exit_code == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_killed_writers_folder_is_stale_at_once(tmp_path):
     # Its lock file is there and nobody holds it: its writer is dead, however recent.
@@ -281,6 +283,7 @@ def test_an_unlocked_folder_without_a_lock_file_is_stale_only_after_the_grace(tm
     assert [t.path for t in store.clean() if t.stale] == [left] and not left.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_the_next_write_of_a_stage_removes_its_stale_temporary_folders(tmp_path):
     store = ArtifactStore(tmp_path)

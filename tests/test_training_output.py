@@ -74,6 +74,7 @@ class GenuineWarning(Callback):
         warnings.warn("a genuine problem of this run", UserWarning, stacklevel=2)
 
 
+@pytest.mark.slow
 @needs_fmnist
 @pytest.mark.timeout(120)
 def test_a_tiny_training_prints_none_of_the_notices(tmp_path, monkeypatch, lightning_log):
