@@ -6,6 +6,7 @@ modules never import one another.
 """
 
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -79,7 +80,24 @@ def offline_data(tmp_path, monkeypatch):
 def cli(store, *args: str):
     """Run `ldm --store STORE ARGS` in-process; `store` is a folder (str or Path) or an ArtifactStore."""
     root = store.root if isinstance(store, ArtifactStore) else store  # a Path's own .root is "/"
-    return CliRunner().invoke(main, ["--store", str(root), *args])
+    return CliRunner().invoke(main, ["--store", str(root), *map(str, args)])
+
+
+def assert_one_line_failure(result, *phrases: str, last: bool = True, status: int | None = None) -> str:
+    """A non-zero exit with a one-line error (click's usage lines aside), no traceback; returns that line.
+
+    `last`: nothing follows the error (a stage's progress lines printed before it may follow it in the
+    captured output, where stderr and stdout mix)."""
+    assert result.exit_code != 0 if status is None else result.exit_code == status, result.output
+    assert isinstance(result.exception, SystemExit), f"traceback reached the user: {result.exception!r}"
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    following = result.output.split(errors[0], 1)[1].strip()
+    assert not (last and following), f"the error runs over more than one line: {result.output}"
+    for phrase in phrases:
+        assert phrase in errors[0], result.output
+    return errors[0]
 
 
 def assert_clean_failure(result, *phrases: str) -> None:
@@ -120,6 +138,14 @@ TINY_DIT = [
     "preview.per_class=1",
     "preview.sampling.num_steps=2",
 ]
+
+
+def train_process_command(store, run_dir, *overrides: str) -> list[str]:
+    """The command line that trains the quick autoencoder preset, made tiny, with `overrides`, in a process of its
+    own (`python -m stages.cli`, so that signals and kills reach a real training)."""
+    command = [sys.executable, "-m", "stages.cli", "--store", str(store), "train", "autoencoder"]
+    command += ["--config", AUTOENCODER_QUICK, "--run-dir", str(run_dir)]
+    return command + [arg for item in (*TINY_AUTOENCODER, *overrides) for arg in ("--set", item)]
 
 
 def train_cli(store: Path, run_dir: Path, *overrides: str, resume: bool = False, extra: tuple[str, ...] = ()):

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors import SafetensorError
 
 import ldm.artifacts
-from conftest import DIT, ROOT, needs_fmnist, save_autoencoder, save_dit
+from conftest import DIT, ROOT, assert_one_line_failure, cli, needs_fmnist, save_autoencoder, save_dit
 from ldm.artifacts import ArtifactStore
 from ldm.destinations import WriteError, check_writable
 from ldm.diffusion.schedules import DiffusionConfig
@@ -90,19 +90,9 @@ def make_read_only(monkeypatch):
             path.chmod(0o755 if path.is_dir() else 0o644)
 
 
-def cli(store, *args):
-    """Run `ldm --store STORE ARGS` in-process; `store` is an ArtifactStore or a folder."""
-    return CliRunner().invoke(main, ["--store", str(store.root if isinstance(store, ArtifactStore) else store), *args])
-
-
 def assert_one_line(result, *phrases):
     """A clean failure: exit status 1, one `Error:` line holding every phrase, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for phrase in phrases:
-        assert phrase in lines[0], (phrase, lines[0])
+    assert_one_line_failure(result, *phrases, last=False, status=1)
 
 
 def files_under(folder):

@@ -12,16 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.artifacts import ArtifactStore
+from conftest import ROOT, assert_one_line_failure, cli
 from ldm.config import ConfigError, brief, load_config, to_dict
 from ldm.data import DataConfig, build_dataset
 from ldm.data.folder import ImageReadError, load_image
-from ldm.data.latents import LatentStats
-from ldm.diffusion.schedules import DiffusionConfig
 from ldm.interop import (
     InteropError,
     export_autoencoder_to_diffusers,
@@ -39,70 +36,9 @@ from ldm.models.dit import DiT, DiTConfig
 from ldm.runtime import check_device
 from pipeline import LatentDiffusionPipeline
 from stages import autoencoder as autoencoder_stage
-from stages.cli import main
 from stages.interop import quantize_diffusion
 
-ROOT = Path(__file__).resolve().parent.parent
 QUICK = str(ROOT / "configs/fmnist/autoencoder-quick.yaml")
-
-AE = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)
-DIT = DiTConfig(
-    input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False
-)
-DIFFUSION = DiffusionConfig(
-    objective="ddpm", schedule="linear", num_timesteps=1000, prediction="eps", learn_sigma=False
-)
-STATS = LatentStats(mean=[0.1, -0.2, 0.0, 0.3], std=[2.0, 1.5, 1.0, 0.5])
-
-
-def cli(store, *args: str):
-    """Run `ldm --store STORE ARGS` in-process."""
-    return CliRunner().invoke(main, ["--store", str(getattr(store, "root", store)), *[str(a) for a in args]])
-
-
-def assert_one_line_failure(result, *phrases: str, last: bool = True) -> str:
-    """A non-zero exit with a one-line error (click's usage lines aside), no traceback; returns that line.
-
-    `last`: nothing follows the error (a stage's progress lines printed before it may follow it in the
-    captured output, where stderr and stdout mix)."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), f"traceback reached the user: {result.exception!r}"
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    following = result.output.split(errors[0], 1)[1].strip()
-    assert not (last and following), f"the error runs over more than one line: {result.output}"
-    for phrase in phrases:
-        assert phrase in errors[0], result.output
-    return errors[0]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A store with a random autoencoder and a random DiT of its latents (no data needed)."""
-    store = ArtifactStore(tmp_path_factory.mktemp("validation") / "store")
-    torch.manual_seed(0)
-    autoencoder = store.save(
-        "autoencoder",
-        tensors={"weights.safetensors": AutoencoderKL(AE).state_dict()},
-        config={"model": to_dict(AE), "data": to_dict(DataConfig())},
-    )
-    dit = DiT(DIT)
-    with torch.no_grad():  # a fresh adaLN-Zero DiT outputs exactly 0: give it a non-trivial function
-        for p in dit.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    store.save(
-        "diffusion",
-        tensors={"weights.safetensors": dit.state_dict(), "raw.safetensors": dit.state_dict()},
-        config={"model": to_dict(DIT), "diffusion": to_dict(DIFFUSION)},
-        metadata={"autoencoder": autoencoder.ref, "latent_stats": STATS.to_dict()},
-    )
-    return store
-
-
-@pytest.fixture(scope="module")
-def pipe(store):
-    return LatentDiffusionPipeline.from_artifacts("diffusion@latest", store=store)
 
 
 # ---- 1-4. configs: YAML errors, tags, aliases, long values -----------------------------------

@@ -6,7 +6,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import AUTOENCODER_QUICK, ROOT, TINY_AUTOENCODER, needs_fmnist, train_cli
+from conftest import AUTOENCODER_QUICK, ROOT, TINY_AUTOENCODER, needs_fmnist, train_cli, train_process_command
 from ldm import artifacts
 from ldm.artifacts import ArtifactStore
 from ldm.config import load_config
@@ -28,20 +27,7 @@ ENDLESS = ["lr_schedule=constant", "trainer.max_steps=100000", "trainer.checkpoi
 
 def launch(store: Path, run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, list[str]]:
     """Start `ldm train autoencoder` (the quick preset, TINY_AUTOENCODER, `overrides`) as a process of its own."""
-    command = [
-        sys.executable,
-        "-m",
-        "stages.cli",
-        "--store",
-        str(store),
-        "train",
-        "autoencoder",
-        "--config",
-        AUTOENCODER_QUICK,
-        "--run-dir",
-        str(run_dir),
-    ]
-    command += [arg for item in (*TINY_AUTOENCODER, *overrides) for arg in ("--set", item)]
+    command = train_process_command(store, run_dir, *overrides)
     process = subprocess.Popen(
         command,
         cwd=ROOT,

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from conftest import TINY_AUTOENCODER, needs_fmnist
+from conftest import TINY_AUTOENCODER, needs_fmnist, train_process_command
 from ldm.artifacts import ArtifactStore
 from ldm.config import from_dict, load_config
 from ldm.data import DataConfig, build_dataset, iterate_images
@@ -52,30 +51,15 @@ class RecordStart(Callback):
 @needs_fmnist
 def test_killed_run_resumes_from_its_step_with_optimizer_and_discriminator_state(tmp_path):
     store = tmp_path / "store"
-    command = [
-        sys.executable,
-        "-m",
-        "stages.cli",
-        "--store",
-        str(store),
-        "train",
-        "autoencoder",
-        "--config",
-        str(ROOT / "configs/fmnist/autoencoder-quick.yaml"),
-        *[arg for item in TINY_AUTOENCODER for arg in ("--set", item)],
-        "--set",
+    command = train_process_command(
+        store,
+        tmp_path / "run",
         "trainer.max_steps=100000",
-        "--set",
         "trainer.checkpoint_every=3",
-        "--set",
         "loss.disc_enabled=true",
-        "--set",
         "loss.disc_start=0",
-        "--set",
         "loss.discriminator.in_channels=1",
-        "--run-dir",
-        str(tmp_path / "run"),
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
