@@ -404,7 +404,7 @@ def test_empty_or_mixed_folders_are_clear_errors(tmp_path):
 
 
 def test_config_rejects_unknown_name_listing_the_valid_ones():
-    with pytest.raises(ValueError, match=r"\['fmnist', 'folder', 'fsdd', 'soundfolder'\].*'mnist'"):
+    with pytest.raises(ValueError, match=r"\['fmnist', 'folder', 'fsdd', 'soundfolder', 'scenes'\].*'mnist'"):
         DataConfig(name="mnist")
 
 

@@ -2,9 +2,10 @@
 
 Every image dataset yields ``(image float32 (C, R, R) in [-1, 1], label int)``, every sound dataset
 ``(signal float32 (1, length) in [-1, 1], label int)``: the stages treat both as items of C channels
-over one or two axes.
+over one or two axes. Scenes (``ldm.data.scenes``: captioned 64x64 colour compositions of Fashion-MNIST
+items) serve their category index as the label here; ``ScenesDataset`` gives their captions.
 
-Splits: Fashion-MNIST and FSDD have 'train' and 'test'. For an image or sound folder, split ``s``
+Splits: Fashion-MNIST, scenes and FSDD have 'train' and 'test'. For an image or sound folder, split ``s``
 reads ``path/s`` when that folder exists (ImageNet's ``train/`` and ``val/``); otherwise 'train'
 reads ``path`` itself and any other split is an error.
 """
@@ -30,9 +31,10 @@ from ldm.data.fmnist import (
     load_fmnist,
 )
 from ldm.data.folder import DEFAULT_MAX_PIXELS, ON_ERROR_CHOICES, ImageFolderDataset, scan_image_folder
+from ldm.data.scenes import SCENE_SIZE, SceneImages, ScenesDataset, scenes_identity
 from ldm.data.sound import FSDD, SoundFolderDataset, check_fsdd_split, ensure_fsdd, fsdd_fingerprint, scan_sound_folder
 
-DATASET_NAMES: tuple[str, ...] = ("fmnist", "folder", "fsdd", "soundfolder")
+DATASET_NAMES: tuple[str, ...] = ("fmnist", "folder", "fsdd", "soundfolder", "scenes")
 SOUND_DATASETS: tuple[str, ...] = ("fsdd", "soundfolder")
 FINGERPRINT_VERSION = 1  # bump when what the fingerprint covers changes
 
@@ -41,7 +43,7 @@ FINGERPRINT_VERSION = 1  # bump when what the fingerprint covers changes
 class DataConfig:
     """Which images (or sounds) a stage reads and how they are prepared."""
 
-    name: str = "fmnist"  # "fmnist" or "folder" (images), "fsdd" or "soundfolder" (sound)
+    name: str = "fmnist"  # "fmnist", "folder" or "scenes" (images), "fsdd" or "soundfolder" (sound)
     path: str | None = None  # folder: the image root; fmnist: a folder with the four IDX files (else searched)
     resolution: int = 32  # square side in pixels; Fashion-MNIST's 28 is padded to 32
     channels: int = 1  # 1 (grayscale) or 3 (RGB); Fashion-MNIST is 1
@@ -80,6 +82,12 @@ class DataConfig:
             raise ValueError(f"data.channels must be 1 or 3, got {self.channels!r}")
         if self.name == "fmnist" and self.channels != 1:
             raise ValueError(f"Fashion-MNIST is grayscale: data.channels must be 1, got {self.channels!r}")
+        if self.name == "scenes" and (self.channels, self.resolution, self.hflip) != (3, SCENE_SIZE, False):
+            raise ValueError(
+                f"scenes are {SCENE_SIZE}x{SCENE_SIZE} RGB and a mirror swaps left and right: set data.channels 3, "
+                f"data.resolution {SCENE_SIZE}, data.hflip false "
+                f"(got {self.channels!r}, {self.resolution!r}, {self.hflip!r})"
+            )
         if self.is_sound and (self.channels != 1 or self.hflip):
             raise ValueError(
                 f"sound is mono and has no flips: data.channels must be 1 and data.hflip false "
@@ -109,7 +117,7 @@ class DataConfig:
 def with_data(config: DataConfig, data: str | None) -> DataConfig:
     """`config` pointed at `data`, the `--data` option of the commands (None keeps it).
 
-    For an image config: "fmnist" or an image folder. For a sound config: "fsdd", a folder holding
+    For an image config: "fmnist", "scenes" or an image folder. For a sound config: "fsdd", a folder holding
     FSDD's `recordings/`, or a folder of the user's WAV files.
     """
     if data is None:
@@ -119,7 +127,9 @@ def with_data(config: DataConfig, data: str | None) -> DataConfig:
             return replace(config, name="fsdd", path=None)
         is_fsdd = (Path(data).expanduser() / "recordings").is_dir() or Path(data).name == "recordings"
         return replace(config, name="fsdd" if is_fsdd else "soundfolder", path=data)
-    return replace(config, name="fmnist", path=None) if data == "fmnist" else replace(config, name="folder", path=data)
+    if data in ("fmnist", "scenes"):
+        return replace(config, name=data, path=None)
+    return replace(config, name="folder", path=data)
 
 
 def _folder_split_root(path: str, split: str) -> Path:
@@ -140,6 +150,8 @@ def build_dataset(config: DataConfig, split: str) -> Dataset:
         return FashionMNIST(
             split, resolution=config.resolution, hflip=config.hflip, root=config.path, download=config.download
         )
+    if config.name == "scenes":
+        return SceneImages(ScenesDataset(split, root=config.path, download=config.download))
     if config.name == "fsdd":
         return FSDD(split, length=config.length, root=config.path, download=config.download)
     if config.name == "soundfolder":
@@ -180,6 +192,11 @@ def data_fingerprint(config: DataConfig, split: str) -> str:
         check_split(split)
         # Loading verifies every file against these payload hashes, so they identify the data exactly.
         content = {"files": {stem: PAYLOAD_SHA256[stem][0] for stem in SPLIT_FILES[split]}}
+    elif config.name == "scenes":
+        check_split(split)
+        # A scene is a pure function of the Fashion-MNIST files and the generator's version, seed and size.
+        content = {"files": {stem: PAYLOAD_SHA256[stem][0] for stem in SPLIT_FILES[split]}}
+        content["scenes"] = scenes_identity(split)
     elif config.name == "fsdd":
         check_fsdd_split(split)
         # The recordings' own checksums, verified on load, identify them exactly.
@@ -207,6 +224,8 @@ __all__ = [
     "DataConfig",
     "FashionMNIST",
     "ImageFolderDataset",
+    "SceneImages",
+    "ScenesDataset",
     "SoundFolderDataset",
     "build_dataset",
     "data_fingerprint",
