@@ -281,6 +281,10 @@ def dit_state_dict_to_diffusers(state_dict: dict[str, Tensor], config: DiTConfig
                 f"diffusers' DiTTransformer2DModel has only {name}={plain!r}; a DiT with "
                 f"{name}={getattr(config, name)!r} cannot be converted to or from it"
             )
+    if config.text_dim:
+        raise InteropError(
+            "diffusers' DiTTransformer2DModel is class-conditional; a DiT with text_dim > 0 cannot be exported"
+        )
     if int(config.hidden_size * config.mlp_ratio) != 4 * config.hidden_size:
         raise InteropError(f"diffusers' DiT has mlp_ratio 4; this one has {config.mlp_ratio}")
     out = {theirs: state_dict[ours] for ours, theirs in _one_to_one_dit_keys(config).items()}

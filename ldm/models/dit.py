@@ -11,6 +11,12 @@ when `learn_sigma`).
 Recipe options, each a `DiTConfig` field that is off by default: RMSNorm, SwiGLU and 2-D RoPE as in
 LightningDiT (Yao et al. 2025), and TREAD token routing in training (Krause et al. 2025).
 
+Text conditioning (`text_dim` > 0, off by default) follows PixArt-alpha (Chen et al. 2023): each block
+cross-attends from the image tokens to the prompt's token features after its self-attention, masked
+keys (padding) excluded, and the prompt's pooled vector joins the adaLN conditioning. Both text paths
+start at zero output, so a fresh text DiT computes the class DiT. The features come from
+`ldm.models.text.TextEncoder`.
+
 The whole model lives in this file, together with its size presets (`DIT_PRESETS`) and an
 analytic FLOP count (`dit_forward_flops`) that the benchmark and training logs use for MFU.
 """
@@ -69,6 +75,11 @@ class DiTConfig:
     # 2: latents are (C, H, W) grids cut into p x p patches (images); 1: (C, L) sequences cut into runs of
     # p steps (sound). Everything else (blocks, conditioning, samplers) is the same code for both.
     spatial_dims: int = 2
+    # Text conditioning, PixArt-alpha (Chen et al. 2023, arXiv 2310.00426); off at 0. text_dim: width of the
+    # text encoder's token features; text_length: the longest prompt in tokens the DiT takes (the encoder's
+    # max_length), which the FLOP count assumes. Set both or neither.
+    text_dim: int = 0
+    text_length: int = 0
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (1, 2):
@@ -97,6 +108,11 @@ class DiTConfig:
             # Each head's channels split into one part per axis of (cos, sin) pairs.
             raise ValueError(
                 f"pos_embed 'rope' needs a head width divisible by {2 * self.spatial_dims}, got {head_dim}"
+            )
+        if self.text_dim < 0 or self.text_length < 0 or (self.text_dim > 0) != (self.text_length > 0):
+            raise ValueError(
+                f"text_dim and text_length must both be positive (text conditioning) or both 0, "
+                f"got {self.text_dim} and {self.text_length}"
             )
         if not 0.0 <= self.route_ratio < 1.0:
             raise ValueError(f"route_ratio must lie in [0, 1), got {self.route_ratio}")
@@ -407,6 +423,38 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens to text tokens, padding keys masked (PixArt-alpha's cross-attention)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Return attention of tokens x (N, T, D) over text tokens context (N, L, D), projected to (N, T, D).
+
+        attn_mask (N, 1, 1, L) bool is True at the text tokens that may be attended; masked keys get weight 0.
+        """
+        n, t, d = x.shape
+        q = self.q(x).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, H, T, d)
+        kv = self.kv(context).view(n, context.shape[1], 2, self.num_heads, self.head_dim)  # (N, L, 2, H, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (N, H, L, d)
+        if self.qk_norm:
+            norm_dtype = torch.promote_types(q.dtype, torch.float32)
+            q = self.q_norm(q.to(norm_dtype)).to(v.dtype)
+            k = self.k_norm(k.to(norm_dtype)).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, H, T, d)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
 class Mlp(nn.Module):
     """Position-wise feed-forward network: Linear -> GELU(tanh) -> Linear."""
 
@@ -445,6 +493,11 @@ class DiTBlock(nn.Module):
         d = config.hidden_size
         self.norm1 = pre_norm(config.norm, d, eps=1e-6)
         self.attn = Attention(d, config.num_heads, qk_norm=config.qk_norm)
+        if config.text_dim:
+            # Unmodulated and ungated, as PixArt-alpha's, but behind a pre-norm like every other sublayer
+            # here (PixArt feeds it the raw residual stream).
+            self.norm_cross = pre_norm(config.norm, d, eps=1e-6)
+            self.cross_attn = CrossAttention(d, config.num_heads, qk_norm=config.qk_norm)
         self.norm2 = pre_norm(config.norm, d, eps=config.mlp_norm_eps)
         self.mlp = (SwiGLU if config.mlp == "swiglu" else Mlp)(d, config.mlp_hidden_size)
         # Applied to SiLU(c), which the DiT computes once for all blocks.
@@ -455,11 +508,18 @@ class DiTBlock(nn.Module):
         return self.adaLN_modulation(c_act).unsqueeze(1).chunk(6, dim=-1)
 
     def forward(
-        self, x: torch.Tensor, c_act: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        c_act: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return the block applied to tokens x (N, T, D) under activated conditioning c_act = SiLU(c) (N, D).
 
         rope: the tokens' rotary (sin, cos) tables for the attention, when the DiT uses RoPE.
+        context (N, L, D), context_mask (N, 1, 1, L) bool: the embedded text tokens and which of them are
+        real, for the cross-attention of a text DiT (None in a class DiT).
 
         Without autograd (sampling) the residual stream x is updated in place and returned, and the
         normalised tokens are modulated in place: pass a tensor the caller may lose (`DiT.forward`
@@ -468,6 +528,9 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c_act)
         inplace = not torch.is_grad_enabled()
         x = add_gated(x, gate_msa, self.attn(modulate(self.norm1(x), shift_msa, scale_msa, inplace), rope), inplace)
+        if context is not None:
+            update = self.cross_attn(self.norm_cross(x), context, context_mask)  # (N, T, D)
+            x = x.add_(update) if inplace else x + update
         x = add_gated(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp, inplace)), inplace)
         return x
 
@@ -488,7 +551,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional Diffusion Transformer: (x_t, t, y) -> model output of shape (N, C_out, H, W)."""
+    """Class- (and optionally text-) conditional Diffusion Transformer: (x_t, t, y) -> output (N, C_out, H, W)."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -499,6 +562,13 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         if config.interval_embed:
             self.r_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
+        if config.text_dim:
+            # PixArt-alpha's caption projection: the encoder's token features to the DiT's width, once per forward.
+            self.text_embedder = nn.Sequential(
+                nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+            )  # (N, L, D_text) -> (N, L, D)
+            # The pooled prompt joins the timestep embedding in c, as SD3's pooled text vector (Esser et al. 2024).
+            self.pooled_text_embedder = nn.Sequential(nn.Linear(config.text_dim, d), nn.SiLU(), nn.Linear(d, d))
         # Fixed, not learned (as in DiT); not saved either, since the config determines it.
         self.register_buffer(
             "pos_embed", sincos_pos_embed(d, config.grid_shape).unsqueeze(0), persistent=False
@@ -537,15 +607,63 @@ class DiT(nn.Module):
         if self.config.interval_embed:
             nn.init.normal_(self.r_embedder.mlp[0].weight, std=0.02)
             nn.init.normal_(self.r_embedder.mlp[2].weight, std=0.02)
+        if self.config.text_dim:
+            nn.init.normal_(self.text_embedder[0].weight, std=0.02)
+            nn.init.normal_(self.text_embedder[2].weight, std=0.02)
+            nn.init.normal_(self.pooled_text_embedder[0].weight, std=0.02)
+            # Zero, so that the prompt leaves a fresh DiT's conditioning c as the class DiT's.
+            nn.init.zeros_(self.pooled_text_embedder[2].weight)
         for block in self.blocks:
             # adaLN-Zero, Peebles & Xie 2023: zero gates make every block start as the identity.
             nn.init.zeros_(block.adaLN_modulation.weight)
             nn.init.zeros_(block.adaLN_modulation.bias)
+            if self.config.text_dim:
+                # Zero cross-attention output, PixArt-alpha (Chen et al. 2023): a fresh text DiT is the class DiT.
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         # Zero output layer: a fresh model predicts exactly 0 (adaLN-Zero, Peebles & Xie 2023).
         nn.init.zeros_(self.final_layer.adaLN_modulation.weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+
+    def embed_text(
+        self,
+        n: int,
+        tokens: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        pooled: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Return the checked text inputs embedded: context (N, L, D), attention mask (N, 1, 1, L), pooled (N, D).
+
+        All three are None for a class DiT, which refuses text inputs.
+        """
+        cfg = self.config
+        if not cfg.text_dim:
+            if tokens is not None or mask is not None or pooled is not None:
+                raise ValueError(
+                    "this DiT has no text conditioning (model.text_dim = 0) and cannot take text_tokens, "
+                    "text_mask or text_pooled"
+                )
+            return None, None, None
+        if tokens is None or mask is None or pooled is None:
+            raise ValueError(
+                "this DiT conditions on text (model.text_dim > 0): pass text_tokens, text_mask and text_pooled"
+            )
+        if tokens.ndim != 3 or tokens.shape[::2] != (n, cfg.text_dim) or tokens.shape[1] > cfg.text_length:
+            raise ValueError(
+                f"expected text_tokens of shape (N={n}, L <= text_length {cfg.text_length}, text_dim {cfg.text_dim}), "
+                f"got {tuple(tokens.shape)}"
+            )
+        if mask.dtype != torch.bool or mask.shape != tokens.shape[:2]:
+            raise ValueError(
+                f"expected text_mask as a bool tensor of shape {tuple(tokens.shape[:2])}, got {mask.dtype} "
+                f"of shape {tuple(mask.shape)}"
+            )
+        if pooled.shape != (n, cfg.text_dim):
+            raise ValueError(f"expected text_pooled of shape ({n}, {cfg.text_dim}), got {tuple(pooled.shape)}")
+        # Masked keys get no attention weight: SDPA's boolean mask, True where a query may attend.
+        return self.text_embedder(tokens), mask[:, None, None, :], self.pooled_text_embedder(pooled)
 
     def forward(
         self,
@@ -554,6 +672,10 @@ class DiT(nn.Module):
         y: torch.Tensor,
         return_block: int | None = None,
         r: torch.Tensor | None = None,
+        *,
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        text_pooled: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Return the prediction (N, C_out, *S) for noisy latents x (N, C, *S), timesteps t (N,), labels y (N,).
 
@@ -568,6 +690,10 @@ class DiT(nn.Module):
         sample's tokens skips blocks [route_start, route_end) unchanged (TREAD, Krause et al. 2025).
         With interval_embed, r (N,) is the start time of the averaging interval (network units, r <= t;
         None: r = t) and the interval t - r enters the conditioning; a DiT without it refuses r.
+        A text DiT (text_dim > 0) needs the prompt as `TextEncoder` gives it: text_tokens (N, L, text_dim)
+        with L <= text_length, text_mask (N, L) bool, True at real tokens (each row needs one; the empty
+        prompt has two), and text_pooled (N, text_dim); a class DiT refuses them. Labels still enter c:
+        a text-only model passes the null class.
         """
         cfg = self.config
         if tuple(x.shape[1:]) != cfg.latent_shape:
@@ -584,6 +710,9 @@ class DiT(nn.Module):
             c = c + self.r_embedder(t - r if r is not None else torch.zeros_like(t))
         elif r is not None:
             raise ValueError("this DiT has no interval embedding (model.interval_embed) and cannot take r")
+        context, context_mask, pooled = self.embed_text(x.shape[0], text_tokens, text_mask, text_pooled)
+        if pooled is not None:
+            c = c + pooled
         # Every consumer of c (each block's and the final layer's adaLN) applies SiLU first; do it once.
         c_act = F.silu(c)
         use_checkpoint = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
@@ -602,11 +731,12 @@ class DiT(nn.Module):
                 stream, x = x, take_tokens(x, keep)  # (N, T, D), (N, K, D)
                 block_rope = None if rope is None else tuple(table[keep].unsqueeze(1) for table in rope)  # (N, 1, K, d)
             if use_checkpoint:
-                x = checkpoint(block, x, c_act, block_rope, use_reentrant=False)
+                x = checkpoint(block, x, c_act, block_rope, context, context_mask, use_reentrant=False)
             elif cache is not None:
-                x = cache.run(index, block, x, c_act, block_rope)
+                x = cache.run(index, block, x, c_act, block_rope, context, context_mask)
             else:
-                x = block(x, c_act, block_rope)  # without autograd, updates x (this forward's own tensor) in place
+                # Without autograd, the block updates x (this forward's own tensor) in place.
+                x = block(x, c_act, block_rope, context, context_mask)
             if route and index == route_end - 1:
                 x, block_rope = put_tokens(stream, keep, x), rope  # (N, T, D): the routed tokens rejoin unchanged
             if index == return_block:
@@ -661,14 +791,25 @@ def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
     Counts the patch embedding, timestep MLP, per-block adaLN, qkv and output projections,
     attention scores q k^T and the weighted sum A v, the MLP (three matrices with SwiGLU), and the
     final layer; elementwise work (norms, softmax, GELU/SiLU, RoPE) is left out as in the paper's
-    count. Half of this number is the paper's "Gflops" (which counts multiply-adds), e.g. 118.6 G
-    for DiT-XL/2. A training step costs about 3x the forward (backward = 2x). training=True counts
-    the training forward, in which TREAD routing (route_ratio > 0) leaves the routed blocks
-    T - int(route_ratio T) tokens; the default counts the inference forward, all T tokens everywhere.
+    count. A text DiT adds its cross-attention over text_length keys (padding included: the masked
+    kernel computes them too) and its two text embedders. Half of this number is the paper's
+    "Gflops" (which counts multiply-adds), e.g. 118.6 G for DiT-XL/2. A training step costs about
+    3x the forward (backward = 2x). training=True counts the training forward, in which TREAD
+    routing (route_ratio > 0) leaves the routed blocks T - int(route_ratio T) tokens; the default
+    counts the inference forward, all T tokens everywhere.
     """
     d, t = config.hidden_size, config.num_patches
     p2 = config.patch_volume
     mlp_matrices = 3 if config.mlp == "swiglu" else 2
+    text, text_dim = config.text_length, config.text_dim
+
+    def macs_cross_attention(tokens: int) -> int:
+        return (
+            tokens * d * d  # q
+            + text * d * 2 * d  # kv of the text tokens
+            + 2 * tokens * text * d  # q k^T and A v over all heads
+            + tokens * d * d  # output projection
+        )
 
     def macs_per_block(tokens: int) -> int:
         return (
@@ -678,6 +819,7 @@ def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
             + tokens * tokens * d  # A v
             + tokens * d * d  # attention output projection
             + mlp_matrices * tokens * d * config.mlp_hidden_size  # MLP
+            + (macs_cross_attention(tokens) if text_dim else 0)
         )
 
     route_start, route_end = config.route_blocks
@@ -690,5 +832,6 @@ def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
         + routed * macs_per_block(kept)
         + d * 2 * d  # final adaLN
         + t * d * p2 * config.out_channels  # final linear
+        + ((text + 1) * (text_dim * d + d * d) if text_dim else 0)  # text token and pooled-vector embedders
     )
     return 2 * macs
