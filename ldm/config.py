@@ -245,16 +245,7 @@ def _over_default(field: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, dict) or "preset" in value or field.default_factory is dataclasses.MISSING:
         return value
     default = field.default_factory()
-    return _laid_over(to_dict(default), value) if dataclasses.is_dataclass(default) else value
-
-
-def _laid_over(default: dict, given: dict) -> dict:
-    """`given` over `default` key by key, into sub-sections too, except those that name a preset (those are whole)."""
-    merged = dict(default)
-    for key, value in given.items():
-        nested = isinstance(value, dict) and "preset" not in value and isinstance(merged.get(key), dict)
-        merged[key] = _laid_over(merged[key], value) if nested else value
-    return merged
+    return _merged(to_dict(default), value, presets_whole=True) if dataclasses.is_dataclass(default) else value
 
 
 def from_dict(cls: type[T], data: dict, where: str = "") -> T:
@@ -346,12 +337,18 @@ def read_preset(path: str | os.PathLike, _children: tuple[Path, ...] = ()) -> di
     return _merged(inherited, data)
 
 
-def _merged(base: dict, child: dict) -> dict:
-    """`base` with `child`'s keys on top: mappings merge key by key, any other value replaces the base's."""
+def _merged(base: dict, child: dict, presets_whole: bool = False) -> dict:
+    """`base` with `child`'s keys on top: mappings merge key by key, any other value replaces the base's.
+
+    `presets_whole`: a child mapping that names a preset replaces the base's whole (over a field's default, the
+    preset's values are meant); between presets, a child's `preset:` keeps the base's other keys (a variant)."""
     merged = dict(base)
     for key, value in child.items():
-        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merged(merged[key], value) if both_maps else value
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        if nested and not (presets_whole and "preset" in value):
+            merged[key] = _merged(merged[key], value, presets_whole)
+        else:
+            merged[key] = value
     return merged
 
 
