@@ -37,9 +37,16 @@ from ldm.config import brief, from_dict
 from ldm.data import DataConfig
 from ldm.data.latents import LatentStats
 from ldm.diffusion.schedules import DiffusionConfig
-from ldm.generation import SamplingSettings, check_strength, model_calls, sample_latents
+from ldm.generation import SamplingSettings, check_prompts, check_strength, model_calls, sample_latents
 from ldm.images import check_range, to_pil
-from ldm.loading import check_guide, dit_configs, load_decoder, load_dit, stored_precision
+from ldm.loading import (
+    check_guide,
+    dit_configs,
+    load_decoder,
+    load_dit,
+    load_frozen_text_encoder,
+    stored_precision,
+)
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.dit import DiT
 from ldm.quantize import check_precision
@@ -101,6 +108,7 @@ class LatentDiffusionPipeline:
         guide: DiT | None = None,
         precision: str = "float32",
         sample_rate: int | None = None,
+        text_encoder: torch.nn.Module | None = None,
     ) -> None:
         if (sample_rate is not None) != (autoencoder.config.spatial_dims == 1):
             raise ValueError(
@@ -127,6 +135,12 @@ class LatentDiffusionPipeline:
             "evaluated": 0,
             "skipped": 0,
         }  # DiT blocks run and reused by step caching, summed over calls
+        if model.config.text_encoder == "pretrained" and text_encoder is None:
+            raise ValueError(
+                "this DiT reads a frozen pretrained text encoder's features: pass the encoder it was trained with "
+                "(from_artifacts loads it from the folder the artifact records, or text_encoder=FOLDER)"
+            )
+        self.text_encoder = None if text_encoder is None else text_encoder.eval().requires_grad_(False)
         self.guide = None
         if guide is not None:
             ours, theirs = ((c.latent_shape, c.num_classes) for c in (model.config, guide.config))
@@ -147,6 +161,7 @@ class LatentDiffusionPipeline:
         device: str | torch.device = "cpu",
         guide: str | None = None,
         precision: str | None = None,
+        text_encoder: str | None = None,
     ) -> LatentDiffusionPipeline:
         """Load a `diffusion` artifact and the autoencoder of its lineage (files checksum-verified).
 
@@ -160,6 +175,8 @@ class LatentDiffusionPipeline:
         `precision`: "float32"; "bf16" (autocast, for GPUs and CPUs with bf16 matmuls); "int8" (the block
         linears quantised for the CPU, `ldm.quantize`; the guide too). None: the artifact's own, which is
         "int8" for one stored by `ldm export diffusion --quantize int8`.
+        `text_encoder`: for a DiT trained on a frozen pretrained text encoder, the folder to load it from (default:
+        the folder its artifact records); an encoder other than the one it was trained with is refused.
         """
         device = check_device(str(device))  # a typo or a missing GPU, before anything loads
         store = store if isinstance(store, ArtifactStore) else ArtifactStore(store)
@@ -178,10 +195,11 @@ class LatentDiffusionPipeline:
         provenance = Provenance(
             artifact.ref, chosen.ref, artifact.parents.get("latents"), override, artifact.manifest["autoencoder"], guide
         )
+        frozen = load_frozen_text_encoder(artifact, dit_config, text_encoder, device)
         sample_rate = None
         if decoder.config.spatial_dims == 1:  # the rate of the sound the autoencoder was trained on
             sample_rate = from_dict(DataConfig, chosen.config()["data"], "data").sample_rate
-        return cls(dit, decoder, diffusion, stats, provenance, guide_model, precision, sample_rate)
+        return cls(dit, decoder, diffusion, stats, provenance, guide_model, precision, sample_rate, frozen)
 
     @property
     def device(self) -> torch.device:
@@ -190,6 +208,11 @@ class LatentDiffusionPipeline:
     @property
     def num_classes(self) -> int:
         return self.model.config.num_classes
+
+    @property
+    def takes_prompts(self) -> bool:
+        """Whether the DiT is conditioned on text prompts (else on class labels)."""
+        return bool(self.model.config.text_dim)
 
     def save_audio(self, signals: torch.Tensor, folder: str | Path, prefix: str = "sample") -> list[Path]:
         """Write signals (N, 1, L) as 16-bit WAV files `<prefix>-NNNNNN.wav` in folder; return their paths."""
@@ -224,9 +247,11 @@ class LatentDiffusionPipeline:
 
     def sample(
         self,
-        class_labels: Labels,
+        class_labels: Labels | None = None,
         settings: SamplingSettings | None = None,
         *,
+        prompts: Sequence[str] | None = None,
+        negative_prompts: Sequence[str] | None = None,
         output: str = "tensor",
         return_latents: bool = False,
         progress: bool = False,
@@ -241,11 +266,12 @@ class LatentDiffusionPipeline:
         alone is the paper's form, both above 1 add the two terms), the grid, the seed and the batch.
         Image i depends on seed + i alone, so splitting into batches of any size gives the same images.
         on_model_call is called after every network evaluation (a progress bar the caller keeps over
-        several calls).
+        several calls). A text model takes `prompts` (one per image) instead of class labels, and guidance
+        pushes away from `negative_prompts` (one per image, or one for all; default the empty prompt).
         """
         settings = self.settings(settings, **options)
-        labels = self._labels(class_labels)
-        latents = self._generate(labels, settings, progress, on_model_call)
+        labels, text = self._conditions(class_labels, prompts, negative_prompts)
+        latents = self._generate(labels, settings, progress, on_model_call, text=text)
         images = self._decode_batched(latents, settings.batch_size)
         return self._output(images, output, latents if return_latents else None)
 
@@ -253,9 +279,11 @@ class LatentDiffusionPipeline:
         self,
         images: torch.Tensor,
         strength: float,
-        class_labels: Labels,
+        class_labels: Labels | None = None,
         settings: SamplingSettings | None = None,
         *,
+        prompts: Sequence[str] | None = None,
+        negative_prompts: Sequence[str] | None = None,
         output: str = "tensor",
         progress: bool = False,
         **options,
@@ -263,22 +291,24 @@ class LatentDiffusionPipeline:
         """SDEdit in latent space: noise the images' latents to `strength` of the chain and denoise.
 
         strength 0 returns the autoencoder's reconstruction of the input; strength 1 ignores it.
-        `settings` and `options` as in `sample`.
+        `settings`, `options` and prompts as in `sample`.
         """
         settings = self.settings(settings, **options)
         check_strength(strength)
-        labels = self._labels(class_labels, len(images))
+        labels, text = self._conditions(class_labels, prompts, negative_prompts, len(images))
         x0 = self.encode(images)
-        latents = self._generate(labels, settings, progress, x0=x0, strength=strength)
+        latents = self._generate(labels, settings, progress, x0=x0, strength=strength, text=text)
         return self._output(self._decode_batched(latents, settings.batch_size), output)
 
     def inpaint(
         self,
         images: torch.Tensor,
         mask: torch.Tensor,
-        class_labels: Labels,
+        class_labels: Labels | None = None,
         settings: SamplingSettings | None = None,
         *,
+        prompts: Sequence[str] | None = None,
+        negative_prompts: Sequence[str] | None = None,
         output: str = "tensor",
         keep_known_pixels: bool = True,
         progress: bool = False,
@@ -289,8 +319,8 @@ class LatentDiffusionPipeline:
         A latent is regenerated when any pixel of its f x f patch is masked. At every step the known
         latents replace the model's x0 estimate outside the mask, so they follow their own noising
         path and the model fills the hole around them (samplers ddim, dpm++2m, euler, heun).
-        keep_known_pixels pastes the input back outside the mask after decoding. `settings` and
-        `options` as in `sample`.
+        keep_known_pixels pastes the input back outside the mask after decoding. `settings`, `options` and
+        prompts as in `sample`.
         """
         settings = self.settings(settings, **options)
         if self.sample_rate is not None:
@@ -309,9 +339,9 @@ class LatentDiffusionPipeline:
         mask = (mask.to(self.device, torch.float32) > 0.5).float().expand(len(images), -1, -1, -1)
         size = self.model.config.input_size
         regenerate = F.adaptive_max_pool2d(mask, (size, size))  # (N, 1, h, w)
-        labels = self._labels(class_labels, len(images))
+        labels, text = self._conditions(class_labels, prompts, negative_prompts, len(images))
         x0 = self.encode(images)
-        latents = self._generate(labels, settings, progress, x0=x0, regenerate=regenerate)
+        latents = self._generate(labels, settings, progress, x0=x0, regenerate=regenerate, text=text)
         result = self._decode_batched(latents, settings.batch_size)
         if keep_known_pixels:
             result = torch.lerp(images.to(result).clamp(-1, 1), result, mask)  # clamp: inputs may carry round-off
@@ -349,6 +379,35 @@ class LatentDiffusionPipeline:
         return replace(schedule_from_changes(recorder.changes, fraction), extrapolate=extrapolate)
 
     # ------------------------------------------------------------------ internals
+
+    def _conditions(
+        self,
+        class_labels: Labels | None,
+        prompts: Sequence[str] | None,
+        negative_prompts: Sequence[str] | None,
+        n: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[list[str], list[str] | None] | None]:
+        """The labels (N,) and, for a text model, (prompts, negative prompts) of N images; ValueError for a
+        condition the model does not take."""
+        if not self.takes_prompts:
+            if prompts is not None or negative_prompts is not None:
+                raise ValueError("this model is class-conditional: pass class labels, not prompts")
+            if class_labels is None:
+                raise ValueError("no class labels given: pass one label per image")
+            return self._labels(class_labels, n), None
+        if class_labels is not None:
+            raise ValueError("this model takes text prompts, not class labels: pass prompts=[...]")
+        if prompts is None:
+            raise ValueError("this model takes text prompts: pass prompts=[...] (one per image)")
+        if isinstance(prompts, str):
+            prompts = [prompts] * (n or 1)
+        prompts = check_prompts(prompts, n or len(prompts))
+        if not prompts:
+            raise ValueError("no prompts given: pass one prompt per image")
+        negatives = (
+            None if negative_prompts is None else check_prompts(negative_prompts, len(prompts), "negative prompts")
+        )
+        return torch.full((len(prompts),), self.model.null_class), (prompts, negatives)
 
     def _labels(self, class_labels: Labels, n: int | None = None) -> torch.Tensor:
         values = _integral_values(class_labels)
@@ -415,8 +474,10 @@ class LatentDiffusionPipeline:
         x0: torch.Tensor | None = None,
         strength: float = 1.0,
         regenerate: torch.Tensor | None = None,
+        text: tuple[list[str], list[str] | None] | None = None,
     ) -> torch.Tensor:
         size = settings.batch_size
+        prompts, negatives = text or (None, None)
         bar = tqdm(
             total=math.ceil(len(labels) / size) * model_calls(settings.sampler, settings.num_steps, strength),
             desc=f"{settings.sampler} x{settings.num_steps}",
@@ -442,6 +503,9 @@ class LatentDiffusionPipeline:
                         on_model_call=on_model_call or (bar.update if progress else None),
                         guide=self.guide,
                         cache=cache,
+                        prompts=None if prompts is None else prompts[part],
+                        negative_prompts=None if negatives is None else negatives[part],
+                        text_encoder=self.text_encoder,
                     )
                 )
                 if cache is not None:

@@ -35,7 +35,7 @@ from ldm.destinations import STORE_OPTION, check_writable, writing_to
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
-STAGES = ("autoencoder", "classifier", "latents", "diffusion")
+STAGES = ("autoencoder", "classifier", "latents", "diffusion", "parser")
 MANIFEST_FORMAT = 2  # 2: the version seals the manifest's fields; absent: legacy, the version hashes the files only
 # Manifest keys the version leaves out: descriptive records that two saves of one result may differ
 # in (when, with which library versions, how long training or encoding took) or that are added after
@@ -252,6 +252,13 @@ class Artifact:
     ) -> dict[str, torch.Tensor]:
         """Return the tensors of one safetensors file of this artifact (no pickle)."""
         return load_file(self._file(name), device=str(device))
+
+    def read_json(self, name: str) -> Any:
+        """Return the JSON content of one file of this artifact (a latent cache's captions.json)."""
+        try:
+            return json.loads(self._file(name).read_bytes())
+        except (OSError, ValueError) as err:
+            raise DamagedArtifactError(self.ref, f"{name} cannot be read as JSON ({err})") from None
 
     def map_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Return the tensors of one safetensors file as read-only views of a memory map of it.

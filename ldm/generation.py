@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -195,6 +195,52 @@ def check_strength(strength: float) -> None:
         )
 
 
+class PromptConditioned:
+    """A text DiT seen as a labelled model: label i selects row i of encoded prompts (tokens, mask, pooled).
+
+    So everything written for labels (training losses, guidance's concatenated batch, the samplers) conditions a
+    text DiT unchanged: guidance passes the prompt rows as the labels and the empty or negative prompts' rows as
+    the null labels. The DiT's own label input gets its null class.
+    """
+
+    def __init__(self, model: DiT, tokens: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor) -> None:
+        self.model, self.tokens, self.mask, self.pooled = model, tokens, mask, pooled
+        self.null_class = model.null_class
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, *args: Any, **kwargs: Any):
+        null = torch.full_like(rows, self.null_class)
+        text = {"text_tokens": self.tokens[rows], "text_mask": self.mask[rows], "text_pooled": self.pooled[rows]}
+        return self.model(x, t, null, *args, **text, **kwargs)
+
+
+def encode_prompts(
+    model: DiT, prompts: Sequence[str], text_encoder: torch.nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The text DiT's inputs (tokens (N, L, D), mask (N, L), pooled (N, D)) for prompts: from its own jointly
+    trained encoder, or from `text_encoder` (a frozen pretrained one, for model.text_encoder "pretrained")."""
+    encoder = getattr(model, "text_encoder", None) if text_encoder is None else text_encoder
+    if encoder is None:
+        raise ValueError(
+            "this text DiT was trained on a pretrained text encoder's features: load that encoder "
+            "(ldm.models.pretrained_text) and pass it as text_encoder"
+        )
+    return encoder.encode(list(prompts))
+
+
+def check_prompts(prompts: Sequence[str] | None, n: int, what: str = "prompts") -> list[str]:
+    """`prompts` as a list of n strings (one prompt for all is repeated); ValueError naming what is wrong."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what} must be a list of strings, got {prompts!r:.80}")
+    prompts = list(prompts)
+    if len(prompts) == 1 and n > 1:
+        prompts = prompts * n
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} {what} for {n} images: give one per image, or one for all")
+    return prompts
+
+
 @torch.no_grad()
 def sample_latents(
     model: DiT,
@@ -207,8 +253,15 @@ def sample_latents(
     on_model_call: Callable[[], None] | None = None,
     guide: DiT | None = None,
     cache: BlockCache | None = None,
+    prompts: Sequence[str] | None = None,
+    negative_prompts: Sequence[str] | None = None,
+    text_encoder: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on settings.seed + i.
+
+    A text DiT takes `prompts` (N strings) instead, its labels unused; guidance pushes away from
+    `negative_prompts` (N strings; default the empty prompt, the null condition it was trained with).
+    `text_encoder`: the frozen encoder of a DiT trained on a pretrained one's features.
 
     x0 (N, C, h, w) with strength < 1: start from x0 noised part of the way (SDEdit). x0 with
     `regenerate` (N, 1, h, w): keep x0 where regenerate is 0 and sample the rest (inpainting).
@@ -223,10 +276,21 @@ def sample_latents(
     config = model.config
     device = next(model.parameters()).device
     labels = labels.to(device)
+    network, null = model, model.null_class
+    if config.text_dim:
+        n = len(labels)
+        prompts = check_prompts(prompts, n)
+        negatives = [""] * n if negative_prompts is None else check_prompts(negative_prompts, n, "negative prompts")
+        if guide is not None:
+            raise ValueError("autoguidance (a guide DiT) is for class-conditional models; a text DiT guides by prompts")
+        network = PromptConditioned(model, *encode_prompts(model, prompts + negatives, text_encoder))
+        labels, null = torch.arange(n, device=device), torch.arange(n, 2 * n, device=device)
+    elif prompts is not None or negative_prompts is not None:
+        raise ValueError("this DiT is class-conditional (model.text_dim = 0): pass class labels, not prompts")
     model_fn = cfg_denoiser(
-        model,
+        network,
         labels,
-        model.null_class,
+        null,
         settings.guidance_scale,
         settings.guidance_interval,
         config.learn_sigma,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ldm.artifacts import write_atomic
 from ldm.audio import spectrogram_pictures
@@ -84,6 +85,36 @@ def save_png(image: Image.Image, path: str | Path, scale: int = 1) -> Path:
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Write a grid PNG of a batch in [-1, 1] and return its path."""
     return save_png(make_grid(images, nrow), path, scale)
+
+
+def save_captioned_grid(
+    images: torch.Tensor, captions: Sequence[str], path: str | Path, ncol: int | None = None, scale: int = 2
+) -> Path:
+    """Write a grid PNG of images (N, C, H, W) in [-1, 1], each with its caption wrapped beneath it; return its path.
+
+    Image i's caption is captions[i]; repeated captions (several samples of one prompt) are written each time.
+    """
+    if len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    n, padding = len(images), 4
+    tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST) for tile in to_pil(images)]
+    ncol = ncol or math.ceil(math.sqrt(n))
+    width, height = tiles[0].width, tiles[0].height
+    font = ImageFont.load_default()
+    chars = max(8, width // 6)  # the default bitmap font is about 6 px per character
+    wrapped = [textwrap.wrap(caption, chars) or [""] for caption in captions]
+    text_height = 11 * max(len(lines) for lines in wrapped) + padding
+    cell_w, cell_h = width + padding, height + text_height + padding
+    rows = math.ceil(n / ncol)
+    canvas = Image.new("RGB", (ncol * cell_w + padding, rows * cell_h + padding), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, lines) in enumerate(zip(tiles, wrapped)):
+        r, c = divmod(i, ncol)
+        x, y = padding + c * cell_w, padding + r * cell_h
+        canvas.paste(tile.convert("RGB"), (x, y))
+        for k, line in enumerate(lines):
+            draw.text((x, y + height + 2 + 11 * k), line, fill="black", font=font)
+    return save_png(canvas, path)
 
 
 def save_side_by_side(

@@ -11,6 +11,7 @@ from ldm.metrics import ClassifierFeatures, InceptionFeatures, inception_availab
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.models.classifier import Classifier, ClassifierConfig
 from ldm.models.dit import DiT, DiTConfig
+from ldm.models.parser import SceneParser, SceneParserConfig
 from ldm.quantize import check_precision, int8_skeleton, quantize_int8
 
 DIT_WEIGHT_FILES = {"ema": "weights.safetensors", "raw": "raw.safetensors"}  # a diffusion artifact's two weight sets
@@ -28,6 +29,13 @@ def load_classifier(artifact: Artifact, device: str | torch.device = "cpu") -> C
     """Return the classifier of a `classifier` artifact, in eval mode."""
     config = from_dict(ClassifierConfig, artifact.config()["model"], "model")
     model = Classifier(config)
+    model.load_state_dict(artifact.load_tensors(device="cpu"))
+    return model.to(device).eval()
+
+
+def load_parser(artifact: Artifact, device: str | torch.device = "cpu") -> SceneParser:
+    """Return the scene parser of a `parser` artifact, in eval mode."""
+    model = SceneParser(from_dict(SceneParserConfig, artifact.config()["model"], "model"))
     model.load_state_dict(artifact.load_tensors(device="cpu"))
     return model.to(device).eval()
 
@@ -169,3 +177,23 @@ def check_guide(
             f"{guide.ref} cannot guide {artifact.ref}: " + "; ".join(problems) + ". A guide must be trained on the "
             "same latent cache with the same objective (e.g. a smaller DiT, or fewer steps, of the same preset)"
         )
+
+
+def load_frozen_text_encoder(
+    artifact: Artifact, config: DiTConfig, path: str | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module | None:
+    """The frozen pretrained text encoder a `diffusion` artifact was trained with, from `path` (default: the folder
+    it records), refused when it is another encoder; None for a DiT without one (class-conditional, or joint)."""
+    if config.text_encoder != "pretrained":
+        if path is not None:
+            raise ValueError(
+                f"{artifact.ref} has no pretrained text encoder to load (model.text_encoder "
+                f"{config.text_encoder!r}): leave text_encoder out"
+            )
+        return None
+    from ldm.models.pretrained_text import check_same_encoder, load_pretrained_text_encoder
+
+    record = artifact.manifest.get("text_encoder", {})
+    encoder = load_pretrained_text_encoder(path or record.get("path", ""), max_length=config.text_length, device=device)
+    check_same_encoder(record, encoder)
+    return encoder

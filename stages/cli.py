@@ -229,6 +229,16 @@ def train_classifier(ctx: click.Context, **options) -> None:
     _train(ctx, ClassifierStageConfig, run, **options)
 
 
+@train.command("parser")
+@train_options
+def train_parser(ctx: click.Context, **options) -> None:
+    """Train the scene parser that judges text-to-image on scenes (each cell's item and colour); store a `parser`
+    artifact. It only scores: no generator trains on it."""
+    from stages.parser import ParserStageConfig, run
+
+    _train(ctx, ParserStageConfig, run, **options)
+
+
 @train.command("diffusion")
 @click.option(
     "--latents", default=None, help="Latent cache reference (default: the config's `latents`, latents@latest)."
@@ -506,6 +516,14 @@ def MEASUREMENT_OPTIONS(command):
 @model_options
 @click.option("--n", default=64, show_default=True, help="Number of images.")
 @click.option("--classes", default=None, help="Class indices, e.g. 3 or 0,2,5 (cycled); default: every class in turn.")
+@click.option(
+    "--prompt",
+    "prompt_texts",
+    multiple=True,
+    help="A text model's prompt (repeatable); the --n images go to the prompts in turn, n / prompts each.",
+)
+@click.option("--prompts", "prompts_file", default=None, help="A text file of prompts, one per line (# comments).")
+@click.option("--negative-prompt", default=None, help="A text model's guidance pushes away from this prompt.")
 @sampling_options(steps=25, cfg=2.0, batch_size=64)
 @click.option(
     "--out",
@@ -523,18 +541,40 @@ def MEASUREMENT_OPTIONS(command):
 )
 @click.pass_context
 def sample_command(
-    ctx: click.Context, n: int, classes: str | None, out_dir: str, no_images: bool, overwrite: bool, **options
+    ctx: click.Context,
+    n: int,
+    classes: str | None,
+    prompt_texts: tuple[str, ...],
+    prompts_file: str | None,
+    negative_prompt: str | None,
+    out_dir: str,
+    no_images: bool,
+    overwrite: bool,
+    **options,
 ) -> None:
-    """Stage 3: sample class-conditional latents with a DiT and decode them with its autoencoder.
+    """Stage 3: sample latents with a DiT (by class, or by prompt for a text model) and decode them.
 
     Images are written batch by batch as they are made; samples.json says "complete": true once all are.
     """
-    from stages.sample import write_samples
+    from stages.sample import read_prompts, write_samples
 
     try:
         model = model_from_options(options)
         settings = settings_from_options(options, model.guide)
-        write_samples(_store(ctx), model, settings, n, classes, out_dir, not no_images, overwrite, default_guidance=2.0)
+        prompts = list(prompt_texts) + (read_prompts(prompts_file) if prompts_file else [])
+        write_samples(
+            _store(ctx),
+            model,
+            settings,
+            n,
+            classes,
+            out_dir,
+            not no_images,
+            overwrite,
+            default_guidance=2.0,
+            prompts=prompts or None,
+            negative_prompt=negative_prompt,
+        )
     except USER_ERRORS as err:
         _fail(err)
 
@@ -639,19 +679,65 @@ def ema_command(
         _fail(err)
 
 
+@evaluate.command("prompts")
+@model_options
+@click.option(
+    "--parser", "parser_ref", default="parser@latest", show_default=True, help="Scene parser artifact that judges."
+)
+@click.option("--per-prompt", default=4, show_default=True, help="Images sampled per prompt (GenEval: 4).")
+@click.option(
+    "--limit", default=0, show_default=True, help="Only the first N prompts of each category (0: the whole suite)."
+)
+@click.option(
+    "--real-only",
+    is_flag=True,
+    help="Load no DiT: score the suite's real scenes, and their reconstructions by --autoencoder when given.",
+)
+@sampling_options(steps=20, cfg=2.0, batch_size=64, guide=False)
+@click.option(
+    "--out", "out_dir", default=None, help="Folder for report.json and images.png (default runs/eval/prompts-...)."
+)
+@click.pass_context
+def eval_prompts(
+    ctx: click.Context, parser_ref: str, per_prompt: int, limit: int, real_only: bool, out_dir: str | None, **options
+) -> None:
+    """Text-to-image on scenes, GenEval's way: sample the prompt suite (552 prompts in six categories, 60 naming
+    held-out pairs), judge every image with the scene parser and print the scores beside those of the real scenes
+    and their reconstructions by the autoencoder; the scores go into the DiT's manifest."""
+    from stages.prompts import evaluate_prompt_suite
+
+    try:
+        model = model_from_options(options)
+        settings = settings_from_options(options, model.guide)
+        evaluate_prompt_suite(
+            _store(ctx), parser_ref, model, settings, per_prompt, limit, real_only, out_dir, default_guidance=2.0
+        )
+    except USER_ERRORS as err:
+        _fail(err)
+
+
 @main.command()
 @click.option(
     "--out",
-    default="out/demo",
-    show_default=True,
-    help="Folder for the demo's store, runs and pictures (replaced on each run).",
+    default=None,
+    help="Folder for the demo's store, runs and pictures, replaced on each run (default out/demo, out/demo-scenes).",
 )
-def demo(out: str) -> None:
-    """Run the quick preset of every stage on Fashion-MNIST and print where everything is."""
-    from stages.demo import run_demo
+@click.option(
+    "--scenes",
+    is_flag=True,
+    help="Text-to-image instead: the quick presets of configs/scenes (parser, autoencoder, text DiT), prompts "
+    "sampled and scored (out/demo-scenes by default).",
+)
+def demo(out: str | None, scenes: bool) -> None:
+    """Run the quick preset of every stage on Fashion-MNIST (or, with --scenes, of text-to-image on scenes) and
+    print where everything is."""
+    from stages.demo import run_demo, run_scenes_demo
 
     try:
-        run_demo(Path(out))
+        if scenes:
+            run_scenes_demo(Path(out or "out/demo-scenes"))
+        else:
+            run_demo(Path(out or "out/demo"))
     except USER_ERRORS as err:
         _fail(err)
 
@@ -662,7 +748,7 @@ def artifacts() -> None:
 
 
 @artifacts.command("list")
-@click.option("--stage", default=None, help="Only this stage (autoencoder, classifier, latents, diffusion).")
+@click.option("--stage", default=None, help="Only this stage (autoencoder, classifier, latents, diffusion, parser).")
 @click.pass_context
 def artifacts_list(ctx: click.Context, stage: str | None) -> None:
     """List stored artifacts, oldest first, with their parents and key numbers, then any damaged folder."""
@@ -753,7 +839,7 @@ def artifacts_verify(ctx: click.Context, ref: str | None) -> None:
 
 
 @artifacts.command("clean")
-@click.option("--stage", default=None, help="Only this stage (autoencoder, classifier, latents, diffusion).")
+@click.option("--stage", default=None, help="Only this stage (autoencoder, classifier, latents, diffusion, parser).")
 @click.option("--dry-run", is_flag=True, help="Only print what would be removed.")
 @click.pass_context
 def artifacts_clean(ctx: click.Context, stage: str | None, dry_run: bool) -> None:

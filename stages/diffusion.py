@@ -28,10 +28,11 @@ from ldm.ema import (
     remove_snapshots_after,
     update_ema,
 )
-from ldm.generation import SamplingSettings, sample_latents
-from ldm.images import save_grid
+from ldm.generation import PromptConditioned, SamplingSettings, encode_prompts, sample_latents
+from ldm.images import save_captioned_grid, save_grid
 from ldm.loading import DIT_WEIGHT_FILES, load_autoencoder
 from ldm.models.dit import DiT, DiTConfig
+from ldm.models.text import drop_captions
 from ldm.training import (
     check_optimizer_settings,
     compiled,
@@ -55,6 +56,8 @@ class PreviewConfig:
 
     per_class: int = 2
     max_classes: int = 10
+    # A text DiT's previews: these prompts, each per_class times; empty: the first 8 captions of the cache.
+    prompts: list[str] = field(default_factory=list)
     # How the grids are sampled, as `ldm sample` would (sampler None: the objective's default).
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(num_steps=20, guidance_scale=2.0))
 
@@ -104,6 +107,9 @@ class DiffusionStageConfig:
     # with a new optimizer and learning-rate schedule (a warm restart). It must have this run's model settings
     # and have been trained on this run's latent cache; the new artifact names it as a parent.
     init_from: str = ""
+    # model.text_encoder "pretrained": the local folder of the frozen `transformers` encoder (CLIP text or T5, with
+    # its tokenizer) whose features the DiT reads; its identity (a fingerprint of its files) is stored with the model.
+    text_encoder_path: str = ""
 
     @staticmethod
     def derive_keys(data: dict) -> dict:
@@ -125,6 +131,11 @@ class DiffusionStageConfig:
                 f"must agree: the network's output channels and the loss are two sides of the same choice"
             )
         check_optimizer_settings(self.lr_schedule, self.betas, self.ema_decay)
+        if (self.model.text_encoder == "pretrained") != bool(self.text_encoder_path):
+            raise ValueError(
+                f"model.text_encoder {self.model.text_encoder!r} with text_encoder_path {self.text_encoder_path!r}: "
+                f"a pretrained text encoder needs the folder it loads from (text_encoder_path), and only it does"
+            )
         dispersive_block_index(self.diffusion, self.model.depth)  # a block the DiT has, checked before any step
         if (self.diffusion.objective == "meanflow") != self.model.interval_embed:
             raise ValueError(
@@ -181,6 +192,9 @@ class DiffusionModule(L.LightningModule):
         self.run_dir: Path | None = None
         self.batches: LatentBatches | None = None
         self.decoder = None  # (autoencoder, stats) for preview grids, set by run()
+        # A frozen pretrained text encoder (model.text_encoder "pretrained"), set by run(); not a submodule, so
+        # checkpoints leave out its weights (the artifact records its identity instead).
+        self.__dict__["text_encoder"] = None
         self.start_step = 0
 
     def configure_optimizers(self):
@@ -211,12 +225,15 @@ class DiffusionModule(L.LightningModule):
                     f"from {self.run_dir / SNAPSHOT_FOLDER}"
                 )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        z, y = batch  # z (B, C, h, w) normalised latents, y (B,)
-        # Timesteps, noise and label dropout depend on (seed, step, rank) alone, so a resumed run
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        z, y, *indices = batch  # z (B, C, h, w) normalised latents, y (B,); a text DiT: the items' indices (B,)
+        # Timesteps, noise and label (or caption) dropout depend on (seed, step, rank) alone, so a resumed run
         # draws exactly what the uninterrupted run would have drawn.
         seed_step(self.config.trainer.seed, self.global_step, self.global_rank, self.trainer.world_size)
-        losses = self.batch_losses(z, y)
+        model = self.train_forward
+        if self.config.model.text_dim:
+            model, y = self.prompt_model(model, indices[0]), torch.arange(len(z), device=z.device)
+        losses = self.batch_losses(z, y, model)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             self._stop_non_finite(f"loss is {loss.item()}")
@@ -226,11 +243,19 @@ class DiffusionModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, on_step=True, logger=False)
         return loss
 
-    def batch_losses(self, z: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch_losses(self, z: torch.Tensor, y: torch.Tensor, model=None) -> dict[str, torch.Tensor]:
         """Per-sample losses (B,) of a batch: dict(loss, mse, t, and the terms the config turns on)."""
         return training_losses(
-            self.train_forward, z, y, self.config.diffusion, self.schedule, depth=self.config.model.depth
+            model or self.train_forward, z, y, self.config.diffusion, self.schedule, depth=self.config.model.depth
         )
+
+    def prompt_model(self, forward, indices: torch.Tensor) -> PromptConditioned:
+        """`forward` conditioned on the captions of cache items `indices` (B,), each dropped to the empty prompt
+        with caption_dropout_prob (from the global RNG, seeded per step); label i selects row i."""
+        captions = self.batches.cache.captions
+        prompts = drop_captions([captions[i] for i in indices.tolist()], self.config.model.caption_dropout_prob)
+        encoded = encode_prompts(self.model, prompts, self.text_encoder)  # the joint encoder learns through this
+        return PromptConditioned(forward, *encoded)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -293,6 +318,14 @@ class DiffusionModule(L.LightningModule):
             return None
         autoencoder, stats = self.decoder
         cfg = self.config.preview
+        if self.config.model.text_dim:
+            prompts = [p for p in self.preview_prompts() for _ in range(cfg.per_class)]
+            labels = torch.zeros(len(prompts), dtype=torch.long)
+            z = sample_latents(
+                self.ema, self.config.diffusion, labels, cfg.sampling, prompts=prompts, text_encoder=self.text_encoder
+            )
+            images = autoencoder.to(z.device).decode(stats.denormalize(z))
+            return save_captioned_grid(images, prompts, self.run_dir / "images" / name, ncol=2 * cfg.per_class)
         classes = min(cfg.max_classes, self.config.model.num_classes)
         labels = torch.arange(classes).repeat_interleave(cfg.per_class)
         z = sample_latents(self.ema, self.config.diffusion, labels, cfg.sampling)
@@ -300,6 +333,27 @@ class DiffusionModule(L.LightningModule):
         return save_grid(
             images, self.run_dir / "images" / name, nrow=cfg.per_class * 2 if classes > 5 else cfg.per_class, scale=2
         )
+
+    def preview_prompts(self) -> list[str]:
+        """The prompts of a text DiT's preview grids: preview.prompts, or the cache's first 8 captions."""
+        if self.config.preview.prompts:
+            return list(self.config.preview.prompts)
+        return list(self.batches.cache.captions[:8]) if self.batches is not None else []
+
+
+def frozen_text_encoder(config: DiffusionStageConfig) -> torch.nn.Module | None:
+    """The frozen pretrained text encoder of a DiT with model.text_encoder "pretrained" (None for any other)."""
+    if config.model.text_encoder != "pretrained":
+        return None
+    from ldm.models.pretrained_text import load_pretrained_text_encoder
+
+    encoder = load_pretrained_text_encoder(config.text_encoder_path, max_length=config.model.text_length)
+    if encoder.hidden_size != config.model.text_dim:
+        raise ValueError(
+            f"the text encoder in {config.text_encoder_path} gives {encoder.hidden_size}-wide features, "
+            f"model.text_dim is {config.model.text_dim}: set model.text_dim={encoder.hidden_size}"
+        )
+    return encoder
 
 
 def check_model_fits_cache(model: DiTConfig, cache: LatentCache) -> None:
@@ -311,7 +365,13 @@ def check_model_fits_cache(model: DiTConfig, cache: LatentCache) -> None:
             f"{'x'.join(map(str, model.latent_shape))}; set model.in_channels={shape[0]} "
             f"model.input_size={shape[1]} model.spatial_dims={len(shape) - 1}"
         )
-    if cache.num_classes > model.num_classes:
+    if model.text_dim:
+        if cache.captions is None:
+            raise ValueError(
+                f"{cache.artifact.ref} holds no captions, and a text DiT (model.text_encoder) trains on captioned "
+                f"data: encode a captioned data set (ldm encode --data scenes)"
+            )
+    elif cache.num_classes > model.num_classes:
         raise ValueError(f"the cache has {cache.num_classes} classes but model.num_classes is {model.num_classes}")
 
 
@@ -397,7 +457,9 @@ def train_and_store(
     with open_run(config, resume, allow_changes) as (run_dir, checkpoint):
         module = make_module()
         module.run_dir = run_dir
-        module.batches = LatentBatches(cache, config.trainer.batch_size, seed=config.trainer.seed)
+        text = bool(config.model.text_dim)
+        module.batches = LatentBatches(cache, config.trainer.batch_size, seed=config.trainer.seed, with_indices=text)
+        module.__dict__["text_encoder"] = frozen_text_encoder(config)
         autoencoder = load_autoencoder(store.load(cache.autoencoder_ref, stage="autoencoder"))
         module.decoder = (autoencoder, cache.stats)
         loader = DataLoader(module.batches, batch_size=None, num_workers=0)
@@ -450,6 +512,7 @@ def train_and_store(
                     "run_dir": str(run_dir),
                     **({"posthoc_ema": posthoc_ema_record(config, run_dir)} if config.posthoc_ema else {}),
                 },
+                **({"text_encoder": text_encoder_record(module)} if config.model.text_dim else {}),
                 **(metadata or {}),
             },
         )
@@ -469,6 +532,17 @@ def train_and_store(
                 f"ldm ema --model {artifact.ref} --sigma-rel ... reconstructs and measures other EMA lengths"
             )
         return artifact
+
+
+def text_encoder_record(module: DiffusionModule) -> dict:
+    """What a text DiT's artifact records of its text encoder: the joint one's preset (its weights are the model's),
+    or the frozen one's identity, which loading checks (`ldm.models.pretrained_text.check_same_encoder`)."""
+    if module.text_encoder is None:
+        return {"source": "joint", "preset": module.config.model.text_encoder, "weights": "in this artifact"}
+    from ldm.models.pretrained_text import text_encoder_identity
+
+    identity = text_encoder_identity(module.text_encoder)
+    return {"source": "pretrained", "path": module.config.text_encoder_path, **identity}
 
 
 def posthoc_ema_record(config: DiffusionStageConfig, run_dir: Path) -> dict:

@@ -17,6 +17,7 @@ from ldm.destinations import STORE_OPTION, writing_to
 from ldm.loading import load_autoencoder
 from ldm.training import Timer, format_seconds
 
+CAPTIONS_FILE = "captions.json"  # a captioned data set's captions, a JSON list in item order
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -167,6 +168,10 @@ def encode(
         print()
         if not done:
             raise ValueError(f"no {config.split} images to encode in {data_config.name} data")
+        captions = None
+        if hasattr(dataset, "caption"):  # captioned data (scenes): the prompts a text DiT trains on, item by item
+            captions = [dataset.caption(i) for i in range(done)]
+            writer.write_bytes(CAPTIONS_FILE, json.dumps(captions, ensure_ascii=False).encode())
         if config.stats == "source":
             # The statistics an imported autoencoder prescribes (e.g. diffusers' scaling_factor), which
             # pretrained diffusion models of that autoencoder were trained with.
@@ -185,6 +190,7 @@ def encode(
                 "views": latent_shape[0],
                 "latent_shape": list(latent_shape[1:]),
                 "num_classes": num_classes,
+                **({"captions": CAPTIONS_FILE} if captions is not None else {}),
                 "latent_stats": stats.to_dict(),
                 "latent_stats_both": {mode: measured.stats(mode).to_dict() for mode in ("channel", "global")},
                 "encode": {

@@ -34,12 +34,37 @@ from ldm.evaluation import (
     trajectory_name,
 )
 from ldm.generation import SamplingSettings, model_calls
-from ldm.images import save_grid, save_png, to_pil
+from ldm.images import save_captioned_grid, save_grid, save_png, to_pil
 from ldm.runtime import synchronize
 from pipeline import LatentDiffusionPipeline
 
 GRID_MAX = 256  # grid.png shows every image up to this many; beyond, the first whole rows of classes that fit
-SAMPLE_FILE = re.compile(r"\d{6}-class\d+\.(png|wav)")  # images/NNNNNN-classC.png or audio/NNNNNN-classC.wav
+# images/NNNNNN-classC.png, audio/NNNNNN-classC.wav, or a text model's images/NNNNNN-promptK.png
+SAMPLE_FILE = re.compile(r"\d{6}-(class|prompt)\d+\.(png|wav)")
+CAPTIONED_GRID_MAX = 64  # a text model's grid: its first images, each captioned with its prompt
+
+
+def prompt_order(prompts: list[str], n: int) -> list[int]:
+    """Which prompt each of n images takes: each prompt in turn for ceil(n / prompts) images, so a prompt's
+    samples sit together (a grid row each when n is a multiple)."""
+    if not prompts:
+        raise ValueError("a text model needs prompts: --prompt TEXT (repeatable) or --prompts FILE")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("a prompt is empty: the empty prompt is the unconditional model; give a description")
+    each = math.ceil(n / len(prompts))
+    return [i // each for i in range(n)]
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a text file, one per line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--prompts {path}: cannot read it as UTF-8 text, one prompt per line ({err})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompts: write one per line")
+    return prompts
 
 
 def parse_classes(spec: str | None, n: int, num_classes: int) -> torch.Tensor:
@@ -101,8 +126,11 @@ def write_samples(
     single_images: bool = True,
     overwrite: bool = False,
     default_guidance: float = 2.0,
+    prompts: list[str] | None = None,
+    negative_prompt: str | None = None,
 ) -> dict:
-    """Sample n class-conditional images; write images/NNNNNN-classC.png, grid.png and samples.json; return the report.
+    """Sample n class-conditional images (a text model: n images of `prompts`, each in turn for n / len(prompts),
+    guided away from `negative_prompt`); write images/NNNNNN-classC.png, grid.png and samples.json; return the report.
 
     A sound model writes audio/NNNNNN-classC.wav instead of the PNGs, and grid.png shows spectrograms.
 
@@ -116,10 +144,24 @@ def write_samples(
     singles = out_dir / ("images" if pipe.sample_rate is None else "audio")
     check_writable(singles if single_images else out_dir, "--out")
     settings = model.with_cache(store, pipe, pipe.settings(settings, default_guidance))
-    labels = parse_classes(classes, n, pipe.num_classes)
+    which = None  # a text model: each image's prompt index
+    if pipe.takes_prompts:
+        if classes is not None:
+            raise ValueError("this model takes text prompts, not --classes: use --prompt TEXT or --prompts FILE")
+        which = torch.tensor(prompt_order(prompts or [], n))
+        labels = which  # file names and samples.json name each image's prompt by its index
+    elif prompts or negative_prompt is not None:
+        raise ValueError(
+            f"{model.ref} is class-conditional: use --classes, not --prompt, --prompts or --negative-prompt"
+        )
+    else:
+        labels = parse_classes(classes, n, pipe.num_classes)
     earlier = earlier_samples(out_dir, overwrite)
     recorded = {**report_settings(pipe, settings), "n": n}
-    in_grid = _grid_count(n, len(set(labels.tolist())))
+    if which is not None:
+        recorded.update(prompts=prompts, negative_prompt=negative_prompt)
+    in_grid = min(n, CAPTIONED_GRID_MAX) if which is not None else _grid_count(n, len(set(labels.tolist())))
+    kind = "prompt" if which is not None else "class"
     grid_images, seconds = [], 0.0
     batch_size = settings.batch_size
     bar = tqdm(
@@ -133,15 +175,25 @@ def write_samples(
         for start in range(0, n, batch_size):
             batch = labels[start : start + batch_size]
             began = time.perf_counter()
-            images = pipe.sample(batch, settings, seed=settings.seed + start, on_model_call=bar.update)
+            if which is None:
+                images = pipe.sample(batch, settings, seed=settings.seed + start, on_model_call=bar.update)
+            else:
+                images = pipe.sample(
+                    None,
+                    settings,
+                    prompts=[prompts[k] for k in batch.tolist()],
+                    negative_prompts=None if negative_prompt is None else [negative_prompt],
+                    seed=settings.seed + start,
+                    on_model_call=bar.update,
+                )
             synchronize(pipe.device)
             seconds += time.perf_counter() - began
             if single_images and pipe.sample_rate is not None:
                 for i, (signal, label) in enumerate(zip(images.cpu(), batch.tolist()), start=start):
-                    write_wav(singles / f"{i:06d}-class{label}.wav", signal, pipe.sample_rate)
+                    write_wav(singles / f"{i:06d}-{kind}{label}.wav", signal, pipe.sample_rate)
             elif single_images:
                 for i, (image, label) in enumerate(zip(to_pil(images), batch.tolist()), start=start):
-                    save_png(image, singles / f"{i:06d}-class{label}.png")
+                    save_png(image, singles / f"{i:06d}-{kind}{label}.png")
             if start < in_grid:
                 grid_images.append(images[: in_grid - start].cpu())
             done = start + len(batch)
@@ -149,7 +201,14 @@ def write_samples(
                 out_dir / "samples.json",
                 {**recorded, "sampled": done, "labels": labels[:done].tolist(), "complete": False},
             )
-        grid = save_class_grid(torch.cat(grid_images), labels[:in_grid], out_dir / "grid.png")
+        if which is None:
+            grid = save_class_grid(torch.cat(grid_images), labels[:in_grid], out_dir / "grid.png")
+        else:
+            captions = [prompts[k] for k in which[:in_grid].tolist()]
+            per_prompt = math.ceil(n / len(prompts))
+            grid = save_captioned_grid(
+                torch.cat(grid_images), captions, out_dir / "grid.png", ncol=per_prompt if per_prompt <= 8 else 8
+            )
         report = {
             **recorded,
             "sampled": n,

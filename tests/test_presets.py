@@ -11,6 +11,7 @@ from stages.autoencoder import AutoencoderStageConfig
 from stages.classifier import ClassifierStageConfig
 from stages.diffusion import DiffusionStageConfig
 from stages.distill import DistillStageConfig
+from stages.parser import ParserStageConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESOLVED = json.loads((ROOT / "tests/data/presets-resolved.json").read_text())
@@ -20,6 +21,8 @@ NEEDS_INIT_FROM = {"configs/fmnist/autoencoder-gan.yaml", "configs/fmnist/autoen
 
 def stage_config(name: str) -> type:
     stem = Path(name).stem
+    if stem.startswith("parser"):
+        return ParserStageConfig
     if stem.startswith("distill"):
         return DistillStageConfig
     if stem.startswith("diffusion"):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import needs_fmnist
 from ldm.models import pretrained_text
 from ldm.models.pretrained_text import (
     TextEncoderError,
@@ -323,3 +324,49 @@ def test_sentencepiece_tokenizer_without_sentencepiece_names_the_extra(t5_dir, t
     folder = save_sentencepiece_t5(tmp_path / "t5", t5_dir)
     without_package(monkeypatch, "sentencepiece")
     assert_refused(r"spiece\.model, which needs sentencepiece: pip install -e '\.\[text\]'", folder)
+
+
+# ----------------------------------------------------------------------------- a DiT on a frozen encoder's features
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_dit_trains_on_a_frozen_encoder_records_it_and_refuses_another(clip_dir, t5_dir, tmp_path):
+    from ldm.artifacts import ArtifactStore
+    from ldm.config import load_config, to_dict
+    from ldm.data import DataConfig
+    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from pipeline import LatentDiffusionPipeline
+    from stages import diffusion
+    from stages.encode import EncodeConfig, encode
+
+    store = ArtifactStore(tmp_path / "store")
+    ae_config = AutoencoderConfig(in_channels=3, resolution=64, ch=8, ch_mult=(1, 2, 2), latent_channels=4)
+    ae = store.save(
+        "autoencoder",
+        tensors={"weights.safetensors": AutoencoderKL(ae_config).state_dict()},
+        config={"model": to_dict(ae_config), "data": to_dict(DataConfig(name="scenes", channels=3, resolution=64))},
+    )
+    cache = encode(store, ae.ref, EncodeConfig(limit=32))
+    overrides = ["model.preset=DiT-T/2", "model.depth=1", "model.hidden_size=32", "model.num_heads=2"]
+    overrides += ["model.text_encoder=pretrained", "model.text_dim=32", f"model.text_length={LENGTH}"]
+    overrides += [f"text_encoder_path={clip_dir}", "trainer.max_steps=2", "trainer.batch_size=4"]
+    overrides += [
+        "trainer.image_every=0",
+        "trainer.progress=false",
+        f"latents={cache.ref}",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    config = load_config(
+        diffusion.DiffusionStageConfig, Path(__file__).parent.parent / "configs/scenes/diffusion.yaml", overrides
+    )
+    model = diffusion.run(config, store)
+    record = model.manifest["text_encoder"]
+    assert (record["source"], record["kind"], record["path"]) == ("pretrained", "clip", str(clip_dir))
+    assert record["fingerprint"] == load_pretrained_text_encoder(clip_dir).fingerprint
+    assert not any(k.startswith("text_encoder.") for k in model.load_tensors())  # frozen weights are not the model's
+    pipe = LatentDiffusionPipeline.from_artifacts(model.ref, store=store)
+    assert pipe.sample(prompts=["a red bag"], num_steps=2, guidance_scale=2.0).shape == (1, 3, 64, 64)
+    with pytest.raises(TextEncoderError, match="load the folder the model was trained with"):
+        LatentDiffusionPipeline.from_artifacts(model.ref, store=store, text_encoder=str(t5_dir))

@@ -121,7 +121,13 @@ def test_padding_to_a_longer_length_changes_neither_the_real_token_features_nor_
 def test_encode_gives_the_dit_its_three_text_inputs():
     encoder = tiny_encoder()
     tokens, mask, pooled = encoder.encode(PROMPTS)
-    assert tokens.shape == (2, 32, 32) and mask.shape == (2, 32) and pooled.shape == (2, 32)
+    longest = max(len(encoder.tokenizer.truncate(p)) for p in PROMPTS) + 2  # the longest with BOS, EOS: not max_length
+    assert tokens.shape == (2, longest, 32) and mask.shape == (2, longest) and pooled.shape == (2, 32)
+    assert bool(mask[:, -1].any()) and not bool(mask.all())
+    full_ids, full_mask = encoder.tokenizer.encode(PROMPTS)  # padded to max_length: the same features and vector
+    full_tokens, full_pooled = encoder(full_ids, full_mask)
+    torch.testing.assert_close(full_tokens[:, :longest], tokens, rtol=0, atol=1e-6)
+    torch.testing.assert_close(full_pooled, pooled, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="exceed the encoder's max_length"):
         encoder(*ByteTokenizer(max_length=40).encode(PROMPTS))
 
@@ -281,7 +287,9 @@ def test_text_dim_and_text_length_are_set_together():
 def test_analytic_flops_count_the_text_paths_as_a_flop_counter_does():
     cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     formulas = {cpu_flash: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)}
-    tokens, mask, pooled = tiny_encoder().encode(PROMPTS)
+    encoder = tiny_encoder()
+    ids, mask = encoder.tokenizer.encode(PROMPTS)  # padded to max_length = text_length, which the count assumes
+    tokens, pooled = encoder(ids, mask)
     x, t, y = latents(2)
     for overrides, training in (({}, False), ({"route_ratio": 0.5, "depth": 4}, True)):
         model = tiny_text_dit(class_dropout_prob=0.0, **overrides).train(training)

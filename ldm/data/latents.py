@@ -188,6 +188,13 @@ class LatentCache:
         self.shard_starts = torch.cumsum(sizes, 0) - sizes  # first global index of each shard (S,)
         self.stats = LatentStats.from_dict(artifact.manifest["latent_stats"])
         self.autoencoder_ref = artifact.parents["autoencoder"]
+        self.captions: list[str] | None = None  # one per item, for a text DiT; None: the data has none
+        if "captions" in artifact.manifest:
+            self.captions = artifact.read_json(artifact.manifest["captions"])
+            if not isinstance(self.captions, list) or len(self.captions) != len(self.labels):
+                raise ArtifactError(
+                    f"{artifact.ref}: {artifact.manifest['captions']} does not hold one caption per item"
+                )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -238,11 +245,14 @@ class LatentBatches(IterableDataset):
     and N ranks together see the same data as one process with the same global batch.
     """
 
-    def __init__(self, cache: LatentCache, batch_size: int, seed: int = 0, normalize: bool = True):
+    def __init__(
+        self, cache: LatentCache, batch_size: int, seed: int = 0, normalize: bool = True, with_indices: bool = False
+    ):
         self.cache = cache
         self.batch_size = batch_size
         self.seed = seed
         self.normalize = normalize
+        self.with_indices = with_indices  # batches are (z, y, item indices): a text DiT looks up their captions
         self.start_step = 0
         self.order = StepOrder(len(cache), seed)
 
@@ -261,6 +271,8 @@ class LatentBatches(IterableDataset):
         z = mean + std * noise
         if self.normalize:
             z = self.cache.stats.normalize(z)
+        if self.with_indices:
+            return z, self.cache.labels[indices], indices
         return z, self.cache.labels[indices]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

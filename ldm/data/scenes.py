@@ -370,6 +370,12 @@ class SceneImages(Dataset):
         image, _, truth = self.scenes[index]
         return image, CATEGORIES.index(truth.category)
 
+    def caption(self, index: int) -> str:
+        """Scene `index`'s caption, drawn without rendering its image (what a latent cache stores beside it)."""
+        if not 0 <= index < len(self.scenes):
+            raise IndexError(f"scene {index} is out of range for {len(self.scenes)} scenes")
+        return self.scenes.maker.draw(index, self.scenes.held_out)[1]
+
 
 def collate_scenes(
     batch: Sequence[tuple[torch.Tensor, str, SceneTruth]],

@@ -453,7 +453,7 @@ def check_guidance_interval(interval: Sequence[float] | None) -> tuple[float, fl
 def cfg_denoiser(
     model: ConditionalModel,
     y: Tensor,
-    null_label: int,
+    null_label: int | Tensor,
     scale: float,
     interval: tuple[float, float] | None = None,
     learn_sigma: bool = False,
@@ -475,6 +475,7 @@ def cfg_denoiser(
     rather than away from the class-free distribution, which sharpens them with less loss of variety
     than classifier-free guidance. With scale = 1 this is guide + guide_scale (cond - guide), the
     paper's form; with both scales above 1 the two terms add (one more forward, of the guide).
+    `null_label`: the label of the unconditional branch, an int for all samples or a tensor (N,) of one each.
     """
     interval = check_guidance_interval(interval)
     network = model
@@ -490,7 +491,8 @@ def cfg_denoiser(
     autoguided = guide is not None and guide_scale != 1.0
     if scale == 1.0 and not autoguided:
         return lambda x, t, r=None: model(x, t, y, r)
-    null = torch.full_like(y, null_label)
+    # One null label for all (the null class), or one per sample (a text model's negative prompts).
+    null = null_label if isinstance(null_label, Tensor) else torch.full_like(y, null_label)
 
     def guided_fn(x: Tensor, t: Tensor, r: Tensor | None = None) -> Tensor:
         active = torch.ones_like(t, dtype=torch.bool) if interval is None else (t >= interval[0]) & (t <= interval[1])

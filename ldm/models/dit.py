@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed, build_rotary_pos_embed
 from torch.utils.checkpoint import checkpoint
 
+from ldm.models.text import TEXT_ENCODER_PRESETS, TextEncoder, text_encoder_config
+
 # Width of the sinusoidal timestep features fed to the timestep MLP (as in DiT and ADM).
 TIMESTEP_FREQUENCY_DIM = 256
 
@@ -80,6 +82,14 @@ class DiTConfig:
     # max_length), which the FLOP count assumes. Set both or neither.
     text_dim: int = 0
     text_length: int = 0
+    # Where the token features come from: "" (none, or given by the caller), a preset of
+    # `ldm.models.text.TEXT_ENCODER_PRESETS` ("Text-S"): a byte-level encoder trained jointly, held by the
+    # DiT as `text_encoder` (its weights are the model's; text_dim is its width, text_length its max_length,
+    # the preset's unless set), or "pretrained": a frozen `transformers` encoder the diffusion stage loads.
+    text_encoder: str = ""
+    # Share of training prompts replaced by the empty prompt "" (the null condition of guidance), applied by
+    # the diffusion stage before encoding; PixArt-alpha drops 10%.
+    caption_dropout_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (1, 2):
@@ -109,6 +119,9 @@ class DiTConfig:
             raise ValueError(
                 f"pos_embed 'rope' needs a head width divisible by {2 * self.spatial_dims}, got {head_dim}"
             )
+        self.fill_text_encoder()
+        if not 0.0 <= self.caption_dropout_prob < 1.0:
+            raise ValueError(f"caption_dropout_prob must lie in [0, 1), got {self.caption_dropout_prob}")
         if self.text_dim < 0 or self.text_length < 0 or (self.text_dim > 0) != (self.text_length > 0):
             raise ValueError(
                 f"text_dim and text_length must both be positive (text conditioning) or both 0, "
@@ -123,6 +136,31 @@ class DiTConfig:
                     f"route_start {self.route_start} and route_end {self.route_end} (-1: depth - 1) must give "
                     f"0 <= route_start < route_end <= depth = {self.depth}, got blocks [{start}, {end})"
                 )
+
+    def fill_text_encoder(self) -> None:
+        """Take text_dim (and text_length, unless set) from a jointly trained encoder's preset; check them."""
+        if not self.text_encoder or self.text_encoder == "pretrained":
+            return
+        if self.text_encoder not in TEXT_ENCODER_PRESETS:
+            raise ValueError(
+                f"model.text_encoder must be '', 'pretrained' or one of {sorted(TEXT_ENCODER_PRESETS)}, "
+                f"got {self.text_encoder!r}"
+            )
+        preset = TEXT_ENCODER_PRESETS[self.text_encoder]
+        if self.text_dim not in (0, preset.hidden_size):
+            raise ValueError(
+                f"model.text_dim {self.text_dim} differs from {self.text_encoder}'s width {preset.hidden_size}: "
+                f"leave text_dim out (0) with a text_encoder preset"
+            )
+        self.text_dim = preset.hidden_size
+        self.text_length = self.text_length or preset.max_length
+
+    @property
+    def text_encoder_config(self):
+        """The TextEncoderConfig of the jointly trained encoder (None unless text_encoder names a preset)."""
+        if not self.text_encoder or self.text_encoder == "pretrained":
+            return None
+        return text_encoder_config(self.text_encoder, max_length=self.text_length)
 
     @property
     def out_channels(self) -> int:
@@ -580,6 +618,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(d, config.patch_volume, config.out_channels, config.norm)
         self.initialize_weights()
+        if config.text_encoder_config is not None:  # after initialize_weights: the encoder has its own (BERT's)
+            self.text_encoder = TextEncoder(config.text_encoder_config)
         # Step caching in sampling (ldm.caching.BlockCache): reuses block residuals between network calls.
         self.block_cache = None
 
