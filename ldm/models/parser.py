@@ -9,8 +9,10 @@ prompt is judged by what the parser finds (`ldm.prompts.judge`). It only scores;
 `features(x)` is the four cells' penultimate activations side by side, so that a Frechet distance in it
 sees both what the items are and where they stand. Distances are comparable only under the same weights.
 
-Layout of the cell network (width w): a stem at 32x32, then two stages of two conv-BN-ReLU blocks each at
-16x16 and 8x8, each stage after a 2x2 max pool, a global average pool, one feature layer and two heads.
+Layout of the cell network (width w): a stem at 32x32 on the cell's RGB and its channel maximum, then two
+stages of two conv-BN-ReLU blocks each at 16x16 and 8x8, each stage after a 2x2 max pool, an average pool to
+a pool_grid x pool_grid grid (1: global), one feature layer and two heads. A cell is read alone: an item that a
+generator draws across a cell border is judged by its parts, as the scenes grammar never places one there.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class SceneParserConfig:
 
     width: int = 32  # channels of the stem; the stages use 2w and 4w
     cell_features: int = 64  # penultimate features per cell; `features` gives 4x this per scene
+    dropout: float = 0.0  # on the cell features, before the heads only: the features stay deterministic in eval
     pool_grid: int = 1  # the last feature map is average-pooled to a grid of this side before the feature layer
-    grey_channel: bool = True  # the stem also sees each pixel's channel maximum: the item's intensity in any colour
 
     def __post_init__(self) -> None:
         for name in ("width", "cell_features", "pool_grid"):
@@ -76,7 +78,7 @@ class SceneParser(nn.Module):
         self.config = config = config or SceneParserConfig()
         w = config.width
         self.body = nn.Sequential(
-            conv_bn_relu(4 if config.grey_channel else 3, w),
+            conv_bn_relu(4, w),  # RGB and the channel maximum
             nn.MaxPool2d(2),  # 32 -> 16
             conv_bn_relu(w, 2 * w),
             conv_bn_relu(2 * w, 2 * w),
@@ -91,18 +93,20 @@ class SceneParser(nn.Module):
             nn.BatchNorm1d(config.cell_features),
             nn.ReLU(inplace=True),
         )
+        self.dropout = nn.Dropout(config.dropout)
         self.item_head = nn.Linear(config.cell_features, 1 + len(ITEMS))
         self.colour_head = nn.Linear(config.cell_features, len(COLOURS))
 
     def cell_features(self, cells: Tensor) -> Tensor:
         """Penultimate activations (M, cell_features) of cells (M, 3, 32, 32)."""
-        if self.config.grey_channel:
-            cells = torch.cat([cells, cells.amax(1, keepdim=True)], 1)  # (M, 4, 32, 32)
-        return self.feature_layer(self.body(cells))  # body: (M, 4w)
+        # Every palette colour has a full channel, so the channel maximum is the item's intensity whatever its
+        # colour: the stem sees the shape apart from the colour.
+        cells = torch.cat([cells, cells.amax(1, keepdim=True)], 1)  # (M, 4, 32, 32)
+        return self.feature_layer(self.body(cells))  # body: (M, 4w * pool_grid**2)
 
     def classify_cells(self, cells: Tensor) -> tuple[Tensor, Tensor]:
         """Item logits (M, 1 + len(ITEMS)) (0: empty) and colour logits (M, len(COLOURS)) of cells (M, 3, 32, 32)."""
-        h = self.cell_features(cells)
+        h = self.dropout(self.cell_features(cells))
         return self.item_head(h), self.colour_head(h)
 
     def features(self, images: Tensor) -> Tensor:
