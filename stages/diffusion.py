@@ -230,10 +230,11 @@ class DiffusionModule(L.LightningModule):
         # Timesteps, noise and label (or caption) dropout depend on (seed, step, rank) alone, so a resumed run
         # draws exactly what the uninterrupted run would have drawn.
         seed_step(self.config.trainer.seed, self.global_step, self.global_rank, self.trainer.world_size)
-        model = self.train_forward
         if self.config.model.text_dim:
-            model, y = self.prompt_model(model, indices[0]), torch.arange(len(z), device=z.device)
-        losses = self.batch_losses(z, y, model)
+            model, y = self.prompt_model(self.train_forward, indices[0]), torch.arange(len(z), device=z.device)
+            losses = self.batch_losses(z, y, model)
+        else:
+            losses = self.batch_losses(z, y)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             self._stop_non_finite(f"loss is {loss.item()}")

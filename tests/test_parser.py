@@ -143,3 +143,11 @@ def test_train_parser_refuses_data_other_than_scenes_in_one_line(tmp_path):
     result = cli(tmp_path / "store", "train", "parser", "--run-dir", tmp_path / "run", *fmnist)
     assert_one_line_failure(result, "data.name must be 'scenes'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_parser_stored_with_grey_channel_true_loads_and_false_is_refused():
+    from ldm.config import ConfigError, from_dict
+
+    assert from_dict(SceneParserConfig, {"width": 8, "grey_channel": True}, "model") == SceneParserConfig(width=8)
+    with pytest.raises(ConfigError, match="grey_channel"):
+        from_dict(SceneParserConfig, {"width": 8, "grey_channel": False}, "model")

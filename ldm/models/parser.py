@@ -39,6 +39,14 @@ class SceneParserConfig:
     dropout: float = 0.0  # on the cell features, before the heads only: the features stay deterministic in eval
     pool_grid: int = 1  # the last feature map is average-pooled to a grid of this side before the feature layer
 
+    @staticmethod
+    def derive_keys(data: dict) -> dict:
+        """Parsers stored while the grey channel was optional say `grey_channel: true`, which is what every parser
+        is now: they load as they are; `false` stays an unknown key (that network had 3 input channels)."""
+        if isinstance(data, dict) and data.get("grey_channel") is True:
+            return {key: value for key, value in data.items() if key != "grey_channel"}
+        return data
+
     def __post_init__(self) -> None:
         for name in ("width", "cell_features", "pool_grid"):
             value = getattr(self, name)
