@@ -2,6 +2,7 @@
 the configuration it had before presets inherited (tests/data/presets-resolved.json)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,13 @@ def test_a_section_given_in_part_keeps_the_stages_own_defaults_for_the_rest():
     assert load_config(DistillStageConfig, None, ["trainer.lr=0.5"]).trainer.grad_clip == 1.0  # the student's default
     preview = load_config(DistillStageConfig, None, ["preview.per_class=1"]).preview.sampling
     assert (preview.sampler, preview.num_steps) == ("meanflow", 2)  # the student's preview, not the class default
+
+
+def test_every_preset_a_demo_trains_is_shipped():
+    """`ldm demo` and `ldm demo --scenes` load their presets by name: each named one must exist and resolve."""
+    source = (ROOT / "stages/demo.py").read_text()
+    named = re.findall(r'(CONFIGS|SCENES_CONFIGS) / "([\w.-]+\.yaml)"', source)
+    assert {"parser-quick.yaml", "autoencoder-quick.yaml", "diffusion-quick.yaml"} <= {name for _, name in named}
+    for folder, name in named:
+        path = f"configs/{'scenes' if folder == 'SCENES_CONFIGS' else 'fmnist'}/{name}"
+        assert path in RESOLVED, f"{path} is trained by a demo but is not a shipped preset"
