@@ -87,6 +87,12 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     return save_png(make_grid(images, nrow), path, scale)
 
 
+def caption_font() -> ImageFont.ImageFont:
+    """Pillow's bitmap font, 6 px a character and 11 px a line, spaces as wide as letters. (Its FreeType default
+    draws a space 2 px wide at this size, which runs the words of a caption together.)"""
+    return ImageFont.load_default_imagefont()
+
+
 def save_captioned_grid(
     images: torch.Tensor, captions: Sequence[str], path: str | Path, ncol: int | None = None, scale: int = 2
 ) -> Path:
@@ -100,8 +106,8 @@ def save_captioned_grid(
     tiles = [tile.resize((tile.width * scale, tile.height * scale), Image.NEAREST) for tile in to_pil(images)]
     ncol = ncol or math.ceil(math.sqrt(n))
     width, height = tiles[0].width, tiles[0].height
-    font = ImageFont.load_default()
-    chars = max(8, width // 6)  # the default bitmap font is about 6 px per character
+    font = caption_font()
+    chars = max(8, width // 6)  # 6 px per character
     wrapped = [textwrap.wrap(caption, chars) or [""] for caption in captions]
     text_height = 11 * max(len(lines) for lines in wrapped) + padding
     cell_w, cell_h = width + padding, height + text_height + padding

@@ -16,6 +16,7 @@ from ldm.data.scenes import ScenesDataset
 from ldm.diffusion.samplers import cfg_denoiser
 from ldm.diffusion.schedules import DiffusionConfig
 from ldm.generation import PromptConditioned, SamplingSettings, encode_prompts, sample_latents
+from ldm.images import save_captioned_grid
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.dit import DiT, DiTConfig
 from pipeline import LatentDiffusionPipeline
@@ -84,7 +85,7 @@ def test_prompted_sampling_depends_on_the_prompt_and_the_negative_prompt_but_not
     empty_negative = sample_latents(model, FLOW, labels, settings, prompts=prompts, negative_prompts=["", ""])
     torch.testing.assert_close(empty_negative, both)  # the default negative is the empty prompt
     negative = sample_latents(model, FLOW, labels, settings, prompts=prompts, negative_prompts=["a green top"] * 2)
-    other = sample_latents(model, FLOW, labels, settings, prompts=["a white dress", "a blue sneaker"])
+    other = sample_latents(model, FLOW, labels, settings, prompts=["a white trouser", "a blue sneaker"])
     assert (negative - both).abs().max() > 1e-3 and (other[0] - both[0]).abs().max() > 1e-3
     torch.testing.assert_close(other[1], both[1])  # one image's prompt leaves the others alone
 
@@ -220,3 +221,20 @@ def test_a_text_dit_refuses_a_latent_cache_without_captions(scenes_store):
     fmnist = encode(store, ae.ref, EncodeConfig(limit=16))  # f2: 16x16x4 latents, as TEXT_DIT takes
     with pytest.raises(ValueError, match="holds no captions"):
         diffusion.check_model_fits_cache(TEXT_DIT, LatentCache(fmnist))
+
+
+def inked_columns(path: Path) -> int:
+    """The width in px from the first to the last dark column of a one-image captioned grid's caption strip."""
+    from PIL import Image
+
+    pixels = torch.tensor(list(Image.open(path).convert("L").getdata())).reshape(-1, Image.open(path).width)
+    caption = pixels[4 + 64 + 2 :]  # below the 64 px tile (32 px at scale 2) and its padding
+    dark = (caption < 128).any(0).nonzero().flatten()
+    return int(dark.max() - dark.min() + 1)
+
+
+def test_a_captioned_grid_keeps_the_spaces_between_words(tmp_path):
+    image = torch.zeros(1, 3, 32, 32)
+    joined = inked_columns(save_captioned_grid(image, ["aaaa"], tmp_path / "joined.png"))
+    spaced = inked_columns(save_captioned_grid(image, ["aa aa"], tmp_path / "spaced.png"))
+    assert spaced - joined >= 5  # a space as wide as a letter; the FreeType default drew it 2 px wide
