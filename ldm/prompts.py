@@ -129,7 +129,7 @@ def spec_of(caption: str, category: str | None = None) -> PromptSpec:
     else:
         raise ValueError(
             f"caption {caption!r} is outside the scenes grammar: write e.g. 'a red bag', 'two blue sneakers', "
-            f"'a dress and a bag', 'a top to the left of a sandal' (see ldm.data.scenes)"
+            f"'a trouser and a bag', 'a top to the left of a sandal' (see ldm.data.scenes)"
         )
     if category is None or category == spec.category:
         return spec

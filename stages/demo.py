@@ -112,13 +112,13 @@ SCENES_CONFIGS = CONFIGS.parent / "scenes"
 # The demo's prompts: one per category of the suite's grammar, and two naming held-out (item, colour) pairs.
 DEMO_PROMPTS = (
     "a bag",
-    "a dress and a sneaker",
+    "a trouser and a sneaker",
     "three tops",
     "a yellow ankle boot",
     "a trouser to the left of a sandal",
     "a green top with a white bag",
     "a red sneaker",
-    "a blue dress above a white top",
+    "a blue trouser above a white top",
 )
 
 

@@ -61,6 +61,9 @@ class ParserStageConfig:
     # every (item, colour) pair, the held-out ones too, which train scenes never hold. A judge must read those pairs:
     # without it, the preset's parser read 0.48 of held-out pairs right against 0.96 of the others.
     recolour: bool = True
+    # Every cell mirrored left-right with probability 1/2: a mirrored item is the same item (a cell alone has no left
+    # or right; the scene is never mirrored, which would swap the relations of its captions).
+    mirror: bool = True
     test_scenes: int = 2000  # test-split scenes measured after training
     held_out_scenes: int = 500  # held-out scenes (test split) measured after training
     run_dir: str = "runs/parser"
@@ -137,6 +140,9 @@ class ParserModule(L.LightningModule):
         if self.config.recolour:
             drawn = torch.randint(len(COLOURS), (len(cells),), device=cells.device)
             cells, colours = recolour(cells, drawn), torch.where(items == EMPTY, IGNORE, drawn)
+        if self.config.mirror:
+            flip = torch.rand(len(cells), device=cells.device) < 0.5  # (M,)
+            cells = torch.where(flip[:, None, None, None], cells.flip(-1), cells)
         item_logits, colour_logits = self.parser.classify_cells(cells)
         loss = parser_loss(item_logits, colour_logits, items, colours)
         right = item_logits.argmax(1) == items

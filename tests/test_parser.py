@@ -36,6 +36,29 @@ def test_parse_returns_four_cells_per_scene_in_eval_mode_and_restores_the_mode()
     assert parser.parse(torch.zeros(1, 3, 64, 64)) == parser.parse(torch.zeros(1, 3, 64, 64))  # BN running stats
 
 
+def mirror_each_cell(images: torch.Tensor) -> torch.Tensor:
+    """Scenes (N, C, 64, 64) with each 32x32 cell mirrored left-right in place."""
+    grid = images.reshape(len(images), images.shape[1], 2, 32, 2, 32)  # (N, C, row, y, col, x)
+    return grid.flip(-1).reshape(images.shape)
+
+
+def test_mirror_average_reads_a_cell_and_its_mirror_alike_and_only_in_eval_mode():
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    config = replace(TINY, pool_grid=2)  # a spatial grid: a mirrored cell reads differently
+    plain = SceneParser(config).eval()
+    averaged = SceneParser(replace(config, mirror_average=True)).eval()
+    averaged.load_state_dict(plain.state_dict())
+    logits = averaged(images)[0]
+    torch.testing.assert_close(averaged(mirror_each_cell(images))[0], logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain(mirror_each_cell(images))[0], plain(images)[0], atol=1e-6, rtol=0)
+    expected = (plain(images)[0] + plain(mirror_each_cell(images))[0]) / 2
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(averaged.features(images), plain.features(images))  # features stay single reads
+    averaged.train(), plain.train()
+    torch.testing.assert_close(averaged(images)[0], plain(images)[0])  # training reads once
+
+
 def test_the_parser_refuses_images_that_are_not_64x64():
     with pytest.raises(ValueError, match="64x64"):
         SceneParser(TINY)(torch.zeros(1, 3, 32, 32))

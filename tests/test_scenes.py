@@ -34,7 +34,6 @@ pytestmark = needs_fmnist
 SINGULAR_OF = {
     "tops": "top",
     "trousers": "trouser",
-    "dresses": "dress",
     "sandals": "sandal",
     "sneakers": "sneaker",
     "bags": "bag",
@@ -115,14 +114,14 @@ def is_true_of(caption: str, truth: SceneTruth) -> bool:
 
 def test_the_checker_rejects_false_captions():
     truth = SceneTruth(
-        "position", (Cell("bag", "red"), Cell("dress", "blue"), None, None), "test", (0, 1, -1, -1), [(2, 2)] * 4
+        "position", (Cell("bag", "red"), Cell("trouser", "blue"), None, None), "test", (0, 1, -1, -1), [(2, 2)] * 4
     )
-    assert is_true_of("a red bag to the left of a blue dress", truth)
-    assert is_true_of("a photo of a dress right of a bag", truth)
-    assert not is_true_of("a red bag to the right of a blue dress", truth)
-    assert not is_true_of("a blue bag to the left of a red dress", truth)  # colours bound to the wrong items
-    assert not is_true_of("a red bag above a blue dress", truth)
-    assert not is_true_of("a red bag and a blue dress", truth)  # the form of another category
+    assert is_true_of("a red bag to the left of a blue trouser", truth)
+    assert is_true_of("a photo of a trouser right of a bag", truth)
+    assert not is_true_of("a red bag to the right of a blue trouser", truth)
+    assert not is_true_of("a blue bag to the left of a red trouser", truth)  # colours bound to the wrong items
+    assert not is_true_of("a red bag above a blue trouser", truth)
+    assert not is_true_of("a red bag and a blue trouser", truth)  # the form of another category
 
 
 def test_items_merge_the_four_upper_body_classes_into_top():
@@ -172,7 +171,7 @@ def test_held_out_pairs_never_appear_in_5000_train_scenes_or_their_captions(trai
         assert not cells & held, (index, truth)
         assert not {(item, colour) for colour, item in parse(caption)[0]} & set(HELD_OUT), caption
         seen |= cells
-    assert len(seen) == 7 * len(PALETTE) - len(HELD_OUT)  # every other pair does appear
+    assert len(seen) == 6 * len(PALETTE) - len(HELD_OUT)  # every other pair does appear
 
 
 def test_held_out_scenes_each_hold_a_held_out_pair_named_in_their_caption(train, test):

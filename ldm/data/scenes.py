@@ -7,20 +7,22 @@ cells hold an item: a 28x28 Fashion-MNIST image placed 0..4 px from its cell's c
 a white item is the grey original, a red one lives in the red channel alone). Values are in
 [-1, 1] as `to_model_range` maps Fashion-MNIST: background -1, a full-intensity white pixel +1.
 
-Items. Fashion-MNIST's ten classes, with the four upper-body ones (T-shirt/top, pullover, coat,
+Items. Fashion-MNIST's classes, with the four upper-body ones (T-shirt/top, pullover, coat,
 shirt) merged into one item "top": at 28x28 px even a good classifier confuses them, so neither a
-generator nor the parser that judges its images could be held to the difference. `ITEM_OF_CLASS`
-is the table; deleting its "top" rows drops the item from every scene and caption.
+generator nor the parser that judges its images could be held to the difference. Dresses are left
+out for the same reason: every parser trained on scenes read them worst (0.90-0.955 where the
+other items reached 0.96-0.99). `ITEM_OF_CLASS` is the table; deleting an
+item's rows drops it from every scene and caption.
 
 Categories and grammar, after GenEval's six (Ghosh et al. 2023)::
 
     caption      := prefix body                prefix := "" | "a photo of " | "an image of " | "a picture of "
     single_object:  np                          "a sneaker", "a red sneaker"
     colors       :  np, colour always named     "an orange bag"
-    two_object   :  np join np                  "a dress and a bag", "a red sneaker with a blue bag"
+    two_object   :  np join np                  "a trouser and a bag", "a red sneaker with a blue bag"
     color_attr   :  np join np, two items of two colours, both named (swapping them is a wrong scene)
     counting     :  number [colour] plural      "two blue bags", "three tops" (2-4 copies of one item and colour)
-    position     :  np relation np              "a green dress to the left of a white sandal"
+    position     :  np relation np              "a green trouser to the left of a white sandal"
     np := article [colour] item    join := " and " | " with "    number := "two" | "three" | "four"
     relation := "to the left of" | "left of" | "to the right of" | "right of" | "above" | "below" | "beneath"
 
@@ -59,7 +61,7 @@ CELL_SIZE = 32
 ITEM_SIZE = 28
 NUM_CELLS = 4  # a 2x2 grid, reading order
 MAX_JITTER = CELL_SIZE - ITEM_SIZE  # an item's offset in its cell is 0..4 px on each axis
-SCENES_VERSION = 1  # bump when the scene drawn for a (seed, split, index) changes
+SCENES_VERSION = 2  # bump when the scene drawn for a (seed, split, index) changes
 DEFAULT_SEED = 0
 SPLIT_SIZES: dict[str, int] = {"train": 60000, "test": 10000}  # scenes per split, as many as Fashion-MNIST images
 SPLIT_CODES: dict[str, int] = {"train": 0, "test": 1}  # a split's word in the seed of its scenes
@@ -69,7 +71,6 @@ ITEM_OF_CLASS: dict[int, str] = {
     0: "top",  # T-shirt/top
     1: "trouser",
     2: "top",  # pullover
-    3: "dress",
     4: "top",  # coat
     5: "sandal",
     6: "top",  # shirt
@@ -81,7 +82,6 @@ ITEMS: tuple[str, ...] = tuple(dict.fromkeys(ITEM_OF_CLASS[c] for c in sorted(IT
 PLURALS: dict[str, str] = {
     "top": "tops",
     "trouser": "trousers",
-    "dress": "dresses",
     "sandal": "sandals",
     "sneaker": "sneakers",
     "bag": "bags",
@@ -103,7 +103,7 @@ _PALETTE_RGB = torch.tensor(list(PALETTE.values()))  # (colours, 3)
 # (item, colour) pairs no training scene holds; kept off "top" so that dropping it leaves them all.
 HELD_OUT: tuple[tuple[str, str], ...] = (
     ("sneaker", "red"),
-    ("dress", "blue"),
+    ("trouser", "blue"),
     ("bag", "green"),
     ("ankle boot", "orange"),
     ("sandal", "purple"),

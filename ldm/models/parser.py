@@ -38,6 +38,9 @@ class SceneParserConfig:
     cell_features: int = 64  # penultimate features per cell; `features` gives 4x this per scene
     dropout: float = 0.0  # on the cell features, before the heads only: the features stay deterministic in eval
     pool_grid: int = 1  # the last feature map is average-pooled to a grid of this side before the feature layer
+    # Read each cell twice, as it is and mirrored left-right, and average the logits (test-time augmentation; in eval
+    # mode only, and never in `features`). False in parsers stored before it existed.
+    mirror_average: bool = False
 
     @staticmethod
     def derive_keys(data: dict) -> dict:
@@ -123,7 +126,11 @@ class SceneParser(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Item logits (N, 4, 1 + len(ITEMS)) (index 0: empty) and colour logits (N, 4, len(COLOURS)) of scenes."""
-        item_logits, colour_logits = self.classify_cells(split_cells(images))
+        cells = split_cells(images)
+        item_logits, colour_logits = self.classify_cells(cells)
+        if self.config.mirror_average and not self.training:
+            mirrored_items, mirrored_colours = self.classify_cells(cells.flip(-1))
+            item_logits, colour_logits = (item_logits + mirrored_items) / 2, (colour_logits + mirrored_colours) / 2
         return item_logits.reshape(len(images), NUM_CELLS, -1), colour_logits.reshape(len(images), NUM_CELLS, -1)
 
     @torch.no_grad()
