@@ -766,6 +766,16 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0
 
 
+def adamw_cosine(parameters: Iterator[torch.nn.Parameter], config: TrainerConfig) -> dict[str, Any]:
+    """Lightning's configure_optimizers answer for a plain classifier: AdamW at config.lr and config.weight_decay,
+    linear warm-up, then cosine decay to 0 at config.max_steps, stepped every step."""
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.warmup_steps, config.max_steps, "cosine")
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 def make_loader(data: DataConfig, config: TrainerConfig, subset: int = 0) -> tuple[DataLoader, StepBatchSampler]:
     """Return the training DataLoader of an image stage and its batch sampler (set `start_step` on resume).
 

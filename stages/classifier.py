@@ -20,7 +20,7 @@ from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.destinations import check_run_writable
 from ldm.metrics import classifier_accuracy
 from ldm.models.classifier import Classifier, ClassifierConfig
-from ldm.training import fit_stage, format_seconds, lr_factor, make_loader, open_run, seed_step
+from ldm.training import adamw_cosine, fit_stage, format_seconds, make_loader, open_run, seed_step
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -78,12 +78,7 @@ class ClassifierModule(L.LightningModule):
         self.classifier = Classifier(config.model)
 
     def configure_optimizers(self):
-        cfg = self.config.trainer
-        optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, "cosine")
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_cosine(self.classifier.parameters(), self.config.trainer)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch

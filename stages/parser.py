@@ -24,10 +24,10 @@ from ldm.data.scenes import COLOURS, HELD_OUT, ITEMS, PALETTE, SCENE_SIZE, Scene
 from ldm.destinations import check_run_writable
 from ldm.models.parser import EMPTY, IGNORE, SceneParser, SceneParserConfig, cell_targets, split_cells
 from ldm.training import (
+    adamw_cosine,
     fit_stage,
     format_seconds,
     leave_stop_signals_to_the_main_process,
-    lr_factor,
     open_run,
     seed_step,
 )
@@ -124,12 +124,7 @@ class ParserModule(L.LightningModule):
         self.parser = SceneParser(config.model)
 
     def configure_optimizers(self):
-        cfg = self.config.trainer
-        optimizer = torch.optim.AdamW(self.parser.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, "cosine")
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_cosine(self.parser.parameters(), self.config.trainer)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch  # (B, 3, 64, 64), (B, 2, 4)
