@@ -4,6 +4,7 @@ the empty and a negative prompt, `pipe.sample(prompts=...)` and `ldm sample --pr
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,7 +228,7 @@ def inked_columns(path: Path) -> int:
     """The width in px from the first to the last dark column of a one-image captioned grid's caption strip."""
     from PIL import Image
 
-    pixels = torch.tensor(list(Image.open(path).convert("L").getdata())).reshape(-1, Image.open(path).width)
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("L")))  # (H, W) uint8
     caption = pixels[4 + 64 + 2 :]  # below the 64 px tile (32 px at scale 2) and its padding
     dark = (caption < 128).any(0).nonzero().flatten()
     return int(dark.max() - dark.min() + 1)
