@@ -228,7 +228,7 @@ def inked_columns(path: Path) -> int:
     """The width in px from the first to the last dark column of a one-image captioned grid's caption strip."""
     from PIL import Image
 
-    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("L")))  # (H, W) uint8
+    pixels = torch.from_numpy(np.array(Image.open(path).convert("L")))  # (H, W) uint8, a writable copy
     caption = pixels[4 + 64 + 2 :]  # below the 64 px tile (32 px at scale 2) and its padding
     dark = (caption < 128).any(0).nonzero().flatten()
     return int(dark.max() - dark.min() + 1)
