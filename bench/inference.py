@@ -15,11 +15,15 @@ precision and caching family, one point per setting.
     python bench/inference.py --store artifacts --model diffusion@latest --classifier classifier@latest --n 1000
     python bench/inference.py ... --setting flow-heun:10 --setting flow-heun:10:int8 --setting flow-euler:20:cache0.3
     python bench/inference.py ... --student diffusion@<distilled> --setting flow-heun:10 --setting student:meanflow:1
+    python bench/inference.py ... --pruned diffusion@<pruned> --pruned-student diffusion@<its student> \
+        --setting pruned:flow-heun:10 --setting pruned-student:meanflow:2:int8
 
-A setting is [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI] (F: the share of block
+A setting is [MODEL:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI] (F: the share of block
 evaluations to skip; forecast: skipped blocks add a linear forecast of their residual instead of the last one;
-interval: --cfg only at network timesteps LO-HI, as `--cfg-interval LO HI`); "student:"
-samples the --student model (`ldm train distill`) with its built-in guidance instead of --model at --cfg.
+interval: --cfg only at network timesteps LO-HI, as `--cfg-interval LO HI`). MODEL picks another model than
+--model: "student:" the --student model (`ldm train distill`), sampled with its built-in guidance;
+"pruned:" the --pruned model (`ldm train prune`) at --cfg; "pruned-student:" the --pruned-student model, a
+student of the pruned one, with its built-in guidance.
 """
 
 from __future__ import annotations
@@ -59,6 +63,15 @@ DEFAULT_SETTINGS = (
 )
 
 
+# A setting's MODEL prefix: the option naming the model it samples, and what that model is.
+MODELS = {
+    "student": "a distilled model",
+    "pruned": "a pruned model",
+    "pruned-student": "a student distilled from the pruned model",
+}
+STUDENTS = ("student", "pruned-student")  # guidance built in: sampled at cfg 1
+
+
 @dataclass(frozen=True)
 class Setting:
     spec: str
@@ -67,17 +80,19 @@ class Setting:
     precision: str = "float32"
     cache: float = 0.0  # share of block evaluations to skip (0: no caching)
     forecast: bool = False  # skipped blocks forecast their residual linearly in t (ldm.caching)
-    student: bool = False  # the --student model, sampled at guidance 1 (its guidance is built in)
+    source: str = ""  # "" (--model), or MODELS' key naming the option that holds the model sampled
     interval: tuple[float, float] | None = None  # guide only at these network timesteps
 
     @classmethod
     def parse(cls, spec: str) -> Setting:
         parts = spec.split(":")
-        student = parts[0] == "student"
-        parts = parts[1:] if student else parts
+        source = parts[0] if parts[0] in MODELS else ""
+        parts = parts[1:] if source else parts
+        student = source in STUDENTS
         if len(parts) < 2:
             raise SystemExit(
-                f"setting {spec!r}: expected [student:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI]"
+                f"setting {spec!r}: expected [MODEL:]SAMPLER:STEPS[:int8|bf16][:cacheF[:forecast]][:intervalLO-HI], "
+                f"MODEL one of {', '.join(MODELS)}"
             )
         precision, cache, forecast, interval = "float32", 0.0, False, None
         for part in parts[2:]:
@@ -93,20 +108,23 @@ class Setting:
                 raise SystemExit(f"setting {spec!r}: unknown part {part!r}")
         if forecast and not cache:
             raise SystemExit(f"setting {spec!r}: forecast needs cacheF")
-        return cls(spec, parts[0], int(parts[1]), precision, cache, forecast, student, interval)
+        return cls(spec, parts[0], int(parts[1]), precision, cache, forecast, source, interval)
 
     @property
     def family(self) -> str:
         caching = (" + cache forecast" if self.forecast else " + cache") if self.cache else ""
-        return ("student " if self.student else "") + self.precision + caching
+        return (f"{self.source} " if self.source else "") + self.precision + caching
 
     def model(self, args) -> str:
-        if self.student and not args.student:
-            raise SystemExit(f"setting {self.spec!r} needs --student diffusion@<a distilled model>")
-        return args.student if self.student else args.model
+        if not self.source:
+            return args.model
+        chosen = getattr(args, self.source.replace("-", "_"))
+        if not chosen:
+            raise SystemExit(f"setting {self.spec!r} needs --{self.source} diffusion@<{MODELS[self.source]}>")
+        return chosen
 
     def cfg(self, args) -> float:
-        return 1.0 if self.student else args.cfg
+        return 1.0 if self.source in STUDENTS else args.cfg
 
 
 def sampling_settings(pipe, setting: Setting, args):
@@ -183,6 +201,8 @@ def main() -> None:
     parser.add_argument("--store", default="artifacts")
     parser.add_argument("--model", default="diffusion@latest")
     parser.add_argument("--student", default=None, help="a distilled model (ldm train distill) for student: settings")
+    parser.add_argument("--pruned", default=None, help="a pruned model (ldm train prune) for pruned: settings")
+    parser.add_argument("--pruned-student", default=None, help="a student of the pruned model, pruned-student:")
     parser.add_argument("--classifier", default="classifier@latest")
     parser.add_argument(
         "--setting", action="append", default=None, help="SAMPLER:STEPS[:int8|bf16][:cacheF] (repeatable)"
@@ -212,6 +232,8 @@ def main() -> None:
     print(
         f"model {first.provenance.diffusion}"
         + (f", student {args.student} (guidance built in)" if args.student else "")
+        + (f", pruned {args.pruned}" if args.pruned else "")
+        + (f", its student {args.pruned_student}" if args.pruned_student else "")
         + f", {args.n} samples per setting, cfg {args.cfg}, seed {args.seed}, "
         f"{args.threads} threads; measuring the reference images ..."
     )
@@ -289,6 +311,8 @@ def main() -> None:
             {
                 "model": first.provenance.diffusion,
                 "student": args.student,
+                "pruned": args.pruned,
+                "pruned_student": args.pruned_student,
                 "n": args.n,
                 "cfg": args.cfg,
                 "seed": args.seed,

@@ -383,3 +383,79 @@ def perceptual_metric(choice: str, net: str = "vgg"):
             choice = "random"
             print("LPIPS backbone weights not found; reporting LPIPS with a RANDOM backbone (not the standard LPIPS)")
     return build_lpips(PerceptualConfig(net=net, backbone=choice))
+
+
+# --------------------------------------------------------------------------- what FD mixes: fidelity, diversity, copies
+
+# Rows of the pairwise-distance matrix computed at once: 512 x 60,000 float64 distances are 0.25 GB.
+DISTANCE_CHUNK = 512
+
+
+def nearest_distances(queries: Tensor, points: Tensor, k: int = 1, exclude_self: bool = False) -> tuple[Tensor, Tensor]:
+    """Return the distances (M, k) from each query (M, D) to its k nearest points (N, D), ascending, and their indices.
+
+    exclude_self: the queries are the first M of the points, and each one's zero distance to itself is skipped, so
+    column j holds its (j+1)-th neighbour other than itself. Euclidean, in float64 via chunks of DISTANCE_CHUNK rows.
+    """
+    if queries.ndim != 2 or points.ndim != 2 or queries.shape[1] != points.shape[1]:
+        raise ValueError(f"expected features (M, D) and (N, D), got {tuple(queries.shape)} and {tuple(points.shape)}")
+    available = points.shape[0] - int(exclude_self)
+    if not 1 <= k <= available:
+        raise ValueError(f"k = {k} nearest neighbours need at least {k + int(exclude_self)} points, got {len(points)}")
+    points = points.to(torch.float64)
+    distances, indices = [], []
+    for start in range(0, len(queries), DISTANCE_CHUNK):
+        chunk = queries[start : start + DISTANCE_CHUNK].to(torch.float64)
+        pairwise = torch.cdist(chunk, points)  # (m, N)
+        if exclude_self:
+            rows = torch.arange(len(chunk))
+            pairwise[rows, rows + start] = float("inf")
+        found = pairwise.topk(k, dim=1, largest=False)  # ascending
+        distances.append(found.values)
+        indices.append(found.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def manifold_metrics(real: Tensor, fake: Tensor, k: int = 5) -> dict[str, float]:
+    """Precision and recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020) of fake features.
+
+    Each real point (N, D) owns a ball reaching its k-th nearest real neighbour (each fake point (M, D) one to its
+    k-th nearest fake neighbour). Precision: the share of fake points inside some real ball (fidelity). Recall: the
+    share of real points inside some fake ball (diversity). Density: real balls holding each fake point, averaged
+    and divided by k (1 when fakes sit as densely as reals; above 1 where they crowd). Coverage: the share of real
+    balls holding at least one fake point. Naeem et al. use k = 5.
+    """
+    real_radii = nearest_distances(real, real, k, exclude_self=True)[0][:, -1]  # (N,)
+    fake_radii = nearest_distances(fake, fake, k, exclude_self=True)[0][:, -1]  # (M,)
+    inside_real = torch.zeros(len(fake), dtype=torch.bool)  # fake j in some real ball
+    balls_per_fake = torch.zeros(len(fake), dtype=torch.float64)
+    covered = torch.zeros(len(real), dtype=torch.bool)  # real ball i holds some fake
+    recalled = torch.zeros(len(real), dtype=torch.bool)  # real i in some fake ball
+    fake64 = fake.to(torch.float64)
+    for start in range(0, len(real), DISTANCE_CHUNK):
+        pairwise = torch.cdist(real[start : start + DISTANCE_CHUNK].to(torch.float64), fake64)  # (n, M)
+        in_real_ball = pairwise <= real_radii[start : start + DISTANCE_CHUNK, None].to(pairwise.device)  # (n, M)
+        inside_real |= in_real_ball.any(0).cpu()
+        balls_per_fake += in_real_ball.sum(0).cpu()
+        covered[start : start + DISTANCE_CHUNK] = in_real_ball.any(1).cpu()
+        recalled[start : start + DISTANCE_CHUNK] = (pairwise <= fake_radii[None, :].to(pairwise.device)).any(1).cpu()
+    return {
+        "precision": inside_real.double().mean().item(),
+        "recall": recalled.double().mean().item(),
+        "density": (balls_per_fake.mean() / k).item(),
+        "coverage": covered.double().mean().item(),
+    }
+
+
+def copy_threshold(train: Tensor, quantile: float = 0.01, limit: int = 10_000) -> float:
+    """The `quantile` of training images' distances to their nearest other training image, over the first `limit`.
+
+    A generated image nearer than this to a training image is nearer to it than all but that share of training
+    images are to one another: counted as a copy by `memorisation_rate`. A generator that copies nothing flags
+    about `quantile` of its samples, as fresh images of the data do (the test split's rate is its floor).
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"the copy quantile must lie in (0, 1), got {quantile}")
+    queries = train[:limit]
+    distances = nearest_distances(queries, train, 1, exclude_self=True)[0][:, 0]
+    return torch.quantile(distances, quantile).item()

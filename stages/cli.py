@@ -266,6 +266,21 @@ def train_distill(ctx: click.Context, **options) -> None:
     _train(ctx, DistillStageConfig, run, **options)
 
 
+@train.command("prune")
+@click.option(
+    "--parent",
+    default=None,
+    help="Trained `diffusion` artifact to prune (default: the config's `parent`, diffusion@latest).",
+)
+@train_options
+def train_prune(ctx: click.Context, **options) -> None:
+    """Prune a DiT's blocks (named, evenly spaced, or chosen by measured importance) and recover the smaller DiT on
+    its parent's output; store a `diffusion` artifact that names its parent and the blocks removed."""
+    from stages.prune import PruneStageConfig, run
+
+    _train(ctx, PruneStageConfig, run, **options)
+
+
 # Options of more than one command.
 AUTOENCODER_DATA_OPTION = click.option(
     "--data",

@@ -306,10 +306,14 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("lineage", {})
         if saved and saved != self.lineage:
+            differ = [key for key in self.lineage if saved.get(key) != self.lineage[key]]
             raise ArtifactError(
-                f"this run was trained on {saved.get('latents')} (from {saved.get('autoencoder')}), but "
-                f"{self.lineage.get('latents')} (from {self.lineage.get('autoencoder')}) was given; "
-                f"resume with the same latent cache, or start a new run"
+                "this run was trained with "
+                + ", ".join(f"{key} {saved.get(key)}" for key in differ)
+                + ", but "
+                + ", ".join(f"{self.lineage[key]}" for key in differ)
+                + " was given; resume with the same inputs (a reference like @latest may have moved: name the "
+                "versions), or start a new run"
             )
 
     @torch.no_grad()

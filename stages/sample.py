@@ -339,14 +339,14 @@ def evaluate_samples(
     store.check_writable(store.load(model.ref, stage="diffusion", verify=False))  # the numbers go into its manifest
     settings = model.with_cache(store, pipe, pipe.settings(settings, default_guidance))
     reference = sample_reference(store, pipe, n, classifier_ref, features, settings.batch_size, pipe.device)
-    report, first = measure_samples(pipe, settings, n, reference)
-    if settings.cache is not None:
-        counts = pipe.block_evaluations
-        report["block_evaluations"] = dict(counts)
-        report["block_evaluations_saved"] = counts["skipped"] / max(counts["evaluated"] + counts["skipped"], 1)
     name = evaluation_name(pipe, settings, n)
     out_dir = Path(out_dir or EVAL_FOLDER / f"{name}-{pipe.provenance.diffusion.split('@')[1]}")
     with writing_to(out_dir, "--out"):
+        report, first = measure_samples(pipe, settings, n, reference, out_dir)
+        if settings.cache is not None:
+            counts = pipe.block_evaluations
+            report["block_evaluations"] = dict(counts)
+            report["block_evaluations_saved"] = counts["skipped"] / max(counts["evaluated"] + counts["skipped"], 1)
         grid = save_grid(
             first, out_dir / "samples.png", nrow=pipe.num_classes if len(first) >= pipe.num_classes else None, scale=2
         )
@@ -384,6 +384,23 @@ def print_sample_report(report: dict, out_dir: Path, grid: Path) -> None:
         f"  time per image         {1000 * report['seconds_per_image']:9.2f} ms ({report['device']}, "
         f"{report['threads']} threads"
         f"{', ' + report['precision'] if report.get('precision', 'float32') != 'float32' else ''})"
+    )
+    manifold, real = report["manifold"], report["real_manifold"]
+    if manifold["precision"] is not None:
+        print(
+            f"  precision, recall      {manifold['precision']:.4f}, {manifold['recall']:.4f}   (train images instead "
+            f"of samples: {real['precision']:.4f}, {real['recall']:.4f}; k = {manifold['k']} neighbours)"
+        )
+        print(
+            f"  density, coverage      {manifold['density']:.4f}, {manifold['coverage']:.4f}   "
+            f"(train images: {real['density']:.4f}, {real['coverage']:.4f})"
+        )
+    histogram = report["class_histogram"]
+    print(f"  predicted classes      {histogram['predicted']}   (requested {histogram['requested']})")
+    print(
+        f"  memorisation           {report['memorisation_rate']:9.4f}   (test images: "
+        f"{report['real_memorisation_rate']:.4f}; {report['memorisation_reference']}; nearest pairs "
+        f"{out_dir / 'nearest-train.png'})"
     )
     if "block_evaluations_saved" in report:
         print(

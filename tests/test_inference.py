@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -435,7 +436,18 @@ def test_inference_bench_reads_caching_forecast_and_guidance_interval_settings()
         (220.0, 840.0),
     )
     assert setting.family == "float32 + cache forecast"
-    assert Setting.parse("student:meanflow:2").student and Setting.parse("flow-heun:10").interval is None
+    assert Setting.parse("student:meanflow:2").source == "student" and Setting.parse("flow-heun:10").interval is None
+    pruned, pruned_student = Setting.parse("pruned:flow-heun:10:int8"), Setting.parse("pruned-student:meanflow:2")
+    assert (pruned.source, pruned.precision, pruned.family) == ("pruned", "int8", "pruned int8")
+    args = SimpleNamespace(model="m", student=None, pruned="p", pruned_student="ps", cfg=2.0)
+    assert (pruned.model(args), pruned.cfg(args), pruned_student.model(args), pruned_student.cfg(args)) == (
+        "p",
+        2.0,
+        "ps",
+        1.0,
+    )
+    with pytest.raises(SystemExit, match="needs --student"):
+        Setting.parse("student:meanflow:1").model(args)
     with pytest.raises(SystemExit, match="forecast needs"):
         Setting.parse("flow-euler:20:forecast")
     with pytest.raises(SystemExit, match="unknown part"):

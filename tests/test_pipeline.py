@@ -335,6 +335,15 @@ def test_sample_evaluation_reports_distance_floors_accuracy_and_records_them(tmp
     ] == pytest.approx(rebuilt)
     assert json.loads((tmp_path / "eval" / "report.json").read_text()) == report
     assert report["guidance_interval"] == [100.0, 800.0] and report["spacing"] == "trailing"
+    # Fidelity, diversity and copies beside FD: the samples' class histogram counts each sample once.
+    assert report["class_histogram"]["requested"] == [4] * 10 and sum(report["class_histogram"]["predicted"]) == 40
+    for key in ("precision", "recall", "coverage"):
+        assert 0.0 <= report["manifold"][key] <= 1.0 and 0.0 <= report["real_manifold"][key] <= 1.0
+    assert report["manifold"]["density"] >= 0.0 and report["manifold"]["k"] == 5
+    assert 0.0 <= report["memorisation_rate"] <= 1.0 and 0.0 <= report["real_memorisation_rate"] <= 1.0
+    assert report["precision"] == "float32"  # the DiT's arithmetic, not the samples' precision
+    with Image.open(tmp_path / "eval" / "nearest-train.png") as pairs:  # 8 samples above their nearest train images
+        assert pairs.size[0] > pairs.size[1] > 2 * 28
     recorded = store.load("diffusion@latest").manifest["metrics"]["samples-dpm++2m-2-cfg1.5-t100-800-n40"]
     assert recorded["autoencoder_reference_distance"] == report["autoencoder_reference_distance"]
     model = store.load("diffusion@latest")  # autoguided evaluations are recorded under their own name
