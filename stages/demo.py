@@ -144,7 +144,7 @@ def run_scenes_demo(out: Path, limit: int = 16) -> dict[str, object]:
     )
     judge = parser.run(parser_config, store)
 
-    print("\n== stage 1: autoencoder (64x64 RGB scenes -> 16x16x4 latents) ==")
+    print("\n== stage 1: autoencoder (64x64 RGB scenes -> 16x16x8 latents) ==")
     ae_config = load_config(
         autoencoder.AutoencoderStageConfig,
         SCENES_CONFIGS / "autoencoder-quick.yaml",

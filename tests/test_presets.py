@@ -13,6 +13,7 @@ from stages.classifier import ClassifierStageConfig
 from stages.diffusion import DiffusionStageConfig
 from stages.distill import DistillStageConfig
 from stages.parser import ParserStageConfig
+from stages.prune import PruneStageConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESOLVED = json.loads((ROOT / "tests/data/presets-resolved.json").read_text())
@@ -26,6 +27,8 @@ def stage_config(name: str) -> type:
         return ParserStageConfig
     if stem.startswith("distill"):
         return DistillStageConfig
+    if stem.startswith("prune"):
+        return PruneStageConfig
     if stem.startswith("diffusion"):
         return DiffusionStageConfig
     return ClassifierStageConfig if stem.startswith("classifier") else AutoencoderStageConfig
