@@ -8,7 +8,8 @@ Losses and metrics, each returning one value per sample, shape (N,):
   - ``MultiResolutionSTFTLoss``: spectral convergence + log-magnitude L1 over several STFT
     resolutions (Yamamoto, Song & Kim 2020, Parallel WaveGAN, arXiv 1910.11480),
   - ``si_sdr``: scale-invariant signal-to-distortion ratio in dB (Le Roux et al. 2019),
-  - ``log_mel_distance`` and ``mr_stft_distance``: distances for evaluation.
+  - ``log_mel_distance`` and ``mr_stft_distance``: distances for evaluation,
+  - ``speech_quality``: PESQ and STOI (optional extra ``[audio]``).
 
 ``spectrogram_features`` and ``griffin_lim`` are the spectrogram front end of the sound autoencoder
 and its inversion; ``spectrogram_pictures`` is how sound is drawn in grids.
@@ -344,3 +345,44 @@ def spectrogram_pictures(signals: torch.Tensor, n_fft: int = 256, hop_length: in
     magnitude = stft_magnitude(signals.detach().float().cpu().clamp(-1, 1), n_fft, hop_length)  # (N, F, frames)
     scaled = (magnitude.log().clamp(low, high) - low) / (high - low) * 2 - 1
     return scaled.flip(1).unsqueeze(1)  # row 0 is the highest frequency, as a spectrogram is read
+
+
+# ----------------------------------------------------------------------------- speech quality (optional extra [audio])
+
+SPEECH_METRICS_HINT = "pip install -e '.[audio]' (the pesq and pystoi packages)"
+
+
+def speech_metrics_available() -> tuple[bool, str]:
+    """Whether PESQ and STOI can be computed here, and if not, what to install."""
+    import importlib.util
+
+    missing = [name for name in ("pesq", "pystoi") if importlib.util.find_spec(name) is None]
+    if missing:
+        return False, f"{' and '.join(missing)} not installed: {SPEECH_METRICS_HINT}"
+    return True, ""
+
+
+def speech_quality(estimate: torch.Tensor, reference: torch.Tensor, sample_rate: int) -> dict[str, torch.Tensor]:
+    """Return PESQ (ITU-T P.862; narrowband at 8 kHz, wideband at 16 kHz) and STOI, each (N,), of estimate against
+    reference, through torchmetrics' wrappers of the `pesq` and `pystoi` packages.
+
+    PESQ runs from -0.5 to 4.5 (narrowband identical signals give about 4.5); STOI from 0 to 1. A clip in which
+    PESQ finds no speech (silence) gets NaN there, which callers leave out of means.
+    """
+    from torchmetrics.functional.audio import perceptual_evaluation_speech_quality as pesq_score
+    from torchmetrics.functional.audio import short_time_objective_intelligibility as stoi_score
+
+    if sample_rate not in (8000, 16000):
+        raise ValueError(f"PESQ is defined at 8 kHz (narrowband) and 16 kHz (wideband), not {sample_rate} Hz")
+    estimate, reference = _same_shape(estimate, reference)  # (N, T) each
+    mode = "nb" if sample_rate == 8000 else "wb"
+    pesq = []
+    for one, truth in zip(estimate.float().cpu(), reference.float().cpu()):
+        try:
+            pesq.append(float(pesq_score(one, truth, sample_rate, mode)))
+        except Exception as err:  # the pesq package raises its own NoUtterancesError for silence
+            if "utterance" not in str(err).lower() and type(err).__name__ != "NoUtterancesError":
+                raise
+            pesq.append(float("nan"))
+    stoi = stoi_score(estimate.float().cpu(), reference.float().cpu(), sample_rate)
+    return {"pesq": torch.tensor(pesq, dtype=torch.float64), "stoi": stoi.double().reshape(-1)}

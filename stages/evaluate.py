@@ -15,7 +15,14 @@ from pathlib import Path
 import torch
 
 from ldm.artifacts import ArtifactError, ArtifactStore, write_atomic
-from ldm.audio import log_mel_distance, mr_stft_distance, si_sdr, write_wav
+from ldm.audio import (
+    log_mel_distance,
+    mr_stft_distance,
+    si_sdr,
+    speech_metrics_available,
+    speech_quality,
+    write_wav,
+)
 from ldm.config import from_dict
 from ldm.data import (
     DataConfig,
@@ -56,12 +63,16 @@ def evaluate_reconstruction(
     dataset = build_dataset(data_config, split)
     sound = data_config.is_sound
     extractor = feature_extractor(store, features, classifier_ref, device, sound=sound)
+    speech, speech_note = False, ""
     if sound:
         measures = {
             "si_sdr_db": si_sdr,
             "mr_stft": mr_stft_distance,
             "log_mel_distance": lambda a, b: log_mel_distance(a, b, data_config.sample_rate),
         }
+        speech, speech_note = speech_metrics_available()
+        if not speech:
+            print(f"PESQ and STOI left out ({speech_note})")
     else:
         perceptual = perceptual_metric(lpips).to(device)
         measures = {"psnr_db": psnr, "ssim": ssim, "lpips": perceptual}
@@ -72,6 +83,7 @@ def evaluate_reconstruction(
         classifier_artifact = classifier = None  # Inception features need no classifier: accuracy is left out
     real_stats, recon_stats = FeatureStats(), FeatureStats()
     totals = {**dict.fromkeys(measures, 0.0), "real_correct": 0, "recon_correct": 0}
+    speech_scores = {"pesq": [], "stoi": []}  # per clip; PESQ is NaN where it finds no speech
     count, encode_seconds, decode_seconds = 0, 0.0, 0.0
     first_inputs = first_recons = None
     total = min(limit, len(dataset)) if limit else len(dataset)
@@ -91,6 +103,9 @@ def evaluate_reconstruction(
         n = len(images)
         for name, measure in measures.items():
             totals[name] += float(measure(recons, images).sum())
+        if speech:
+            for name, values in speech_quality(recons, images, data_config.sample_rate).items():
+                speech_scores[name].append(values)
         real_stats.update(extractor(images))
         recon_stats.update(extractor(recons))
         if classifier is not None:
@@ -112,6 +127,8 @@ def evaluate_reconstruction(
         },
         "latent_shape": artifact.manifest.get("latent_shape"),
         **{name: totals[name] / count for name in measures},
+        **(speech_report(speech_scores, data_config.sample_rate) if speech else {}),
+        **({"speech_metrics": speech_note} if sound and not speech else {}),
         **({} if sound else {"lpips_backbone": perceptual.describe()}),
         "rfid": rfid,
         "rfid_features": extractor.name,
@@ -136,6 +153,7 @@ def evaluate_reconstruction(
         k: report[k]
         for k in (
             *measures,
+            *(("pesq", "pesq_mode", "stoi") if speech else ()),
             "rfid",
             "class_accuracy",
             "real_class_accuracy",
@@ -151,6 +169,18 @@ def evaluate_reconstruction(
     return report
 
 
+def speech_report(scores: dict[str, list[torch.Tensor]], sample_rate: int) -> dict:
+    """Mean PESQ over the clips in which it found speech, mean STOI, and how many clips PESQ left out."""
+    pesq, stoi = torch.cat(scores["pesq"]), torch.cat(scores["stoi"])
+    measured = ~pesq.isnan()
+    return {
+        "pesq": pesq[measured].mean().item() if measured.any() else None,
+        "pesq_mode": "narrowband (P.862)" if sample_rate == 8000 else "wideband (P.862.2)",
+        "pesq_clips_without_speech": int((~measured).sum()),
+        "stoi": stoi.mean().item(),
+    }
+
+
 def print_report(report: dict, out_dir: Path, picture: Path) -> None:
     """Print the reconstruction numbers as a short table."""
     fid_name = "rFID" if report["rfid_is_standard_fid"] else "rFD (not Inception FID)"
@@ -163,6 +193,15 @@ def print_report(report: dict, out_dir: Path, picture: Path) -> None:
         print(f"  SI-SDR    {report['si_sdr_db']:8.3f} dB")
         print(f"  MR-STFT   {report['mr_stft']:8.4f}   (multi-resolution STFT distance, FFT 128/256/512)")
         print(f"  log-mel   {report['log_mel_distance']:8.4f}   (mean |log mel difference|)")
+        if "stoi" in report:
+            pesq = "n/a" if report["pesq"] is None else f"{report['pesq']:8.3f}"
+            print(
+                f"  PESQ      {pesq}   ({report['pesq_mode']}; {report['pesq_clips_without_speech']} clips "
+                f"without speech left out)"
+            )
+            print(f"  STOI      {report['stoi']:8.4f}")
+        else:
+            print(f"  PESQ, STOI left out: {report['speech_metrics']}")
     else:
         print(f"  PSNR      {report['psnr_db']:8.3f} dB")
         print(f"  SSIM      {report['ssim']:8.4f}")

@@ -17,6 +17,8 @@ from ldm.audio import (
     mr_stft_distance,
     read_wav,
     si_sdr,
+    speech_metrics_available,
+    speech_quality,
     stft_magnitude,
     write_wav,
 )
@@ -235,3 +237,50 @@ def test_log_mel_distance_is_zero_for_identical_and_positive_for_different_signa
     x, y = torch.randn(2, 1, 2000, generator=gen), torch.randn(2, 1, 2000, generator=gen)
     assert log_mel_distance(x, x, 8000).tolist() == [0.0, 0.0]
     assert (log_mel_distance(y, x, 8000) > 0).all()
+
+
+# ----------------------------------------------------------------------------- PESQ and STOI (extra [audio])
+
+needs_speech_metrics = pytest.mark.skipif(
+    not speech_metrics_available()[0], reason="pesq/pystoi missing: pip install -e '.[audio]'"
+)
+
+
+def spoken_like(seconds=1.0, rate=8000, seed=0):
+    """A voiced-speech-like signal: a 140 Hz pulse train through two formant resonances, syllable envelope."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * rate)) / rate
+    source = torch.sin(2 * torch.pi * 140 * t).sign() * 0.3 + 0.02 * torch.randn(len(t), generator=generator)
+    voiced = source * (torch.sin(2 * torch.pi * 600 * t) + 0.6 * torch.sin(2 * torch.pi * 1400 * t))
+    return (0.5 * voiced * torch.sin(torch.pi * 3 * t).abs()).float()
+
+
+@needs_speech_metrics
+def test_speech_quality_equals_the_pesq_and_pystoi_packages_on_a_known_pair():
+    import pesq
+    import pystoi
+
+    clean = spoken_like()
+    noisy = clean + 0.05 * torch.randn(len(clean), generator=torch.Generator().manual_seed(1))
+    scores = speech_quality(torch.stack([noisy, clean]), torch.stack([clean, clean]), 8000)
+    assert scores["pesq"][0].item() == pytest.approx(pesq.pesq(8000, clean.numpy(), noisy.numpy(), "nb"), abs=1e-4)
+    assert scores["stoi"][0].item() == pytest.approx(pystoi.stoi(clean.numpy(), noisy.numpy(), 8000), abs=1e-4)
+    assert scores["pesq"][1] > scores["pesq"][0] and scores["pesq"][1] > 4.0  # identical: near the 4.5 ceiling
+    assert scores["stoi"][1] == pytest.approx(1.0, abs=1e-3) and scores["stoi"][0] < scores["stoi"][1]
+
+
+@needs_speech_metrics
+def test_speech_quality_gives_nan_pesq_for_silence_and_refuses_other_rates():
+    silence = torch.zeros(1, 8000)
+    assert speech_quality(silence, silence, 8000)["pesq"].isnan().all()
+    with pytest.raises(ValueError, match="8 kHz"):
+        speech_quality(silence, silence, 22050)
+
+
+def test_speech_metrics_availability_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "pesq" else real(name))
+    available, hint = speech_metrics_available()
+    assert not available and "pesq not installed" in hint and ".[audio]" in hint
