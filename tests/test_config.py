@@ -94,13 +94,14 @@ FMNIST_PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "fmni
 
 @pytest.mark.parametrize("path", FMNIST_PRESETS, ids=lambda path: path.name)
 def test_every_fmnist_preset_loads_into_its_stage_config(path):
-    from stages import autoencoder, classifier, diffusion, distill
+    from stages import autoencoder, classifier, diffusion, distill, prune
 
     stage_configs = {
         "autoencoder": autoencoder.AutoencoderStageConfig,
         "classifier": classifier.ClassifierStageConfig,
         "diffusion": diffusion.DiffusionStageConfig,
         "distill": distill.DistillStageConfig,
+        "prune": prune.PruneStageConfig,
     }
     # the decoder fine-tune names its starting autoencoder on the command line, as its header says
     overrides = ["init_from=autoencoder@latest"] if path.stem.endswith("-gan") else []

@@ -342,7 +342,7 @@ def test_a_dit_trains_on_a_frozen_encoder_records_it_and_refuses_another(clip_di
     from stages.encode import EncodeConfig, encode
 
     store = ArtifactStore(tmp_path / "store")
-    ae_config = AutoencoderConfig(in_channels=3, resolution=64, ch=8, ch_mult=(1, 2, 2), latent_channels=4)
+    ae_config = AutoencoderConfig(in_channels=3, resolution=64, ch=8, ch_mult=(1, 2, 2), latent_channels=8)
     ae = store.save(
         "autoencoder",
         tensors={"weights.safetensors": AutoencoderKL(ae_config).state_dict()},

@@ -112,7 +112,7 @@ def scenes_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("text-stages")
     store = ArtifactStore(root / "store")
     torch.manual_seed(0)
-    ae_config = AutoencoderConfig(in_channels=3, resolution=64, ch=8, ch_mult=(1, 2, 2), latent_channels=4)
+    ae_config = AutoencoderConfig(in_channels=3, resolution=64, ch=8, ch_mult=(1, 2, 2), latent_channels=8)
     ae = store.save(
         "autoencoder",
         tensors={"weights.safetensors": AutoencoderKL(ae_config).state_dict()},
@@ -149,7 +149,7 @@ def test_the_latent_cache_of_scenes_holds_each_items_caption_in_order(scenes_sto
     scenes = ScenesDataset("train", size=96)
     assert cache.captions == [scenes[i][1] for i in range(96)]
     z, y, indices = LatentBatches(cache, batch_size=8, seed=1, with_indices=True).batch(2)
-    assert z.shape == (8, 4, 16, 16) and indices.shape == (8,) and y.tolist() == cache.labels[indices].tolist()
+    assert z.shape == (8, 8, 16, 16) and indices.shape == (8,) and y.tolist() == cache.labels[indices].tolist()
 
 
 @needs_fmnist
