@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -392,6 +392,18 @@ def open_cache(store: ArtifactStore, config: DiffusionStageConfig) -> LatentCach
                 f"encode the data with that autoencoder (ldm encode --autoencoder {expected.ref}) "
                 "or drop the autoencoder setting"
             )
+    return cache
+
+
+def open_own_cache(
+    store: ArtifactStore, config: DiffusionStageConfig, source: Artifact, refusal: Callable[[str, str], str]
+) -> LatentCache:
+    """The latent cache the stored DiT `source` was trained on, for a stage that learns from that DiT's output
+    (distillation, pruning): config.latents, when set, must name it, else ArtifactError(refusal(own, named))."""
+    own = source.parents.get("latents")
+    cache = open_cache(store, replace(config, latents=config.latents or own))
+    if cache.artifact.ref != own:
+        raise ArtifactError(refusal(own, cache.artifact.ref))
     return cache
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
+from ldm.artifacts import Artifact, ArtifactStore
 from ldm.config import TrainerConfig
 from ldm.destinations import check_run_writable
 from ldm.diffusion.distill import DistillConfig, distillation_losses, guided_velocity
@@ -26,7 +26,7 @@ from stages.diffusion import (
     DiffusionStageConfig,
     PreviewConfig,
     check_model_fits_cache,
-    open_cache,
+    open_own_cache,
     train_and_store,
 )
 
@@ -141,14 +141,16 @@ def run(
             f"teacher (--teacher): leave init_from unset"
         )
     teacher_artifact = store.load(config.teacher, stage="diffusion")
-    teacher_latents = teacher_artifact.parents.get("latents")
-    cache = open_cache(store, replace(config, latents=config.latents or teacher_latents))
-    if cache.artifact.ref != teacher_latents:
-        raise ArtifactError(
-            f"teacher {teacher_artifact.ref} was trained on {teacher_latents}, but the student would train on "
-            f"{cache.artifact.ref}: a student learns its teacher's velocity on the teacher's own latents. "
-            f"Leave latents unset (the teacher's cache) or name a teacher trained on {cache.artifact.ref}"
-        )
+    cache = open_own_cache(
+        store,
+        config,
+        teacher_artifact,
+        lambda own, named: (
+            f"teacher {teacher_artifact.ref} was trained on {own}, but the student would train on "
+            f"{named}: a student learns its teacher's velocity on the teacher's own latents. "
+            f"Leave latents unset (the teacher's cache) or name a teacher trained on {named}"
+        ),
+    )
     model, diffusion = student_configs(*dit_configs(teacher_artifact), config.distill)
     config = replace(config, model=model, diffusion=diffusion, latents=cache.artifact.ref)
     check_model_fits_cache(config.model, cache)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ldm.artifacts import Artifact, ArtifactError, ArtifactStore
+from ldm.artifacts import Artifact, ArtifactStore
 from ldm.config import TrainerConfig
 from ldm.data.latents import LatentBatches
 from ldm.destinations import check_run_writable
@@ -31,7 +31,13 @@ from ldm.pruning import (
     recovery_losses,
     uniform_blocks,
 )
-from stages.diffusion import DiffusionModule, DiffusionStageConfig, check_model_fits_cache, open_cache, train_and_store
+from stages.diffusion import (
+    DiffusionModule,
+    DiffusionStageConfig,
+    check_model_fits_cache,
+    open_own_cache,
+    train_and_store,
+)
 
 
 def _trainer_defaults() -> TrainerConfig:
@@ -110,13 +116,15 @@ def run(
     if config.init_from:
         raise ValueError(f"init_from ({config.init_from}): a pruned network starts from its parent; leave it unset")
     parent_artifact = store.load(config.parent, stage="diffusion")
-    parent_latents = parent_artifact.parents.get("latents")
-    cache = open_cache(store, replace(config, latents=config.latents or parent_latents))
-    if cache.artifact.ref != parent_latents:
-        raise ArtifactError(
-            f"{parent_artifact.ref} was trained on {parent_latents}, but the pruned network would train on "
-            f"{cache.artifact.ref}: it learns its parent's output on the parent's own latents. Leave latents unset"
-        )
+    cache = open_own_cache(
+        store,
+        config,
+        parent_artifact,
+        lambda own, named: (
+            f"{parent_artifact.ref} was trained on {own}, but the pruned network would train on "
+            f"{named}: it learns its parent's output on the parent's own latents. Leave latents unset"
+        ),
+    )
     parent_model, diffusion = dit_configs(parent_artifact)
     if parent_model.text_dim:
         raise ValueError(f"{parent_artifact.ref} conditions on text: pruning takes class-conditional DiTs for now")
