@@ -97,10 +97,14 @@ class SamplingSettings:
     eta: float = 0.0  # ddim's noise (0: deterministic, 1: ddpm's marginals)
     variance: str = "small"  # ddpm's fixed variance when not learned
     rho: float = 7.0  # Karras sigma spacing of euler and heun
-    shift: float = field(
-        default=1.0,
+    # None: the model's own training shift (diffusion.time_shift, SD3 samples at the shift it trained at), 1 for
+    # a sampler of another grid; `resolved` chooses.
+    shift: float | None = field(
+        default=None,
         metadata=option(
-            "--shift", "Time shift of the flow samplers' grid (SD3): above 1 spends more steps at high noise."
+            "--shift",
+            "Time shift of the flow samplers' grid (SD3): above 1 spends more steps at high noise. "
+            "Default: the model's training time_shift (1 unless it trained shifted).",
         ),
     )
     seed: int = field(default=0, metadata=option("--seed", "Image i uses seed + i, whatever the batch size."))
@@ -119,8 +123,9 @@ class SamplingSettings:
             _check_real("guidance_scale", self.guidance_scale, 0.0, "0: unconditional, 1: no guidance")
         _check_real("guide_scale", self.guide_scale, 0.0, "1: no autoguidance")
         _check_real("eta", self.eta, 0.0, "0: deterministic ddim")
-        for name in ("rho", "shift"):
-            _check_real(name, getattr(self, name), 1e-12, "a positive number")
+        _check_real("rho", self.rho, 1e-12, "a positive number")
+        if self.shift is not None:  # None: chosen by `resolved`
+            _check_real("shift", self.shift, 1e-12, "a positive number")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
         if self.variance not in VARIANCES:
@@ -140,12 +145,16 @@ class SamplingSettings:
                 )
 
     def resolved(self, diffusion: DiffusionConfig, default_guidance: float = 1.0) -> SamplingSettings:
-        """These settings with the sampler chosen for the objective and, when guidance_scale is None, the guidance:
-        1 for a student with guidance built in, else `default_guidance`; raise ValueError for what does not fit."""
+        """These settings with the sampler chosen for the objective; when guidance_scale is None, the guidance: 1 for
+        a student with guidance built in, else `default_guidance`; when shift is None, the model's time_shift for a
+        flow sampler (1 for any other). Raise ValueError for what does not fit."""
         if self.guidance_scale is None:
             guidance = 1.0 if diffusion.built_in_guidance else default_guidance
             return replace(self, guidance_scale=guidance).resolved(diffusion)
         sampler = self.sampler or default_sampler(diffusion)
+        if self.shift is None:
+            shift = diffusion.time_shift if sampler in FLOW_SAMPLERS and diffusion.is_flow else 1.0
+            return replace(self, shift=shift).resolved(diffusion)
         if (sampler in FLOW_SAMPLERS) != diffusion.is_flow or (
             sampler == "meanflow" and diffusion.objective != "meanflow"
         ):

@@ -43,7 +43,9 @@ def load_parser(artifact: Artifact, device: str | torch.device = "cpu") -> Scene
 def dit_configs(artifact: Artifact) -> tuple[DiTConfig, DiffusionConfig]:
     """The DiT architecture and the diffusion settings a `diffusion` artifact was trained with."""
     config = artifact.config()
-    return from_dict(DiTConfig, config["model"], "model"), from_dict(DiffusionConfig, config["diffusion"], "diffusion")
+    # A text DiT stored before model.text_context_norm existed projects its prompts without that norm.
+    model = {"text_context_norm": False, **config["model"]}
+    return from_dict(DiTConfig, model, "model"), from_dict(DiffusionConfig, config["diffusion"], "diffusion")
 
 
 def stored_precision(artifact: Artifact) -> str:

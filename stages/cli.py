@@ -414,7 +414,7 @@ def sampling_options(*, steps: int, cfg: float, batch_size: int, guide: bool = T
             elif setting.name == "guidance_scale":  # None: chosen once the model is known (a student's is 1)
                 option.update(type=float, default=None)
                 option["help"] += f" Default: {cfg:g}, or 1 for a distilled student (guidance built in)."
-            elif setting.name == "guide_scale":  # None: 2 with --guide; refused without one
+            elif setting.name in ("guide_scale", "shift"):  # None: 2 with --guide; the model's time_shift
                 option.update(type=float, default=None)
             else:
                 option.update(

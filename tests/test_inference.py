@@ -488,6 +488,11 @@ def test_shift_option_moves_the_flow_grid_is_recorded_and_is_refused_off_a_flow_
     assert (
         trajectory_name(pipe, pipe.settings(sampler="flow-heun", num_steps=4, shift=3.0)) == "flow-heun-4-shift3-cfg1"
     )
+    # Unset, the shift is the model's training shift for a flow sampler (SD3 samples at the shift it trained at).
+    shifted_model = DiffusionConfig(objective="flow", learn_sigma=False, time_shift=3.0)
+    assert SamplingSettings().resolved(shifted_model).shift == 3.0
+    assert SamplingSettings(shift=1.0).resolved(shifted_model).shift == 1.0
+    assert SamplingSettings(sampler="ddim").resolved(DiffusionConfig()).shift == 1.0
     with pytest.raises(ValueError, match=r"shift \(--shift\) 3 .*'ddim'"):
         SamplingSettings(sampler="ddim", shift=3.0).resolved(DiffusionConfig())
     bad = runner.invoke(main, [*args, "--shift", "0", "--out", str(tmp_path / "bad")])

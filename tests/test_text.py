@@ -1,14 +1,18 @@
 """Text conditioning: tokenizer, encoder, the DiT's masked cross-attention and pooled vector, caption dropout."""
 
 import hashlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ldm.caching import BlockCache, CacheSchedule, cached
+from ldm.config import to_dict
+from ldm.diffusion.schedules import DiffusionConfig
 from ldm.interop import InteropError
 from ldm.interop.dit import dit_state_dict_to_diffusers
+from ldm.loading import dit_configs
 from ldm.models.dit import DiT, DiTConfig, dit_config, dit_forward_flops
 from ldm.models.text import (
     BOS_ID,
@@ -185,6 +189,40 @@ def test_a_fresh_text_dit_computes_the_class_dit_with_the_same_weights_for_every
         first, second = (with_text(text_dit, x, t, y, encoder.encode(prompts)) for prompts in (PROMPTS, ["", "a boot"]))
     assert not torch.allclose(first, second, atol=1e-3)
     assert not torch.allclose(first, expected, atol=1e-3)
+
+
+def cross_attention_weights(model: DiT, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block 0's cross-attention weights (N, H, T, L) of random image tokens over the prompts' tokens, and the
+    mask (N, 1, 1, L) of the real text tokens."""
+    tokens, mask, pooled = tiny_encoder().encode(prompts)
+    context, attn_mask, _ = model.embed_text(len(prompts), tokens, mask, pooled)
+    block = model.blocks[0]
+    x = block.norm_cross(torch.randn(len(prompts), 16, model.config.hidden_size))  # (N, T, D)
+    attention, (n, t, _) = block.cross_attn, x.shape
+    q = attention.q(x).view(n, t, attention.num_heads, attention.head_dim).transpose(1, 2)  # (N, H, T, d)
+    kv = attention.kv(context).view(n, context.shape[1], 2, attention.num_heads, attention.head_dim)
+    k = kv.permute(2, 0, 3, 1, 4)[0]  # (N, H, L, d)
+    logits = (q @ k.transpose(-1, -2)) / attention.head_dim**0.5
+    return logits.masked_fill(~attn_mask, float("-inf")).softmax(-1), attn_mask
+
+
+def test_a_fresh_text_dits_cross_attention_tells_the_text_tokens_apart():
+    """Keys at unit scale (text_context_norm): a fresh DiT's image tokens already weigh the text tokens unevenly,
+    so the prompt's content reaches the blocks from the first steps. Without the norm every weight is within
+    1% of uniform (the projected tokens are ~0.01 in scale), the saddle a jointly trained encoder sat in."""
+    with torch.no_grad():
+        for norm, low, high in ((True, 1.5, float("inf")), (False, 1.0, 1.05)):
+            weights, mask = cross_attention_weights(tiny_text_dit(text_context_norm=norm), PROMPTS)
+            peak = (weights.amax(-1) * mask.sum(-1)).mean()  # the largest weight against the uniform 1 / L
+            assert low <= peak < high, (norm, peak)
+
+
+def test_a_text_dit_stored_before_the_context_norm_loads_without_it():
+    stored = to_dict(tiny_dit_config(text_dim=32, text_length=32))
+    del stored["text_context_norm"]
+    artifact = SimpleNamespace(config=lambda: {"model": stored, "diffusion": to_dict(DiffusionConfig())})
+    assert dit_configs(artifact)[0].text_context_norm is False
+    assert tiny_dit_config(text_dim=32, text_length=32).text_context_norm is True  # new text DiTs have it
 
 
 def test_cross_attention_ignores_the_features_at_masked_positions():

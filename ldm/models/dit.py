@@ -90,6 +90,11 @@ class DiTConfig:
     # Share of training prompts replaced by the empty prompt "" (the null condition of guidance), applied by
     # the diffusion stage before encoding; PixArt-alpha drops 10%.
     caption_dropout_prob: float = 0.1
+    # LayerNorm the projected text tokens. Without it the keys and values start at the scale of the 0.02-std
+    # projection (~0.05): every image token attends evenly to every text token, and a jointly trained encoder
+    # got no signal from its prompts for hundreds of steps (scenes: the loss with shuffled captions equalled
+    # the loss with the right ones to 4 digits after 450 steps; with the norm it was 1-1.5% higher).
+    text_context_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (1, 2):
@@ -605,6 +610,8 @@ class DiT(nn.Module):
             self.text_embedder = nn.Sequential(
                 nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
             )  # (N, L, D_text) -> (N, L, D)
+            if config.text_context_norm:
+                self.text_embedder.append(nn.LayerNorm(d))
             # The pooled prompt joins the timestep embedding in c, as SD3's pooled text vector (Esser et al. 2024).
             self.pooled_text_embedder = nn.Sequential(nn.Linear(config.text_dim, d), nn.SiLU(), nn.Linear(d, d))
         # Fixed, not learned (as in DiT); not saved either, since the config determines it.
