@@ -10,7 +10,7 @@ import torch
 
 from conftest import assert_one_line_failure, cli, needs_fmnist
 from ldm.artifacts import ArtifactStore
-from ldm.config import load_config, to_dict
+from ldm.config import from_dict, load_config, to_dict
 from ldm.data import DataConfig
 from ldm.data.latents import LatentBatches, LatentCache
 from ldm.data.scenes import ScenesDataset
@@ -20,6 +20,7 @@ from ldm.generation import PromptConditioned, SamplingSettings, encode_prompts, 
 from ldm.images import save_captioned_grid
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.dit import DiT, DiTConfig
+from ldm.training import read_metrics
 from pipeline import LatentDiffusionPipeline
 from stages import diffusion
 from stages.encode import EncodeConfig, encode
@@ -131,6 +132,7 @@ def scenes_store(tmp_path_factory):
             "model.text_length=0",
             "trainer.max_steps=3",
             "trainer.batch_size=8",
+            "trainer.log_every=1",
             "trainer.image_every=0",
             "trainer.progress=false",
             "preview.sampling.num_steps=2",
@@ -172,6 +174,22 @@ def test_a_text_dit_trains_with_its_encoder_and_samples_from_prompts_through_the
         pipe.sample([0, 1])
     edited = pipe.img2img(images, 0.5, prompts=["a blue bag"], num_steps=2)
     assert edited.shape == images.shape
+
+
+@needs_fmnist
+def test_the_prompt_gain_is_one_while_the_dit_ignores_its_prompts_and_is_logged(scenes_store):
+    store, cache, model, root = scenes_store
+    module = diffusion.DiffusionModule(from_dict(diffusion.DiffusionStageConfig, model.config()), {})
+    module.batches = LatentBatches(LatentCache(cache), batch_size=8, seed=1, with_indices=True)
+    z, _, indices = module.batches.batch(0)
+    assert module.prompt_gain(z, indices).item() == 1.0  # a fresh DiT: zero-initialised text paths
+    with torch.no_grad():  # open the text paths and the output layer, as training does
+        for name, parameter in module.model.named_parameters():
+            if "cross_attn.proj" in name or "final_layer" in name or "adaLN" in name:
+                parameter.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    assert module.prompt_gain(z, indices).item() != 1.0
+    logged = read_metrics(root / "run")["train/prompt_gain"]
+    assert logged and all(np.isfinite(value) and value > 0 for _, value in logged)
 
 
 @needs_fmnist
