@@ -264,7 +264,7 @@ class DiffusionModule(L.LightningModule):
     def prompt_gain(self, z: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The batch's loss with every caption moved to the next item over its loss with the right captions, at
         the same t and noise: 1 while the DiT ignores its prompts, above 1 as it learns to read them (the scenes
-        DiT: 1.000 after 450 steps when its text path was stuck, 1.04-1.07 at high noise once it was not)."""
+        DiT at t = 0.8: 1.000 after 450 steps while its text path was stuck, 1.21 after 4,000 once it was not)."""
         captions = [self.batches.cache.captions[i] for i in indices.tolist()]
         rows = torch.arange(len(z), device=z.device)
         losses = []

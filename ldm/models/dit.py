@@ -90,8 +90,8 @@ class DiTConfig:
     # Share of training prompts replaced by the empty prompt "" (the null condition of guidance), applied by
     # the diffusion stage before encoding; PixArt-alpha drops 10%.
     caption_dropout_prob: float = 0.1
-    # LayerNorm the projected text tokens. Without it the keys and values start at the scale of the 0.02-std
-    # projection (~0.05): every image token attends evenly to every text token, and a jointly trained encoder
+    # LayerNorm the projected text tokens. Without it the keys and values start at the scale of the two 0.02-std
+    # projections (~0.01): every image token attends evenly to every text token, and a jointly trained encoder
     # got no signal from its prompts for hundreds of steps (scenes: the loss with shuffled captions equalled
     # the loss with the right ones to 4 digits after 450 steps; with the norm it was 1-1.5% higher).
     text_context_norm: bool = True
