@@ -374,15 +374,15 @@ def speech_quality(estimate: torch.Tensor, reference: torch.Tensor, sample_rate:
 
     if sample_rate not in (8000, 16000):
         raise ValueError(f"PESQ is defined at 8 kHz (narrowband) and 16 kHz (wideband), not {sample_rate} Hz")
-    estimate, reference = _same_shape(estimate, reference)  # (N, T) each
+    estimate, reference = (x.float().cpu() for x in _same_shape(estimate, reference))  # (N, T) each
     mode = "nb" if sample_rate == 8000 else "wb"
     pesq = []
-    for one, truth in zip(estimate.float().cpu(), reference.float().cpu()):
+    for one, truth in zip(estimate, reference):
         try:
             pesq.append(float(pesq_score(one, truth, sample_rate, mode)))
         except Exception as err:  # the pesq package raises its own NoUtterancesError for silence
             if "utterance" not in str(err).lower() and type(err).__name__ != "NoUtterancesError":
                 raise
             pesq.append(float("nan"))
-    stoi = stoi_score(estimate.float().cpu(), reference.float().cpu(), sample_rate)
+    stoi = stoi_score(estimate, reference, sample_rate)
     return {"pesq": torch.tensor(pesq, dtype=torch.float64), "stoi": stoi.double().reshape(-1)}

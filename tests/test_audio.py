@@ -241,9 +241,7 @@ def test_log_mel_distance_is_zero_for_identical_and_positive_for_different_signa
 
 # ----------------------------------------------------------------------------- PESQ and STOI (extra [audio])
 
-needs_speech_metrics = pytest.mark.skipif(
-    not speech_metrics_available()[0], reason="pesq/pystoi missing: pip install -e '.[audio]'"
-)
+needs_speech_metrics = pytest.mark.skipif(not speech_metrics_available()[0], reason=speech_metrics_available()[1])
 
 
 def spoken_like(seconds=1.0, rate=8000, seed=0):
