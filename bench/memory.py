@@ -11,8 +11,9 @@ For each setting both models run the same work on the same batch:
 The number is the peak memory during that step above what was in use just before it (the weights and the
 batch): on a GPU from `torch.cuda.max_memory_allocated`; on a CPU from the process's resident set, read every
 0.2 ms by a thread while the step runs, each setting in a fresh process so that memory an earlier setting
-freed (and the allocator kept) cannot hide this one's. The table prints each model's MiB and diffusers' / ours
-(above 1: ours needs less).
+freed (and the allocator kept) cannot hide this one's, the median of --repeats processes (one process's
+number moves by up to 10 MiB with the allocator's timing). The table prints each model's MiB and
+diffusers' / ours (above 1: ours needs less).
 
     python bench/memory.py                                  # DiT-F/2 on 8x8x4 latents, CPU
     python bench/memory.py --preset DiT-S/2 --input-size 16 --batches 8 32
@@ -25,6 +26,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -132,6 +134,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU: fresh processes per number, their median")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -152,6 +155,7 @@ def main() -> None:
     print(
         f"peak memory of one step above the memory in use before it, MiB: {args.preset} on {args.input_size}x"
         f"{args.input_size}x{args.channels} latents, {where}, torch {torch.__version__}"
+        + ("" if args.device.startswith("cuda") else f", median of {args.repeats} processes")
     )
     print(
         f"{'mode':<7}{'batch':>6}  {'checkpointing':<14}{'precision':<10}{'ours':>9}{'diffusers':>11}"
@@ -161,7 +165,10 @@ def main() -> None:
         measured = {}
         for model in ("ours", "diffusers"):
             run = {**setting, "model": model}
-            measured[model] = measure(run) if args.device.startswith("cuda") else in_fresh_process(run)
+            if args.device.startswith("cuda"):
+                measured[model] = measure(run)
+            else:
+                measured[model] = statistics.median(in_fresh_process(run) for _ in range(args.repeats))
         ratio = measured["diffusers"] / measured["ours"] if measured["ours"] > 0 else float("inf")
         print(
             f"{setting['mode']:<7}{setting['batch']:>6}  {'on' if setting['checkpointing'] else 'off':<14}"

@@ -384,6 +384,27 @@ def test_bf16_autocast_forward_and_backward_stay_close_to_float32():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_bf16_autocast_training_saves_no_float32_token_tensors_for_backward():
+    # The residual stream stays float32; what autograd keeps of it for the norms and modulations must not
+    # (bench/memory.py: the float32 copies made our bf16 training step heavier than diffusers'). LayerNorm
+    # only: torch's rms_norm keeps a float32 copy of a bf16 input itself.
+    config = tiny_config()
+    model = randomize_(DiT(config)).train()
+    x, t, y = inputs(config)
+    stream_shape = (x.shape[0], config.num_patches, config.hidden_size)
+    saved = []
+
+    def keep(tensor):
+        saved.append((tensor.dtype, tuple(tensor.shape)))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, t, y).float().square().mean().backward()
+    assert (torch.bfloat16, stream_shape) in saved
+    assert (torch.float32, stream_shape) not in saved
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("recipe", [{}, LIGHTNINGDIT_RECIPE], ids=["dit", "lightningdit"])
 def test_no_grad_forward_in_place_computes_the_autograd_function_and_leaves_inputs_alone(autocast, recipe):
