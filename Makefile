@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH)
-	$(VENV)/bin/pip install -q -e '.[dev,bench,text]'
+	$(VENV)/bin/pip install -q -e '.[dev,bench,text,serve]'
 	touch $@
 
 .PHONY: install demo test test-fast lint

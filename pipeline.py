@@ -256,6 +256,7 @@ class LatentDiffusionPipeline:
         return_latents: bool = False,
         progress: bool = False,
         on_model_call: Callable[[], None] | None = None,
+        seeds: Sequence[int] | None = None,
         **options,
     ):
         """Class-conditional images (N, C, H, W) in [-1, 1] (sound: signals (N, 1, L)), or PIL images with output="pil".
@@ -264,14 +265,19 @@ class LatentDiffusionPipeline:
         seed=0, ...`, which override those of `settings`) say how: the sampler, steps, classifier-free
         guidance, autoguidance by the pipeline's guide (`from_artifacts(..., guide=...)`; guide_scale
         alone is the paper's form, both above 1 add the two terms), the grid, the seed and the batch.
-        Image i depends on seed + i alone, so splitting into batches of any size gives the same images.
+        Image i depends on seed + i alone, so splitting into batches of any size gives the same images;
+        `seeds` (one per image, each >= 0) replaces seed + i (several callers' images sampled as one batch).
         on_model_call is called after every network evaluation (a progress bar the caller keeps over
         several calls). A text model takes `prompts` (one per image) instead of class labels, and guidance
         pushes away from `negative_prompts` (one per image, or one for all; default the empty prompt).
         """
         settings = self.settings(settings, **options)
         labels, text = self._conditions(class_labels, prompts, negative_prompts)
-        latents = self._generate(labels, settings, progress, on_model_call, text=text)
+        if seeds is not None:
+            seeds = [int(seed) for seed in seeds]
+            if len(seeds) != len(labels) or min(seeds) < 0:
+                raise ValueError(f"seeds must be {len(labels)} integers >= 0, one per image; got {brief(seeds)}")
+        latents = self._generate(labels, settings, progress, on_model_call, text=text, seeds=seeds)
         images = self._decode_batched(latents, settings.batch_size)
         return self._output(images, output, latents if return_latents else None)
 
@@ -475,6 +481,7 @@ class LatentDiffusionPipeline:
         strength: float = 1.0,
         regenerate: torch.Tensor | None = None,
         text: tuple[list[str], list[str] | None] | None = None,
+        seeds: list[int] | None = None,
     ) -> torch.Tensor:
         size = settings.batch_size
         prompts, negatives = text or (None, None)
@@ -506,6 +513,7 @@ class LatentDiffusionPipeline:
                         prompts=None if prompts is None else prompts[part],
                         negative_prompts=None if negatives is None else negatives[part],
                         text_encoder=self.text_encoder,
+                        seeds=None if seeds is None else seeds[part],
                     )
                 )
                 if cache is not None:

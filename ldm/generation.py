@@ -265,8 +265,10 @@ def sample_latents(
     prompts: Sequence[str] | None = None,
     negative_prompts: Sequence[str] | None = None,
     text_encoder: torch.nn.Module | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on settings.seed + i.
+    """Return normalised latents (N, C, h, w) for class `labels` (N,); image i depends only on settings.seed + i,
+    or on seeds[i] where `seeds` (N) is given (images of several requests sampled as one batch).
 
     A text DiT takes `prompts` (N strings) instead, its labels unused; guidance pushes away from
     `negative_prompts` (N strings; default the empty prompt, the null condition it was trained with).
@@ -333,7 +335,12 @@ def sample_latents(
         )
     schedule = None if diffusion.is_flow else make_schedule(diffusion.schedule, diffusion.num_timesteps)
     shape = (len(labels), *config.latent_shape)
-    generators = per_sample_generators(settings.seed, len(labels))
+    if seeds is None:
+        generators = per_sample_generators(settings.seed, len(labels))
+    elif len(seeds) != len(labels):
+        raise ValueError(f"{len(seeds)} seeds for {len(labels)} images")
+    else:
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     noise = randn_like_per_sample(shape, generators, device, torch.float32)
     x0 = None if x0 is None else x0.to(device, torch.float32)
     if cache is None and settings.cache is not None:

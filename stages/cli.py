@@ -731,6 +731,44 @@ def eval_prompts(
         _fail(err)
 
 
+@main.command("serve")
+@click.option("--model", default="diffusion@latest", show_default=True, help="The DiT a request that names none gets.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; others need --token.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token", default=None, help="Bearer token every /v1 call must send (needed beyond localhost).")
+@click.option("--max-n", default=16, show_default=True, type=click.IntRange(1), help="Images per request.")
+@click.option("--max-steps", default=100, show_default=True, type=click.IntRange(1), help="Sampler steps per request.")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(1), help="Images per sampler run.")
+@click.option(
+    "--window-ms",
+    default=25.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="How long the oldest request waits for others to share its sampler run.",
+)
+@click.option("--queue-size", default=64, show_default=True, type=click.IntRange(1), help="Requests held; then 503.")
+@click.option("--models", default=2, show_default=True, type=click.IntRange(1), help="Pipelines kept loaded (LRU).")
+@click.option("--no-batching", is_flag=True, help="One request per sampler run (for comparison).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or mps.")
+@click.pass_context
+def serve_command(ctx: click.Context, model: str, host: str, port: int, token: str | None, **options) -> None:
+    """Serve the sampling API over HTTP with dynamic batching, and a page to try a model at / (extra [serve])."""
+    from ldm.serving import ModelPool, RequestError, ServeLimits
+    from stages.serve import MissingExtra, serve
+
+    device = options.pop("device")
+    try:
+        check_device(device)
+        limits = ServeLimits(batching=not options.pop("no_batching"), **options)
+        store = _store(ctx)
+        ModelPool(store, 1).resolve(model)  # a wrong default fails now, not at the first request
+        serve(store, host, port, limits, model, token, device)
+    except (*USER_ERRORS, MissingExtra) as err:
+        _fail(err)
+    except RequestError as err:
+        _fail(ValueError(err.message))
+
+
 @main.command()
 @click.option(
     "--out",
