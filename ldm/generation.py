@@ -24,6 +24,7 @@ from ldm.diffusion.samplers import (
     per_sample_generators,
     randn_like_per_sample,
     run_sampler,
+    seeded_generators,
 )
 from ldm.diffusion.schedules import DiffusionConfig, make_schedule
 from ldm.models.dit import DiT
@@ -340,7 +341,7 @@ def sample_latents(
     elif len(seeds) != len(labels):
         raise ValueError(f"{len(seeds)} seeds for {len(labels)} images")
     else:
-        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        generators = seeded_generators(seeds)
     noise = randn_like_per_sample(shape, generators, device, torch.float32)
     x0 = None if x0 is None else x0.to(device, torch.float32)
     if cache is None and settings.cache is not None:

@@ -120,7 +120,12 @@ def _after_step(callback: Callback | None, i: int, x: Tensor) -> None:
 
 def per_sample_generators(seed: int, n: int, device: str = "cpu") -> list[torch.Generator]:
     """Return n generators, the i-th seeded with seed + i: image i is a function of seed + i alone."""
-    return [torch.Generator(device).manual_seed(seed + i) for i in range(n)]
+    return seeded_generators(range(seed, seed + n), device)
+
+
+def seeded_generators(seeds: Sequence[int], device: str = "cpu") -> list[torch.Generator]:
+    """Return one generator per seed (images of several requests sampled in one batch, each from its own seed)."""
+    return [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
 
 
 def randn_like_per_sample(
