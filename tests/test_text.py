@@ -111,15 +111,38 @@ def test_tokenizer_refuses_a_bare_string_and_non_strings():
 # ----------------------------------------------------------------------------- encoder
 
 
-def test_padding_to_a_longer_length_changes_neither_the_real_token_features_nor_the_pooled_vector():
-    encoder = tiny_encoder().eval()
-    short_ids, short_mask = ByteTokenizer(max_length=24).encode(PROMPTS[:1])
+@pytest.mark.parametrize("preset", ["Text-T", "Text-T/4"])
+def test_padding_to_a_longer_length_changes_neither_the_real_token_features_nor_the_pooled_vector(preset):
+    encoder = randomize_(TextEncoder(text_encoder_config(preset)), seed=1).eval()
+    short_ids, short_mask = ByteTokenizer(max_length=23).encode(PROMPTS[:1])
     long_ids, long_mask = ByteTokenizer(max_length=32).encode(PROMPTS[:1])
-    short, short_pooled = encoder(short_ids, short_mask)
-    long, long_pooled = encoder(long_ids, long_mask)
-    real = short_mask[0]
-    torch.testing.assert_close(long[:, :24][:, real], short[:, real], rtol=0, atol=1e-6)
+    short, short_tokens, short_pooled = encoder(short_ids, short_mask)
+    long, long_tokens, long_pooled = encoder(long_ids, long_mask)
+    real = short_tokens[0]
+    assert int(real.sum()) == -(-int(short_mask.sum()) // encoder.config.downsample)
+    assert torch.equal(long_tokens[:, : len(real)], short_tokens) and not bool(long_tokens[:, len(real) :].any())
+    torch.testing.assert_close(long[:, : len(real)][:, real], short[:, real], rtol=0, atol=1e-6)
     torch.testing.assert_close(long_pooled, short_pooled, rtol=0, atol=1e-6)
+
+
+def test_a_downsampling_stem_keeps_one_token_per_four_bytes_each_reading_its_own_bytes():
+    encoder = randomize_(TextEncoder(text_encoder_config("Text-T/4")), seed=1).eval()
+    ids, mask = encoder.tokenizer.encode(["a red sneaker", "a blue bag"])
+    tokens, token_mask, pooled = encoder(ids, mask)
+    assert tokens.shape == (2, 8, 32) and pooled.shape == (2, 32)
+    assert token_mask.sum(1).tolist() == [4, 3]  # 15 and 12 ids (bytes with BOS and EOS)
+    # Changing the last byte of a prompt changes the features of its token, not the stem's view of the start.
+    edited_ids, _ = encoder.tokenizer.encode(["a red sneakes", "a blue bag"])
+
+    def stem(ids: torch.Tensor) -> torch.Tensor:  # the tokens before the Transformer
+        embedded = encoder.token_embed(ids) + encoder.pos_embed
+        return encoder.downsample(encoder.convs[0](embedded, mask), mask)[0]
+
+    with torch.no_grad():
+        before, after = stem(ids), stem(edited_ids)
+    assert torch.equal(before[0, :2], after[0, :2]) and not torch.allclose(before[0, 3], after[0, 3])
+    with pytest.raises(ValueError, match="conv_kernel must be odd"):
+        text_encoder_config("Text-T/4", conv_kernel=4)
 
 
 def test_encode_gives_the_dit_its_three_text_inputs():
@@ -129,7 +152,7 @@ def test_encode_gives_the_dit_its_three_text_inputs():
     assert tokens.shape == (2, longest, 32) and mask.shape == (2, longest) and pooled.shape == (2, 32)
     assert bool(mask[:, -1].any()) and not bool(mask.all())
     full_ids, full_mask = encoder.tokenizer.encode(PROMPTS)  # padded to max_length: the same features and vector
-    full_tokens, full_pooled = encoder(full_ids, full_mask)
+    full_tokens, _, full_pooled = encoder(full_ids, full_mask)
     torch.testing.assert_close(full_tokens[:, :longest], tokens, rtol=0, atol=1e-6)
     torch.testing.assert_close(full_pooled, pooled, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="exceed the encoder's max_length"):
@@ -238,15 +261,15 @@ def test_cross_attention_ignores_the_features_at_masked_positions():
         assert not torch.allclose(with_text(model, x, t, y, (garbage, torch.ones_like(mask), pooled)), clean)
 
 
-def test_padding_the_prompt_to_a_longer_length_leaves_the_dit_output_unchanged():
+@pytest.mark.parametrize("preset", ["Text-T", "Text-T/4"])
+def test_padding_the_prompt_to_a_longer_length_leaves_the_dit_output_unchanged(preset):
     model = randomize_(tiny_text_dit()).eval()
-    encoder = randomize_(tiny_encoder(), seed=2).eval()
+    encoder = randomize_(TextEncoder(text_encoder_config(preset)), seed=2).eval()
     x, t, y = latents(1)
     outputs = []
     with torch.no_grad():
-        for length in (20, 32):
-            ids, mask = ByteTokenizer(max_length=length).encode(PROMPTS[:1])
-            tokens, pooled = encoder(ids, mask)
+        for length in (21, 32):
+            tokens, mask, pooled = encoder(*ByteTokenizer(max_length=length).encode(PROMPTS[:1]))
             outputs.append(with_text(model, x, t, y, (tokens, mask, pooled)))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-5)
 
@@ -327,7 +350,7 @@ def test_analytic_flops_count_the_text_paths_as_a_flop_counter_does():
     formulas = {cpu_flash: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v)}
     encoder = tiny_encoder()
     ids, mask = encoder.tokenizer.encode(PROMPTS)  # padded to max_length = text_length, which the count assumes
-    tokens, pooled = encoder(ids, mask)
+    tokens, mask, pooled = encoder(ids, mask)
     x, t, y = latents(2)
     for overrides, training in (({}, False), ({"route_ratio": 0.5, "depth": 4}, True)):
         model = tiny_text_dit(class_dropout_prob=0.0, **overrides).train(training)

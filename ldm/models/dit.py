@@ -855,7 +855,8 @@ def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
     attention scores q k^T and the weighted sum A v, the MLP (three matrices with SwiGLU), and the
     final layer; elementwise work (norms, softmax, GELU/SiLU, RoPE) is left out as in the paper's
     count. A text DiT adds its cross-attention over text_length keys (padding included: the masked
-    kernel computes them too) and its two text embedders. Half of this number is the paper's
+    kernel computes them too; a downsampling text encoder gives a quarter of them) and its two text
+    embedders. Half of this number is the paper's
     "Gflops" (which counts multiply-adds), e.g. 118.6 G for DiT-XL/2. A training step costs about
     3x the forward (backward = 2x). training=True counts the training forward, in which TREAD
     routing (route_ratio > 0) leaves the routed blocks T - int(route_ratio T) tokens; the default
@@ -864,7 +865,8 @@ def dit_forward_flops(config: DiTConfig, training: bool = False) -> int:
     d, t = config.hidden_size, config.num_patches
     p2 = config.patch_volume
     mlp_matrices = 3 if config.mlp == "swiglu" else 2
-    text, text_dim = config.text_length, config.text_dim
+    encoder = config.text_encoder_config
+    text, text_dim = (encoder.num_tokens if encoder else config.text_length), config.text_dim
 
     def macs_cross_attention(tokens: int) -> int:
         return (
