@@ -25,6 +25,7 @@ from ldm.destinations import check_run_writable
 from ldm.ema import ema_decay_at, update_ema
 from ldm.images import save_side_by_side
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
+from ldm.losses.vocoder import VocoderLoss, VocoderLossConfig
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
 from ldm.training import (
     check_optimizer_settings,
@@ -75,6 +76,9 @@ class AutoencoderStageConfig:
     # convolutional, so it learns the same map from shorter windows at a fraction of the cost (as audio codecs
     # train on short segments); crops start inside the recording, not in the zero padding after it.
     train_crop: int = 0
+    # With model.decoder_head "vocos": the learned waveform head's objective (mel L1, hinge GAN with HiFi-GAN's
+    # and UnivNet's discriminators, feature matching), trained with train_parts "decoder" from init_from.
+    vocoder_loss: VocoderLossConfig = field(default_factory=VocoderLossConfig)
     run_dir: str = "runs/autoencoder"
 
     def __post_init__(self) -> None:
@@ -118,6 +122,11 @@ class AutoencoderStageConfig:
             )
         if self.model.spatial_dims == 2 and self.data.is_sound:
             raise ValueError(f"data.name {self.data.name!r} is sound: set model.spatial_dims: 1 (e.g. model: fsdd-f64)")
+        if self.model.decoder_head == "vocos" and self.train_parts != "decoder":
+            raise ValueError(
+                "model.decoder_head vocos trains as a decoder fine-tune of a spectrogram autoencoder: set "
+                "train_parts: decoder and init_from to it (the encoder and so the latent space stay as they are)"
+            )
         if self.train_parts == "decoder" and not self.init_from:
             raise ValueError(
                 "train_parts: decoder keeps the encoder frozen, which only makes sense from trained weights: "
@@ -139,6 +148,7 @@ class AutoencoderModule(L.LightningModule):
         # The stored weights' running average (its copy of the start is made in `run`, after any init_from).
         self.ema = copy.deepcopy(self.autoencoder).requires_grad_(False).eval() if config.ema_decay > 0 else None
         self.loss = AutoencoderLoss(config.loss, config.model.spatial_dims)
+        self.vocoder_loss = VocoderLoss(config.vocoder_loss) if config.model.decoder_head == "vocos" else None
         self.__dict__["train_forward"] = compiled(self.autoencoder, config.trainer.compile)  # not a submodule
         self.steps_per_batch = optimizer_steps_per_batch(config)
         self.register_buffer("preview", torch.empty(0), persistent=False)
@@ -157,9 +167,14 @@ class AutoencoderModule(L.LightningModule):
             generator_params, lr=cfg.trainer.lr, betas=cfg.betas, weight_decay=cfg.trainer.weight_decay
         )
         optimizers = [opt_ae]
-        if cfg.loss.disc_enabled:
+        if len(self.lr_scales) > 1:
             disc_lr = cfg.trainer.lr * self.lr_scales[1]
-            optimizers.append(torch.optim.Adam(self.loss.discriminator_parameters(), lr=disc_lr, betas=cfg.betas))
+            critics = (
+                self.vocoder_loss.discriminator.parameters()
+                if self.vocoder_loss is not None
+                else self.loss.discriminator_parameters()
+            )
+            optimizers.append(torch.optim.Adam(critics, lr=disc_lr, betas=cfg.betas))
         schedule = lambda step: lr_factor(step, cfg.trainer.warmup_steps, cfg.trainer.max_steps, cfg.lr_schedule)  # noqa: E731
         schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
         return optimizers, schedulers
@@ -172,7 +187,7 @@ class AutoencoderModule(L.LightningModule):
     @property
     def lr_scales(self) -> tuple[float, ...]:
         """Each optimiser's learning rate over trainer.lr: the autoencoder's, then the discriminator's if any."""
-        return (1.0, self.config.disc_lr_scale) if self.config.loss.disc_enabled else (1.0,)
+        return (1.0, self.config.disc_lr_scale) if optimizer_steps_per_batch(self.config) == 2 else (1.0,)
 
     @property
     def channels_last(self) -> bool:
@@ -195,6 +210,9 @@ class AutoencoderModule(L.LightningModule):
         seed_step(self.config.trainer.seed, step, self.global_rank, self.trainer.world_size)  # posterior noise, crops
         if self.config.train_crop:
             images = random_crop(images, self.config.train_crop, self.config.model.downsample_factor)
+        if self.vocoder_loss is not None:
+            self.vocoder_step(images, optimizers, schedulers, step)
+            return
         images = self.autoencoder.analysis(
             images
         )  # what the network sees and rebuilds: the data, or its spectrogram features
@@ -228,6 +246,35 @@ class AutoencoderModule(L.LightningModule):
         self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
         self.log("loss", logs["train/total"], prog_bar=True, on_step=True, logger=False)
         self.log("rec", logs["train/rec"], prog_bar=True, on_step=True, logger=False)
+
+    def vocoder_step(self, signals: torch.Tensor, optimizers: list, schedulers: list, step: int) -> None:
+        """One step of the learned waveform head (and the decoder under it) on signals (N, 1, L), then of its critics.
+
+        The encoder is frozen (train_parts decoder), so the latents are those the cache holds; the decoder
+        and vocoder are judged on the waveform they make, against the clip itself.
+        """
+        with torch.no_grad():
+            z = self.autoencoder.encode(signals).sample()
+        fake = self.autoencoder.vocoder(self.autoencoder.decode_features(z))  # (N, 1, L)
+        g_loss, logs = self.vocoder_loss.generator_loss(signals, fake)
+        self._check_finite(g_loss, "waveform decoder loss")
+        optimizers[0].zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        self.clip_gradients(optimizers[0], gradient_clip_val=self.config.trainer.grad_clip or None)
+        optimizers[0].step()
+        if self.ema is not None:
+            update_ema(self.ema, self.autoencoder, ema_decay_at(step, self.config.ema_decay))
+        d_loss, d_logs = self.vocoder_loss.discriminator_loss(signals, fake)
+        optimizers[1].zero_grad(set_to_none=True)
+        self.manual_backward(d_loss)
+        optimizers[1].step()
+        for scheduler in schedulers:
+            scheduler.step()
+        logs = {f"train/{k}": v.float() for k, v in {**logs, **d_logs, "rec": logs["mel"]}.items()}
+        logs["train/lr"] = torch.tensor(optimizers[0].param_groups[0]["lr"])
+        self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
+        self.log("loss", logs["train/total"], prog_bar=True, on_step=True, logger=False)
+        self.log("mel", logs["train/mel"], prog_bar=True, on_step=True, logger=False)
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> None:
         if not torch.isfinite(loss):
@@ -296,9 +343,28 @@ def run(
         return train_and_store(config, store, run_dir, checkpoint, callbacks)
 
 
+# Model settings a fine-tune may add to its init_from's: a learned waveform head on a Griffin-Lim autoencoder.
+HEAD_KEYS = ("decoder_head", "vocoder_dim", "vocoder_depth")
+
+
+def load_start(autoencoder: AutoencoderKL, start: Artifact, config: AutoencoderStageConfig) -> None:
+    """Load init_from's weights into autoencoder; a new vocoder head (absent from a Griffin-Lim start) starts fresh."""
+    theirs, ours = start.config()["model"], to_dict(config)["model"]
+    adds_head = ours["decoder_head"] == "vocos" and theirs.get("decoder_head", "griffin-lim") == "griffin-lim"
+    ignored = HEAD_KEYS if adds_head else ()
+    if {k: v for k, v in theirs.items() if k not in ignored} != {k: v for k, v in ours.items() if k not in ignored}:
+        raise ValueError(
+            f"init_from {start.ref} has model config {theirs}, this run {ours}: fine-tune with the same model "
+            "settings (a Griffin-Lim autoencoder may gain decoder_head: vocos)"
+        )
+    missing, unexpected = autoencoder.load_state_dict(start.load_tensors(device="cpu"), strict=not adds_head)
+    if unexpected or any(not name.startswith("vocoder.") for name in missing):
+        raise ValueError(f"init_from {start.ref}: weights do not fit, missing {missing}, unexpected {unexpected}")
+
+
 def optimizer_steps_per_batch(config: AutoencoderStageConfig) -> int:
     """Optimiser steps one batch takes: the autoencoder's, then the discriminator's if there is one."""
-    return 2 if config.loss.disc_enabled else 1
+    return 2 if config.loss.disc_enabled or config.model.decoder_head == "vocos" else 1
 
 
 def train_and_store(
@@ -315,12 +381,7 @@ def train_and_store(
     parents = {}
     if config.init_from:
         start = store.load(config.init_from, stage="autoencoder")
-        if start.config()["model"] != to_dict(config)["model"]:
-            raise ValueError(
-                f"init_from {start.ref} has model config {start.config()['model']}, this run "
-                f"{to_dict(config)['model']}: fine-tune with the same model settings"
-            )
-        module.autoencoder.load_state_dict(start.load_tensors(device="cpu"))
+        load_start(module.autoencoder, start, config)
         parents["autoencoder"] = start.ref
         print(f"starting from {start.ref} (training {config.train_parts})")
     if module.ema is not None:

@@ -18,7 +18,11 @@ from stages.prune import PruneStageConfig
 ROOT = Path(__file__).resolve().parent.parent
 RESOLVED = json.loads((ROOT / "tests/data/presets-resolved.json").read_text())
 # The decoder fine-tunes refuse to load without the autoencoder they fine-tune.
-NEEDS_INIT_FROM = {"configs/fmnist/autoencoder-gan.yaml", "configs/fmnist/autoencoder-fast-gan.yaml"}
+NEEDS_INIT_FROM = {
+    "configs/fmnist/autoencoder-gan.yaml",
+    "configs/fmnist/autoencoder-fast-gan.yaml",
+    "configs/fsdd/vocoder.yaml",
+}
 
 
 def stage_config(name: str) -> type:

@@ -13,6 +13,7 @@ from ldm.audio import griffin_lim, log_mel_distance, read_wav, spectrogram_featu
 from ldm.config import load_config
 from ldm.data import DataConfig, with_data
 from ldm.data.latents import LatentCache
+from ldm.loading import load_autoencoder
 from ldm.losses.autoencoder import AutoencoderLoss, AutoencoderLossConfig
 from ldm.losses.lpips import PerceptualConfig
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -317,3 +318,44 @@ def test_an_image_classifier_cannot_measure_sound(sound_chain, tmp_path):
     )
     with pytest.raises(Exception, match="classifies images, but the data is sound"):
         feature_extractor(store, "auto", image_classifier.ref, torch.device("cpu"), sound=True)
+
+
+@pytest.mark.slow
+@needs_fsdd
+def test_a_vocos_head_fine_tune_keeps_the_encoder_bit_exact_and_decodes_without_griffin_lim(sound_chain, tmp_path):
+    from ldm.models.vocoder import Vocoder
+
+    store, ae, *_ = sound_chain
+    overrides = [*TINY_AE, f"data.path={FSDD_DIR}", "data.download=false", f"init_from={ae.ref}"]
+    config = load_config(
+        autoencoder.AutoencoderStageConfig,
+        ROOT / "configs/fsdd/vocoder.yaml",
+        [
+            *overrides,
+            "model.vocoder_dim=16",
+            "model.vocoder_depth=1",
+            "trainer.max_steps=3",
+            "train_crop=2048",
+            f"run_dir={tmp_path / 'vocos'}",
+        ],
+    )
+    tuned = autoencoder.run(config, store)
+    before, after = ae.load_tensors(), tuned.load_tensors()
+    encoder_side = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder_side and all(torch.equal(before[k], after[k]) for k in encoder_side)
+    assert tuned.manifest["encoder_sha256"] == ae.manifest["encoder_sha256"]
+    assert tuned.parents == {"autoencoder": ae.ref} and any(k.startswith("vocoder.") for k in after)
+    assert {"mel", "g", "fm", "d"} <= tuned.manifest["training"]["final"].keys()
+    model = load_autoencoder(tuned)
+    assert isinstance(model.vocoder, Vocoder)
+    z = model.encode(torch.zeros(1, 1, 8192)).mode()
+    assert model.decode(z).shape == (1, 1, 8192)
+
+    with pytest.raises(ValueError, match="train_parts: decoder"):
+        load_config(
+            autoencoder.AutoencoderStageConfig,
+            ROOT / "configs/fsdd/autoencoder.yaml",
+            [*overrides, "model.decoder_head=vocos"],
+        )
+    with pytest.raises(ValueError, match="needs front_end 'stft'"):
+        AutoencoderConfig(spatial_dims=1, decoder_head="vocos")

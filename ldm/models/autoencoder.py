@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.audio import griffin_lim, spectrogram_features
+from ldm.models.vocoder import Vocoder, VocoderConfig
 
 
 @dataclass
@@ -74,6 +75,12 @@ class AutoencoderConfig:
     n_fft: int = 256
     hop_length: int = 64
     griffin_lim_iters: int = 32
+    # With the stft front end: how decoded spectrograms become sound. "griffin-lim" guesses the phase;
+    # "vocos" predicts magnitude and phase with a learned head (`ldm.models.vocoder`, vocoder_dim wide,
+    # vocoder_depth ConvNeXt blocks), trained as a decoder fine-tune that keeps the latent space.
+    decoder_head: str = "griffin-lim"
+    vocoder_dim: int = 192
+    vocoder_depth: int = 6
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)  # YAML gives lists
@@ -94,6 +101,10 @@ class AutoencoderConfig:
             self.spatial_dims != 1 or self.in_channels != 1 or self.image_channels_out != 1
         ):
             raise ValueError("front_end 'stft' is for mono sound: spatial_dims 1 and in_channels 1")
+        if self.decoder_head not in ("griffin-lim", "vocos"):
+            raise ValueError(f"decoder_head must be 'griffin-lim' or 'vocos', got {self.decoder_head!r}")
+        if self.decoder_head == "vocos" and self.front_end != "stft":
+            raise ValueError("decoder_head 'vocos' inverts decoded spectrograms: it needs front_end 'stft'")
         if min(self.n_fft, self.hop_length, self.griffin_lim_iters) < 1 or self.hop_length > self.n_fft:
             raise ValueError(
                 f"n_fft, hop_length and griffin_lim_iters must be positive with hop_length <= n_fft: {self}"
@@ -111,6 +122,15 @@ class AutoencoderConfig:
     def presets(cls) -> dict[str, AutoencoderConfig]:
         """The named presets (YAML may name one: `model: fmnist-f4`)."""
         return AUTOENCODER_PRESETS
+
+    @property
+    def vocoder_config(self) -> VocoderConfig | None:
+        """The learned waveform head's architecture (None with Griffin-Lim)."""
+        if self.decoder_head != "vocos":
+            return None
+        return VocoderConfig(
+            dim=self.vocoder_dim, depth=self.vocoder_depth, n_fft=self.n_fft, hop_length=self.hop_length
+        )
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -473,6 +493,8 @@ class AutoencoderKL(nn.Module):
         conv = conv_class(config.spatial_dims)
         self.quant_conv = conv(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = conv(config.latent_channels, config.latent_channels, 1)
+        vocoder = config.vocoder_config
+        self.vocoder = Vocoder(vocoder) if vocoder is not None else None
 
     def analysis(self, x: Tensor) -> Tensor:
         """What the network sees of x: x itself, or its spectrogram features (N, F, frames) with the stft front end."""
@@ -497,10 +519,13 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Images (N, C_out, h*f, w*f), roughly in [-1, 1], for latents z (N, latent_channels, h, w); signals alike.
 
-        With the stft front end the decoded spectrogram is inverted by Griffin-Lim (no gradient flows through it).
+        With the stft front end the decoded spectrogram is inverted by the learned vocoder head if there is one,
+        else by Griffin-Lim (no gradient flows through it).
         """
         cfg = self.config
         features = self.decode_features(z)
+        if self.vocoder is not None:
+            return self.vocoder(features).clamp(-1, 1)
         if cfg.front_end == "stft":
             return griffin_lim(features, cfg.n_fft, cfg.hop_length, cfg.griffin_lim_iters).clamp(-1, 1)
         return features
