@@ -24,6 +24,7 @@ analytic FLOP count (`dit_forward_flops`) that the benchmark and training logs u
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -75,8 +76,16 @@ class DiTConfig:
     # derivative du/dt, and at 1000 t the fastest embedding channels turn 1000x faster in t.
     time_input_scale: float = 1.0
     # 2: latents are (C, H, W) grids cut into p x p patches (images); 1: (C, L) sequences cut into runs of
-    # p steps (sound). Everything else (blocks, conditioning, samplers) is the same code for both.
+    # p steps (sound); 3: (C, frames, H, W) clips cut into time_patch_size x p x p patches (video, as Latte
+    # and W.A.L.T patchify space-time latents). Everything else (blocks, conditioning, samplers) is the
+    # same code for all three.
     spatial_dims: int = 2
+    frames: int = 0  # latent frames of a clip (spatial_dims 3 only)
+    time_patch_size: int = 1  # frames per token (spatial_dims 3 only)
+    # Self-attention over all tokens ("full"), or, for clips, Latte's factorised variant (Ma et al. 2024,
+    # arXiv 2401.03048, its model 1): even blocks attend within each frame, odd blocks across frames at each
+    # spatial position, a cost of T (H W)^2 + H W T^2 instead of (T H W)^2.
+    attention: str = "full"
     # Text conditioning, PixArt-alpha (Chen et al. 2023, arXiv 2310.00426); off at 0. text_dim: width of the
     # text encoder's token features; text_length: the longest prompt in tokens the DiT takes (the encoder's
     # max_length), which the FLOP count assumes. Set both or neither.
@@ -97,10 +106,23 @@ class DiTConfig:
     text_context_norm: bool = True
 
     def __post_init__(self) -> None:
-        if self.spatial_dims not in (1, 2):
-            raise ValueError(f"spatial_dims must be 1 (sequences) or 2 (grids), got {self.spatial_dims}")
+        if self.spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1 (sequences), 2 (grids) or 3 (clips), got {self.spatial_dims}")
         if self.input_size % self.patch_size:
             raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if (self.spatial_dims == 3) != (self.frames > 0):
+            raise ValueError(f"frames (latent frames of a clip) is for spatial_dims 3 alone, got {self.frames}")
+        if self.time_patch_size < 1 or (self.spatial_dims == 3 and self.frames % self.time_patch_size):
+            raise ValueError(f"frames {self.frames} is not divisible by time_patch_size {self.time_patch_size}")
+        if self.attention not in ("full", "factorised"):
+            raise ValueError(f"attention must be 'full' or 'factorised', got {self.attention!r}")
+        if self.attention == "factorised" and (
+            self.spatial_dims != 3 or self.pos_embed == "rope" or self.route_ratio > 0
+        ):
+            raise ValueError(
+                "attention 'factorised' splits clips into frames and positions: it needs spatial_dims 3, "
+                "pos_embed sincos and route_ratio 0"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.hidden_size % (2 * self.spatial_dims):
@@ -190,24 +212,37 @@ class DiTConfig:
         return self.input_size // self.patch_size
 
     @property
+    def input_sizes(self) -> tuple[int, ...]:
+        """Latent extent along each axis: (H, W) for grids, (L,) for sequences, (frames, H, W) for clips."""
+        if self.spatial_dims == 3:
+            return (self.frames, self.input_size, self.input_size)
+        return (self.input_size,) * self.spatial_dims
+
+    @property
+    def patch_sizes(self) -> tuple[int, ...]:
+        """Patch extent along each axis: (p, p), (p,), or (time_patch_size, p, p) for clips."""
+        p = self.patch_size
+        return (self.time_patch_size, p, p) if self.spatial_dims == 3 else (p,) * self.spatial_dims
+
+    @property
     def grid_shape(self) -> tuple[int, ...]:
-        """Tokens along each latent axis: (h, w) for grids, (l,) for sequences."""
-        return (self.grid_size,) * self.spatial_dims
+        """Tokens along each latent axis: (h, w) for grids, (l,) for sequences, (t, h, w) for clips."""
+        return tuple(size // patch for size, patch in zip(self.input_sizes, self.patch_sizes))
 
     @property
     def num_patches(self) -> int:
         """Sequence length T."""
-        return self.grid_size**self.spatial_dims
+        return math.prod(self.grid_shape)
 
     @property
     def patch_volume(self) -> int:
-        """Latent positions per token: p*p for grids, p for sequences."""
-        return self.patch_size**self.spatial_dims
+        """Latent positions per token: p*p for grids, p for sequences, time_patch_size*p*p for clips."""
+        return math.prod(self.patch_sizes)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one latent the model takes: (C, H, W), or (C, L) for sequences."""
-        return (self.in_channels, *(self.input_size,) * self.spatial_dims)
+        """Shape of one latent the model takes: (C, H, W), (C, L) for sequences, (C, frames, H, W) for clips."""
+        return (self.in_channels, *self.input_sizes)
 
     @property
     def null_class(self) -> int:
@@ -225,32 +260,41 @@ class DiTConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Return the non-overlapping patches of x (N, C, *S) as tokens (N, T, p**d * C), row-major; d = len(S) is 1 or 2.
+def _patch_sizes(patch_size: int | Sequence[int], d: int) -> tuple[int, ...]:
+    return (patch_size,) * d if isinstance(patch_size, int) else tuple(patch_size)
 
-    A grid (N, C, H, W) gives p x p patches, a sequence (N, C, L) runs of p steps; one code path for both.
+
+def patchify(x: torch.Tensor, patch_size: int | Sequence[int]) -> torch.Tensor:
+    """Return the non-overlapping patches of x (N, C, *S) as tokens (N, T, P * C), row-major; d = len(S) is 1-3.
+
+    patch_size is one extent for every axis or one per axis; P is their product. A grid (N, C, H, W) gives
+    p x p patches, a sequence (N, C, L) runs of p steps, a clip (N, C, F, H, W) pt x p x p blocks; one code path.
     """
     n, c, *sizes = x.shape
-    p, d = patch_size, len(sizes)
-    x = x.reshape(n, c, *(part for size in sizes for part in (size // p, p)))  # (N, C, h, p, w, q) or (N, C, l, p)
+    d = len(sizes)
+    patches = _patch_sizes(patch_size, d)
+    volume = math.prod(patches)
+    x = x.reshape(n, c, *(part for size, p in zip(sizes, patches) for part in (size // p, p)))  # (N, C, h, p, w, q)
     # Token axes first (h, w), then the offsets within a patch (p, q), then the channels.
     x = x.permute(0, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2), 1)  # (N, h, w, p, q, C) or (N, l, p, C)
-    return x.reshape(n, math.prod(sizes) // p**d, p**d * c)  # (N, T, p**d * C)
+    return x.reshape(n, math.prod(sizes) // volume, volume * c)  # (N, T, P * C)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, ...]) -> torch.Tensor:
-    """Return the latent (N, C, *(g*p for g in grid)) whose patches are the tokens x (N, T, p**d * C).
+def unpatchify(x: torch.Tensor, patch_size: int | Sequence[int], grid: tuple[int, ...]) -> torch.Tensor:
+    """Return the latent (N, C, *(g*p for g, p in zip(grid, patch sizes))) whose patches are the tokens x (N, T, P * C).
 
     The inverse of `patchify`.
     """
     n, t, dim = x.shape
-    p, d = patch_size, len(grid)
-    c = dim // p**d
-    assert t == math.prod(grid) and dim == p**d * c, f"tokens {tuple(x.shape)} do not tile a {grid} grid of {p}-patches"
-    x = x.reshape(n, *grid, *(p,) * d, c)  # (N, h, w, p, q, C) or (N, l, p, C)
+    d = len(grid)
+    patches = _patch_sizes(patch_size, d)
+    volume = math.prod(patches)
+    c = dim // volume
+    assert t == math.prod(grid) and dim == volume * c, f"tokens {tuple(x.shape)} do not tile {grid} of {patches}"
+    x = x.reshape(n, *grid, *patches, c)  # (N, h, w, p, q, C) or (N, l, p, C)
     # Channels first, then each token axis followed by its offset axis.
     x = x.permute(0, 2 * d + 1, *(axis for i in range(d) for axis in (1 + i, 1 + d + i)))  # (N, C, h, p, w, q)
-    return x.reshape(n, c, *(g * p for g in grid))
+    return x.reshape(n, c, *(g * p for g, p in zip(grid, patches)))
 
 
 def sincos_pos_embed(embed_dim: int, grid_shape: tuple[int, ...]) -> torch.Tensor:
@@ -374,16 +418,17 @@ def add_gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor, inplace
 
 
 class PatchEmbed(nn.Module):
-    """Linear embedding of p x p patches (or runs of p steps), written as a convolution with kernel = stride = p."""
+    """Linear embedding of patches (p x p, runs of p steps, pt x p x p), a convolution with kernel = stride = patch."""
 
-    def __init__(self, patch_size: int, in_channels: int, hidden_size: int, spatial_dims: int = 2):
+    def __init__(self, patch_size: int | Sequence[int], in_channels: int, hidden_size: int, spatial_dims: int = 2):
         super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv1d
-        self.proj = conv(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        patches = _patch_sizes(patch_size, spatial_dims)
+        self.proj = conv(in_channels, hidden_size, kernel_size=patches, stride=patches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return tokens (N, T, D) for latents x (N, C, H, W) or (N, C, L)."""
-        x = self.proj(x)  # (N, D, H/p, W/p) or (N, D, L/p)
+        """Return tokens (N, T, D) for latents x (N, C, H, W), (N, C, L) or (N, C, F, H, W)."""
+        x = self.proj(x)  # (N, D, H/p, W/p), (N, D, L/p) or (N, D, F/pt, H/p, W/p)
         # One copy to token-major memory here; left as a transposed view, every LayerNorm of
         # every block would copy the residual stream again and elementwise ops would run strided.
         return x.flatten(2).transpose(1, 2).contiguous()  # (N, T, D)
@@ -543,12 +588,43 @@ class SwiGLU(nn.Module):
         return self.fc2(F.silu(gate, inplace=not torch.is_grad_enabled()) * value)
 
 
+def attention_axis(config: DiTConfig, index: int) -> str:
+    """What block `index` attends over: "all" tokens, or with factorised attention "space" (even) or "time" (odd)."""
+    if config.attention == "full":
+        return "all"
+    return "space" if index % 2 == 0 else "time"
+
+
+def split_axis(x: torch.Tensor, axis: str, frames: int) -> torch.Tensor:
+    """Tokens (N, F * S, D) of a clip as independent sequences: (N F, S, D) per frame ("space"), (N S, F, D) per
+    spatial position ("time"); "all" leaves x as it is. Tokens run frame by frame (row-major over (f, h, w))."""
+    if axis == "all":
+        return x
+    n, t, d = x.shape
+    if axis == "space":
+        return x.reshape(n * frames, t // frames, d)
+    return x.reshape(n, frames, t // frames, d).transpose(1, 2).reshape(n * (t // frames), frames, d)
+
+
+def merge_axis(x: torch.Tensor, axis: str, frames: int, n: int) -> torch.Tensor:
+    """The inverse of `split_axis`: (N, F * S, D) from the sequences of n clips."""
+    if axis == "all":
+        return x
+    d = x.shape[-1]
+    if axis == "space":
+        return x.reshape(n, -1, d)
+    return x.reshape(n, -1, frames, d).transpose(1, 2).reshape(n, -1, d)
+
+
 class DiTBlock(nn.Module):
     """Transformer block whose pre-norms are modulated by the conditioning (adaLN-Zero)."""
 
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, axis: str = "all"):
         super().__init__()
         d = config.hidden_size
+        # Self-attention over all tokens, or over one frame's ("space") or one position's ("time"): `attention_axis`.
+        self.axis = axis
+        self.frames = config.grid_shape[0] if config.spatial_dims == 3 else 1
         self.norm1 = pre_norm(config.norm, d, eps=1e-6)
         self.attn = Attention(d, config.num_heads, qk_norm=config.qk_norm)
         if config.text_dim:
@@ -585,8 +661,9 @@ class DiTBlock(nn.Module):
         """
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulations(c_act)
         inplace = not torch.is_grad_enabled()
-        attended = self.attn(modulate(normalize(self.norm1, x), shift_msa, scale_msa, inplace), rope)  # (N, T, D)
-        x = add_gated(x, gate_msa, attended, inplace)
+        modulated = modulate(normalize(self.norm1, x), shift_msa, scale_msa, inplace)  # (N, T, D)
+        attended = self.attn(split_axis(modulated, self.axis, self.frames), rope)  # (N', T', D) per the axis
+        x = add_gated(x, gate_msa, merge_axis(attended, self.axis, self.frames, len(x)), inplace)  # (N, T, D)
         if context is not None:
             update = self.cross_attn(normalize(self.norm_cross, x), context, context_mask)  # (N, T, D)
             x = x.add_(update) if inplace else x + update
@@ -616,7 +693,7 @@ class DiT(nn.Module):
         super().__init__()
         self.config = config
         d = config.hidden_size
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d, config.spatial_dims)
+        self.x_embedder = PatchEmbed(config.patch_sizes, config.in_channels, d, config.spatial_dims)
         self.t_embedder = TimestepEmbedder(d, freq_shift=config.timestep_freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         if config.interval_embed:
@@ -638,7 +715,7 @@ class DiT(nn.Module):
             rope_sin, rope_cos = rope_tables(d // config.num_heads, config.grid_shape)  # 2 x (T, D / heads)
             self.register_buffer("rope_sin", rope_sin, persistent=False)
             self.register_buffer("rope_cos", rope_cos, persistent=False)
-        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(DiTBlock(config, attention_axis(config, i)) for i in range(config.depth))
         self.final_layer = FinalLayer(d, config.patch_volume, config.out_channels, config.norm)
         self.initialize_weights()
         if config.text_encoder_config is not None:  # after initialize_weights: the encoder has its own (BERT's)
@@ -742,7 +819,7 @@ class DiT(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Return the prediction (N, C_out, *S) for noisy latents x (N, C, *S), timesteps t (N,), labels y (N,).
 
-        S is (H, W) for a grid model and (L,) for a sequence model (`spatial_dims`).
+        S is (H, W) for a grid model, (L,) for a sequence model and (F, H, W) for a clip model (`spatial_dims`).
 
         With learn_sigma the first C output channels are the mean prediction (e.g. eps) and the
         last C the variance interpolation v. Label index `null_class` requests the unconditional
@@ -808,7 +885,7 @@ class DiT(nn.Module):
                 else:
                     tokens = x.clone()  # a copy: without autograd the later blocks update x in place
         x = self.final_layer(x, c_act)  # (N, T, p**d * C_out)
-        out = unpatchify(x, cfg.patch_size, cfg.grid_shape)  # (N, C_out, H, W) or (N, C_out, L)
+        out = unpatchify(x, cfg.patch_sizes, cfg.grid_shape)  # (N, C_out, *S)
         return out if return_block is None else (out, tokens)
 
 
