@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from ldm.interop import InteropError
+from ldm.interop.dit import dit_state_dict_to_diffusers
 from ldm.models.dit import DiT, DiTBlock, DiTConfig, merge_axis, patchify, sincos_pos_embed, split_axis, unpatchify
 
 
@@ -123,3 +125,6 @@ def test_clip_settings_are_checked():
     with pytest.raises(ValueError, match="needs spatial_dims 3"):
         DiTConfig(attention="factorised")
     assert math.prod(clip_config().grid_shape) == clip_config().num_patches == 8
+    model = DiT(clip_config())
+    with pytest.raises(InteropError, match="takes 2-D latents"):
+        dit_state_dict_to_diffusers(model.state_dict(), model.config)

@@ -285,6 +285,11 @@ def dit_state_dict_to_diffusers(state_dict: dict[str, Tensor], config: DiTConfig
         raise InteropError(
             "diffusers' DiTTransformer2DModel is class-conditional; a DiT with text_dim > 0 cannot be exported"
         )
+    if config.spatial_dims != 2:
+        raise InteropError(
+            f"diffusers' DiTTransformer2DModel takes 2-D latents; a DiT with spatial_dims {config.spatial_dims} "
+            "(sequences or clips) cannot be exported"
+        )
     if int(config.hidden_size * config.mlp_ratio) != 4 * config.hidden_size:
         raise InteropError(f"diffusers' DiT has mlp_ratio 4; this one has {config.mlp_ratio}")
     out = {theirs: state_dict[ours] for ours, theirs in _one_to_one_dit_keys(config).items()}
