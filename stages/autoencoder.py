@@ -225,27 +225,39 @@ class AutoencoderModule(L.LightningModule):
             g_loss = g_loss + self.config.equivariance_weight * equivariance
             logs.update(equivariance=equivariance.detach(), total=g_loss.detach())
         self._check_finite(g_loss, "autoencoder loss")
-        optimizers[0].zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
-        self.clip_gradients(optimizers[0], gradient_clip_val=self.config.trainer.grad_clip or None)
-        optimizers[0].step()
-        if self.ema is not None:
-            update_ema(self.ema, self.autoencoder, ema_decay_at(step, self.config.ema_decay))
+        self.generator_update(optimizers[0], g_loss, step)
 
         # Discriminator step, on detached reconstructions (inside discriminator_loss).
         if self.config.loss.disc_enabled:
             d_loss, d_logs = self.loss.discriminator_loss(images, recon, step)
-            optimizers[1].zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            optimizers[1].step()
+            self.critic_update(optimizers[1], d_loss)
             logs.update(d_logs)
+        self.finish_step(schedulers, optimizers[0], logs, "rec")
+
+    def generator_update(self, optimizer, loss: torch.Tensor, step: int) -> None:
+        """Backward, clip and step the autoencoder's optimiser on loss, then update the EMA."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=self.config.trainer.grad_clip or None)
+        optimizer.step()
+        if self.ema is not None:
+            update_ema(self.ema, self.autoencoder, ema_decay_at(step, self.config.ema_decay))
+
+    def critic_update(self, optimizer, loss: torch.Tensor) -> None:
+        """Backward and step the discriminator's optimiser on loss."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+
+    def finish_step(self, schedulers: list, optimizer, logs: dict[str, torch.Tensor], shown: str) -> None:
+        """Step the schedules and log the batch's terms (train/...), the total and `shown` on the progress bar."""
         for scheduler in schedulers:
             scheduler.step()
         logs = {f"train/{k}": v.detach().float().mean() for k, v in logs.items()}
-        logs["train/lr"] = torch.tensor(optimizers[0].param_groups[0]["lr"])
+        logs["train/lr"] = torch.tensor(optimizer.param_groups[0]["lr"])
         self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
         self.log("loss", logs["train/total"], prog_bar=True, on_step=True, logger=False)
-        self.log("rec", logs["train/rec"], prog_bar=True, on_step=True, logger=False)
+        self.log(shown, logs[f"train/{shown}"], prog_bar=True, on_step=True, logger=False)
 
     def vocoder_step(self, signals: torch.Tensor, optimizers: list, schedulers: list, step: int) -> None:
         """One step of the learned waveform head (and the decoder under it) on signals (N, 1, L), then of its critics.
@@ -258,23 +270,10 @@ class AutoencoderModule(L.LightningModule):
         fake = self.autoencoder.vocoder(self.autoencoder.decode_features(z))  # (N, 1, L)
         g_loss, logs = self.vocoder_loss.generator_loss(signals, fake)
         self._check_finite(g_loss, "waveform decoder loss")
-        optimizers[0].zero_grad(set_to_none=True)
-        self.manual_backward(g_loss)
-        self.clip_gradients(optimizers[0], gradient_clip_val=self.config.trainer.grad_clip or None)
-        optimizers[0].step()
-        if self.ema is not None:
-            update_ema(self.ema, self.autoencoder, ema_decay_at(step, self.config.ema_decay))
+        self.generator_update(optimizers[0], g_loss, step)
         d_loss, d_logs = self.vocoder_loss.discriminator_loss(signals, fake)
-        optimizers[1].zero_grad(set_to_none=True)
-        self.manual_backward(d_loss)
-        optimizers[1].step()
-        for scheduler in schedulers:
-            scheduler.step()
-        logs = {f"train/{k}": v.float() for k, v in {**logs, **d_logs, "rec": logs["mel"]}.items()}
-        logs["train/lr"] = torch.tensor(optimizers[0].param_groups[0]["lr"])
-        self.log_dict(logs, prog_bar=False, on_step=True, sync_dist=False)
-        self.log("loss", logs["train/total"], prog_bar=True, on_step=True, logger=False)
-        self.log("mel", logs["train/mel"], prog_bar=True, on_step=True, logger=False)
+        self.critic_update(optimizers[1], d_loss)
+        self.finish_step(schedulers, optimizers[0], {**logs, **d_logs, "rec": logs["mel"]}, "mel")
 
     def _check_finite(self, loss: torch.Tensor, what: str) -> None:
         if not torch.isfinite(loss):

@@ -10,14 +10,6 @@ from ldm.interop.dit import dit_state_dict_to_diffusers
 from ldm.models.dit import DiT, DiTBlock, DiTConfig, merge_axis, patchify, sincos_pos_embed, split_axis, unpatchify
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def clip_config(**overrides) -> DiTConfig:
     """A 2-block DiT on clips of 4 latent frames of 4x4x3, 2 frames x 2x2 per token: 2 x 2 x 2 tokens."""
     fields = dict(spatial_dims=3, frames=4, time_patch_size=2, input_size=4, patch_size=2, in_channels=3)

@@ -13,14 +13,6 @@ from ldm.models.vocoder import Vocoder, VocoderConfig, istft_head
 RATE = 8000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def chirp(n: int = 2, length: int = 2048) -> torch.Tensor:
     """Signals (n, 1, length): rising tones with a little noise, so every bin holds some energy."""
     t = torch.arange(length, dtype=torch.float64) / RATE

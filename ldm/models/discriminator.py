@@ -163,6 +163,16 @@ class PatchDiscriminator(nn.Module):
 HIFIGAN_PERIODS: tuple[int, ...] = (2, 3, 5, 7, 11)
 
 
+def _conv_stack(convs: nn.ModuleList, post: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Run x through convs, each followed by LeakyReLU(0.1) (HiFi-GAN's slope); return post's logits (N, K) and
+    every activation, for feature matching."""
+    features = []
+    for conv in convs:
+        x = nn.functional.leaky_relu(conv(x), 0.1)
+        features.append(x)
+    return post(x).flatten(1), features
+
+
 class PeriodDiscriminator(nn.Module):
     """HiFi-GAN's sub-discriminator of period p: signals (N, 1, L) as (N, 1, L / p, p), 2-D convs along time."""
 
@@ -181,12 +191,7 @@ class PeriodDiscriminator(nn.Module):
         """Return logits (N, K) and each layer's activations for signals x (N, 1, L)."""
         n, _, length = x.shape
         x = nn.functional.pad(x, (0, -length % self.period), mode="reflect" if length > self.period else "constant")
-        x = x.view(n, 1, -1, self.period)  # (N, 1, L / p, p)
-        features = []
-        for conv in self.convs:
-            x = nn.functional.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        return self.post(x).flatten(1), features
+        return _conv_stack(self.convs, self.post, x.view(n, 1, -1, self.period))  # (N, 1, L / p, p) in
 
 
 class ResolutionDiscriminator(nn.Module):
@@ -209,12 +214,7 @@ class ResolutionDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Return logits (N, K) and each layer's activations for signals x (N, 1, L)."""
         magnitude = stft_magnitude(x.float(), *self.resolution)  # (N, F, frames)
-        x = magnitude.transpose(1, 2).unsqueeze(1)  # (N, 1, frames, F)
-        features = []
-        for conv in self.convs:
-            x = nn.functional.leaky_relu(conv(x), 0.1)
-            features.append(x)
-        return self.post(x).flatten(1), features
+        return _conv_stack(self.convs, self.post, magnitude.transpose(1, 2).unsqueeze(1))  # (N, 1, frames, F) in
 
 
 class WaveformDiscriminator(nn.Module):
