@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ldm.artifacts import Artifact, ArtifactStore
 from ldm.audio import take_windows
-from ldm.config import TrainerConfig, to_dict
+from ldm.config import TrainerConfig, from_dict, to_dict
 from ldm.data import DataConfig, build_dataset, data_fingerprint
 from ldm.destinations import check_run_writable
 from ldm.ema import ema_decay_at, update_ema
@@ -348,8 +348,10 @@ HEAD_KEYS = ("decoder_head", "vocoder_dim", "vocoder_depth")
 
 def load_start(autoencoder: AutoencoderKL, start: Artifact, config: AutoencoderStageConfig) -> None:
     """Load init_from's weights into autoencoder; a new vocoder head (absent from a Griffin-Lim start) starts fresh."""
-    theirs, ours = start.config()["model"], to_dict(config)["model"]
-    adds_head = ours["decoder_head"] == "vocos" and theirs.get("decoder_head", "griffin-lim") == "griffin-lim"
+    # Read through the dataclass, so that settings added since the start was stored take their defaults there.
+    theirs = to_dict(from_dict(AutoencoderConfig, start.config()["model"], "init_from model"))
+    ours = to_dict(config)["model"]
+    adds_head = ours["decoder_head"] == "vocos" and theirs["decoder_head"] == "griffin-lim"
     ignored = HEAD_KEYS if adds_head else ()
     if {k: v for k, v in theirs.items() if k not in ignored} != {k: v for k, v in ours.items() if k not in ignored}:
         raise ValueError(

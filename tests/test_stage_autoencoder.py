@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import TINY_AUTOENCODER, needs_fmnist, train_process_command
 from ldm.artifacts import ArtifactStore
-from ldm.config import from_dict, load_config
+from ldm.config import from_dict, load_config, to_dict
 from ldm.data import DataConfig, build_dataset, iterate_images
 from ldm.loading import load_autoencoder, load_classifier
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL, encoder_fingerprint
@@ -405,3 +405,29 @@ def test_progress_bar_counts_batches_when_a_batch_takes_two_optimiser_steps():
     assert total(2, 5000, 0) == 5000  # was 10000: the bar ended at 50%
     assert total(2, 5000, 1200) == 3800  # resumed
     assert total(1, 2300, 0) == 2300
+
+
+class StoredStart:
+    """An init_from artifact as an older version stored it: a model config without the settings added since."""
+
+    ref = "autoencoder@older"
+
+    def __init__(self, model: AutoencoderKL, config: dict):
+        self.model, self.stored_config = model, config
+
+    def config(self) -> dict:
+        return {"model": self.stored_config}
+
+    def load_tensors(self, device: str = "cpu") -> dict:
+        return self.model.state_dict()
+
+
+def test_a_start_stored_before_newer_model_settings_still_fine_tunes(tmp_path):
+    config = tiny_config(tmp_path)
+    start = AutoencoderKL(config.model)
+    older = {k: v for k, v in to_dict(config)["model"].items() if k not in ("decoder_head", "vocoder_dim")}
+    tuned = AutoencoderKL(config.model)
+    autoencoder.load_start(tuned, StoredStart(start, older), config)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), start.state_dict().values()))
+    with pytest.raises(ValueError, match="same model settings"):
+        autoencoder.load_start(tuned, StoredStart(start, {**older, "ch": 64}), config)
