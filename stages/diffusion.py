@@ -30,7 +30,7 @@ from ldm.ema import (
 )
 from ldm.generation import PromptConditioned, SamplingSettings, encode_prompts, sample_latents
 from ldm.images import save_captioned_grid, save_grid
-from ldm.loading import DIT_WEIGHT_FILES, load_autoencoder
+from ldm.loading import DIT_WEIGHT_FILES, dit_configs, load_autoencoder
 from ldm.models.dit import DiT, DiTConfig
 from ldm.models.text import drop_captions
 from ldm.training import (
@@ -456,10 +456,12 @@ def run(
 def starting_point(store: ArtifactStore, config: DiffusionStageConfig, latents_ref: str) -> Artifact:
     """The artifact `init_from` names, checked: a DiT of this run's model settings trained on this run's cache."""
     start = store.load(config.init_from, stage="diffusion")
-    if start.config().get("model") != to_dict(config)["model"]:
+    # Read through the dataclass, so that settings added since the start was stored take their defaults there.
+    theirs, ours = to_dict(dit_configs(start)[0]), to_dict(config)["model"]
+    if theirs != ours:
         raise ValueError(
-            f"init_from {start.ref} has model settings {start.config().get('model')}, this run "
-            f"{to_dict(config)['model']}: continue with the same model settings (the same preset and options)"
+            f"init_from {start.ref} has model settings {theirs}, this run {ours}: continue with the same model "
+            "settings (the same preset and options)"
         )
     if start.parents.get("latents") != latents_ref:
         raise ArtifactError(

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -377,3 +378,22 @@ def test_adamw_betas_come_from_the_config_and_bad_ones_are_refused():
     assert module("betas=[0.9,0.95]").configure_optimizers()["optimizer"].defaults["betas"] == (0.9, 0.95)
     with pytest.raises(ValueError, match=r"betas must be two AdamW decay rates in \[0, 1\)"):
         module("betas=[0.9,1.5]")
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_init_from_a_dit_stored_before_newer_model_settings_is_accepted(tmp_path, store_with_cache):
+    store, _, cache = store_with_cache
+    config = dit_config(tmp_path / "a", store_with_cache, "init_from=diffusion@latest")
+    stored = to_dict(config)
+    stored["model"] = {k: v for k, v in stored["model"].items() if k not in ("frames", "time_patch_size", "attention")}
+    older = store.save(
+        "diffusion",
+        tensors={"raw.safetensors": {"w": torch.zeros(1)}, "weights.safetensors": {"w": torch.zeros(1)}},
+        config=stored,
+        parents={"latents": cache.ref},
+    )
+    try:
+        assert diffusion.starting_point(store, replace(config, init_from=older.ref), cache.ref).ref == older.ref
+    finally:  # the store is the module's: leave no stand-in behind for the other tests' listings
+        shutil.rmtree(older.path)
