@@ -207,6 +207,20 @@ def dit_config(tmp_path, store_with_cache, *extra):
     )
 
 
+# ----------------------------------------------------------------------------- random weights
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, only: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Overwrite parameters (all, or those whose name contains one of `only`) with N(0, 0.1) noise, so that no
+    zero-initialised path (adaLN-Zero gates, output layers) hides a bug."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not only or any(part in name for part in only):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
 # ----------------------------------------------------------------------------- a store of random models (no data)
 
 AE = AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), latent_channels=4)

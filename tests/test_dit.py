@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.layers import SwiGLUPacked, apply_rot_embed
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from conftest import randomize_
 from ldm.interop import InteropError
 from ldm.interop.dit import dit_state_dict_to_diffusers
 from ldm.models.dit import (
@@ -46,15 +47,6 @@ PAPER_PRESETS = [name for name in DIT_PRESETS if name.split("-")[1].split("/")[0
 def tiny_config(**overrides) -> DiTConfig:
     """A 2-block DiT on 8x8x4 latents, small enough for a test to run in milliseconds."""
     return dit_config("DiT-T/2", **{"depth": 2, "hidden_size": 64, "num_heads": 4, **overrides})
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Overwrite every parameter with N(0, 0.1) noise, so that no zero-initialised path hides a bug."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return model
 
 
 def inputs(config: DiTConfig, n: int = 3, seed: int = 0):

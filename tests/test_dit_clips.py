@@ -1,10 +1,12 @@
 """The DiT over space-time latents: 3-D patches, 3-D sin-cos positions, full and factorised attention."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
+from conftest import randomize_
 from ldm.interop import InteropError
 from ldm.interop.dit import dit_state_dict_to_diffusers
 from ldm.models.dit import DiT, DiTBlock, DiTConfig, merge_axis, patchify, sincos_pos_embed, split_axis, unpatchify
@@ -15,15 +17,6 @@ def clip_config(**overrides) -> DiTConfig:
     fields = dict(spatial_dims=3, frames=4, time_patch_size=2, input_size=4, patch_size=2, in_channels=3)
     fields.update(depth=2, hidden_size=48, num_heads=4, num_classes=5, learn_sigma=False)
     return DiTConfig(**{**fields, **overrides})
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter N(0, 0.1): the zero-initialised gates and output layer would hide every difference."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def test_3d_patchify_cuts_time_and_space_blocks_in_row_major_order_and_unpatchify_inverts_it():
@@ -42,13 +35,9 @@ def test_3d_sincos_positions_give_each_axis_its_own_channels():
     grid = (2, 3, 4)
     table = sincos_pos_embed(48, grid)  # (24, 48): width, height, then frame channels, 16 each
     omega = 1.0 / 10000.0 ** (torch.arange(8, dtype=torch.float64) / 8)
-    for index, (f, h, w) in enumerate(itertools_product(grid)):
+    for index, (f, h, w) in enumerate(itertools.product(*map(range, grid))):
         parts = [torch.cat([torch.sin(pos * omega), torch.cos(pos * omega)]) for pos in (w, h, f)]
         torch.testing.assert_close(table[index], torch.cat(parts).float())
-
-
-def itertools_product(grid):
-    return [(f, h, w) for f in range(grid[0]) for h in range(grid[1]) for w in range(grid[2])]
 
 
 @pytest.mark.parametrize("attention", ["full", "factorised"])

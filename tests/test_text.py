@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from conftest import randomize_
 from ldm.caching import BlockCache, CacheSchedule, cached
 from ldm.config import to_dict
 from ldm.diffusion.schedules import DiffusionConfig
@@ -49,16 +50,6 @@ def tiny_dit_config(**overrides) -> DiTConfig:
 def tiny_text_dit(seed: int = 0, **overrides) -> DiT:
     torch.manual_seed(seed)
     return DiT(tiny_dit_config(text_dim=32, text_length=32, **overrides))
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, only: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Overwrite parameters (all, or those whose name contains one of `only`) with N(0, 0.1) noise."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not only or any(part in name for part in only):
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return model
 
 
 def latents(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
